@@ -1,0 +1,229 @@
+"""The one place that spawns, signals and reaps processes.
+
+Everything the supervisor does to the OS about children goes through `OsProcesses`
+(the seam, as tableflip's `env`): tests can drive the supervisor's logic with a
+fake, and there is exactly one fork/exec path to audit.
+
+Why not `subprocess`: the socket-activation contract wants `LISTEN_PID` to be the
+*child's* pid in its environment, which is only known after fork; `subprocess`
+fixes the environment before forking. So this module forks and execs itself, and
+keeps the child side of the fork tiny: dup2 the passed fds into 3.., set the
+process group, arm the parent-death signal, restore signal dispositions, exec. If
+anything in the child fails before exec, the errno travels back on a close-on-exec
+pipe and the child `_exit`s: it never returns into the supervisor's code (the
+failure mode of gunicorn's unguarded `execvpe`).
+
+Children are watched by pidfd (readable when the child exits) and reaped with
+`waitpid(pid)` for that pid only, never `waitpid(-1)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import signal
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+_PR_SET_PDEATHSIG = 1
+_EXEC_ERR = struct.Struct("=ii")  # (stage, errno)
+_STAGES = {1: "dup2", 2: "chdir", 3: "exec", 4: "setup"}
+
+# Signals the supervisor handles; a child must not inherit their handlers (before
+# exec) or an ignored disposition (after exec).
+RESET_SIGNALS = (
+    signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGCHLD,
+    signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE, signal.SIGXFSZ,
+)
+
+
+class SpawnError(OSError):
+    """The child could not be started (exec failed: missing program, permissions...)."""
+
+
+@dataclass(frozen=True)
+class SpawnSpec:
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    pass_fds: Sequence[int] = ()  # placed at 3, 4, ... in this order
+    cwd: str | None = None
+    output_fd: int | None = None  # stdout and stderr; None = inherit ours
+    set_listen_pid: bool = True
+
+
+@dataclass
+class ExitStatus:
+    code: int | None = None
+    signal: int | None = None
+
+    @classmethod
+    def from_wait(cls, status: int) -> ExitStatus:
+        if os.WIFSIGNALED(status):
+            return cls(signal=os.WTERMSIG(status))
+        return cls(code=os.waitstatus_to_exitcode(status))
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    def __str__(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = str(self.signal)
+            return f"killed by {name}"
+        return f"exited with status {self.code}"
+
+
+@dataclass
+class Child:
+    pid: int
+    pidfd: int
+    started: float = field(default_factory=time.monotonic)
+    status: ExitStatus | None = None
+
+
+class OsProcesses:
+    """The real implementation of the process seam."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+
+    def spawn(self, spec: SpawnSpec) -> Child:
+        argv = list(spec.argv)
+        env = dict(spec.env)
+        parent = os.getpid()
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        # Block every signal across fork: a signal landing in the child before
+        # exec would run the parent's Python handler there (and poke the parent's
+        # wakeup fd, which the child shares).
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child, reported via the pipe
+                self._child(spec, argv, env, parent, err_w, old_mask)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(err_w)
+        try:
+            report = _read_all(err_r)
+        finally:
+            os.close(err_r)
+        if report:
+            stage, err = _EXEC_ERR.unpack(report[: _EXEC_ERR.size])
+            os.waitpid(pid, 0)
+            what = _STAGES.get(stage, "setup")
+            target = argv[0] if what == "exec" else spec.cwd or ""
+            raise SpawnError(err, f"cannot {what} {target!r}: {os.strerror(err)}")
+        return Child(pid=pid, pidfd=os.pidfd_open(pid))
+
+    def _child(  # pragma: no cover - child side of fork
+        self,
+        spec: SpawnSpec,
+        argv: list[str],
+        env: dict[str, str],
+        parent: int,
+        err_w: int,
+        old_mask: set[int | signal.Signals],
+    ) -> None:
+        stage = 4
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in RESET_SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
+            os.setpgid(0, 0)
+            # Die with the supervisor: a worker orphaned by a crashed supervisor
+            # drains and exits instead of holding the listeners forever.
+            self._libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            if os.getppid() != parent:
+                os._exit(1)
+            stage = 1
+            err_w = _place_fds(list(spec.pass_fds), spec.output_fd, err_w)
+            stage = 2
+            if spec.cwd:
+                os.chdir(spec.cwd)
+            stage = 3
+            if spec.set_listen_pid:
+                env["LISTEN_PID"] = str(os.getpid())
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            os.execvpe(argv[0], argv, env)
+        except BaseException as e:
+            code = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
+            with contextlib.suppress(BaseException):
+                os.write(err_w, _EXEC_ERR.pack(stage, code))
+        finally:
+            os._exit(127)
+
+    def send_signal(self, child: Child, sig: int) -> bool:
+        """Signal the child itself; False if it has already exited (pidfd: no pid reuse race)."""
+        if child.status is not None:
+            return False
+        try:
+            signal.pidfd_send_signal(child.pidfd, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def signal_group(self, child: Child, sig: int) -> None:
+        """Signal the child's whole process group (it and anything it forked)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, sig)
+
+    def reap(self, child: Child) -> ExitStatus | None:
+        """Collect the exit status if the child has exited; never blocks."""
+        if child.status is not None:
+            return child.status
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            child.status = ExitStatus(code=None, signal=None)
+            return child.status
+        if pid == 0:
+            return None
+        child.status = ExitStatus.from_wait(status)
+        return child.status
+
+    def release(self, child: Child) -> None:
+        with contextlib.suppress(OSError):
+            os.close(child.pidfd)
+        child.pidfd = -1
+
+
+def _place_fds(fds: list[int], output_fd: int | None, keep: int) -> int:  # pragma: no cover
+    """dup2 `fds` to 3.. and output to 1, 2; stdin from /dev/null; close the rest.
+
+    `keep` (the exec-error pipe) survives, moved out of the way; its new number is
+    returned. Sources are first moved above the target range with F_DUPFD_CLOEXEC,
+    which picks free numbers, so no dup2 can clobber a source not yet placed.
+    """
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    if output_fd is not None:
+        os.dup2(output_fd, 1)
+        os.dup2(output_fd, 2)
+    high = 3 + len(fds)
+    keep = fcntl.fcntl(keep, fcntl.F_DUPFD_CLOEXEC, high)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, high) for fd in fds]
+    for i, fd in enumerate(moved):
+        os.dup2(fd, 3 + i, inheritable=True)
+    os.closerange(high, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    return keep
+
+
+def _read_all(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(fd, 64)
+        except InterruptedError:
+            continue
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
