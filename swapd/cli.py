@@ -1,0 +1,281 @@
+"""Command line: argument parsing and output; a thin client of the control socket.
+
+Exit codes: 0 success; 1 the operation failed (the service is unchanged); 2 bad
+usage or configuration (nothing started or changed); 3 no supervisor reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from swapd import __version__
+from swapd.config import ConfigError, default_control_path, load
+from swapd.control import Client, ClientError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2, like every other bad input
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="swapd", description="Zero-downtime process-swap supervisor.")
+    p.add_argument("--version", action="version", version=f"swapd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="start a supervisor and its first generation",
+                         usage="swapd run [options] -- COMMAND [ARGS...]")
+    run.add_argument("--config", help="TOML configuration file")
+    run.add_argument("--bind", action="append", default=[], metavar="NAME=ADDR",
+                     help="listener, e.g. http=127.0.0.1:8000, [::1]:8000, unix:/path (repeatable)")
+    run.add_argument("--workers", type=int, help="workers per generation (default 1)")
+    run.add_argument("--mode", choices=["stateless", "stateful"], help="swap mode")
+    run.add_argument("--control", help="control socket path")
+    run.add_argument("--cwd", help="working directory of the workers")
+    run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra environment for workers (repeatable)")
+    run.add_argument("--readiness", choices=["notify", "exec"],
+                     help="notify: READY=1 or swapd.worker.ready(); exec: ready once exec'd")
+    run.add_argument("--backlog", type=int, help="listen backlog of bound listeners")
+    run.add_argument("--precopy", action="store_true", default=None,
+                     help="stateful: ship bulk state before the pause")
+    for name in ("ready", "drain", "quiesce", "restore"):
+        run.add_argument(f"--{name}-timeout", type=float, metavar="SECONDS")
+    run.add_argument("--idle-grace", type=float, metavar="SECONDS",
+                     help="how long a draining worker keeps an idle keep-alive connection")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("worker_command", nargs=argparse.REMAINDER, help="the worker command")
+
+    for name, text in (("upgrade", "swap to a new generation with the same configuration"),
+                       ("reload", "re-read the configuration, then swap"),
+                       ("status", "show generations, workers, listeners, last swap"),
+                       ("stop", "drain and stop the supervisor")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--control", help="control socket path (default: $SWAPD_CONTROL, ...)")
+        c.add_argument("--json", action="store_true", help="print raw JSON lines")
+        if name == "stop":
+            c.add_argument("--fast", action="store_true", help="kill workers instead of draining")
+
+    demo = sub.add_parser("demo", help="see swapd work: swaps under load, with a report")
+    demo.add_argument("--swaps", type=int, default=5)
+    demo.add_argument("--clients", type=int, default=16)
+    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--mode", choices=["stateless", "stateful"], default="stateful")
+    demo.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "demo":
+            from swapd.demo import run_demo
+
+            return run_demo(args)
+        return cmd_client(args)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+# -- run -----------------------------------------------------------------------------
+
+
+def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags as a config dict (same keys as the TOML file); None = not given."""
+    command = list(args.worker_command)
+    if command and command[0] == "--":
+        command = command[1:]
+    binds: dict[str, str] = {}
+    for spec in args.bind:
+        name, sep, addr = spec.partition("=")
+        if not sep:
+            raise UsageError(f"swapd run: bad --bind {spec!r}: expected NAME=ADDR")
+        binds[name] = addr
+    env: dict[str, str] = {}
+    for spec in args.env:
+        key, sep, value = spec.partition("=")
+        if not sep or not key:
+            raise UsageError(f"swapd run: bad --env {spec!r}: expected KEY=VALUE")
+        env[key] = value
+    timeouts = {k: getattr(args, f"{k}_timeout") for k in ("ready", "drain", "quiesce", "restore")}
+    timeouts["idle_grace"] = args.idle_grace
+    return {
+        "command": command or None,
+        "workers": args.workers,
+        "mode": args.mode,
+        "control": args.control,
+        "cwd": args.cwd,
+        "readiness": args.readiness,
+        "backlog": args.backlog,
+        "precopy": args.precopy,
+        "bind": binds,
+        "env": env,
+        "timeouts": {k: v for k, v in timeouts.items() if v is not None},
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from swapd.supervisor import StartupError, Supervisor
+
+    setup_logging(args.log_level)
+    try:
+        overrides = run_overrides(args)
+        config = load(args.config, overrides)
+        _check_command(config.command, config.cwd, dict(config.env))
+        inherited = _inherited_listeners()
+        sup = Supervisor(config, overrides, inherited=inherited)
+        sup.prepare()
+    except (ConfigError, UsageError, StartupError) as e:
+        print(f"swapd: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(sup.run())
+    except StartupError as e:
+        print(f"swapd: {e}", file=sys.stderr)
+        if e.tail:
+            print(_indent(e.tail), file=sys.stderr)
+        return e.code
+
+
+def _check_command(command: Sequence[str], cwd: str | None, env: dict[str, str]) -> None:
+    program = command[0]
+    path = env.get("PATH", os.environ.get("PATH", os.defpath))
+    if os.sep in program:
+        full = program if os.path.isabs(program) else os.path.join(cwd or os.getcwd(), program)
+        found = full if os.path.isfile(full) and os.access(full, os.X_OK) else None
+    else:
+        found = shutil.which(program, path=path)
+    if found is None:
+        raise UsageError(f"worker command not found or not executable: {program}")
+
+
+def _inherited_listeners() -> list[tuple[str, int]]:
+    from swapd import systemd
+
+    return systemd.listen_fds()
+
+
+def setup_logging(level: str) -> None:
+    # Under systemd the journal adds time and pid itself.
+    if os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(levelname)s %(message)s"
+    else:
+        fmt = "%(asctime)s swapd[%(process)d] %(levelname)s %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+# -- client commands --------------------------------------------------------------------
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    path = args.control or default_control_path()
+    request: dict[str, Any] = {}
+    if args.command == "stop":
+        request["fast"] = args.fast
+    client = Client(path)
+    result: dict[str, Any] | None = None
+    try:
+        for msg in client.call(args.command, request):
+            if args.json:
+                print(json.dumps(msg), flush=True)
+            elif msg.get("type") == "progress":
+                print(f"swapd: {msg.get('message')}", flush=True)
+            if msg.get("type") == "result":
+                result = msg
+    except ClientError as e:
+        print(f"swapd {args.command}: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    assert result is not None
+    if not args.json:
+        _print_result(args.command, result)
+    return EXIT_OK if result.get("ok") else EXIT_FAILED
+
+
+def _print_result(command: str, result: dict[str, Any]) -> None:
+    data = result.get("data") or {}
+    if not result.get("ok"):
+        print(f"swapd {command}: FAILED: {result.get('error')}", file=sys.stderr)
+        tail = data.get("tail")
+        if tail:
+            print(f"  output of {data.get('worker')}:", file=sys.stderr)
+            print(_indent(tail, "    "), file=sys.stderr)
+        return
+    if command == "status":
+        print(format_status(data))
+    elif command in ("upgrade", "reload"):
+        t = data.get("timings_ms", {})
+        extra = f", pause {t['pause']:.1f} ms" if "pause" in t else ""
+        print(f"swapd {command}: ok: gen={data.get('gen')} active, gen={data.get('previous')} "
+              f"draining (ready after {t.get('ready', 0):.0f} ms{extra}, "
+              f"total {data.get('duration_ms', 0):.0f} ms)")
+    elif command == "stop":
+        print("swapd stop: stopped")
+
+
+def _indent(text: str, prefix: str = "  ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def format_status(s: dict[str, Any]) -> str:
+    lines = [f"swapd {s['version']}  pid {s['pid']}  up {_dur(s['uptime'])}  mode {s['mode']}  "
+             f"control {s['control']}"]
+    lines.append("listeners:")
+    for lis in s["listeners"]:
+        lines.append(f"  {lis['name']:<10} {lis['address']:<28} ({lis['source']})")
+    lines.append("generations:")
+    for g in s["generations"]:
+        lines.append(f"  gen {g['id']:<4} {g['state'].upper():<9} {len(g['workers'])} worker(s)  "
+                     f"age {_dur(g['age'])}  command: {' '.join(g['command'])}")
+        for w in g["workers"]:
+            usage = ""
+            if "rss" in w:
+                usage = f"  rss {w['rss'] / 2**20:.1f} MiB  cpu {w['cpu_seconds']:.2f}s"
+            restarts = g["restarts"][w["slot"]] if w["slot"] < len(g["restarts"]) else 0
+            flag = "  CRASH-LOOP" if w.get("crash_loop") else ""
+            lines.append(f"    worker {w['slot']}  pid {w['pid']:<7} {w['state']:<9} "
+                         f"up {_dur(w['uptime'])}{usage}  restarts {restarts}{flag}")
+    if s.get("swap"):
+        sw = s["swap"]
+        lines.append(f"swap in flight: {sw['kind']} gen={sw['gen']} for {sw['elapsed_ms']:.0f} ms")
+    last = s.get("last_swap")
+    if last:
+        outcome = "ok" if last.get("ok") else f"FAILED ({last.get('error')})"
+        t = last.get("timings_ms", {})
+        parts = ", ".join(f"{k} {v:.1f} ms" for k, v in t.items())
+        lines.append(f"last swap: {last.get('kind')} from {last.get('origin')}: {outcome}; "
+                     f"{parts or 'no timings'}; total {last.get('duration_ms', 0):.0f} ms")
+    for warning in s.get("warnings", []):
+        lines.append(f"WARNING: {warning}")
+    return "\n".join(lines)
+
+
+def _dur(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

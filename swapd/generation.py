@@ -1,0 +1,311 @@
+"""Generations and their workers: what the supervisor knows about each child.
+
+A `Worker` bundles one child process with its three pipes to the supervisor:
+the channel (SEQPACKET, for swapd.worker apps), a notify socket (a datagram
+socket of its own, given as NOTIFY_SOCKET, for any sd_notify-speaking program)
+and its output pipe (stdout and stderr, forwarded to the supervisor's log with
+a tail kept for failure reports). Lifecycle decisions live in `lifecycle`; this
+module only records facts and turns OS events into futures the supervisor awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from swapd.channel import Channel, ChannelError, Message, socketpair
+from swapd.config import Config
+from swapd.lifecycle import GenEvent, GenState, SlotEvent, SlotState, next_slot_state, next_state
+from swapd.process import Child, ExitStatus, OsProcesses, SpawnSpec
+
+log = logging.getLogger("swapd")
+out_log = logging.getLogger("swapd.output")
+
+TAIL_LINES = 40
+_MAX_LINE = 4096
+
+
+@dataclass
+class WorkerSpec:
+    """Everything needed to start one worker process."""
+
+    gen: int
+    slot: int
+    config: Config
+    listener_fds: list[int]
+    listener_names: list[str]
+    role: str  # "fresh" or "successor" (expects state from the previous generation)
+    base_env: dict[str, str]
+
+
+class Worker:
+    """One worker process and its pipes."""
+
+    def __init__(self, spec: WorkerSpec, child: Child, loop: asyncio.AbstractEventLoop) -> None:
+        self.gen = spec.gen
+        self.slot = spec.slot
+        self.role = spec.role
+        self.child = child
+        self.state = SlotState.STARTING
+        self.started = time.monotonic()
+        self.ready_at: float | None = None
+        self.hello: dict[str, Any] | None = None
+        self.status_text = ""
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.channel: Channel | None = None
+        self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.exited: asyncio.Future[ExitStatus] = loop.create_future()
+        self.on_message: Callable[[Worker, Message], None] = lambda w, m: m.close_fds()
+        self._loop = loop
+        self._notify: socket.socket | None = None
+        self._output_fd = -1
+        self._partial = b""
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    @property
+    def tag(self) -> str:
+        return f"gen={self.gen} worker={self.slot} pid={self.pid}"
+
+    @property
+    def speaks_channel(self) -> bool:
+        return self.hello is not None
+
+    def features(self) -> set[str]:
+        return set(self.hello.get("features", [])) if self.hello else set()
+
+    def transition(self, event: SlotEvent) -> None:
+        self.state = next_slot_state(self.state, event)
+
+    def transition_ready(self) -> None:
+        if self.state == SlotState.STARTING:
+            self.transition(SlotEvent.READY)
+
+    @property
+    def standby(self) -> bool:
+        """Ready but waiting for state and commit before it accepts (stateful successor)."""
+        return bool(self.ready.done() and self.ready.result().get("standby"))
+
+    def tail_text(self) -> str:
+        return "\n".join(self.tail)
+
+    # -- pipes ------------------------------------------------------------
+
+    def attach(self, channel_sock: socket.socket, notify: socket.socket, output_fd: int) -> None:
+        self.channel = Channel(channel_sock, self._on_channel_message, self._on_channel_close,
+                               loop=self._loop)
+        self._notify = notify
+        notify.setblocking(False)
+        self._loop.add_reader(notify.fileno(), self._on_notify)
+        self._output_fd = output_fd
+        os.set_blocking(output_fd, False)
+        self._loop.add_reader(output_fd, self._on_output)
+
+    def _on_channel_message(self, msg: Message) -> None:
+        if msg.type == "ready":
+            self.mark_ready({"standby": bool(msg.body.get("standby")), "via": "channel"})
+            msg.close_fds()
+        elif msg.type == "status":
+            self.status_text = str(msg.body.get("text", ""))[:200]
+            msg.close_fds()
+        else:
+            self.on_message(self, msg)
+
+    def _on_channel_close(self, error: ChannelError) -> None:
+        log.debug("event=channel.closed %s reason=%r", self.tag, str(error))
+
+    def _on_notify(self) -> None:
+        assert self._notify is not None
+        while True:
+            try:
+                data, anc, _flags, _ = self._notify.recvmsg(4096, socket.CMSG_SPACE(64 * 4))
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            # Close any fds (FDSTORE, BARRIER): holding a BARRIER fd would block the sender.
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    for i in range(0, len(payload) - len(payload) % 4, 4):
+                        with contextlib.suppress(OSError):
+                            os.close(int.from_bytes(payload[i : i + 4], "little"))
+            for line in data.decode(errors="replace").splitlines():
+                key, _, value = line.partition("=")
+                if key == "READY" and value == "1":
+                    self.mark_ready({"standby": False, "via": "notify"})
+                elif key == "STATUS":
+                    self.status_text = value[:200]
+
+    def mark_ready(self, info: dict[str, Any]) -> None:
+        if not self.ready.done():
+            self.ready_at = time.monotonic()
+            self.ready.set_result(info)
+
+    def _on_output(self) -> None:
+        try:
+            chunk = os.read(self._output_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._flush_partial()
+            self._loop.remove_reader(self._output_fd)
+            os.close(self._output_fd)
+            self._output_fd = -1
+            return
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > _MAX_LINE:
+            lines.append(self._partial)
+            self._partial = b""
+        for raw in lines:
+            self._emit_line(raw)
+
+    def _flush_partial(self) -> None:
+        if self._partial:
+            self._emit_line(self._partial)
+            self._partial = b""
+
+    def _emit_line(self, raw: bytes) -> None:
+        line = raw.decode(errors="replace").rstrip("\r")[:_MAX_LINE]
+        self.tail.append(line)
+        out_log.info("%s| %s", self.tag, line)
+
+    def on_exit(self, status: ExitStatus) -> None:
+        """Called once the child has been reaped: drain its output, release its pipes."""
+        if self._output_fd >= 0:
+            # Whatever the child wrote before dying is still in the pipe: read it
+            # now so a failure report carries the traceback.
+            while self._output_fd >= 0:
+                self._on_output()
+        self.close_pipes()
+        if not self.exited.done():
+            self.exited.set_result(status)
+
+    def close_pipes(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        if self._notify is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._notify.fileno())
+            self._notify.close()
+            self._notify = None
+        if self._output_fd >= 0:
+            self._loop.remove_reader(self._output_fd)
+            os.close(self._output_fd)
+            self._output_fd = -1
+
+    def describe(self) -> dict[str, Any]:
+        now = time.monotonic()
+        info: dict[str, Any] = {
+            "slot": self.slot,
+            "pid": self.pid,
+            "state": self.state.value,
+            "role": self.role,
+            "uptime": round(now - self.started, 3),
+            "speaks_channel": self.speaks_channel,
+        }
+        if self.status_text:
+            info["status"] = self.status_text
+        if self.child.status is not None:
+            info["exit"] = str(self.child.status)
+        return info
+
+
+@dataclass
+class Generation:
+    id: int
+    config: Config
+    state: GenState = GenState.STARTING
+    workers: list[Worker | None] = field(default_factory=list)
+    created: float = field(default_factory=time.monotonic)
+    committed: float | None = None
+    restarts: list[int] = field(default_factory=list)  # per slot
+
+    def transition(self, event: GenEvent) -> None:
+        old = self.state
+        self.state = next_state(self.state, event)
+        log.info("event=gen.state gen=%d from=%s to=%s", self.id, old.value, self.state.value)
+
+    def live(self) -> list[Worker]:
+        return [w for w in self.workers if w is not None and w.child.status is None]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "mode": self.config.mode,
+            "command": list(self.config.command),
+            "age": round(time.monotonic() - self.created, 3),
+            "workers": [w.describe() for w in self.workers if w is not None],
+            "restarts": list(self.restarts),
+        }
+
+
+def notify_socket(gen: int, slot: int) -> tuple[socket.socket, str]:
+    """A datagram socket in the abstract namespace, one per worker.
+
+    Per worker rather than per generation so that any sender on it is that
+    worker, even a shell wrapper's child whose pid we never saw.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"swapd/{os.getpid()}/{gen}/{slot}/{secrets.token_hex(4)}"
+    sock.bind("\0" + name)
+    return sock, "@" + name
+
+
+def spawn_worker(
+    spec: WorkerSpec, processes: OsProcesses, loop: asyncio.AbstractEventLoop
+) -> Worker:
+    """Start one worker with its channel, notify socket and output pipe."""
+    parent_end, child_end = socketpair()
+    notify, notify_addr = notify_socket(spec.gen, spec.slot)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    cfg = spec.config
+    n = len(spec.listener_fds)
+    env = dict(spec.base_env)
+    env.update(cfg.env)
+    env.update({
+        "LISTEN_FDS": str(n),
+        "LISTEN_FDNAMES": ":".join(spec.listener_names),
+        "NOTIFY_SOCKET": notify_addr,
+        "SWAPD_CHANNEL_FD": str(3 + n),
+        "SWAPD_GENERATION": str(spec.gen),
+        "SWAPD_SLOT": str(spec.slot),
+        "SWAPD_WORKERS": str(cfg.workers),
+        "SWAPD_MODE": cfg.mode,
+        "SWAPD_ROLE": spec.role,
+        "SWAPD_IDLE_GRACE": f"{cfg.timeouts.idle_grace:g}",
+        "SWAPD_DRAIN_TIMEOUT": f"{cfg.timeouts.drain:g}",
+    })
+    try:
+        child = processes.spawn(SpawnSpec(
+            argv=cfg.command,
+            env=env,
+            pass_fds=[*spec.listener_fds, child_end.fileno()],
+            cwd=cfg.cwd,
+            output_fd=out_w,
+        ))
+    except BaseException:
+        for s in (parent_end, notify):
+            s.close()
+        os.close(out_r)
+        raise
+    finally:
+        child_end.close()
+        os.close(out_w)
+    worker = Worker(spec, child, loop)
+    worker.attach(parent_end, notify, out_r)
+    return worker

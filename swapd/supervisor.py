@@ -1,0 +1,704 @@
+"""The supervisor: owns listeners, the control socket and generations; runs swaps.
+
+It is never in the data path: workers accept straight from the shared listen
+queues. Its event loop sleeps until something happens (a pidfd becomes readable,
+a channel or notify datagram arrives, a control request, a signal, a deadline);
+nothing polls.
+
+Signals only record an intent that the loop acts on (asyncio's signal handlers
+already run inside the loop): HUP = reload, TERM/INT = graceful stop (drain, exit
+0), QUIT = fast stop (workers killed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import psutil
+
+from swapd import __version__
+from swapd.channel import Message
+from swapd.config import Config, ConfigError, load
+from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
+from swapd.generation import Generation, Worker, WorkerSpec, spawn_worker
+from swapd.lifecycle import GenEvent, GenState, SlotEvent, SlotState
+from swapd.process import ExitStatus, OsProcesses, SpawnError
+from swapd.sockets import Address, BindError, adopt, bind, describe, same_address, unlink_unix
+from swapd.swap import SwapFailed, SwapJob, activate, run_swap, wait_ready
+from swapd.systemd import Notifier
+
+log = logging.getLogger("swapd")
+
+COMMANDS = frozenset({"status", "upgrade", "reload", "stop"})
+CRASH_WINDOW = 60.0  # seconds over which crashes of one slot are counted
+CRASH_LOOP = 5  # crashes in the window that make a crash loop
+BACKOFF_MAX = 30.0
+KILL_WAIT = 5.0  # after SIGKILL, how long to wait for the kernel to report the exit
+
+
+class StartupError(Exception):
+    """The service could not start; exit code 2 (nothing started) or 1 (workers failed)."""
+
+    def __init__(self, message: str, code: int = 2, tail: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.tail = tail
+
+
+@dataclass
+class ListenerPlan:
+    """What a swap did to the listeners, so it can be undone or completed."""
+
+    bound: list[Listener] = field(default_factory=list)  # sockets this swap bound
+    previous: dict[str, Listener | None] = field(default_factory=dict)  # name -> replaced
+
+
+@dataclass
+class Listener:
+    name: str
+    address: Address  # the address as configured (port 0 allowed)
+    sock: socket.socket
+    source: str  # "bound", "systemd"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "address": str(describe(self.sock)),
+                "configured": str(self.address), "fd": self.sock.fileno(), "source": self.source}
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        overrides: dict[str, Any],
+        processes: OsProcesses | None = None,
+        inherited: list[tuple[str, int]] | None = None,
+    ) -> None:
+        self.config = config
+        self.overrides = overrides
+        self.processes = processes or OsProcesses()
+        self.inherited = inherited or []
+        self.listeners: dict[str, Listener] = {}
+        self.generations: dict[int, Generation] = {}
+        self.active: Generation | None = None
+        self.swap: SwapJob | None = None
+        self.last_swap: dict[str, Any] | None = None
+        self.swap_counts = {"ok": 0, "failed": 0}
+        self.started = time.monotonic()
+        self.crashes: dict[int, deque[float]] = {}
+        self.crash_loop: set[int] = set()
+        self._next_gen = 1
+        self._control_sock: socket.socket | None = None
+        self._control: ControlServer | None = None
+        self._stop_requested: asyncio.Future[bool] | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drains: set[asyncio.Task[None]] = set()
+        self._timers: dict[tuple[int, int], asyncio.TimerHandle] = {}
+        self.base_env = _base_env(os.environ)
+        self.notifier = Notifier.from_env()
+
+    # -- start-up (synchronous: errors here mean exit 2, nothing started) --------
+
+    def prepare(self) -> None:
+        """Bind listeners and the control socket; raise StartupError with one line."""
+        try:
+            self._adopt_inherited()
+            for name, address in self.config.binds:
+                if name not in self.listeners:
+                    self.listeners[name] = Listener(name, address,
+                                                    bind(address, self.config.backlog), "bound")
+            if not self.listeners:
+                raise StartupError("no listeners: give --bind NAME=ADDR (or use socket activation)")
+            self._control_sock = bind_control(self.config.control)
+        except OSError as e:
+            self.close_listeners()
+            message = e.strerror if isinstance(e, BindError) and e.strerror else str(e)
+            raise StartupError(message) from e
+        except StartupError:
+            self.close_listeners()
+            raise
+
+    def _adopt_inherited(self) -> None:
+        configured = dict(self.config.binds)
+        for name, fd in self.inherited:
+            sock = adopt(fd)
+            address = configured.get(name) or describe(sock)
+            if name in configured and not same_address(configured[name], describe(sock)):
+                log.warning("event=listener.mismatch name=%s configured=%s inherited=%s",
+                            name, configured[name], describe(sock))
+            self.listeners[name] = Listener(name, address, sock, "systemd")
+
+    # -- main loop --------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stop_requested = loop.create_future()
+        self._stopped = loop.create_future()
+        assert self._control_sock is not None
+        self._control = ControlServer(self._control_sock, self._handle, COMMANDS)
+        await self._control.start()
+        self._install_signals()
+        log.info("event=supervisor.start pid=%d version=%s control=%s listeners=%s",
+                 os.getpid(), __version__, self.config.control,
+                 ",".join(f"{n}={describe(lis.sock)}" for n, lis in self.listeners.items()))
+        code = 0
+        try:
+            try:
+                first = self.start_generation(self.config, successor_of=None)
+            except SwapFailed as e:
+                raise StartupError(e.reason, code=2) from e
+            try:
+                await self._first_ready(first)
+            except SwapFailed as e:
+                await self.kill_generation(first)
+                _report_failure("event=start.failed", e)
+                raise StartupError(e.reason, code=1, tail=e.tail) from e
+            first.transition(GenEvent.READY)
+            self.commit(first, None)
+            if first.config.mode == "stateful":
+                await activate(first, self.config, SwapJob("start", "start"))
+            log.info("event=supervisor.ready gen=%d workers=%d", first.id, len(first.workers))
+            self.notifier.ready(self._status_line())
+            fast = await self._stop_requested
+            await self._shutdown(fast)
+        except StartupError as e:
+            code = e.code
+            raise
+        finally:
+            self._remove_signals()
+            if not self._stopped.done():
+                self._stopped.set_result(None)  # lets a waiting `swapd stop` get its answer
+            await self._control.close()
+            self._close_control()
+            self.close_listeners()
+            log.info("event=supervisor.exit code=%d", code)
+        return code
+
+    async def _first_ready(self, gen: Generation) -> None:
+        await wait_ready(gen, gen.config.timeouts.ready)
+
+    def _install_signals(self) -> None:
+        assert self._loop is not None
+        self._loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        self._loop.add_signal_handler(signal.SIGTERM, self.request_stop, False)
+        self._loop.add_signal_handler(signal.SIGINT, self.request_stop, False)
+        self._loop.add_signal_handler(signal.SIGQUIT, self.request_stop, True)
+
+    def _remove_signals(self) -> None:
+        if self._loop is None:
+            return
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            self._loop.remove_signal_handler(sig)
+
+    def _on_sighup(self) -> None:
+        log.info("event=signal name=SIGHUP action=reload")
+        task = asyncio.ensure_future(self._signal_swap())
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _signal_swap(self) -> None:
+        with contextlib.suppress(ControlError, SwapFailed):
+            await self.request_swap("reload", "SIGHUP", None)
+
+    def request_stop(self, fast: bool = False) -> None:
+        if self._stop_requested is not None and not self._stop_requested.done():
+            log.info("event=stop.requested fast=%s", fast)
+            self._stop_requested.set_result(fast)
+
+    # -- generations -------------------------------------------------------------
+
+    def start_generation(self, config: Config, successor_of: Generation | None) -> Generation:
+        assert self._loop is not None
+        gen = Generation(self._next_gen, config)
+        self._next_gen += 1
+        self.generations[gen.id] = gen
+        fds, names = self._listener_fds(config)
+        gen.restarts = [0] * config.workers
+        for slot in range(config.workers):
+            role = "fresh"
+            if successor_of is not None and slot < len(successor_of.workers):
+                role = "successor"
+            spec = WorkerSpec(gen.id, slot, config, fds, names, role, self.base_env)
+            try:
+                worker = self._spawn(spec)
+            except SpawnError as e:
+                self._abandon(gen)
+                raise SwapFailed(f"gen={gen.id} worker={slot}: {e.strerror}") from e
+            gen.workers.append(worker)
+        log.info("event=gen.start gen=%d workers=%d mode=%s command=%r", gen.id, config.workers,
+                 config.mode, " ".join(config.command))
+        return gen
+
+    def _abandon(self, gen: Generation) -> None:
+        """A generation that could not even be spawned: kill what started, mark it failed."""
+        for w in gen.live():
+            w.transition(SlotEvent.DRAIN)
+            self.processes.signal_group(w.child, signal.SIGKILL)
+        gen.transition(GenEvent.FAIL)
+
+    def _spawn(self, spec: WorkerSpec) -> Worker:
+        assert self._loop is not None
+        worker = spawn_worker(spec, self.processes, self._loop)
+        worker.on_message = self._on_worker_message
+        self._loop.add_reader(worker.child.pidfd, self._on_pidfd, worker)
+        if spec.config.readiness == "exec":
+            worker.mark_ready({"standby": False, "via": "exec"})
+        log.info("event=worker.spawn %s role=%s", worker.tag, spec.role)
+        return worker
+
+    def _listener_fds(self, config: Config) -> tuple[list[int], list[str]]:
+        names = [n for n, _ in config.binds] or list(self.listeners)
+        names += [n for n, lis in self.listeners.items()
+                  if lis.source == "systemd" and n not in names]
+        return [self.listeners[n].sock.fileno() for n in names], names
+
+    def commit(self, new: Generation, old: Generation | None) -> None:
+        """The point of no return: `new` serves, `old` drains."""
+        new.transition(GenEvent.COMMIT)
+        new.committed = time.monotonic()
+        self.active = new
+        self.config = new.config
+        if old is not None:
+            old.transition(GenEvent.SUPERSEDE)
+            self._drain(old, old.config.timeouts.drain)
+
+    def after_resume(self, gen: Generation) -> None:
+        """A generation became active again after an aborted handoff: refill dead slots."""
+        for w in gen.workers:
+            if w is not None and w.state == SlotState.BACKOFF:
+                self._schedule_respawn(gen, w.slot)
+
+    def _drain(self, gen: Generation, timeout: float) -> None:
+        for w in gen.workers:
+            if w is None:
+                continue
+            if w.state in (SlotState.STARTING, SlotState.READY, SlotState.BACKOFF):
+                w.transition(SlotEvent.DRAIN)
+            if w.child.status is not None:
+                continue
+            self._cancel_timer(gen.id, w.slot)
+            if w.channel is not None and not w.channel.closed and w.speaks_channel:
+                try:
+                    w.channel.send({"t": "drain", "deadline": timeout})
+                    continue
+                except Exception as e:  # fall back to the signal every worker understands
+                    log.warning("event=drain.channel_failed %s error=%r", w.tag, str(e))
+            self.processes.send_signal(w.child, signal.SIGTERM)
+        task = asyncio.ensure_future(self._reap_drained(gen, timeout))
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _reap_drained(self, gen: Generation, timeout: float) -> None:
+        live = gen.live()
+        if live:
+            _, pending = await asyncio.wait([w.exited for w in live], timeout=timeout)
+            for w in gen.live():
+                log.warning("event=drain.timeout %s timeout=%gs action=SIGKILL", w.tag, timeout)
+                self.processes.signal_group(w.child, signal.SIGKILL)
+            if pending:
+                await asyncio.wait(pending, timeout=KILL_WAIT)
+        if gen.state == GenState.DRAINING:
+            gen.transition(GenEvent.EXITED)
+        log.info("event=gen.exited gen=%d", gen.id)
+
+    async def kill_generation(self, gen: Generation) -> None:
+        """Abort path: SIGKILL every worker of a generation that never committed."""
+        for w in gen.workers:
+            if w is not None and w.child.status is None:
+                self.processes.signal_group(w.child, signal.SIGKILL)
+                self.processes.send_signal(w.child, signal.SIGKILL)
+        live = [w.exited for w in gen.live()]
+        if live:
+            await asyncio.wait(live, timeout=KILL_WAIT)
+        for w in gen.workers:
+            if w is not None:
+                self._cancel_timer(gen.id, w.slot)
+                if w.state in (SlotState.STARTING, SlotState.READY, SlotState.BACKOFF):
+                    w.transition(SlotEvent.DRAIN)
+        if gen.state in (GenState.STARTING, GenState.STANDBY):
+            gen.transition(GenEvent.FAIL)
+
+    # -- child events -----------------------------------------------------------
+
+    def _on_pidfd(self, worker: Worker) -> None:
+        assert self._loop is not None
+        status = self.processes.reap(worker.child)
+        if status is None:
+            return  # spurious wakeup; the pidfd stays readable until reaped
+        self._loop.remove_reader(worker.child.pidfd)
+        self.processes.release(worker.child)
+        worker.on_exit(status)
+        self._after_exit(worker, status)
+
+    def _after_exit(self, w: Worker, status: ExitStatus) -> None:
+        gen = self.generations[w.gen]
+        if w.state == SlotState.DRAINING:
+            w.transition(SlotEvent.EXITED)
+            log.info("event=worker.exit %s status=%r", w.tag, str(status))
+            return
+        if w.state == SlotState.EXITED:
+            return
+        w.transition(SlotEvent.DIED)
+        level = logging.ERROR if gen.state == GenState.ACTIVE else logging.WARNING
+        log.log(level, "event=worker.died %s status=%r gen_state=%s", w.tag, str(status),
+                gen.state.value)
+        if gen.state == GenState.ACTIVE and not self._stopping():
+            self._schedule_respawn(gen, w.slot)
+
+    def _schedule_respawn(self, gen: Generation, slot: int) -> None:
+        assert self._loop is not None
+        now = time.monotonic()
+        history = self.crashes.setdefault(slot, deque())
+        history.append(now)
+        while history and now - history[0] > CRASH_WINDOW:
+            history.popleft()
+        recent = len(history)
+        delay = min(0.1 * 2 ** (recent - 1), BACKOFF_MAX)
+        if recent >= CRASH_LOOP and slot not in self.crash_loop:
+            self.crash_loop.add(slot)
+            log.error("event=worker.crash_loop gen=%d worker=%d crashes=%d window=%gs "
+                      "backoff=%gs", gen.id, slot, recent, CRASH_WINDOW, delay)
+        log.info("event=worker.respawn_scheduled gen=%d worker=%d delay=%gs", gen.id, slot, delay)
+        self._timers[(gen.id, slot)] = self._loop.call_later(delay, self._respawn, gen, slot)
+
+    def _cancel_timer(self, gen_id: int, slot: int) -> None:
+        timer = self._timers.pop((gen_id, slot), None)
+        if timer is not None:
+            timer.cancel()
+
+    def _respawn(self, gen: Generation, slot: int) -> None:
+        self._timers.pop((gen.id, slot), None)
+        old = gen.workers[slot]
+        if gen.state != GenState.ACTIVE or self._stopping():
+            return
+        if old is not None:
+            if old.state != SlotState.BACKOFF:
+                return
+            old.transition(SlotEvent.RESPAWN)
+        fds, names = self._listener_fds(gen.config)
+        spec = WorkerSpec(gen.id, slot, gen.config, fds, names, "fresh", self.base_env)
+        try:
+            worker = self._spawn(spec)
+        except SpawnError as e:
+            log.error("event=worker.respawn_failed gen=%d worker=%d error=%r", gen.id, slot,
+                      e.strerror)
+            gen.workers[slot] = old
+            if old is not None:
+                old.state = SlotState.BACKOFF
+            self._schedule_respawn(gen, slot)
+            return
+        gen.workers[slot] = worker
+        gen.restarts[slot] += 1
+        task = asyncio.ensure_future(self._watch_respawn(gen, worker))
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _watch_respawn(self, gen: Generation, w: Worker) -> None:
+        waiting: set[asyncio.Future[Any]] = {w.ready, w.exited}
+        done, _ = await asyncio.wait(waiting, timeout=gen.config.timeouts.ready,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if w.ready in done and not w.exited.done():
+            w.transition_ready()
+            if w.standby:
+                # A restarted stateful worker has no predecessor: it must not wait for state.
+                await self._activate_one(w)
+            log.info("event=worker.ready %s restarts=%d", w.tag, gen.restarts[w.slot])
+            if self.crashes.get(w.slot):
+                self.crash_loop.discard(w.slot)
+        elif not done:
+            log.error("event=worker.ready_timeout %s timeout=%gs action=SIGKILL", w.tag,
+                      gen.config.timeouts.ready)
+            self.processes.signal_group(w.child, signal.SIGKILL)
+
+    async def _activate_one(self, w: Worker) -> None:
+        if w.channel is not None and not w.channel.closed:
+            with contextlib.suppress(Exception):
+                reply = await w.channel.request({"t": "commit"}, timeout=10)
+                reply.close_fds()
+
+    def _on_worker_message(self, w: Worker, msg: Message) -> None:
+        if msg.type == "hello" and w.channel is not None:
+            w.hello = {k: msg.body.get(k) for k in ("proto", "pid", "features", "lib")}
+            w.channel.reply(msg, {"ok": True, "journal": self.journal_for(w)})
+            log.debug("event=worker.hello %s features=%s", w.tag, w.hello.get("features"))
+        else:
+            log.warning("event=channel.unexpected %s type=%r", w.tag, msg.type)
+        msg.close_fds()
+
+    def journal_for(self, w: Worker) -> list[dict[str, Any]]:
+        return []
+
+    def remember_snapshots(self, snaps: list[Message]) -> None:
+        """Hook for the fd store (systemd): the latest committed snapshots."""
+
+    # -- swaps --------------------------------------------------------------------
+
+    async def request_swap(self, kind: str, origin: str, emit: Emit | None) -> dict[str, Any]:
+        """Start a swap, or join the one in flight if it is the same kind."""
+        if self._stopping():
+            raise ControlError("supervisor is stopping; no swap started")
+        if self.active is None:
+            raise ControlError("supervisor is still starting; no swap started")
+        job = self.swap
+        if job is not None:
+            if job.kind != kind:
+                raise ControlError(
+                    f"a {job.kind} is in flight (gen={job.gen}, started "
+                    f"{time.monotonic() - job.started:.1f}s ago); retry when it finishes"
+                )
+            log.info("event=swap.join kind=%s origin=%s gen=%s", kind, origin, job.gen)
+            if emit is not None:
+                job.subscribers.append(emit)
+                emit("joined", f"joined the {kind} in flight (gen={job.gen})", None)
+        else:
+            job = SwapJob(kind, origin)
+            if emit is not None:
+                job.subscribers.append(emit)
+            self.swap = job
+            job.task = asyncio.ensure_future(self._run_swap(job))
+        return await asyncio.shield(job.done)
+
+    def _status_line(self) -> str:
+        gen = self.active
+        if gen is None:
+            return "starting"
+        return f"gen {gen.id} active, {len(gen.live())} worker(s)"
+
+    async def _run_swap(self, job: SwapJob) -> None:
+        log.info("event=swap.start kind=%s origin=%s", job.kind, job.origin)
+        self.notifier.reloading(f"{job.kind} in progress; {self._status_line()}")
+        outcome: dict[str, Any]
+        try:
+            config = self.config
+            if job.kind == "reload":
+                config = self._reread_config()
+                job.emit("config", f"configuration re-read ({config.config_file or 'flags only'})")
+            plan = self._prepare_listeners(config)
+            try:
+                result = await run_swap(self, job, config)
+            except BaseException:
+                self._settle_listeners(plan, committed=False)
+                raise
+            self._settle_listeners(plan, committed=True)
+            outcome = {"ok": True, **result}
+            log.info("event=swap.commit kind=%s gen=%d timings_ms=%s", job.kind, result["gen"],
+                     result["timings_ms"])
+        except SwapFailed as e:
+            outcome = {"ok": False, "error": e.reason, "worker": e.worker, "tail": e.tail,
+                       "gen": job.gen, "timings_ms": dict(job.timings)}
+            _report_failure("event=swap.failed", e)
+        except asyncio.CancelledError:
+            outcome = {"ok": False, "error": "swap cancelled (supervisor stopping)",
+                       "gen": job.gen}
+        except Exception as e:
+            log.exception("event=swap.crashed")
+            outcome = {"ok": False, "error": f"internal error: {e!r}", "gen": job.gen}
+        finally:
+            self.swap = None
+        outcome.update(kind=job.kind, origin=job.origin,
+                       duration_ms=round((time.monotonic() - job.started) * 1000, 1))
+        self.last_swap = outcome
+        self.swap_counts["ok" if outcome["ok"] else "failed"] += 1
+        # READY=1 ends the reload state whether the swap committed or not: sd_notify has no
+        # "reload failed"; the status line and `swapd reload`'s exit code tell which.
+        failed = "" if outcome["ok"] else f"; last {job.kind} FAILED: {outcome['error']}"
+        self.notifier.ready(self._status_line() + failed)
+        if not job.done.done():
+            job.done.set_result(outcome)
+
+    def _reread_config(self) -> Config:
+        try:
+            new = load(self.config.config_file, self.overrides)
+        except ConfigError as e:
+            raise SwapFailed(f"configuration not reloaded: {e}") from e
+        if new.control != self.config.control:
+            log.warning("event=reload.ignored key=control reason='needs a restart'")
+            new = _replace_control(new, self.config.control)
+        return new
+
+    def _prepare_listeners(self, config: Config) -> ListenerPlan:
+        """Bind what the new configuration adds; reuse what it keeps (by name, then address)."""
+        plan = ListenerPlan()
+        try:
+            for name, address in config.binds:
+                current = self.listeners.get(name)
+                if current is not None and same_address(address, describe(current.sock)):
+                    continue
+                alias = next((lis for lis in self.listeners.values()
+                              if same_address(address, describe(lis.sock))), None)
+                if alias is not None:
+                    new = Listener(name, address, alias.sock, alias.source)
+                else:
+                    try:
+                        new = Listener(name, address, bind(address, config.backlog), "bound")
+                    except OSError as e:
+                        raise SwapFailed(f"listener {name}: {e.strerror or e}") from e
+                    plan.bound.append(new)
+                plan.previous[name] = current
+                self.listeners[name] = new
+        except BaseException:
+            self._settle_listeners(plan, committed=False)
+            raise
+        return plan
+
+    def _settle_listeners(self, plan: ListenerPlan, *, committed: bool) -> None:
+        """After a swap: close what nobody names any more, or undo what the swap bound."""
+        if not committed:
+            for name, previous in plan.previous.items():
+                if previous is None:
+                    self.listeners.pop(name, None)
+                else:
+                    self.listeners[name] = previous
+            doomed = plan.bound
+        else:
+            assert self.active is not None
+            keep = {n for n, _ in self.active.config.binds}
+            keep |= {n for n, lis in self.listeners.items() if lis.source == "systemd"}
+            for name in [n for n in self.listeners if n not in keep]:
+                del self.listeners[name]
+            doomed = [lis for lis in plan.previous.values() if lis is not None]
+        in_use = {id(lis.sock) for lis in self.listeners.values()}
+        for lis in doomed:
+            if id(lis.sock) not in in_use and lis.sock.fileno() >= 0:
+                log.info("event=listener.close name=%s address=%s", lis.name, describe(lis.sock))
+                if lis.source == "bound":
+                    unlink_unix(lis.address)
+                lis.sock.close()
+
+    # -- control ------------------------------------------------------------------
+
+    async def _handle(self, cmd: str, args: dict[str, Any], emit: Emit, peer: Peer
+                      ) -> dict[str, Any]:
+        log.info("event=control.request cmd=%s peer=%s", cmd, peer)
+        if cmd == "status":
+            return self.status()
+        if cmd in ("upgrade", "reload"):
+            outcome = await self.request_swap(cmd, f"control {peer}", emit)
+            if not outcome.get("ok"):
+                raise ControlError(str(outcome.get("error")), data=outcome)
+            return outcome
+        if cmd == "stop":
+            self.request_stop(bool(args.get("fast")))
+            assert self._stopped is not None
+            await asyncio.shield(self._stopped)
+            return {"stopped": True}
+        raise ControlError(f"unknown command {cmd!r}")
+
+    def status(self) -> dict[str, Any]:
+        gens = [g for g in self.generations.values() if g.state not in (GenState.EXITED,
+                                                                          GenState.FAILED)]
+        described = []
+        for g in gens:
+            d = g.describe()
+            for wd, w in zip(d["workers"], [w for w in g.workers if w is not None], strict=True):
+                wd.update(_usage(w))
+                if w.slot in self.crash_loop and g is self.active:
+                    wd["crash_loop"] = True
+            described.append(d)
+        warnings = []
+        for slot in sorted(self.crash_loop):
+            warnings.append(f"worker {slot} is in a crash loop ({len(self.crashes[slot])} "
+                            f"crashes in {CRASH_WINDOW:g}s)")
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime": round(time.monotonic() - self.started, 3),
+            "mode": self.config.mode,
+            "control": self.config.control,
+            "active": self.active.id if self.active else None,
+            "listeners": [lis.describe() for n, lis in self.listeners.items() if "~" not in n],
+            "generations": described,
+            "swap": self.swap.describe() if self.swap else None,
+            "last_swap": self.last_swap,
+            "swaps": dict(self.swap_counts),
+            "warnings": warnings,
+        }
+
+    # -- stop ---------------------------------------------------------------------
+
+    def _stopping(self) -> bool:
+        return self._stop_requested is not None and self._stop_requested.done()
+
+    async def _shutdown(self, fast: bool) -> None:
+        log.info("event=supervisor.stopping fast=%s", fast)
+        self.notifier.stopping("stopping" + (" (fast)" if fast else ", draining"))
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        job = self.swap
+        if job is not None and job.task is not None:
+            job.task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(job.done), KILL_WAIT * 2)
+        for gen in list(self.generations.values()):
+            if fast:
+                for w in gen.live():
+                    self.processes.signal_group(w.child, signal.SIGKILL)
+            elif gen.state in (GenState.ACTIVE, GenState.QUIESCED):
+                gen.transition(GenEvent.SUPERSEDE)
+                self._drain(gen, gen.config.timeouts.drain)
+        waiting: list[asyncio.Future[Any]] = [t for t in self._drains if not t.done()]
+        waiting += [w.exited for g in self.generations.values() for w in g.live()]
+        if waiting:
+            await asyncio.wait(waiting,
+                               timeout=self.config.timeouts.drain + KILL_WAIT * 2)
+        for gen in self.generations.values():
+            for w in gen.live():
+                log.error("event=worker.unkillable %s", w.tag)
+
+    def _close_control(self) -> None:
+        if self._control_sock is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.control)
+            self._control_sock.close()
+            self._control_sock = None
+
+    def close_listeners(self) -> None:
+        for lis in self.listeners.values():
+            if lis.sock.fileno() >= 0:
+                if lis.source == "bound":
+                    unlink_unix(lis.address)
+                lis.sock.close()
+        self.listeners.clear()
+
+
+def _base_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
+    """The environment every worker starts from: ours minus what only we may use."""
+    drop = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC",
+            "WATCHDOG_PID")
+    return {k: v for k, v in environ.items() if k not in drop and not k.startswith("SWAPD_")}
+
+
+def _replace_control(config: Config, control: str) -> Config:
+    return replace(config, control=control)
+
+
+def _usage(w: Worker) -> dict[str, Any]:
+    if w.child.status is not None:
+        return {}
+    try:
+        p = psutil.Process(w.pid)
+        with p.oneshot():
+            mem = p.memory_info().rss
+            cpu = p.cpu_times()
+            children = p.children(recursive=True)
+        return {"rss": mem, "cpu_seconds": round(cpu.user + cpu.system, 3),
+                "children": len(children)}
+    except psutil.Error:
+        return {}
+
+
+def _report_failure(event: str, e: SwapFailed) -> None:
+    log.error("%s reason=%r", event, e.reason)
+    if e.tail:
+        log.error("%s output tail of %s:\n%s", event, e.worker, e.tail)

@@ -1,0 +1,299 @@
+"""Swaps: replacing the active generation, stateless (overlap) or stateful (handoff).
+
+A `SwapJob` is the one swap in flight. Everyone who asked for it (the control
+client that started it, a joining client, a signal) subscribes to its progress
+and awaits its outcome, so every caller learns what happened.
+
+Stateless (overlap):
+    spawn N ─▶ all ready ─▶ commit (new ACTIVE) ─▶ old DRAINING
+Stateful (handoff), per slot i, old worker i → new worker i:
+    spawn N (role=successor) ─▶ all standing by (imported, not accepting)
+      ─▶ [pre-copy: bulk state old i → new i while old still serves]
+      ─▶ PAUSE: quiesce old i (stop accepting, finish in-flight, snapshot)
+      ─▶ restore new i ─▶ all acknowledged ─▶ commit (new starts accepting)
+      ─▶ old DRAINING (it holds nothing any more and exits)
+
+Before commit every failure aborts: the new generation is killed and the old
+one, if quiesced, is told to resume with its untouched state (failure rule 1:
+the old generation never exits before commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from swapd.channel import ChannelError, Message
+from swapd.config import Config
+from swapd.generation import Generation, Worker
+from swapd.lifecycle import GenEvent
+
+if TYPE_CHECKING:
+    from swapd.supervisor import Supervisor
+
+log = logging.getLogger("swapd")
+
+Progress = Callable[[str, str, dict[str, Any] | None], None]
+
+
+class SwapFailed(Exception):
+    """A swap that did not commit; the service is as it was before."""
+
+    def __init__(self, reason: str, *, worker: Worker | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.tail = worker.tail_text() if worker is not None else ""
+        self.worker = worker.tag if worker is not None else None
+
+
+@dataclass
+class SwapJob:
+    kind: str  # "upgrade" or "reload"
+    origin: str
+    started: float = field(default_factory=time.monotonic)
+    gen: int | None = None
+    subscribers: list[Progress] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    done: asyncio.Future[dict[str, Any]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    task: asyncio.Task[None] | None = None
+
+    def emit(self, event: str, message: str, extra: dict[str, Any] | None = None) -> None:
+        for sub in list(self.subscribers):
+            try:
+                sub(event, message, extra)
+            except Exception:  # a client that went away must not break the swap
+                self.subscribers.remove(sub)
+
+    def mark(self, name: str) -> None:
+        self.timings[name] = round((time.monotonic() - self.started) * 1000, 2)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "origin": self.origin, "gen": self.gen,
+                "elapsed_ms": round((time.monotonic() - self.started) * 1000, 1)}
+
+
+async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, Any]:
+    """Bring up a new generation from `config` and make it active, or leave all as it was."""
+    old = sup.active
+    if old is None:
+        raise SwapFailed("no active generation to replace")
+    stateful = config.mode == "stateful"
+    if stateful:
+        _check_stateful(old, config)
+    new = sup.start_generation(config, successor_of=old if stateful else None)
+    job.gen = new.id
+    job.mark("spawned")
+    job.emit("spawned", f"gen={new.id} started {len(new.workers)} worker(s): "
+             + " ".join(f"pid={w.pid}" for w in new.workers if w is not None))
+    quiesced = False
+    try:
+        await wait_ready(new, config.timeouts.ready)
+        new.transition(GenEvent.READY)
+        job.mark("ready")
+        job.emit("ready", f"gen={new.id} all {len(new.workers)} worker(s) ready"
+                 + (" and standing by for state" if stateful else ""))
+        if stateful:
+            if config.precopy:
+                await _precopy(sup, old, new, config, job)
+            old.transition(GenEvent.QUIESCE)
+            quiesced = True
+            await _handoff(sup, old, new, config, job)
+        sup.commit(new, old)
+        job.mark("committed")
+        if stateful:
+            await activate(new, config, job)
+        job.emit("committed", f"gen={new.id} active; gen={old.id} draining")
+    except BaseException as e:
+        reason = e.reason if isinstance(e, SwapFailed) else f"swap aborted: {e!r}"
+        if isinstance(e, asyncio.CancelledError):
+            reason = "swap cancelled (supervisor stopping)"
+        log.warning("event=swap.abort gen=%d reason=%r", new.id, reason)
+        job.emit("aborting", f"gen={new.id} failed: {reason}")
+        await sup.kill_generation(new)
+        if quiesced:
+            await _resume(sup, old, job)
+        if isinstance(e, SwapFailed):
+            raise
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        raise SwapFailed(reason) from e
+    return {"gen": new.id, "previous": old.id, "timings_ms": dict(job.timings)}
+
+
+def _check_stateful(old: Generation, config: Config) -> None:
+    live = old.live()
+    for w in live:
+        if "state" not in w.features():
+            raise SwapFailed(
+                f"{w.tag} cannot hand over state: it does not use swapd.worker's state API"
+            )
+    highest = max((w.slot for w in live), default=-1)
+    if highest >= config.workers:
+        raise SwapFailed(
+            f"stateful swap cannot shrink from {len(old.workers)} to {config.workers} workers: "
+            f"the state of slot {highest} would be lost (shard it first, see docs/state-handoff.md)"
+        )
+
+
+async def wait_ready(gen: Generation, timeout: float) -> None:
+    """Every worker ready, or the first failure: exit before ready, or the deadline."""
+    workers = [w for w in gen.workers if w is not None]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending: set[asyncio.Future[Any]] = set()
+    for w in workers:
+        pending.add(w.ready)
+        pending.add(w.exited)
+    while not all(w.ready.done() for w in workers):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            late = next(w for w in workers if not w.ready.done())
+            raise SwapFailed(f"{late.tag} not ready within {timeout:g}s (ready_timeout)",
+                             worker=late)
+        _, pending = await asyncio.wait(
+            pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+        )
+        for w in workers:
+            if w.exited.done() and not w.ready.done():
+                raise SwapFailed(f"{w.tag} {w.exited.result()} before it was ready", worker=w)
+            if w.exited.done():
+                raise SwapFailed(f"{w.tag} {w.exited.result()} right after it was ready",
+                                 worker=w)
+    for w in workers:
+        w.transition_ready()
+        if gen.config.mode == "stateful" and w.role == "successor" and not w.standby:
+            raise SwapFailed(f"{w.tag} started serving without waiting for state "
+                             "(is it using swapd.worker?)", worker=w)
+
+
+async def _precopy(
+    sup: Supervisor, old: Generation, new: Generation, config: Config, job: SwapJob
+) -> None:
+    """Ship bulk state while the old generation still serves (outside the pause)."""
+    async def one(src: Worker, dst: Worker) -> None:
+        bulk = await _ask(src, {"t": "precopy"}, config.timeouts.quiesce, "pre-copy")
+        try:
+            await _ask(dst, {"t": "precopy", "envelope": bulk.body.get("envelope")},
+                       config.timeouts.restore, "pre-copy load", fds=bulk.fds)
+        finally:
+            bulk.close_fds()
+
+    await asyncio.gather(*(one(s, d) for s, d in _pairs(old, new)))
+    job.mark("precopied")
+    job.emit("precopy", f"gen={new.id} bulk state loaded")
+
+
+async def _handoff(
+    sup: Supervisor, old: Generation, new: Generation, config: Config, job: SwapJob
+) -> None:
+    """The pause: quiesce and snapshot each old worker, restore into its successor."""
+    job.mark("quiesce")
+    pairs = _pairs(old, new)
+    snaps = await asyncio.gather(
+        *(_ask(src, {"t": "quiesce", "deadline": config.timeouts.quiesce},
+               config.timeouts.quiesce, "quiesce and snapshot") for src, _ in pairs),
+        return_exceptions=True,
+    )
+    try:
+        for result in snaps:
+            if isinstance(result, BaseException):
+                raise result
+        job.mark("snapshotted")
+        sizes = [int((m.body.get("envelope") or {}).get("size", 0)) for m in _msgs(snaps)]
+        job.emit("snapshot", f"gen={old.id} quiesced; {len(sizes)} snapshot(s), "
+                 f"{sum(sizes)} bytes")
+        stops = [float(m.body.get("t_stop", 0)) for m in _msgs(snaps)]
+        if stops:
+            job.timings["t_stop_accept"] = min(stops)
+        await asyncio.gather(*(
+            _ask(dst, {"t": "restore", "envelope": snap.body.get("envelope"),
+                       "from_gen": old.id, "conns": snap.body.get("conns", 0)},
+                 config.timeouts.restore, "restore", fds=snap.fds)
+            for (_, dst), snap in zip(pairs, _msgs(snaps), strict=True)
+        ))
+        job.mark("restored")
+        sup.remember_snapshots(_msgs(snaps))
+    finally:
+        for m in _msgs(snaps):
+            m.close_fds()
+
+
+async def activate(new: Generation, config: Config, job: SwapJob) -> None:
+    """After commit: tell successors to start accepting. Failures here are crashes, not aborts."""
+    replies = await asyncio.gather(
+        *(_ask(w, {"t": "commit"}, config.timeouts.restore, "commit")
+          for w in new.workers if w is not None and w.child.status is None),
+        return_exceptions=True,
+    )
+    starts = [float(r.body.get("t_start", 0)) for r in replies if isinstance(r, Message)]
+    for r in replies:
+        if isinstance(r, Message):
+            r.close_fds()
+        else:
+            log.error("event=commit.ack_failed gen=%d error=%r", new.id, str(r))
+    job.mark("activated")
+    t_stop = job.timings.pop("t_stop_accept", None)
+    if t_stop is not None and starts:
+        job.timings["pause"] = round((max(starts) - t_stop) * 1000, 2)
+
+
+async def _resume(sup: Supervisor, old: Generation, job: SwapJob) -> None:
+    """Abort path: the quiesced old generation serves again with its own state."""
+    results = await asyncio.gather(
+        *(_ask(w, {"t": "resume"}, old.config.timeouts.quiesce, "resume") for w in old.live()),
+        return_exceptions=True,
+    )
+    for r in results:
+        if isinstance(r, Message):
+            r.close_fds()
+        else:
+            log.error("event=resume.failed gen=%d error=%r", old.id, str(r))
+    old.transition(GenEvent.RESUME)
+    sup.after_resume(old)
+    job.emit("resumed", f"gen={old.id} serving again with its state")
+
+
+def _pairs(old: Generation, new: Generation) -> list[tuple[Worker, Worker]]:
+    pairs = []
+    for w in new.workers:
+        if w is None or w.role != "successor":
+            continue
+        src = old.workers[w.slot] if w.slot < len(old.workers) else None
+        if src is None or src.child.status is not None:
+            raise SwapFailed(f"gen={old.id} worker={w.slot} is not running: its state is gone")
+        pairs.append((src, w))
+    return pairs
+
+
+def _msgs(results: list[Message | BaseException]) -> list[Message]:
+    return [r for r in results if isinstance(r, Message)]
+
+
+async def _ask(
+    w: Worker, body: dict[str, Any], timeout: float, what: str, fds: list[int] | None = None
+) -> Message:
+    """A request to a worker that fails the swap with a clear reason on any problem."""
+    if w.channel is None or w.channel.closed:
+        raise SwapFailed(f"{w.tag} has no open channel for {what}", worker=w)
+    req = asyncio.ensure_future(w.channel.request(body, fds or [], timeout=timeout))
+    waiting: set[asyncio.Future[Any]] = {req, w.exited}
+    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if req not in done:
+        req.cancel()
+        raise SwapFailed(f"{w.tag} {w.exited.result()} during {what}", worker=w)
+    try:
+        reply = req.result()
+    except ChannelError as e:
+        raise SwapFailed(f"{w.tag} {what} failed: {e}", worker=w) from e
+    if not reply.body.get("ok", False):
+        reply.close_fds()
+        raise SwapFailed(f"{w.tag} {what} failed: {reply.body.get('error', 'no reason given')}",
+                         worker=w)
+    return reply
+
