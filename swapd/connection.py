@@ -1,0 +1,323 @@
+"""Connections and accept loops for `swapd.worker`: the parts that make drain and handoff exact.
+
+Why the library owns accept and receive instead of leaving them to asyncio
+streams: a swap must stop accepting at a precise instant and must know, for
+every open connection, whether it sits at a request boundary. Both are only
+exact when the accept and the `recv` happen synchronously inside our own reader
+callbacks: nothing is ever accepted and then dropped, and no received byte ever
+sits in a buffer we cannot account for.
+
+A handler marks request boundaries by receiving with `idle=True` ("I have no
+partial request; the next bytes start a new one"). While a worker quiesces, a
+connection waiting idle is *detached*: its handler gets `HandedOff` and must
+return without closing it; the socket then travels to the successor (stateful
+swap) or, on abort, is given back to a fresh handler call. While a worker
+drains, an idle wait lasts at most `idle_grace` seconds and then reads as EOF,
+so only connections that stayed silent that long are closed under a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger("swapd.worker")
+
+Handler = Callable[["Connection"], Awaitable[None]]
+_ACCEPT_BATCH = 32
+
+
+class HandedOff(Exception):
+    """The connection now belongs to the swap: return without closing it."""
+
+
+class Connection:
+    """One client connection, owned by the library, served by an app handler."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        listener: str,
+        hub: ConnectionHub,
+        meta: dict[str, Any] | None = None,
+        buffered: bytes = b"",
+    ) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.listener = listener
+        self.meta: dict[str, Any] = meta if meta is not None else {}
+        self.buffer = bytearray(buffered)
+        self._hub = hub
+        self._loop = hub.loop
+        self._wait: asyncio.Future[bool] | None = None
+        self._idle = False
+        self._grace: asyncio.TimerHandle | None = None
+        self.detached = False
+        self.closed = False
+
+    @property
+    def draining(self) -> bool:
+        """The worker is going away: finish this request and close (e.g. `Connection: close`)."""
+        return self._hub.draining
+
+    @property
+    def peer(self) -> Any:
+        try:
+            return self.sock.getpeername()
+        except OSError:
+            return None
+
+    async def recv(self, n: int = 65536, *, idle: bool = False) -> bytes:
+        """Bytes from the client; b"" at EOF. `idle=True` marks a request boundary."""
+        if self.buffer:
+            data = bytes(self.buffer[:n])
+            del self.buffer[:n]
+            return data
+        while True:
+            try:
+                return self.sock.recv(n)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except ConnectionResetError:
+                return b""
+            if not await self._wait_readable(idle):
+                return b""
+
+    async def readline(self, *, idle: bool = False, limit: int = 65536) -> bytes:
+        """One line including the newline, or what remains at EOF.
+
+        `idle=True` counts only while nothing of the line has arrived yet.
+        """
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[: end + 1])
+                del self.buffer[: end + 1]
+                return line
+            if len(self.buffer) > limit:
+                raise ValueError(f"line longer than {limit} bytes")
+            try:
+                chunk = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                if not await self._wait_readable(idle and not self.buffer):
+                    chunk = b""
+                else:
+                    continue
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                line = bytes(self.buffer)
+                self.buffer.clear()
+                return line
+            self.buffer += chunk
+
+    async def send(self, data: bytes) -> None:
+        await self._loop.sock_sendall(self.sock, data)
+
+    def close(self) -> None:
+        if not self.closed and not self.detached:
+            self.closed = True
+            self.sock.close()
+
+    # -- library side -----------------------------------------------------------
+
+    async def _wait_readable(self, idle: bool) -> bool:
+        """Wait for input; False means 'treat as EOF' (drain grace expired)."""
+        if idle and self._hub.quiescing:
+            self._mark_detached()
+            raise HandedOff()
+        fut: asyncio.Future[bool] = self._loop.create_future()
+        self._wait = fut
+        fd = self.sock.fileno()
+        self._loop.add_reader(fd, _resolve, fut, True)
+        if idle:
+            self._idle = True
+            self._hub.became_idle(self)
+            if self._hub.draining:
+                self.start_grace(self._hub.idle_grace)
+        try:
+            return await fut
+        finally:
+            self._loop.remove_reader(fd)
+            self._wait = None
+            if self._grace is not None:
+                self._grace.cancel()
+                self._grace = None
+            if self._idle:
+                self._idle = False
+                self._hub.became_busy(self)
+
+    @property
+    def idle(self) -> bool:
+        return self._idle
+
+    def try_detach(self) -> bool:
+        """Take an idle connection away from its handler (quiesce); False if not idle now."""
+        if not self._idle or self._wait is None or self._wait.done():
+            return False
+        self._mark_detached()
+        self._wait.set_exception(HandedOff())
+        return True
+
+    def _mark_detached(self) -> None:
+        self.detached = True
+        self._hub.detached.append(self)
+
+    def start_grace(self, seconds: float) -> None:
+        if self._idle and self._grace is None and self._wait is not None:
+            self._grace = self._loop.call_later(seconds, _resolve, self._wait, False)
+
+    def reattach(self) -> None:
+        self.detached = False
+
+
+def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+class ConnectionHub:
+    """All connections and accept loops of one worker process."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle_grace: float) -> None:
+        self.loop = loop
+        self.idle_grace = idle_grace
+        self.handlers: dict[str, Handler] = {}
+        self.listeners: dict[str, socket.socket] = {}
+        self.conns: set[Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.detached: list[Connection] = []
+        self.accepting = False
+        self.draining = False
+        self.quiescing = False
+        self._changed = asyncio.Event()
+
+    def register(self, name: str, sock: socket.socket, handler: Handler) -> None:
+        sock.setblocking(False)
+        self.listeners[name] = sock
+        self.handlers[name] = handler
+        if self.accepting:
+            self.loop.add_reader(sock.fileno(), self._on_acceptable, name)
+
+    def start_accepting(self) -> None:
+        if not self.accepting:
+            self.accepting = True
+            for name, sock in self.listeners.items():
+                self.loop.add_reader(sock.fileno(), self._on_acceptable, name)
+
+    def stop_accepting(self) -> float:
+        """Stop at once; returns the CLOCK_MONOTONIC instant (comparable across processes)."""
+        if self.accepting:
+            self.accepting = False
+            for sock in self.listeners.values():
+                self.loop.remove_reader(sock.fileno())
+        return time.monotonic()
+
+    def _on_acceptable(self, name: str) -> None:
+        sock = self.listeners[name]
+        for _ in range(_ACCEPT_BATCH):
+            if not self.accepting:
+                return
+            try:
+                client, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # EMFILE and friends: log and let the kernel backlog hold the rest.
+                log.error("event=accept.failed listener=%s error=%r", name, str(e))
+                return
+            self.adopt(Connection(client, name, self))
+
+    def adopt(self, conn: Connection) -> None:
+        """Start serving a connection (accepted, or handed over by a predecessor)."""
+        handler = self.handlers.get(conn.listener)
+        if handler is None:
+            log.error("event=conn.orphan listener=%s: no handler registered; closing",
+                      conn.listener)
+            conn.sock.close()
+            return
+        conn.reattach()
+        self.conns.add(conn)
+        task = self.loop.create_task(self._serve(conn, handler))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, conn: Connection, handler: Handler) -> None:
+        try:
+            await handler(conn)
+        except HandedOff:
+            pass
+        except Exception:
+            log.exception("event=handler.error listener=%s peer=%s", conn.listener, conn.peer)
+        finally:
+            if not conn.detached:
+                conn.close()
+            self.conns.discard(conn)
+            self._changed.set()
+
+    def became_idle(self, conn: Connection) -> None:
+        if self.quiescing:
+            conn.try_detach()
+        self._changed.set()
+
+    def became_busy(self, conn: Connection) -> None:
+        """Nothing to do yet: quiesce only ever waits for connections to become idle."""
+
+    # -- drain and quiesce ------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        self.stop_accepting()
+        for conn in list(self.conns):
+            conn.start_grace(self.idle_grace)
+
+    async def quiesce(self, deadline: float) -> list[Connection]:
+        """Detach every connection at its next request boundary; the rest must close."""
+        self.quiescing = True
+        self.detached = []
+        for conn in list(self.conns):
+            conn.try_detach()
+        loop = self.loop
+        end = loop.time() + deadline
+        while any(not c.detached for c in self.conns):
+            self._changed.clear()
+            remaining = end - loop.time()
+            if remaining <= 0:
+                busy = sum(1 for c in self.conns if not c.detached)
+                raise TimeoutError(f"{busy} connection(s) still busy after {deadline:g}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return [c for c in self.detached if not c.closed]
+
+    def resume(self) -> None:
+        """Abort of a handoff: detached connections get fresh handlers; accept again."""
+        self.quiescing = False
+        detached, self.detached = self.detached, []
+        for conn in detached:
+            if conn in self.conns:
+                self.conns.discard(conn)
+            self.adopt(conn)
+
+    def release_detached(self) -> None:
+        """After commit: the successor owns duplicates of these sockets; close ours."""
+        for conn in self.detached:
+            self.conns.discard(conn)
+            conn.sock.close()
+        self.detached = []
+        self._changed.set()
+
+    async def wait_empty(self) -> None:
+        while self.conns or self.tasks:
+            self._changed.clear()
+            if not self.conns and self.tasks:
+                await asyncio.wait(list(self.tasks))
+                continue
+            await self._changed.wait()

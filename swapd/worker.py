@@ -1,0 +1,413 @@
+"""swapd.worker: the library a Python application imports to run under swapd.
+
+A guest in the application's process: it never calls `sys.exit`, never configures
+logging (it logs to the `swapd.worker` logger), and removes the signal handlers
+it installed when it returns. Without swapd it still works: under systemd socket
+activation (LISTEN_FDS + NOTIFY_SOCKET), or standalone, binding `default_binds`
+(or `$SWAPD_BIND`, e.g. `http=127.0.0.1:8000`) itself.
+
+    from swapd import worker
+
+    async def main(w: worker.Worker) -> None:
+        w.on_snapshot(lambda: {"count": counter.value})      # stateful apps only
+        w.on_restore(lambda state, version: counter.load(state))
+        await w.serve("http", handle)        # handler(conn) per connection
+        await w.ready()                      # serving from here on
+
+    worker.run(main)
+
+Lifecycle inside the worker (driven by the supervisor over the channel):
+
+    fresh:      serve() registered → ready() → accepting … drain → exit
+    successor:  serve() registered → ready() sends "standby" → restore(state)
+                → commit → accepting (handed-over connections resume) … → exit
+    old worker in a stateful swap: quiesce (stop accepting, wait for every
+                connection to reach a request boundary, detach them, snapshot)
+                → drain (commit: exit) or resume (abort: serve again, same state)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from swapd import __version__
+from swapd.channel import Channel, ChannelError, Message
+from swapd.connection import Connection, ConnectionHub, HandedOff, Handler
+from swapd.sockets import bind, parse_bind
+from swapd.systemd import Notifier
+
+__all__ = ["Connection", "HandedOff", "Worker", "WorkerError", "current", "run"]
+
+log = logging.getLogger("swapd.worker")
+
+Snapshot = Callable[[], Any]
+Restore = Callable[[Any, int], Any]
+Hook = Callable[[], Any]
+
+_current: Worker | None = None
+
+
+class WorkerError(RuntimeError):
+    """Misuse of the worker API, or an environment the worker cannot run in."""
+
+
+class Worker:
+    """The application's handle on its process's lifecycle under swapd."""
+
+    def __init__(self, environ: dict[str, str] | None = None,
+                 default_binds: dict[str, str] | None = None) -> None:
+        env = dict(os.environ if environ is None else environ)
+        self.generation = int(env.get("SWAPD_GENERATION", "0"))
+        self.slot = int(env.get("SWAPD_SLOT", "0"))
+        self.workers = int(env.get("SWAPD_WORKERS", "1"))
+        self.mode = env.get("SWAPD_MODE", "stateless")
+        self.role = env.get("SWAPD_ROLE", "fresh")
+        self.idle_grace = float(env.get("SWAPD_IDLE_GRACE", "1.0"))
+        self.state_version = 1
+        self.listeners = _listeners(env, default_binds)
+        self._channel_fd = int(env["SWAPD_CHANNEL_FD"]) if env.get("SWAPD_CHANNEL_FD") else None
+        self._notify_addr = env.get("NOTIFY_SOCKET") if self._channel_fd is None else None
+        self._snapshot: Snapshot | None = None
+        self._restore: Restore | None = None
+        self._on_drain: list[Hook] = []
+        self._on_quiesce: list[Hook] = []
+        self._on_resume: list[Hook] = []
+        self._channel: Channel | None = None
+        self._hub: ConnectionHub | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready_called = False
+        self._closed: asyncio.Event | None = None
+        self._drained: asyncio.Event | None = None
+        self._restored: asyncio.Future[None] | None = None
+        self._committed: asyncio.Future[None] | None = None
+        self._handed_over: list[Connection] = []
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- registration (before ready) --------------------------------------------
+
+    def listener(self, name: str) -> socket.socket:
+        try:
+            return self.listeners[name]
+        except KeyError:
+            known = ", ".join(self.listeners) or "none"
+            raise WorkerError(f"no listener named {name!r} (have: {known})") from None
+
+    def on_snapshot(self, fn: Snapshot) -> Snapshot:
+        """Register the function returning this worker's state for its successor."""
+        self._snapshot = fn
+        return fn
+
+    def on_restore(self, fn: Restore) -> Restore:
+        """Register `restore(state, from_version)`; not called for a fresh worker."""
+        self._restore = fn
+        return fn
+
+    def on_drain(self, fn: Hook) -> Hook:
+        """Called when the worker starts draining (stop background work; may be async)."""
+        self._on_drain.append(fn)
+        return fn
+
+    def on_quiesce(self, fn: Hook) -> Hook:
+        """Called before a snapshot: pause anything that changes state outside requests."""
+        self._on_quiesce.append(fn)
+        return fn
+
+    def on_resume(self, fn: Hook) -> Hook:
+        """Called when a handoff aborted and this worker serves again with its state."""
+        self._on_resume.append(fn)
+        return fn
+
+    async def serve(self, name: str, handler: Handler) -> None:
+        """Serve connections of listener `name` with `handler(conn)`, once allowed to."""
+        hub = self._require_hub()
+        hub.register(name, self.listener(name), handler)
+
+    @property
+    def draining(self) -> bool:
+        return self._hub is not None and self._hub.draining
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def ready(self) -> None:
+        """Declare the worker ready. A successor returns once state is restored and committed."""
+        if self._ready_called:
+            return
+        self._ready_called = True
+        hub = self._require_hub()
+        if self._channel is not None:
+            await self._hello()
+            if self.role == "successor":
+                self._channel.send({"t": "ready", "standby": True})
+                assert self._committed is not None
+                await self._committed
+                return
+            hub.start_accepting()
+            self._channel.send({"t": "ready", "standby": False})
+            return
+        hub.start_accepting()
+        if self._notify_addr:
+            with Notifier(self._notify_addr) as notifier:
+                notifier.ready()
+
+    async def wait_closed(self) -> None:
+        """Return once the worker has drained: every connection finished or handed over."""
+        assert self._closed is not None
+        await self._closed.wait()
+
+    # -- internals ----------------------------------------------------------------
+
+    def _require_hub(self) -> ConnectionHub:
+        if self._hub is None:
+            raise WorkerError("the worker is not running: call this from inside worker.run()")
+        return self._hub
+
+    async def _main(self, main: Callable[[Worker], Awaitable[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._hub = ConnectionHub(loop, self.idle_grace)
+        self._closed = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._committed = loop.create_future()
+        if self._channel_fd is not None:
+            sock = socket.socket(fileno=self._channel_fd)
+            sock.set_inheritable(False)
+            self._channel = Channel(sock, self._on_message, self._on_channel_close)
+        previous = _install_signals(loop, self._begin_drain)
+        try:
+            await main(self)
+            if not self._ready_called:
+                await self.ready()
+            await self._drained.wait()
+            await self._hub.wait_empty()
+        finally:
+            _restore_signals(loop, previous)
+            self._closed.set()
+            for task in self._background:
+                task.cancel()
+            if self._channel is not None:
+                self._channel.close()
+
+    async def _hello(self) -> None:
+        assert self._channel is not None
+        features = ["drain", "state", "conns"]
+        reply = await self._channel.request(
+            {"t": "hello", "proto": 1, "pid": os.getpid(), "lib": f"swapd.worker {__version__}",
+             "features": features},
+            timeout=30,
+        )
+        reply.close_fds()
+
+    def _on_channel_close(self, error: ChannelError) -> None:
+        # The supervisor is gone (or broke the protocol): finish what we have and exit.
+        log.warning("event=channel.closed reason=%r action=drain", str(error))
+        self._begin_drain()
+
+    def _on_message(self, msg: Message) -> None:
+        handler = _HANDLERS.get(msg.type)
+        if handler is None:
+            log.warning("event=channel.unknown type=%r", msg.type)
+            if "id" in msg.body and self._channel is not None:
+                self._channel.reply(msg, {"ok": False, "error": f"unknown request {msg.type!r}"})
+            msg.close_fds()
+            return
+        task = asyncio.ensure_future(handler(self, msg))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _reply(self, msg: Message, body: dict[str, Any], fds: list[int] | None = None) -> None:
+        if self._channel is not None and not self._channel.closed:
+            self._channel.reply(msg, body, fds or [])
+
+    def _begin_drain(self) -> None:
+        hub = self._hub
+        if hub is None or hub.draining:
+            return
+        log.info("event=drain.begin gen=%d slot=%d connections=%d", self.generation, self.slot,
+                 len(hub.conns))
+        hub.begin_drain()
+        hub.release_detached()
+        for hook in self._on_drain:
+            self._run_hook(hook)
+        if self._committed is not None and not self._committed.done():
+            self._committed.cancel()
+        assert self._drained is not None
+        self._drained.set()
+
+    def _run_hook(self, hook: Hook) -> None:
+        try:
+            result = hook()
+            if asyncio.iscoroutine(result):
+                task = asyncio.ensure_future(result)
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        except Exception:
+            log.exception("event=hook.error hook=%r", hook)
+
+    async def _run_hook_async(self, hook: Hook) -> None:
+        result = hook()
+        if asyncio.iscoroutine(result):
+            await result
+
+    # -- channel requests -----------------------------------------------------------
+
+    async def _handle_drain(self, msg: Message) -> None:
+        msg.close_fds()
+        self._begin_drain()
+
+    async def _handle_quiesce(self, msg: Message) -> None:
+        from swapd import handoff
+
+        msg.close_fds()
+        hub = self._require_hub()
+        t_stop = hub.stop_accepting()
+        try:
+            for hook in self._on_quiesce:
+                await self._run_hook_async(hook)
+            conns = await hub.quiesce(float(msg.body.get("deadline", 10)))
+            state = {
+                "app": self._snapshot() if self._snapshot is not None else None,
+                "conns": [(c.listener, c.sock, c.meta, bytes(c.buffer)) for c in conns],
+            }
+            snap = handoff.dump(state, app_version=self.state_version)
+        except Exception as e:
+            log.exception("event=quiesce.failed")
+            self._reply(msg, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+            return
+        try:
+            self._reply(msg, {"ok": True, "envelope": snap.envelope.to_dict(), "t_stop": t_stop,
+                              "conns": len(conns)}, snap.fds)
+        finally:
+            snap.close()
+
+    async def _handle_resume(self, msg: Message) -> None:
+        msg.close_fds()
+        hub = self._require_hub()
+        hub.resume()
+        hub.start_accepting()
+        for hook in self._on_resume:
+            self._run_hook(hook)
+        log.info("event=resume gen=%d slot=%d", self.generation, self.slot)
+        self._reply(msg, {"ok": True})
+
+    async def _handle_restore(self, msg: Message) -> None:
+        from swapd import handoff
+
+        fds = msg.take_fds()
+        hub = self._require_hub()
+        try:
+            restored = handoff.load(msg.body.get("envelope") or {}, fds)
+            state = restored.state
+            if self._restore is not None:
+                result = self._restore(state["app"], restored.app_version)
+                if asyncio.iscoroutine(result):
+                    await result
+            self._handed_over = [
+                Connection(sock, listener, hub, meta, buffered)
+                for listener, sock, meta, buffered in state["conns"]
+            ]
+        except Exception as e:
+            log.exception("event=restore.failed")
+            self._reply(msg, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+            return
+        self._reply(msg, {"ok": True})
+
+    async def _handle_commit(self, msg: Message) -> None:
+        msg.close_fds()
+        hub = self._require_hub()
+        hub.start_accepting()
+        t_start = time.monotonic()
+        for conn in self._handed_over:
+            hub.adopt(conn)
+        self._handed_over = []
+        if self._committed is not None and not self._committed.done():
+            self._committed.set_result(None)
+        self._reply(msg, {"ok": True, "t_start": t_start})
+
+
+_HANDLERS: dict[str, Callable[[Worker, Message], Awaitable[None]]] = {
+    "drain": Worker._handle_drain,
+    "quiesce": Worker._handle_quiesce,
+    "resume": Worker._handle_resume,
+    "restore": Worker._handle_restore,
+    "commit": Worker._handle_commit,
+}
+
+
+def _listeners(env: dict[str, str], default_binds: dict[str, str] | None
+               ) -> dict[str, socket.socket]:
+    """Listeners from LISTEN_FDS (swapd or systemd), else bound here from SWAPD_BIND/defaults."""
+    if env.get("LISTEN_FDS") and env.get("LISTEN_PID") == str(os.getpid()):
+        try:
+            count = int(env["LISTEN_FDS"])
+        except ValueError:
+            raise WorkerError(f"bad LISTEN_FDS={env['LISTEN_FDS']!r}") from None
+        names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
+        result: dict[str, socket.socket] = {}
+        for i in range(count):
+            name = names[i] if i < len(names) and names[i] else f"fd{3 + i}"
+            sock = socket.socket(fileno=3 + i)
+            sock.set_inheritable(False)
+            result[name] = sock
+        return result
+    specs = env.get("SWAPD_BIND")
+    binds = dict(parse_bind(s) for s in specs.split(",")) if specs else {
+        name: parse_bind(f"{name}={addr}")[1] for name, addr in (default_binds or {}).items()
+    }
+    return {name: bind(address) for name, address in binds.items()}
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _install_signals(loop: asyncio.AbstractEventLoop, drain: Callable[[], None]
+                     ) -> dict[int, Any]:
+    previous: dict[int, Any] = {}
+    for sig in _SIGNALS:
+        previous[sig] = signal.getsignal(sig)
+        loop.add_signal_handler(sig, drain)
+    return previous
+
+
+def _restore_signals(loop: asyncio.AbstractEventLoop, previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        loop.remove_signal_handler(sig)
+        with contextlib.suppress(TypeError, ValueError):
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def current() -> Worker:
+    if _current is None:
+        raise WorkerError("no worker is running in this process")
+    return _current
+
+
+def run(main: Callable[[Worker], Awaitable[None]], *,
+        default_binds: dict[str, str] | None = None, use_uvloop: bool | None = None) -> None:
+    """Run `main(worker)` on uvloop (when available) until the worker has drained."""
+    global _current
+    w = Worker(default_binds=default_binds)
+    _current = w
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if use_uvloop is not False and os.environ.get("SWAPD_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            if use_uvloop:
+                raise
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(w._main(main))
+    finally:
+        _current = None
+        for sock in w.listeners.values():
+            sock.close()
