@@ -1,0 +1,83 @@
+"""A test worker whose behaviour each generation reads from a JSON file at start-up.
+
+The file (path in $BEHAVIOR) holds the behaviour of the *next* generation to
+start, so a test writes it and then asks for a swap:
+
+    {"import_error": true}           raise while importing (crash on import)
+    {"exit_before_ready": 3}         exit with this status before ready()
+    {"never_ready": true}            serve nothing, never call ready()
+    {"gate": "/path/fifo"}           block before ready() until a line arrives on the FIFO
+                                     "<path>-<slot>" (one FIFO per worker slot)
+    {"crash_after_ready": true}      call ready(), then exit 1 (crash loop material)
+    {"version": "v2"}                text served at GET /
+
+HTTP: GET / -> "<version> <pid>", GET /hang -> never answers (holds a busy
+connection, to test drain deadlines), GET /slow -> prints "slow request in
+flight", answers once the worker starts draining, GET /listeners -> listener names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+
+from httpkit import Request, Response, serve_http  # noqa: E402
+
+from swapd import worker  # noqa: E402
+
+try:
+    with open(os.environ["BEHAVIOR"]) as f:
+        BEHAVIOR = json.load(f)
+except (KeyError, FileNotFoundError):
+    BEHAVIOR = {}
+
+if BEHAVIOR.get("import_error"):
+    raise RuntimeError("simulated import failure in the new code")
+
+VERSION = BEHAVIOR.get("version", "v1")
+DRAINING = asyncio.Event()
+
+
+async def app(request: Request) -> Response:
+    if request.target == "/hang":
+        print("hanging request in flight", flush=True)
+        await asyncio.Event().wait()
+    if request.target == "/slow":
+        print("slow request in flight", flush=True)
+        await DRAINING.wait()
+        return Response(200, b"slow done")
+    if request.target == "/listeners":
+        return Response(200, " ".join(sorted(worker.current().listeners)).encode())
+    return Response(200, f"{VERSION} {os.getpid()}".encode())
+
+
+async def main(w: worker.Worker) -> None:
+    w.on_drain(DRAINING.set)
+    for name in w.listeners:
+        await w.serve(name, lambda conn: serve_http(conn, app))
+    if "exit_before_ready" in BEHAVIOR:
+        print("exiting before ready, as told", flush=True)
+        os._exit(BEHAVIOR["exit_before_ready"])
+    if BEHAVIOR.get("never_ready"):
+        print("never getting ready, as told", flush=True)
+        await asyncio.Event().wait()
+    if BEHAVIOR.get("gate"):
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _wait_gate, f"{BEHAVIOR['gate']}-{w.slot}")
+    await w.ready()
+    if BEHAVIOR.get("crash_after_ready"):
+        print("crashing after ready, as told", flush=True)
+        os._exit(1)
+
+
+def _wait_gate(path: str) -> None:
+    with open(path) as fifo:  # blocks until the test opens the FIFO for writing
+        fifo.readline()
+
+
+if __name__ == "__main__":
+    worker.run(main)

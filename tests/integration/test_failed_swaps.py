@@ -1,0 +1,84 @@
+"""A new generation that fails leaves the old one serving, untouched; the caller learns why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.integration.supervised import (
+    MISBEHAVE,
+    Supervised,
+    http_get,
+    supervised,
+    write_behavior,
+)
+
+
+@pytest.fixture
+def behavior(tmp_path: Path) -> Path:
+    path = tmp_path / "behavior.json"
+    write_behavior(path, version="v1")
+    return path
+
+
+def _assert_untouched(s: Supervised, old_pids: list[int]) -> None:
+    st = s.status()
+    assert st["active"] == 1
+    assert s.active_pids() == old_pids
+    live = [g for g in st["generations"]]
+    assert [g["id"] for g in live] == [1], "the failed generation must be gone"
+    status, body = http_get(s.address())
+    assert status == 200 and body.startswith("v1 ")
+
+
+@pytest.mark.parametrize(
+    ("behave", "reason", "tail"),
+    [
+        ({"import_error": True}, r"exited with status 1 before it was ready",
+         "simulated import failure in the new code"),
+        ({"exit_before_ready": 3}, r"exited with status 3 before it was ready",
+         "exiting before ready, as told"),
+        ({"never_ready": True}, r"not ready within 2s \(ready_timeout\)",
+         "never getting ready, as told"),
+    ],
+    ids=["crash-on-import", "exit-before-ready", "never-ready"],
+)
+def test_failed_upgrade_keeps_old_generation(
+    tmp_path: Path, behavior: Path, behave: dict[str, object], reason: str, tail: str
+) -> None:
+    with supervised(tmp_path, MISBEHAVE, args=["--workers", "2", "--ready-timeout", "2"],
+                    env={"BEHAVIOR": str(behavior)}) as s:
+        old = s.active_pids()
+        write_behavior(behavior, **behave)
+        proc = s.cli("upgrade")
+        assert proc.returncode == 1, proc
+        assert "FAILED" in proc.stderr
+        import re
+
+        assert re.search(reason, proc.stderr), proc.stderr
+        assert tail in proc.stderr, "the failed worker's output tail is shown"
+        _assert_untouched(s, old)
+        last = s.status()["last_swap"]
+        assert last["ok"] is False and re.search(reason, last["error"])
+
+        # and the service can still be upgraded once the code is fixed
+        write_behavior(behavior, version="v2")
+        res = s.upgrade()
+        assert res["ok"], res
+        status, body = http_get(s.address())
+        assert status == 200 and body.startswith("v2 ")
+
+
+def test_missing_executable_in_new_generation(tmp_path: Path, behavior: Path) -> None:
+    """A reload whose new command cannot be exec'd fails cleanly."""
+    cfg = tmp_path / "swapd.toml"
+    cfg.write_text(f'command = {list(MISBEHAVE)!r}\n'.replace("'", '"'))
+    with supervised(tmp_path, [], args=["--config", str(cfg)],
+                    env={"BEHAVIOR": str(behavior)}) as s:
+        old = s.active_pids()
+        cfg.write_text('command = ["/nonexistent/worker"]\n')
+        proc = s.cli("reload")
+        assert proc.returncode == 1
+        assert "cannot exec '/nonexistent/worker'" in proc.stderr
+        _assert_untouched(s, old)
