@@ -25,9 +25,9 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
 
-from httpkit import Request, Response, serve_http  # noqa: E402
+from httpkit import Request, Response, serve_http
 
-from swapd import worker  # noqa: E402
+from swapd import worker
 
 try:
     with open(os.environ["BEHAVIOR"]) as f:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.supervised import HELLO, MISBEHAVE, http_get, supervised, write_behavior
+from tests.integration.supervised import MISBEHAVE, http_get, supervised, write_behavior
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

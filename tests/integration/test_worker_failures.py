@@ -22,8 +22,8 @@ def test_killed_worker_is_restarted_in_its_slot(tmp_path: Path) -> None:
         victim, survivor = s.active_pids()
         mark = s.log_mark()
         os.kill(victim, signal.SIGKILL)
-        s.wait_log(r"event=worker.died gen=1 worker=0 pid=%d status='killed by SIGKILL'"
-                   % victim, start=mark)
+        s.wait_log(rf"event=worker.died gen=1 worker=0 pid={victim} status='killed by SIGKILL'",
+                   start=mark)
         m = s.wait_log(r"event=worker.ready gen=1 worker=0 pid=(\d+) restarts=1", start=mark)
         replacement = int(m.group(1))
         st = s.status()
@@ -64,8 +64,8 @@ def test_drain_deadline_kills_stuck_worker(tmp_path: Path) -> None:
             s.wait_log(r"\| hanging request in flight")
             mark = s.log_mark()
             assert s.upgrade()["ok"]
-            s.wait_log(r"event=drain.timeout gen=1 worker=0 pid=%d timeout=1s action=SIGKILL"
-                       % old, start=mark)
+            s.wait_log(rf"event=drain.timeout gen=1 worker=0 pid={old} timeout=1s action=SIGKILL",
+                       start=mark)
             assert wait_pid_gone(old, 10)
             s.wait_log(r"event=gen.exited gen=1", start=mark)
             assert [g["id"] for g in s.status()["generations"]] == [2]
