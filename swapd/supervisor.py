@@ -621,6 +621,7 @@ class Supervisor:
             "swap": self.swap.describe() if self.swap else None,
             "last_swap": self.last_swap,
             "swaps": dict(self.swap_counts),
+            "open_fds": len(os.listdir("/proc/self/fd")),
             "warnings": warnings,
         }
 
