@@ -38,7 +38,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from swapd import __version__
+# Imported here, not at first use: its import cost must stay outside the handoff pause.
+from swapd import __version__, handoff
 from swapd.channel import Channel, ChannelError, Message
 from swapd.connection import Connection, ConnectionHub, HandedOff, Handler
 from swapd.sockets import bind, parse_bind
@@ -72,6 +73,8 @@ class Worker:
         self.role = env.get("SWAPD_ROLE", "fresh")
         self.idle_grace = float(env.get("SWAPD_IDLE_GRACE", "1.0"))
         self.state_version = 1
+        # Versions of predecessor state this code can restore; default: its own and older.
+        self.accept_versions: set[int] | None = None
         self.listeners = _listeners(env, default_binds)
         self._channel_fd = int(env["SWAPD_CHANNEL_FD"]) if env.get("SWAPD_CHANNEL_FD") else None
         self._notify_addr = env.get("NOTIFY_SOCKET") if self._channel_fd is None else None
@@ -89,6 +92,7 @@ class Worker:
         self._restored: asyncio.Future[None] | None = None
         self._committed: asyncio.Future[None] | None = None
         self._handed_over: list[Connection] = []
+        self._restored_snapshot: Any = None
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- registration (before ready) --------------------------------------------
@@ -263,8 +267,6 @@ class Worker:
         self._begin_drain()
 
     async def _handle_quiesce(self, msg: Message) -> None:
-        from swapd import handoff
-
         msg.close_fds()
         hub = self._require_hub()
         t_stop = hub.stop_accepting()
@@ -283,7 +285,7 @@ class Worker:
             return
         try:
             self._reply(msg, {"ok": True, "envelope": snap.envelope.to_dict(), "t_stop": t_stop,
-                              "conns": len(conns)}, snap.fds)
+                              "conns": len(conns)}, snap.send_fds)
         finally:
             snap.close()
 
@@ -298,12 +300,15 @@ class Worker:
         self._reply(msg, {"ok": True})
 
     async def _handle_restore(self, msg: Message) -> None:
-        from swapd import handoff
-
         fds = msg.take_fds()
         hub = self._require_hub()
         try:
-            restored = handoff.load(msg.body.get("envelope") or {}, fds)
+            if not fds:
+                raise handoff.Truncated("restore request carried no snapshot fd")
+            accept = self.accept_versions or range(0, self.state_version + 1)
+            restored = handoff.load(msg.body.get("envelope"), fds[0], fds[1:],
+                                    accept_versions=accept)
+            self._restored_snapshot = restored
             state = restored.state
             if self._restore is not None:
                 result = self._restore(state["app"], restored.app_version)
@@ -324,6 +329,9 @@ class Worker:
         hub = self._require_hub()
         hub.start_accepting()
         t_start = time.monotonic()
+        if self._restored_snapshot is not None:
+            self._restored_snapshot.commit()
+            self._restored_snapshot = None
         for conn in self._handed_over:
             hub.adopt(conn)
         self._handed_over = []
