@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import h11
 
@@ -95,7 +96,8 @@ async def _respond(conn: Connection, h: h11.Connection, response: Response, *, c
     if close:
         headers.append(("connection", "close"))
     try:
-        data = h.send(h11.Response(status_code=response.status, headers=headers))
+        reason = HTTPStatus(response.status).phrase.encode()
+        data = h.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
         data += h.send(h11.Data(data=response.body)) if response.body else b""
         data += h.send(h11.EndOfMessage())
     except h11.LocalProtocolError:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("swapd")
 
 Progress = Callable[[str, str, dict[str, Any] | None], None]
+_EXIT_GRACE = 1.0  # seconds to wait for a pidfd after the channel of a dying worker closed
 
 
 class SwapFailed(Exception):
@@ -245,8 +246,10 @@ async def activate(new: Generation, config: Config, job: SwapJob) -> None:
 
 async def _resume(sup: Supervisor, old: Generation, job: SwapJob) -> None:
     """Abort path: the quiesced old generation serves again with its own state."""
+    # Generous: a worker whose snapshot blocked its loop answers once the snapshot returns.
+    timeout = old.config.timeouts.quiesce + old.config.timeouts.restore
     results = await asyncio.gather(
-        *(_ask(w, {"t": "resume"}, old.config.timeouts.quiesce, "resume") for w in old.live()),
+        *(_ask(w, {"t": "resume"}, timeout, "resume") for w in old.live()),
         return_exceptions=True,
     )
     for r in results:
@@ -290,6 +293,11 @@ async def _ask(
     try:
         reply = req.result()
     except ChannelError as e:
+        # EOF on the channel usually means the process died; its pidfd reports that a
+        # moment later. Wait for it briefly so the reason names the exit, not the symptom.
+        await asyncio.wait([w.exited], timeout=_EXIT_GRACE)
+        if w.exited.done():
+            raise SwapFailed(f"{w.tag} {w.exited.result()} during {what}", worker=w) from e
         raise SwapFailed(f"{w.tag} {what} failed: {e}", worker=w) from e
     if not reply.body.get("ok", False):
         reply.close_fds()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -93,6 +94,7 @@ class Worker:
         self._committed: asyncio.Future[None] | None = None
         self._handed_over: list[Connection] = []
         self._restored_snapshot: Any = None
+        self._quiesce_task: asyncio.Task[Any] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- registration (before ready) --------------------------------------------
@@ -268,21 +270,30 @@ class Worker:
 
     async def _handle_quiesce(self, msg: Message) -> None:
         msg.close_fds()
+        self._quiesce_task = asyncio.current_task()
         hub = self._require_hub()
         t_stop = hub.stop_accepting()
         try:
             for hook in self._on_quiesce:
                 await self._run_hook_async(hook)
             conns = await hub.quiesce(float(msg.body.get("deadline", 10)))
+            app_state = self._snapshot() if self._snapshot is not None else None
+            if inspect.isawaitable(app_state):
+                app_state = await app_state
             state = {
-                "app": self._snapshot() if self._snapshot is not None else None,
+                "app": app_state,
                 "conns": [(c.listener, c.sock, c.meta, bytes(c.buffer)) for c in conns],
             }
             snap = handoff.dump(state, app_version=self.state_version)
+        except asyncio.CancelledError:
+            log.warning("event=quiesce.cancelled reason='resumed before the snapshot was taken'")
+            raise
         except Exception as e:
             log.exception("event=quiesce.failed")
             self._reply(msg, {"ok": False, "error": f"{type(e).__name__}: {e}"})
             return
+        finally:
+            self._quiesce_task = None
         try:
             self._reply(msg, {"ok": True, "envelope": snap.envelope.to_dict(), "t_stop": t_stop,
                               "conns": len(conns)}, snap.send_fds)
@@ -291,6 +302,11 @@ class Worker:
 
     async def _handle_resume(self, msg: Message) -> None:
         msg.close_fds()
+        task = self._quiesce_task
+        if task is not None and not task.done():
+            task.cancel()  # a snapshot still in progress (e.g. an async hook that hangs)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         hub = self._require_hub()
         hub.resume()
         hub.start_accepting()

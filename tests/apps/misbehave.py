@@ -10,6 +10,12 @@ start, so a test writes it and then asks for a swap:
                                      "<path>-<slot>" (one FIFO per worker slot)
     {"crash_after_ready": true}      call ready(), then exit 1 (crash loop material)
     {"version": "v2"}                text served at GET /
+  stateful behaviour (POST /incr, GET /count keep a counter handed over by swaps):
+    {"state_version": 3}             the state version this code declares (default 1)
+    {"restore_raises": true}         restore() raises
+    {"restore_gate": "/path/fifo"}   restore() prints "restoring" and blocks on the FIFO
+    {"snapshot_sleep": 3.0}          snapshot() blocks the event loop this long
+    {"snapshot_hang": true}          snapshot() awaits forever (async)
 
 HTTP: GET / -> "<version> <pid>", GET /hang -> never answers (holds a busy
 connection, to test drain deadlines), GET /slow -> prints "slow request in
@@ -22,6 +28,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
 
@@ -40,6 +47,7 @@ if BEHAVIOR.get("import_error"):
 
 VERSION = BEHAVIOR.get("version", "v1")
 DRAINING = asyncio.Event()
+COUNT = 0
 
 
 async def app(request: Request) -> Response:
@@ -50,13 +58,42 @@ async def app(request: Request) -> Response:
         print("slow request in flight", flush=True)
         await DRAINING.wait()
         return Response(200, b"slow done")
+    if request.target == "/incr" and request.method == "POST":
+        global COUNT
+        COUNT += 1
+        return Response(200, str(COUNT).encode())
+    if request.target == "/count":
+        return Response(200, str(COUNT).encode())
     if request.target == "/listeners":
         return Response(200, " ".join(sorted(worker.current().listeners)).encode())
     return Response(200, f"{VERSION} {os.getpid()}".encode())
 
 
+async def snapshot() -> dict[str, int]:
+    if BEHAVIOR.get("snapshot_sleep"):
+        print("snapshot blocking the loop, as told", flush=True)
+        time.sleep(BEHAVIOR["snapshot_sleep"])
+    if BEHAVIOR.get("snapshot_hang"):
+        print("snapshot hanging, as told", flush=True)
+        await asyncio.Event().wait()
+    return {"count": COUNT}
+
+
+def restore(state: dict[str, int], from_version: int) -> None:
+    global COUNT
+    if BEHAVIOR.get("restore_raises"):
+        raise ValueError("simulated restore failure")
+    if BEHAVIOR.get("restore_gate"):
+        print("restoring", flush=True)
+        _wait_gate(BEHAVIOR["restore_gate"])
+    COUNT = state["count"]
+
+
 async def main(w: worker.Worker) -> None:
     w.on_drain(DRAINING.set)
+    w.state_version = BEHAVIOR.get("state_version", 1)
+    w.on_snapshot(snapshot)
+    w.on_restore(restore)
     for name in w.listeners:
         await w.serve(name, lambda conn: serve_http(conn, app))
     if "exit_before_ready" in BEHAVIOR:

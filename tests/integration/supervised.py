@@ -183,6 +183,11 @@ class Supervised:
         return subprocess.run([*SWAPD, *argv, "--control", self.control], capture_output=True,
                               text=True, timeout=timeout, env=self.env, cwd=str(ROOT))
 
+    def cli_background(self, *argv: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([*SWAPD, *argv, "--control", self.control], env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=str(ROOT))
+
     def upgrade(self) -> dict[str, Any]:
         res = self.result("upgrade")
         self.status()
