@@ -13,7 +13,6 @@ import pytest
 from tests.integration.supervised import (
     MISBEHAVE,
     Supervised,
-    supervised,
     wait_pid_gone,
     write_behavior,
 )
@@ -111,7 +110,7 @@ def test_new_worker_killed_mid_restore(tmp_path: Path, behavior: Path) -> None:
         proc = s.cli_background("upgrade")
         m = s.wait_log(r"gen=2 worker=0 pid=(\d+)\| restoring", start=mark)
         os.kill(int(m.group(1)), signal.SIGKILL)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
         assert proc.returncode == 1
         assert "killed by SIGKILL during restore" in err
         assert s.active_pids() == old
