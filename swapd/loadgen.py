@@ -1,0 +1,1562 @@
+r"""Bounded closed-loop load generator: the instrument that measures a swap.
+
+It reproduces the method of reference/peers.md §10 so that swapd's figures sit next to the
+peers': N closed-loop clients (each sends its next request only when the previous one has
+finished), one of two connection modes, every attempt timed and classified, and swap windows
+in which failures, the longest no-success gap, p99 and throughput are reported.
+
+    mode       close      a new connection per request (HTTP sends ``Connection: close``)
+               keepalive  one connection per client, reused until the server ends it
+    outcome    ok | refused | reset | eof | timeout | bad-response | other
+    window     [begin - 1 s, end + 1 s], clipped to the run (one per swap: "swap 3")
+    gap        longest interval in which no client completed a successful response
+
+Percentiles of closed-loop clients hide outages (coordinated omission: a stalled client stops
+sending), which is why failures per window and the no-success gap are the headline figures.
+
+Client side of the wire formats:
+
+    HTTP/1.1 request                         HTTP/1.1 response (parsed strictly)
+    GET /path HTTP/1.1\r\n                   HTTP/1.1 200 OK\r\n
+    Host: 127.0.0.1:8000\r\n                 Content-Length: 2\r\n     or chunked, or neither:
+    User-Agent: swapd-loadgen\r\n                                     body until EOF, not reusable
+    Connection: keep-alive | close\r\n       [Connection: close\r\n]   ends a keep-alive conn.
+    [Content-Length: 0\r\n]       (POST)     \r\n
+    \r\n                                     42                         int body for counters
+
+    line protocol    client "INCR\n"  ->  server "42\n"   (the counter's new value)
+                     client "GET\n"   ->  server "42\n"   (the value, unchanged)
+
+Keep-alive rules. A connection is reused until the server sends ``Connection: close``, frames
+its body by EOF, or closes it while it is idle; each of those is a reconnect, not an error. A
+request sent on a reused connection that then gets EOF or a reset is a failure (``eof`` or
+``reset`` with ``reused=True``) and is never retried: that is the stale keep-alive race the
+peers lose requests to, and a POST must not be silently replayed. Before reusing a connection
+the client polls it, as urllib3 does, so a close that already arrived is not counted; a close
+still in flight when the request leaves is indistinguishable from the race and counts as one.
+
+Use ``LoadGenerator`` inside an event loop, ``BackgroundLoad`` from synchronous code (pytest),
+``fetch`` to read one value (e.g. the final count), or the CLI:
+
+    python -m swapd.loadgen --connect 127.0.0.1:8000 --kind http-get --mode keepalive \
+        --clients 32 --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import enum
+import errno
+import heapq
+import ipaddress
+import json
+import math
+import os
+import re
+import select
+import signal
+import sys
+import threading
+import time
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any, Literal, NamedTuple
+
+# ~30 bytes per attempt in the log, so the default cap keeps a run under ~60 MB.
+DEFAULT_MAX_REQUESTS = 2_000_000
+_HEAD_LIMIT = 64 * 1024  # response head (and line reply) size limit
+_MAX_BODY = 4 * 1024 * 1024
+_MAX_HEADERS = 100
+_MAX_DETAILS = 32  # distinct failure texts kept; the rest are counted together
+_STOP_GRACE = 2.0  # beyond the per-request timeout, for clients to notice a stop
+_THREAD_GRACE = 3.0  # beyond the generator's own bound, for the loop to shut down
+_START_TIMEOUT = 10.0
+_NO_VALUE = -(2**63)  # "no value" in the int64 value column
+_MAX_BYTEMAP = 1 << 24  # largest value range checked for duplicates with a byte map
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class LoadError(Exception):
+    """Base class of the errors this module raises."""
+
+
+class LoadConfigError(LoadError, ValueError):
+    """An invalid target, request or option."""
+
+
+class ResponseError(LoadError):
+    """The reply breaks the protocol or the request's expectation (outcome ``bad-response``)."""
+
+
+class ConnectionClosed(LoadError):
+    """The server closed the connection before a complete response (outcome ``eof``)."""
+
+
+class Outcome(enum.StrEnum):
+    OK = "ok"
+    REFUSED = "refused"
+    RESET = "reset"
+    EOF = "eof"
+    TIMEOUT = "timeout"
+    BAD_RESPONSE = "bad-response"
+    OTHER = "other"
+
+
+_OUTCOMES = tuple(Outcome)  # position = the code stored in the log
+_CODE = {outcome: code for code, outcome in enumerate(_OUTCOMES)}
+_OK = _CODE[Outcome.OK]
+
+
+class RequestFailed(LoadError):
+    """A one-shot request (``fetch``) did not succeed."""
+
+    def __init__(self, outcome: Outcome, detail: str | None) -> None:
+        super().__init__(f"{outcome}: {detail}" if detail else str(outcome))
+        self.outcome = outcome
+        self.detail = detail
+
+
+_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+
+
+def classify(exc: BaseException) -> tuple[Outcome, str | None]:
+    """Map an attempt's exception to its outcome and a diagnostic text (None if obvious)."""
+    # TimeoutError is an OSError: test it first (asyncio.timeout and kernel ETIMEDOUT alike).
+    if isinstance(exc, TimeoutError):
+        return Outcome.TIMEOUT, None
+    if isinstance(exc, ConnectionClosed):
+        return Outcome.EOF, str(exc)
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return Outcome.EOF, "closed mid-response"
+    if isinstance(exc, ResponseError):
+        return Outcome.BAD_RESPONSE, str(exc)
+    if isinstance(exc, asyncio.LimitOverrunError):
+        return Outcome.BAD_RESPONSE, "line longer than the limit"
+    if isinstance(exc, OSError):
+        if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
+            return Outcome.REFUSED, None
+        if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+            return Outcome.RESET, errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+        if exc.errno in _RESET_ERRNOS:
+            return Outcome.RESET, errno.errorcode[exc.errno]
+    return Outcome.OTHER, f"{type(exc).__name__}: {exc}"
+
+
+# --- targets and requests -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the load goes: a TCP address given as an IP literal, or a Unix socket path."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @classmethod
+    def of(cls, target: Target) -> Endpoint:
+        if isinstance(target, Endpoint):
+            return target
+        if isinstance(target, tuple):
+            host, port = target
+            return cls.tcp(host, port)
+        path = os.fspath(target)
+        if "/" not in path:
+            # "127.0.0.1:8000" passed as a string would otherwise be tried as a file name.
+            raise LoadConfigError(
+                f"{path!r}: a Unix socket path must contain '/'; for TCP pass (host, port) "
+                "or use parse_target()"
+            )
+        return cls(path=path)
+
+    @classmethod
+    def tcp(cls, host: str, port: int) -> Endpoint:
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            ipaddress.ip_address(host)
+        except ValueError as exc:
+            # A name would be resolved on every connect, and "localhost" may mean v4 or v6.
+            raise LoadConfigError(f"{host!r} is not an IP literal (use 127.0.0.1 or ::1)") from exc
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise LoadConfigError(f"invalid TCP port {port!r}")
+        return cls(host=host, port=port)
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.path)
+
+    @property
+    def host_header(self) -> str:
+        if self.is_unix:
+            return "localhost"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.is_unix else self.host_header
+
+    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.is_unix:
+            return await asyncio.open_unix_connection(self.path, limit=_HEAD_LIMIT)
+        return await asyncio.open_connection(self.host, self.port, limit=_HEAD_LIMIT)
+
+
+Target = tuple[str, int] | str | os.PathLike[str] | Endpoint
+
+_V6_RE = re.compile(r"\[([0-9A-Fa-f:.%\w]+)\]:([0-9]{1,5})")
+_V4_RE = re.compile(r"([^:\[\]]+):([0-9]{1,5})")
+
+
+def parse_target(text: str) -> Endpoint:
+    """Parse ``127.0.0.1:8000``, ``[::1]:8000``, ``unix:/run/app.sock`` or ``/run/app.sock``."""
+    if text.startswith("unix:"):
+        return Endpoint.of(text.removeprefix("unix:"))
+    if text.startswith(("/", "./")):
+        return Endpoint.of(text)
+    match = _V6_RE.fullmatch(text) or _V4_RE.fullmatch(text)
+    if match is None:
+        raise LoadConfigError(f"{text!r}: expected HOST:PORT, [V6]:PORT, unix:PATH or /PATH")
+    return Endpoint.tcp(match.group(1), int(match.group(2)))
+
+
+class Mode(enum.StrEnum):
+    CLOSE = "close"
+    KEEPALIVE = "keepalive"
+
+
+_PATH_RE = re.compile(r"/[\x21-\x7e]*")
+_COMMAND_RE = re.compile(r"[\x20-\x7e]+")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One kind of request. Build it with http_get, http_post, http_get_int or line."""
+
+    protocol: Literal["http", "line"]
+    method: str = ""  # HTTP only
+    path: str = ""  # HTTP only
+    command: str = ""  # line protocol only
+    expects_int: bool = False  # the reply carries an integer, recorded as the attempt's value
+    counts: bool = False  # each ok reply acknowledges one increment
+
+    def __post_init__(self) -> None:
+        if self.protocol == "http":
+            if self.method not in ("GET", "POST") or not _PATH_RE.fullmatch(self.path):
+                raise LoadConfigError(f"invalid HTTP request {self.method!r} {self.path!r}")
+        elif self.protocol == "line":
+            if not _COMMAND_RE.fullmatch(self.command):
+                raise LoadConfigError(f"invalid line command {self.command!r}")
+        else:
+            raise LoadConfigError(f"unknown protocol {self.protocol!r}")
+
+    def describe(self) -> str:
+        return f"line {self.command}" if self.protocol == "line" else f"{self.method} {self.path}"
+
+    def encode(self, endpoint: Endpoint, mode: Mode) -> bytes:
+        if self.protocol == "line":
+            return f"{self.command}\n".encode("ascii")
+        lines = [
+            f"{self.method} {self.path} HTTP/1.1",
+            f"Host: {endpoint.host_header}",
+            "User-Agent: swapd-loadgen",
+            f"Connection: {'close' if mode is Mode.CLOSE else 'keep-alive'}",
+        ]
+        if self.method == "POST":
+            lines.append("Content-Length: 0")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+def http_get(path: str = "/") -> Request:
+    """GET; ok iff status 200 (the body is read and ignored)."""
+    return Request("http", method="GET", path=path)
+
+
+def http_post(path: str = "/incr") -> Request:
+    """POST with an empty body; ok iff 200 and the body is an integer: the counter's new value."""
+    return Request("http", method="POST", path=path, expects_int=True, counts=True)
+
+
+def http_get_int(path: str = "/count") -> Request:
+    """GET whose body is an integer (a read of state, e.g. the final count)."""
+    return Request("http", method="GET", path=path, expects_int=True)
+
+
+def line(command: str = "INCR") -> Request:
+    """Line protocol: send ``COMMAND\\n``, read one line holding an integer. INCR counts."""
+    return Request("line", command=command, expects_int=True, counts=command == "INCR")
+
+
+# --- the wire -----------------------------------------------------------------------------
+
+
+class HttpResponse(NamedTuple):
+    status: int
+    body: bytes
+    reusable: bool  # the connection may carry another request
+
+
+_STATUS_RE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9]{2})(?: [\x09\x20-\x7e\x80-\xff]*)?")
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE_RE = re.compile(rb"[\x09\x20-\x7e\x80-\xff]*")
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,8}")
+_INT_RE = re.compile(rb"[ \t\r\n]*(-?[0-9]{1,19})[ \t\r\n]*")
+
+
+async def _read_until(reader: asyncio.StreamReader, separator: bytes, first: bool) -> bytes:
+    try:
+        return await reader.readuntil(separator)
+    except asyncio.IncompleteReadError as exc:
+        where = "before any response byte" if first and not exc.partial else "mid-response"
+        raise ConnectionClosed(f"closed {where}") from exc
+    except asyncio.LimitOverrunError as exc:
+        raise ResponseError(f"no {separator!r} within {_HEAD_LIMIT} bytes") from exc
+
+
+async def _read_exactly(reader: asyncio.StreamReader, size: int) -> bytes:
+    try:
+        return await reader.readexactly(size)
+    except asyncio.IncompleteReadError as exc:
+        raise ConnectionClosed("closed mid-response") from exc
+
+
+def parse_int(data: bytes) -> int:
+    match = _INT_RE.fullmatch(data)
+    value = int(match.group(1)) if match else None
+    if value is None or not _NO_VALUE < value < 2**63:
+        raise ResponseError(f"not an integer: {data[:40]!r}")
+    return value
+
+
+def _parse_head(head: bytes) -> tuple[int, int, dict[bytes, list[bytes]]]:
+    """(status, minor version, lower-cased field name -> values) from a head ending in CRLFCRLF."""
+    status_line, *field_lines = head[:-4].split(b"\r\n")
+    match = _STATUS_RE.fullmatch(status_line)
+    if match is None:
+        raise ResponseError(f"bad status line {status_line[:60]!r}")
+    if len(field_lines) > _MAX_HEADERS:
+        raise ResponseError(f"more than {_MAX_HEADERS} header fields")
+    fields: dict[bytes, list[bytes]] = {}
+    for field_line in field_lines:
+        name, colon, value = field_line.partition(b":")
+        # Whitespace before the colon and obs-fold are rejected, as RFC 9112 asks of clients.
+        value = value.strip(b" \t")
+        if not colon or not _TOKEN_RE.fullmatch(name) or not _FIELD_VALUE_RE.fullmatch(value):
+            raise ResponseError(f"bad header field {field_line[:60]!r}")
+        fields.setdefault(name.lower(), []).append(value)
+    return int(match.group(2)), int(match.group(1)), fields
+
+
+def _tokens(fields: dict[bytes, list[bytes]], name: bytes) -> list[bytes]:
+    return [t.strip().lower() for v in fields.get(name, []) for t in v.split(b",") if t.strip()]
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        size_line = (await _read_until(reader, b"\r\n", first=False))[:-2]
+        size_text = size_line.split(b";", 1)[0].strip(b" \t")
+        if not _CHUNK_SIZE_RE.fullmatch(size_text):
+            raise ResponseError(f"bad chunk size line {size_line[:40]!r}")
+        size = int(size_text, 16)
+        if size == 0:
+            break
+        total += size
+        if total > _MAX_BODY:
+            raise ResponseError(f"body larger than {_MAX_BODY} bytes")
+        parts.append(await _read_exactly(reader, size))
+        if await _read_exactly(reader, 2) != b"\r\n":
+            raise ResponseError("chunk not followed by CRLF")
+    for _ in range(_MAX_HEADERS + 1):  # trailer fields, ignored
+        if await _read_until(reader, b"\r\n", first=False) == b"\r\n":
+            return b"".join(parts)
+    raise ResponseError(f"more than {_MAX_HEADERS} trailer fields")
+
+
+async def _read_to_eof(reader: asyncio.StreamReader) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while chunk := await reader.read(65536):
+        total += len(chunk)
+        if total > _MAX_BODY:
+            raise ResponseError(f"body larger than {_MAX_BODY} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def read_http_response(reader: asyncio.StreamReader) -> HttpResponse:
+    """Read one HTTP/1.x response (interim 1xx responses skipped) and decide on reuse."""
+    first = True
+    while True:
+        head = await _read_until(reader, b"\r\n\r\n", first)
+        first = False
+        status, minor, fields = _parse_head(head)
+        if status == 101:
+            raise ResponseError("unexpected 101 Switching Protocols")
+        if status >= 200:
+            break
+    connection = _tokens(fields, b"connection")
+    reusable = b"keep-alive" in connection if minor == 0 else b"close" not in connection
+    coding = _tokens(fields, b"transfer-encoding")
+    lengths = {v.strip() for v in fields.get(b"content-length", [])}
+    if coding and lengths:
+        raise ResponseError("both Transfer-Encoding and Content-Length")
+    if status in (204, 304):
+        body = b""
+    elif coding:
+        if coding[-1] != b"chunked":
+            raise ResponseError(f"unsupported Transfer-Encoding {b', '.join(coding)!r}")
+        body = await _read_chunked(reader)
+    elif lengths:
+        text = lengths.pop()
+        if lengths or not text.isdigit() or int(text) > _MAX_BODY:
+            raise ResponseError(f"bad Content-Length {sorted({text, *lengths})!r}")
+        body = await _read_exactly(reader, int(text))
+    else:
+        body = await _read_to_eof(reader)  # framed by the close: the connection is spent
+        reusable = False
+    return HttpResponse(status, body, reusable)
+
+
+async def read_line_reply(reader: asyncio.StreamReader) -> int:
+    """Read one ``<integer>\\n`` reply of the line protocol."""
+    return parse_int(await _read_until(reader, b"\n", first=True))
+
+
+class _Connection:
+    __slots__ = ("reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    def closed_while_idle(self) -> bool:
+        """True if the server ended (or wrote to) this connection since the last reply."""
+        if self.reader.at_eof() or self.reader.exception() is not None:
+            return True
+        if self.writer.transport.is_closing():
+            return True
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return True
+        # Readable while idle means EOF, a reset, or unsolicited bytes (a 408 before a close):
+        # none of them leaves a usable connection. The kernel knows before the event loop does.
+        poller = select.poll()
+        poller.register(sock.fileno(), _IDLE_POLL)
+        return bool(poller.poll(0))
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+
+_IDLE_POLL = select.POLLIN | select.POLLPRI | int(getattr(select, "POLLRDHUP", 0))
+
+
+async def _exchange(conn: _Connection, request: Request, payload: bytes) -> tuple[int | None, bool]:
+    """Send one request and read its reply: (value, connection reusable)."""
+    conn.writer.write(payload)
+    if request.protocol == "line":
+        return await read_line_reply(conn.reader), True
+    response = await read_http_response(conn.reader)
+    if response.status != 200:
+        raise ResponseError(f"status {response.status}")
+    return (parse_int(response.body) if request.expects_int else None), response.reusable
+
+
+# --- records ------------------------------------------------------------------------------
+
+
+class Attempt(NamedTuple):
+    client: int
+    t_start: float  # time.monotonic()
+    t_end: float
+    outcome: Outcome
+    reused: bool  # sent on a connection that had already carried a request
+    value: int | None
+
+    @property
+    def latency(self) -> float:
+        return self.t_end - self.t_start
+
+
+class AttemptLog:
+    """Every attempt, column by column in typed arrays (~30 bytes each)."""
+
+    def __init__(self) -> None:
+        self.client = array("I")
+        self.t_start = array("d")
+        self.t_end = array("d")
+        self.outcome = array("B")
+        self.reused = array("B")
+        self.value = array("q")
+
+    @classmethod
+    def from_attempts(cls, attempts: Iterable[Attempt]) -> AttemptLog:
+        log = cls()
+        for a in attempts:
+            log.append(a.client, a.t_start, a.t_end, Outcome(a.outcome), a.reused, a.value)
+        return log
+
+    def append(
+        self,
+        client: int,
+        t_start: float,
+        t_end: float,
+        outcome: Outcome,
+        reused: bool,
+        value: int | None,
+    ) -> None:
+        self.client.append(client)
+        self.t_start.append(t_start)
+        self.t_end.append(t_end)
+        self.outcome.append(_CODE[outcome])
+        self.reused.append(reused)
+        self.value.append(_NO_VALUE if value is None else value)
+
+    def __len__(self) -> int:
+        return len(self.outcome)
+
+    def __getitem__(self, i: int) -> Attempt:
+        value = self.value[i]
+        return Attempt(
+            self.client[i],
+            self.t_start[i],
+            self.t_end[i],
+            _OUTCOMES[self.outcome[i]],
+            bool(self.reused[i]),
+            None if value == _NO_VALUE else value,
+        )
+
+    def __iter__(self) -> Iterator[Attempt]:
+        return (self[i] for i in range(len(self)))
+
+
+@dataclass(frozen=True)
+class Window:
+    label: str
+    begin: float
+    end: float | None  # None: still open
+
+
+class Timeline:
+    """Labelled instants and intervals (swaps) on the monotonic clock; safe from any thread."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._marks: list[tuple[str, float]] = []
+        self._windows: dict[str, Window] = {}
+
+    def mark(self, label: str, at: float | None = None) -> float:
+        at = self._clock() if at is None else at
+        with self._lock:
+            self._marks.append((label, at))
+        return at
+
+    def begin(self, label: str, at: float | None = None) -> float:
+        at = self._clock() if at is None else at
+        with self._lock:
+            if label in self._windows:
+                raise LoadError(f"window {label!r} already exists")
+            self._windows[label] = Window(label, at, None)
+        return at
+
+    def end(self, label: str, at: float | None = None) -> float:
+        at = self._clock() if at is None else at
+        with self._lock:
+            window = self._windows.get(label)
+            if window is None or window.end is not None:
+                raise LoadError(f"window {label!r} is not open")
+            if at < window.begin:
+                raise LoadError(f"window {label!r} would end before it began")
+            self._windows[label] = Window(label, window.begin, at)
+        return at
+
+    @contextlib.contextmanager
+    def window(self, label: str) -> Iterator[None]:
+        self.begin(label)
+        try:
+            yield
+        finally:
+            self.end(label)
+
+    def marks(self) -> list[tuple[str, float]]:
+        with self._lock:
+            return list(self._marks)
+
+    def windows(self) -> list[Window]:
+        with self._lock:
+            return list(self._windows.values())
+
+
+# --- analysis (pure) ----------------------------------------------------------------------
+
+
+class Gap(NamedTuple):
+    length: float
+    start: float
+    end: float
+
+
+def longest_gap(ok_times: Iterable[float], start: float, end: float) -> Gap:
+    """Longest interval of [start, end] containing no successful completion.
+
+    The edges count as boundaries: a span with no success at all is one gap of its full length.
+    Ties go to the earliest gap.
+    """
+    if end <= start:
+        return Gap(0.0, start, start)
+    best = Gap(0.0, start, start)
+    previous = start
+    for t in sorted(t for t in ok_times if start <= t <= end):
+        if t - previous > best.length:
+            best = Gap(t - previous, previous, t)
+        previous = t
+    if end - previous > best.length:
+        best = Gap(end - previous, previous, end)
+    return best
+
+
+def window_span(
+    begin: float, end: float, run_start: float, run_end: float, margin: float = 1.0
+) -> tuple[float, float]:
+    """The measured interval of a window: [begin - margin, end + margin] clipped to the run."""
+    lo = min(max(run_start, begin - margin), run_end)
+    hi = max(min(run_end, end + margin), lo)
+    return lo, hi
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of already sorted values; None when empty."""
+    if not sorted_values:
+        return None
+    rank = math.ceil(q / 100 * len(sorted_values))
+    return sorted_values[min(len(sorted_values), max(rank, 1)) - 1]
+
+
+def _merge(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for lo, hi in sorted(spans):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def _count_duplicates(values: array[int]) -> int:
+    if not values:
+        return 0
+    lo = min(values)
+    span = max(values) - lo + 1
+    if span > _MAX_BYTEMAP:
+        return len(values) - len(set(values))
+    seen = bytearray(span)
+    duplicates = 0
+    for v in values:
+        if seen[v - lo]:
+            duplicates += 1
+        else:
+            seen[v - lo] = 1
+    return duplicates
+
+
+def _rate(count: int, seconds: float) -> float | None:
+    return count / seconds if seconds > 0 else None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What summarise() needs to know about a run besides its attempts."""
+
+    started_at: float  # time.monotonic() when the clients were started
+    stopped_at: float  # when new requests stopped being issued
+    stop_reason: str  # duration | max_requests | stopped | running
+    target: str = ""
+    request: str = ""
+    counts: bool = False
+    mode: str = ""
+    clients: int = 0
+    window_margin: float = 1.0
+    connections_opened: int = 0
+    server_ended: int = 0  # by Connection: close or an EOF-framed body
+    closed_while_idle: int = 0  # found closed by the poll before reuse
+    details: tuple[tuple[str, str, int], ...] = ()  # (outcome, text, count)
+
+
+@dataclass(frozen=True)
+class WindowReport:
+    """One window. Times are seconds since the run started; attempts are placed by t_end."""
+
+    label: str
+    begin: float
+    end: float
+    ended: bool  # False: still open when the run stopped, so end = the run's end
+    span_start: float  # [begin - margin, end + margin] clipped to the run
+    span_end: float
+    attempts: int
+    ok: int
+    failed: int
+    failures: dict[str, int]
+    failed_on_reused: int
+    longest_gap: float
+    latency_p99: float | None
+    ok_per_s: float | None
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """The figures of one run. Durations and latencies in seconds, times relative to the start."""
+
+    target: str
+    request: str
+    mode: str
+    clients: int
+    started_at: float  # time.monotonic()
+    stopped_at: float
+    duration: float
+    stop_reason: str
+    attempts: int
+    ok: int
+    failed: int
+    failures: dict[str, int]
+    failed_on_reused: int
+    failures_on_reused: dict[str, int]
+    requests_per_s: float | None
+    ok_per_s: float | None
+    latency_p50: float | None
+    latency_p99: float | None
+    latency_max: float | None
+    longest_gap: float
+    longest_gap_at: float
+    window_margin: float
+    windows: tuple[WindowReport, ...]
+    failed_in_windows: int
+    ok_per_s_outside: float | None
+    latency_p99_outside: float | None
+    inside_outside_ratio: float | None  # ok/s inside windows / ok/s outside
+    marks: tuple[tuple[str, float], ...]
+    connections_opened: int
+    server_ended: int
+    closed_while_idle: int
+    acknowledged: int | None  # counting requests only
+    max_acknowledged: int | None
+    duplicate_values: int | None  # the same value acknowledged twice: state went back
+    value_regressions: int | None  # a client saw a value not above its previous one
+    details: tuple[tuple[str, str, int], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        lines = [
+            f"load      {self.request} -> {self.target}, {self.mode}, {self.clients} clients",
+            f"run       {self.duration:.3f} s, ended by {self.stop_reason}",
+            f"requests  {self.attempts:,} ({_fmt_rate(self.requests_per_s)})   "
+            f"ok {self.ok:,} ({_fmt_rate(self.ok_per_s)})   failed {self.failed:,}"
+            + (f" [{_fmt_counts(self.failures)}]" if self.failed else ""),
+            f"reused    {self.failed_on_reused:,} failures on reused connections"
+            + (f" [{_fmt_counts(self.failures_on_reused)}]" if self.failed_on_reused else ""),
+            f"latency   ok p50 {_ms(self.latency_p50)}  p99 {_ms(self.latency_p99)}  "
+            f"max {_ms(self.latency_max)}",
+            f"gap       longest without a success {_ms(self.longest_gap)} "
+            f"at +{self.longest_gap_at:.3f} s",
+            f"conns     opened {self.connections_opened:,}, ended by server "
+            f"{self.server_ended:,}, found closed before reuse {self.closed_while_idle:,}",
+        ]
+        if self.acknowledged is not None:
+            lines.append(
+                f"counter   acknowledged {self.acknowledged:,}, max value "
+                f"{self.max_acknowledged}, duplicate values {self.duplicate_values}, "
+                f"per-client regressions {self.value_regressions}"
+            )
+        if self.windows:
+            lines.append(
+                f"windows   edges +-{self.window_margin:g} s, clipped to the run; "
+                f"{self.failed_in_windows:,} failures inside"
+            )
+            lines.append(
+                f"  {'label':<16} {'begin s':>8} {'end s':>8} {'ok':>8} {'failed':>7} "
+                f"{'gap':>10} {'p99':>10} {'ok/s':>10}  failures"
+            )
+            for w in self.windows:
+                end = f"{w.end:8.3f}" if w.ended else "    open"
+                lines.append(
+                    f"  {w.label[:16]:<16} {w.begin:8.3f} {end} {w.ok:8,} {w.failed:7,} "
+                    f"{_ms(w.longest_gap):>10} {_ms(w.latency_p99):>10} "
+                    f"{_fmt_number(w.ok_per_s):>10}  {_fmt_counts(w.failures) or '-'}"
+                )
+            ratio = "-" if self.inside_outside_ratio is None else f"{self.inside_outside_ratio:.2f}"
+            lines.append(
+                f"  outside: ok/s {_fmt_number(self.ok_per_s_outside)}, "
+                f"p99 {_ms(self.latency_p99_outside)}; ok/s inside / outside {ratio}"
+            )
+        if self.marks:
+            lines.append("marks     " + ", ".join(f"{lbl} +{t:.3f} s" for lbl, t in self.marks))
+        for outcome, text, count in self.details:
+            lines.append(f"detail    {outcome} x{count:,}: {text}")
+        return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _fmt_number(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _fmt_rate(value: float | None) -> str:
+    return f"{_fmt_number(value)}/s"
+
+
+def _fmt_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in counts.items())
+
+
+def _ordered(counter: Counter[str]) -> dict[str, int]:
+    return {o.value: counter[o.value] for o in _OUTCOMES if counter[o.value]}
+
+
+def summarise(
+    log: AttemptLog,
+    run: RunInfo,
+    marks: Sequence[tuple[str, float]] = (),
+    windows: Sequence[Window] = (),
+) -> LoadReport:
+    """Compute a report from recorded attempts. Pure: the same input gives the same report.
+
+    Success and failure times are completion times (t_end). Gaps, windows and rates use the
+    measured interval [started_at, stopped_at]; attempts completing after the stop (in flight
+    when it came) count in the totals only. The overall gap includes the wait for the first
+    success (a service that never answers shows one gap as long as the run); window gaps are
+    the figures to compare across swaps.
+    """
+    start, stop = run.started_at, max(run.started_at, run.stopped_at)
+    t_end, t_start, codes = log.t_end, log.t_start, log.outcome
+    order: Iterable[int] = range(len(log))
+    if any(t_end[i] < t_end[i - 1] for i in range(1, len(log))):
+        order = sorted(order, key=t_end.__getitem__)  # synthetic logs; live ones are in order
+
+    ok_times, ok_latency = array("d"), array("d")
+    fail_times, fail_codes, fail_reused = array("d"), array("B"), array("B")
+    acknowledged = array("q")
+    regressions = 0
+    last_value: dict[int, int] = {}
+    for i in order:
+        if codes[i] == _OK:
+            ok_times.append(t_end[i])
+            ok_latency.append(t_end[i] - t_start[i])
+            value = log.value[i]
+            if run.counts and value != _NO_VALUE:
+                acknowledged.append(value)
+                client = log.client[i]
+                if client in last_value and value <= last_value[client]:
+                    regressions += 1
+                last_value[client] = value
+        else:
+            fail_times.append(t_end[i])
+            fail_codes.append(codes[i])
+            fail_reused.append(log.reused[i])
+
+    failures: Counter[str] = Counter(_OUTCOMES[c].value for c in fail_codes)
+    on_reused: Counter[str] = Counter(
+        _OUTCOMES[c].value for c, r in zip(fail_codes, fail_reused, strict=True) if r
+    )
+    latencies = sorted(ok_latency)
+    gap = longest_gap(ok_times, start, stop)
+
+    window_reports: list[WindowReport] = []
+    spans: list[tuple[float, float]] = []
+    for w in windows:
+        end = stop if w.end is None else w.end
+        lo, hi = window_span(w.begin, end, start, stop, run.window_margin)
+        spans.append((lo, hi))
+        ok_lo, ok_hi = bisect.bisect_left(ok_times, lo), bisect.bisect_right(ok_times, hi)
+        f_lo, f_hi = bisect.bisect_left(fail_times, lo), bisect.bisect_right(fail_times, hi)
+        in_failures: Counter[str] = Counter(_OUTCOMES[c].value for c in fail_codes[f_lo:f_hi])
+        window_reports.append(
+            WindowReport(
+                label=w.label,
+                begin=w.begin - start,
+                end=end - start,
+                ended=w.end is not None,
+                span_start=lo - start,
+                span_end=hi - start,
+                attempts=(ok_hi - ok_lo) + (f_hi - f_lo),
+                ok=ok_hi - ok_lo,
+                failed=f_hi - f_lo,
+                failures=_ordered(in_failures),
+                failed_on_reused=sum(fail_reused[f_lo:f_hi]),
+                longest_gap=longest_gap(ok_times[ok_lo:ok_hi], lo, hi).length,
+                latency_p99=percentile(sorted(ok_latency[ok_lo:ok_hi]), 99),
+                ok_per_s=_rate(ok_hi - ok_lo, hi - lo),
+            )
+        )
+
+    merged = _merge(spans)
+    inside_seconds = sum(hi - lo for lo, hi in merged)
+    outside_latency: list[float] = []
+    ok_inside = 0
+    k = 0
+    for t, latency in zip(ok_times, ok_latency, strict=True):
+        if not start <= t <= stop:
+            continue
+        while k < len(merged) and merged[k][1] < t:
+            k += 1
+        if k < len(merged) and merged[k][0] <= t:
+            ok_inside += 1
+        else:
+            outside_latency.append(latency)
+    inside_rate = _rate(ok_inside, inside_seconds)
+    outside_rate = _rate(len(outside_latency), (stop - start) - inside_seconds)
+    failed_inside = sum(w.failed for w in window_reports)  # overlapping windows count twice
+
+    return LoadReport(
+        target=run.target,
+        request=run.request,
+        mode=run.mode,
+        clients=run.clients,
+        started_at=start,
+        stopped_at=stop,
+        duration=stop - start,
+        stop_reason=run.stop_reason,
+        attempts=len(log),
+        ok=len(ok_times),
+        failed=len(fail_times),
+        failures=_ordered(failures),
+        failed_on_reused=sum(fail_reused),
+        failures_on_reused=_ordered(on_reused),
+        requests_per_s=_rate(len(log), stop - start),
+        ok_per_s=_rate(len(ok_times), stop - start),
+        latency_p50=percentile(latencies, 50),
+        latency_p99=percentile(latencies, 99),
+        latency_max=latencies[-1] if latencies else None,
+        longest_gap=gap.length,
+        longest_gap_at=gap.start - start,
+        window_margin=run.window_margin,
+        windows=tuple(window_reports),
+        failed_in_windows=failed_inside,
+        ok_per_s_outside=outside_rate,
+        latency_p99_outside=percentile(sorted(outside_latency), 99),
+        inside_outside_ratio=(
+            inside_rate / outside_rate if inside_rate is not None and outside_rate else None
+        ),
+        marks=tuple((label, t - start) for label, t in marks),
+        connections_opened=run.connections_opened,
+        server_ended=run.server_ended,
+        closed_while_idle=run.closed_while_idle,
+        acknowledged=len(acknowledged) if run.counts else None,
+        max_acknowledged=max(acknowledged) if run.counts and acknowledged else None,
+        duplicate_values=_count_duplicates(acknowledged) if run.counts else None,
+        value_regressions=regressions if run.counts else None,
+        details=run.details,
+    )
+
+
+# --- the generator ------------------------------------------------------------------------
+
+
+class Progress(NamedTuple):
+    elapsed: float
+    attempts: int
+    ok: int
+    failed: int
+    running: bool
+
+
+class LoadGenerator:
+    """Closed-loop clients against one endpoint, bounded by duration and max_requests.
+
+    Use it inside a running event loop::
+
+        gen = LoadGenerator(("127.0.0.1", port), http_post(), clients=32, duration=20)
+        gen.start()
+        await gen.wait_for_successes(100, timeout=5)
+        with gen.window("swap 1"):
+            await do_swap()
+        report = await gen.stop()
+
+    or ``report = await gen.run()`` to run until a bound, or ``async with gen: ...`` and then
+    ``gen.report()``. Every wait is bounded: after a stop, clients finish their request in
+    flight (at most ``timeout``) and exit; ``stop_bound`` is the most that can take.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        request: Request,
+        *,
+        clients: int = 16,
+        mode: Mode | str = Mode.KEEPALIVE,
+        duration: float = 30.0,
+        max_requests: int | None = DEFAULT_MAX_REQUESTS,
+        timeout: float = 2.0,
+        failure_pause: float = 0.010,
+        window_margin: float = 1.0,
+    ) -> None:
+        if not 1 <= clients <= 65535:
+            raise LoadConfigError(f"clients must be in 1..65535, not {clients}")
+        if not 0 < duration < math.inf:
+            raise LoadConfigError(f"duration must be positive and finite, not {duration}")
+        if max_requests is not None and max_requests < 1:
+            raise LoadConfigError(f"max_requests must be at least 1, not {max_requests}")
+        if not 0 < timeout < math.inf or not 0 <= failure_pause < math.inf:
+            raise LoadConfigError("timeout must be positive and failure_pause not negative")
+        if not 0 <= window_margin < math.inf:
+            raise LoadConfigError(f"window_margin must not be negative, not {window_margin}")
+        try:
+            self.mode = Mode(mode)
+        except ValueError as exc:
+            raise LoadConfigError(f"mode must be 'close' or 'keepalive', not {mode!r}") from exc
+        self.endpoint = Endpoint.of(target)
+        self.request = request
+        self.clients = clients
+        self.duration = duration
+        self.max_requests = max_requests
+        self.timeout = timeout
+        self.failure_pause = failure_pause
+        self.window_margin = window_margin
+        self.stop_bound = timeout + failure_pause + _STOP_GRACE
+        self.timeline = Timeline()
+        self.attempts = AttemptLog()
+
+        self._payload = request.encode(self.endpoint, self.mode)
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._stop_event = asyncio.Event()
+        self._stop_reason: str | None = None
+        self._started_at = 0.0
+        self._stopped_at = 0.0
+        self._deadline = 0.0
+        self._issued = 0
+        self._ok = 0
+        self._failed = 0
+        self._connections = 0
+        self._server_ended = 0
+        self._closed_while_idle = 0
+        self._details: Counter[tuple[str, str]] = Counter()
+        self._waiters: list[tuple[int, int, Callable[[bool], None]]] = []
+        self._waiter_seq = 0
+
+    # Timeline, usable from any thread.
+    def mark(self, label: str) -> float:
+        return self.timeline.mark(label)
+
+    def begin(self, label: str) -> float:
+        return self.timeline.begin(label)
+
+    def end(self, label: str) -> float:
+        return self.timeline.end(label)
+
+    def window(self, label: str) -> contextlib.AbstractContextManager[None]:
+        return self.timeline.window(label)
+
+    # Life cycle; all on the event loop's thread.
+    def start(self) -> None:
+        if self._task is not None:
+            raise LoadError("a LoadGenerator runs once")
+        loop = asyncio.get_running_loop()
+        self._started_at = time.monotonic()
+        self._deadline = self._started_at + self.duration
+        if self._stop_reason is not None:  # stopped before it started
+            self._stopped_at = self._started_at
+        self._timer = loop.call_later(self.duration, self._begin_stop, "duration", self._deadline)
+        self._task = loop.create_task(self._run(), name="swapd-loadgen")
+
+    def request_stop(self, at: float | None = None) -> None:
+        """Stop issuing requests (``at``: when the stop was decided, default now)."""
+        self._begin_stop("stopped", time.monotonic() if at is None else at)
+
+    async def wait(self) -> LoadReport:
+        """Wait until the run ends by itself (duration or max_requests) or is stopped."""
+        remaining = max(0.0, self._deadline - time.monotonic())
+        return await self._finish_within(remaining + self.stop_bound)
+
+    async def stop(self) -> LoadReport:
+        self.request_stop()
+        return await self._finish_within(self.stop_bound)
+
+    async def run(self) -> LoadReport:
+        self.start()
+        return await self.wait()
+
+    async def __aenter__(self) -> LoadGenerator:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self.stop()
+            return
+        try:
+            await self.stop()
+        except LoadError as err:
+            exc.add_note(f"the load generator failed too: {err!r}")
+
+    async def wait_for_successes(self, count: int, timeout: float) -> None:
+        """Wait until ``count`` more requests have succeeded (LoadError on timeout or end)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def done(reached: bool) -> None:
+            if not future.done():
+                future.set_result(reached)
+
+        self._add_success_waiter(count, done)
+        try:
+            async with asyncio.timeout(timeout):
+                reached = await future
+        except TimeoutError as exc:
+            raise LoadError(f"{count} successes did not come within {timeout} s") from exc
+        if not reached:
+            raise LoadError(f"the run ended before {count} more successes")
+
+    def progress(self) -> Progress:
+        running = self._task is not None and not self._task.done()
+        elapsed = time.monotonic() - self._started_at if self._task is not None else 0.0
+        return Progress(elapsed, self._ok + self._failed, self._ok, self._failed, running)
+
+    def report(self) -> LoadReport:
+        """The report so far (a running generator reports up to now, as ``running``).
+
+        It costs O(attempts) on the loop's thread: for a live display, poll progress().
+        """
+        if self._task is None:
+            raise LoadError("the load generator has not been started")
+        running = not self._task.done()
+        info = RunInfo(
+            started_at=self._started_at,
+            stopped_at=time.monotonic() if self._stop_reason is None else self._stopped_at,
+            stop_reason="running" if running else (self._stop_reason or "running"),
+            target=str(self.endpoint),
+            request=self.request.describe(),
+            counts=self.request.counts,
+            mode=self.mode.value,
+            clients=self.clients,
+            window_margin=self.window_margin,
+            connections_opened=self._connections,
+            server_ended=self._server_ended,
+            closed_while_idle=self._closed_while_idle,
+            details=tuple((o, text, n) for (o, text), n in self._details.most_common()),
+        )
+        return summarise(self.attempts, info, self.timeline.marks(), self.timeline.windows())
+
+    # Internals.
+    def _begin_stop(self, reason: str, at: float) -> None:
+        if self._stop_reason is None:
+            self._stop_reason = reason
+            self._stopped_at = max(at, self._started_at)
+            self._stop_event.set()
+
+    async def _finish_within(self, bound: float) -> LoadReport:
+        task = self._task
+        if task is None:
+            raise LoadError("the load generator has not been started")
+        done, _ = await asyncio.wait({task}, timeout=bound)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=_STOP_GRACE)
+            raise LoadError(f"the load clients did not finish within {bound:.1f} s")
+        if task.cancelled():
+            raise LoadError("the load generator was cancelled")
+        task.result()  # a crashed client's error
+        return self.report()
+
+    async def _run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                for cid in range(self.clients):
+                    group.create_task(self._client(cid), name=f"swapd-loadgen-{cid}")
+        except ExceptionGroup as errors:
+            self._begin_stop("error", time.monotonic())
+            raise LoadError(f"a load client crashed: {errors.exceptions[0]!r}") from errors
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            waiters, self._waiters = self._waiters, []
+            for _, _, callback in waiters:
+                callback(False)
+
+    def _next_start(self) -> float | None:
+        """The start time of this client's next request, or None when the run is over."""
+        if self._stop_reason is not None:
+            return None
+        now = time.monotonic()
+        if now >= self._deadline:  # the timer may not have fired yet
+            self._begin_stop("duration", self._deadline)
+            return None
+        self._issued += 1
+        if self._issued == self.max_requests:
+            self._begin_stop("max_requests", now)
+        return now
+
+    async def _client(self, cid: int) -> None:
+        conn: _Connection | None = None
+        try:
+            while (t0 := self._next_start()) is not None:
+                reused = conn is not None
+                if conn is not None and conn.closed_while_idle():
+                    self._closed_while_idle += 1
+                    conn.abort()
+                    conn, reused = None, False
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        if conn is None:
+                            conn = _Connection(*await self.endpoint.open())
+                            self._connections += 1
+                        value, reusable = await _exchange(conn, self.request, self._payload)
+                except Exception as exc:  # every failure is an outcome, recorded with its text
+                    outcome, detail = classify(exc)
+                    if outcome is Outcome.TIMEOUT:
+                        detail = "while connecting" if conn is None else "awaiting the reply"
+                    self._record(cid, t0, outcome, reused, None, detail)
+                    if conn is not None:
+                        conn.abort()
+                        conn = None
+                    await self._pause()
+                    continue
+                self._record(cid, t0, Outcome.OK, reused, value, None)
+                if not reusable and self.mode is Mode.KEEPALIVE:
+                    self._server_ended += 1
+                if not reusable or self.mode is Mode.CLOSE:
+                    conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                conn.close()
+
+    async def _pause(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.failure_pause):
+                await self._stop_event.wait()
+
+    def _record(
+        self,
+        cid: int,
+        t0: float,
+        outcome: Outcome,
+        reused: bool,
+        value: int | None,
+        detail: str | None,
+    ) -> None:
+        self.attempts.append(cid, t0, time.monotonic(), outcome, reused, value)
+        if outcome is not Outcome.OK:
+            self._failed += 1
+            if detail is not None:
+                key = (outcome.value, detail)
+                if key not in self._details and len(self._details) >= _MAX_DETAILS:
+                    key = (outcome.value, "(further distinct texts not kept)")
+                self._details[key] += 1
+            return
+        self._ok += 1
+        while self._waiters and self._waiters[0][0] <= self._ok:
+            heapq.heappop(self._waiters)[2](True)
+
+    def _add_success_waiter(self, count: int, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(True)`` after ``count`` more successes, (False) at the end."""
+        if self._task is not None and self._task.done():
+            callback(False)
+        elif count <= 0:
+            callback(True)
+        else:
+            self._waiter_seq += 1
+            heapq.heappush(self._waiters, (self._ok + count, self._waiter_seq, callback))
+
+
+def _loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop]:
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+            return factory
+    return asyncio.new_event_loop
+
+
+class BackgroundLoad:
+    """A LoadGenerator running in its own thread and event loop (uvloop when available).
+
+    For synchronous code such as pytest::
+
+        with BackgroundLoad(("127.0.0.1", port), http_post(), clients=16, duration=30) as load:
+            load.wait_for_successes(100, timeout=10)
+            with load.window("swap 1"):
+                do_swap()
+            report = load.stop()
+
+    ``stop()`` is bounded and re-raises (chained in a LoadError) any error of the load thread.
+    Once it has returned, ``generator.attempts`` holds every attempt for closer analysis.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        request: Request,
+        *,
+        clients: int = 16,
+        mode: Mode | str = Mode.KEEPALIVE,
+        duration: float = 30.0,
+        max_requests: int | None = DEFAULT_MAX_REQUESTS,
+        timeout: float = 2.0,
+        failure_pause: float = 0.010,
+        window_margin: float = 1.0,
+        use_uvloop: bool = True,
+    ) -> None:
+        self.generator = LoadGenerator(
+            target,
+            request,
+            clients=clients,
+            mode=mode,
+            duration=duration,
+            max_requests=max_requests,
+            timeout=timeout,
+            failure_pause=failure_pause,
+            window_margin=window_margin,
+        )
+        self._use_uvloop = use_uvloop
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set while the loop runs
+        self._started = threading.Event()
+        self._report: LoadReport | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> BackgroundLoad:
+        if self._thread is not None:
+            raise LoadError("a BackgroundLoad runs once")
+        self._thread = threading.Thread(target=self._thread_main, name="swapd-loadgen", daemon=True)
+        self._thread.start()
+        if not self._started.wait(_START_TIMEOUT):
+            raise LoadError(f"the load thread did not start within {_START_TIMEOUT} s")
+        if self.generator._task is None:  # the loop never came up; later errors go to stop()
+            raise LoadError(f"the load thread failed to start: {self._error!r}") from self._error
+        return self
+
+    def stop(self) -> LoadReport:
+        """Stop issuing requests, wait (bounded) for the clients, and return the report."""
+        at = time.monotonic()
+        self._call_in_loop(self.generator.request_stop, at)
+        return self._join(self.generator.stop_bound + _THREAD_GRACE)
+
+    def wait(self) -> LoadReport:
+        """Wait (bounded) for the run to end by duration or max_requests; return the report."""
+        remaining = max(0.0, self.generator._deadline - time.monotonic())
+        return self._join(remaining + self.generator.stop_bound + _THREAD_GRACE)
+
+    def wait_for_successes(self, count: int, timeout: float) -> None:
+        """Block until ``count`` more requests succeed (LoadError on timeout or end of run)."""
+        reached = threading.Event()
+        result: list[bool] = []
+
+        def done(ok: bool) -> None:
+            result.append(ok)
+            reached.set()
+
+        if not self._call_in_loop(self.generator._add_success_waiter, count, done):
+            raise LoadError("the load is not running")
+        if not reached.wait(timeout):
+            raise LoadError(f"{count} successes did not come within {timeout} s")
+        if not result[0]:
+            raise LoadError(f"the run ended before {count} more successes")
+
+    def progress(self) -> Progress:
+        return self.generator.progress()
+
+    def mark(self, label: str) -> float:
+        return self.generator.mark(label)
+
+    def begin(self, label: str) -> float:
+        return self.generator.begin(label)
+
+    def end(self, label: str) -> float:
+        return self.generator.end(label)
+
+    def window(self, label: str) -> contextlib.AbstractContextManager[None]:
+        return self.generator.window(label)
+
+    @property
+    def report(self) -> LoadReport | None:
+        """The final report, once stop() or wait() has returned it."""
+        return self._report
+
+    def __enter__(self) -> BackgroundLoad:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.stop()
+            return
+        try:
+            self.stop()
+        except LoadError as err:  # keep the body's exception primary, but say what else broke
+            exc.add_note(f"the load generator failed too: {err!r}")
+
+    def _thread_main(self) -> None:
+        try:
+            with asyncio.Runner(loop_factory=_loop_factory(self._use_uvloop)) as runner:
+                self._report = runner.run(self._main())
+        except BaseException as exc:  # handed to the caller's thread by stop() and wait()
+            self._error = exc
+        finally:
+            self._started.set()  # unblocks start() if the loop never came up
+
+    async def _main(self) -> LoadReport:
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+        try:
+            self.generator.start()
+            self._started.set()
+            return await self.generator.wait()
+        finally:
+            # Cleared while the loop still runs, so _call_in_loop never targets a closed loop.
+            with self._lock:
+                self._loop = None
+
+    def _call_in_loop(self, fn: Callable[..., None], *args: Any) -> bool:
+        with self._lock:
+            if self._loop is None:
+                return False
+            self._loop.call_soon_threadsafe(fn, *args)
+            return True
+
+    def _join(self, bound: float) -> LoadReport:
+        if self._thread is None:
+            raise LoadError("the load has not been started")
+        self._thread.join(bound)
+        if self._thread.is_alive():
+            raise LoadError(f"the load thread did not finish within {bound:.1f} s")
+        if self._error is not None:
+            raise LoadError(f"the load generator failed: {self._error!r}") from self._error
+        if self._report is None:
+            raise LoadError("the load thread ended without a report")
+        return self._report
+
+
+# --- one-shot requests --------------------------------------------------------------------
+
+
+async def fetch(target: Target, request: Request, *, timeout: float = 2.0) -> int | None:
+    """Send one request on a fresh connection; return its value. RequestFailed on failure."""
+    endpoint = Endpoint.of(target)
+    conn: _Connection | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            conn = _Connection(*await endpoint.open())
+            value, _ = await _exchange(conn, request, request.encode(endpoint, Mode.CLOSE))
+    except Exception as exc:
+        outcome, detail = classify(exc)
+        raise RequestFailed(outcome, detail) from exc
+    finally:
+        if conn is not None:
+            conn.close()
+    return value
+
+
+def fetch_sync(
+    target: Target, request: Request, *, timeout: float = 2.0, use_uvloop: bool = True
+) -> int | None:
+    """``fetch`` from synchronous code (not from a thread already running an event loop)."""
+    with asyncio.Runner(loop_factory=_loop_factory(use_uvloop)) as runner:
+        return runner.run(fetch(target, request, timeout=timeout))
+
+
+# --- command line -------------------------------------------------------------------------
+
+_KINDS: dict[str, Callable[[argparse.Namespace], Request]] = {
+    "http-get": lambda a: http_get(a.path or "/"),
+    "http-post": lambda a: http_post(a.path or "/incr"),
+    "http-get-int": lambda a: http_get_int(a.path or "/count"),
+    "line": lambda a: line(a.command),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m swapd.loadgen",
+        description="Closed-loop load against one endpoint; prints a report (peers.md §10).",
+    )
+    p.add_argument("--connect", required=True, help="HOST:PORT, [V6]:PORT, unix:PATH or /PATH")
+    p.add_argument("--kind", choices=sorted(_KINDS), default="http-get")
+    p.add_argument("--path", help="HTTP path (default: / for GET, /incr, /count)")
+    p.add_argument("--command", default="INCR", help="line-protocol command (default INCR)")
+    p.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.KEEPALIVE.value)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
+    p.add_argument("--max-requests", type=int, default=DEFAULT_MAX_REQUESTS)
+    p.add_argument("--timeout", type=float, default=2.0, help="per request, seconds")
+    p.add_argument("--failure-pause", type=float, default=0.010, help="seconds after a failure")
+    p.add_argument("--progress", action="store_true", help="a progress line per second")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-uvloop", action="store_true")
+    p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any request failed")
+    return p
+
+
+async def _cli_run(gen: LoadGenerator, show_progress: bool) -> LoadReport:
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C ends the run early but still prints the report of what was measured.
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, gen.request_stop)
+    gen.start()
+    if show_progress:
+        while gen.progress().running:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await gen._stop_event.wait()
+            p = gen.progress()
+            print(
+                f"+{p.elapsed:6.1f} s  attempts {p.attempts:,}  ok {p.ok:,}  failed {p.failed:,}",
+                file=sys.stderr,
+            )
+            if gen._stop_event.is_set():
+                break
+    return await gen.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        gen = LoadGenerator(
+            parse_target(args.connect),
+            _KINDS[args.kind](args),
+            clients=args.clients,
+            mode=args.mode,
+            duration=args.duration,
+            max_requests=args.max_requests,
+            timeout=args.timeout,
+            failure_pause=args.failure_pause,
+        )
+    except LoadConfigError as exc:
+        print(f"swapd.loadgen: {exc}", file=sys.stderr)
+        return 2
+    with asyncio.Runner(loop_factory=_loop_factory(not args.no_uvloop)) as runner:
+        report = runner.run(_cli_run(gen, args.progress))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 1 if args.fail_on_error and report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
