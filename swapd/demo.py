@@ -163,7 +163,8 @@ def _report(args: argparse.Namespace, say: Any, swaps: list[dict[str, Any]],
     failed = sum(r.failed for r in reports)
     acked = sum(r.acknowledged or 0 for r in reports)
     final = sum(counts.values())
-    print()
+    if not args.json:
+        print()
     say("report")
     say(f"{'':<10} {'failed (keep-alive)':>20} {'failed (new conn)':>18} "
         f"{'longest gap':>12} {'pause':>9}")
