@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backlog", type=int, help="listen backlog of bound listeners")
     run.add_argument("--precopy", action="store_true", default=None,
                      help="stateful: ship bulk state before the pause")
+    run.add_argument("--no-fdstore", dest="fdstore", action="store_false", default=None,
+                     help="under systemd, do not keep listeners and state in the fd store")
     for name in ("ready", "drain", "quiesce", "restore"):
         run.add_argument(f"--{name}-timeout", type=float, metavar="SECONDS")
     run.add_argument("--idle-grace", type=float, metavar="SECONDS",
@@ -127,6 +129,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "readiness": args.readiness,
         "backlog": args.backlog,
         "precopy": args.precopy,
+        "fdstore": args.fdstore,
         "bind": binds,
         "env": env,
         "timeouts": {k: v for k, v in timeouts.items() if v is not None},

@@ -12,6 +12,7 @@ supervisor was started with, so a flag given at start keeps winning.
     readiness = "notify"        # or "exec": ready once exec succeeded
     backlog = 1024
     precopy = false             # stateful: ship bulk state before the pause
+    fdstore = true              # under systemd: keep listeners (and state) in the fd store
 
     [bind]
     http = "127.0.0.1:8000"
@@ -66,6 +67,7 @@ class Config:
     readiness: Readiness = "notify"
     backlog: int = 1024
     precopy: bool = False
+    fdstore: bool = True
     cwd: str | None = None
     env: tuple[tuple[str, str], ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -77,7 +79,7 @@ class Config:
 
 _TOP_KEYS = {
     "command", "workers", "mode", "control", "cwd", "readiness", "backlog", "precopy",
-    "bind", "timeouts", "env",
+    "fdstore", "bind", "timeouts", "env",
 }
 _TIMEOUT_KEYS = {"ready", "drain", "quiesce", "restore", "idle_grace"}
 
@@ -172,8 +174,10 @@ def build(
             f"{where}: readiness must be one of {', '.join(READINESS)}, not {readiness!r}"
         )
     precopy = merged.get("precopy", False)
-    if not isinstance(precopy, bool):
-        raise ConfigError(f"{where}: precopy must be true or false")
+    fdstore = merged.get("fdstore", True)
+    for key, flag in (("precopy", precopy), ("fdstore", fdstore)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{where}: {key} must be true or false")
 
     timeouts = Timeouts()
     for key, value in tables["timeouts"].items():
@@ -205,6 +209,7 @@ def build(
         readiness=readiness,
         backlog=backlog,
         precopy=precopy,
+        fdstore=fdstore,
         cwd=os.path.abspath(cwd) if cwd else None,
         env=tuple(env),
         timeouts=timeouts,

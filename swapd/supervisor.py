@@ -31,10 +31,18 @@ from swapd.config import Config, ConfigError, load
 from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
 from swapd.generation import Generation, Worker, WorkerSpec, spawn_worker
 from swapd.lifecycle import GenEvent, GenState, SlotEvent, SlotState
+from swapd.manager import ServiceManager, split_inherited
 from swapd.process import ExitStatus, OsProcesses, SpawnError
 from swapd.sockets import Address, BindError, adopt, bind, describe, same_address, unlink_unix
-from swapd.swap import SwapFailed, SwapJob, activate, run_swap, wait_ready
-from swapd.systemd import Notifier
+from swapd.swap import (
+    SwapFailed,
+    SwapJob,
+    activate,
+    restore_stored,
+    run_swap,
+    store_state,
+    wait_ready,
+)
 
 log = logging.getLogger("swapd")
 
@@ -104,7 +112,9 @@ class Supervisor:
         self._drains: set[asyncio.Task[None]] = set()
         self._timers: dict[tuple[int, int], asyncio.TimerHandle] = {}
         self.base_env = _base_env(os.environ)
-        self.notifier = Notifier.from_env()
+        self.manager = ServiceManager(fdstore=config.fdstore)
+        # LISTEN_FDS may carry, besides listeners, snapshots a previous supervisor stored.
+        self.inherited, self.stored_state = split_inherited(self.inherited)
 
     # -- start-up (synchronous: errors here mean exit 2, nothing started) --------
 
@@ -119,6 +129,8 @@ class Supervisor:
             if not self.listeners:
                 raise StartupError("no listeners: give --bind NAME=ADDR (or use socket activation)")
             self._control_sock = bind_control(self.config.control)
+            for name, lis in self.listeners.items():
+                self.manager.store_listener(name, lis.sock.fileno())
         except OSError as e:
             self.close_listeners()
             message = e.strerror if isinstance(e, BindError) and e.strerror else str(e)
@@ -148,27 +160,15 @@ class Supervisor:
         self._control = ControlServer(self._control_sock, self._handle, COMMANDS)
         await self._control.start()
         self._install_signals()
+        self.manager.start_watchdog(loop)
         log.info("event=supervisor.start pid=%d version=%s control=%s listeners=%s",
                  os.getpid(), __version__, self.config.control,
                  ",".join(f"{n}={describe(lis.sock)}" for n, lis in self.listeners.items()))
         code = 0
         try:
-            try:
-                first = self.start_generation(self.config, successor_of=None)
-            except SwapFailed as e:
-                raise StartupError(e.reason, code=2) from e
-            try:
-                await self._first_ready(first)
-            except SwapFailed as e:
-                await self.kill_generation(first)
-                _report_failure("event=start.failed", e)
-                raise StartupError(e.reason, code=1, tail=e.tail) from e
-            first.transition(GenEvent.READY)
-            self.commit(first, None)
-            if first.config.mode == "stateful":
-                await activate(first, self.config, SwapJob("start", "start"))
+            first = await self._start_first()
             log.info("event=supervisor.ready gen=%d workers=%d", first.id, len(first.workers))
-            self.notifier.ready(self._status_line())
+            self.manager.ready(self._status_line())
             fast = await self._stop_requested
             await self._shutdown(fast)
         except StartupError as e:
@@ -176,6 +176,7 @@ class Supervisor:
             raise
         finally:
             self._remove_signals()
+            self.manager.stop_watchdog()
             if not self._stopped.done():
                 self._stopped.set_result(None)  # lets a waiting `swapd stop` get its answer
             await self._control.close()
@@ -184,8 +185,47 @@ class Supervisor:
             log.info("event=supervisor.exit code=%d", code)
         return code
 
-    async def _first_ready(self, gen: Generation) -> None:
-        await wait_ready(gen, gen.config.timeouts.ready)
+    async def _start_first(self) -> Generation:
+        """The first generation, restoring a snapshot the fd store kept, if there is one."""
+        stored = self.stored_state if self.config.mode == "stateful" else {}
+        if self.stored_state and not stored:
+            log.warning("event=state.ignored reason='stored state but mode is stateless'")
+        try:
+            try:
+                first = self.start_generation(self.config, successor_of=None,
+                                              restore_slots=set(stored))
+            except SwapFailed as e:
+                raise StartupError(e.reason, code=2) from e
+            try:
+                await wait_ready(first, first.config.timeouts.ready)
+                first.transition(GenEvent.READY)
+                if stored:
+                    await restore_stored(first, stored, self.config)
+            except SwapFailed as e:
+                await self.kill_generation(first)
+                _report_failure("event=start.failed", e)
+                if not stored:
+                    raise StartupError(e.reason, code=1, tail=e.tail) from e
+                log.error("event=state.restore_failed reason=%r action='start fresh: the stored "
+                          "state is lost'", e.reason)
+                self._drop_stored_state()
+                return await self._start_first()
+        finally:
+            self._drop_stored_state()
+        self.commit(first, None)
+        if first.config.mode == "stateful":
+            await activate(first, self.config, SwapJob("start", "start"))
+        return first
+
+    def _drop_stored_state(self) -> None:
+        """Close our copies of stored snapshot fds and remove them from the fd store."""
+        if self.stored_state:
+            self.manager.forget_state(self.stored_state)
+            for fds in self.stored_state.values():
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self.stored_state = {}
 
     def _install_signals(self) -> None:
         assert self._loop is not None
@@ -217,7 +257,8 @@ class Supervisor:
 
     # -- generations -------------------------------------------------------------
 
-    def start_generation(self, config: Config, successor_of: Generation | None) -> Generation:
+    def start_generation(self, config: Config, successor_of: Generation | None,
+                         restore_slots: set[int] | None = None) -> Generation:
         assert self._loop is not None
         gen = Generation(self._next_gen, config)
         self._next_gen += 1
@@ -227,6 +268,8 @@ class Supervisor:
         for slot in range(config.workers):
             role = "fresh"
             if successor_of is not None and slot < len(successor_of.workers):
+                role = "successor"
+            if restore_slots and slot in restore_slots:
                 role = "successor"
             spec = WorkerSpec(gen.id, slot, config, fds, names, role, self.base_env)
             try:
@@ -476,7 +519,9 @@ class Supervisor:
 
     async def _run_swap(self, job: SwapJob) -> None:
         log.info("event=swap.start kind=%s origin=%s", job.kind, job.origin)
-        self.notifier.reloading(f"{job.kind} in progress; {self._status_line()}")
+        t = self.config.timeouts
+        self.manager.reloading(f"{job.kind} in progress; {self._status_line()}",
+                               t.ready + 2 * t.quiesce + t.restore + KILL_WAIT)
         outcome: dict[str, Any]
         try:
             config = self.config
@@ -512,7 +557,7 @@ class Supervisor:
         # READY=1 ends the reload state whether the swap committed or not: sd_notify has no
         # "reload failed"; the status line and `swapd reload`'s exit code tell which.
         failed = "" if outcome["ok"] else f"; last {job.kind} FAILED: {outcome['error']}"
-        self.notifier.ready(self._status_line() + failed)
+        self.manager.ready(self._status_line() + failed)
         if not job.done.done():
             job.done.set_result(outcome)
 
@@ -564,9 +609,16 @@ class Supervisor:
             assert self.active is not None
             keep = {n for n, _ in self.active.config.binds}
             keep |= {n for n, lis in self.listeners.items() if lis.source == "systemd"}
-            for name in [n for n in self.listeners if n not in keep]:
-                del self.listeners[name]
             doomed = [lis for lis in plan.previous.values() if lis is not None]
+            for name in [n for n in self.listeners if n not in keep]:
+                doomed.append(self.listeners.pop(name))
+                self.manager.forget_listener(name)
+            # Names whose socket changed: drop what the store holds under them, store the new.
+            for name, previous in plan.previous.items():
+                if previous is not None:
+                    self.manager.forget_listener(name)
+                if name in self.listeners:
+                    self.manager.store_listener(name, self.listeners[name].sock.fileno())
         in_use = {id(lis.sock) for lis in self.listeners.values()}
         for lis in doomed:
             if id(lis.sock) not in in_use and lis.sock.fileno() >= 0:
@@ -632,7 +684,9 @@ class Supervisor:
 
     async def _shutdown(self, fast: bool) -> None:
         log.info("event=supervisor.stopping fast=%s", fast)
-        self.notifier.stopping("stopping" + (" (fast)" if fast else ", draining"))
+        t = self.config.timeouts
+        self.manager.stopping("stopping" + (" (fast)" if fast else ", draining"),
+                              t.quiesce + t.drain + 3 * KILL_WAIT)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -641,6 +695,10 @@ class Supervisor:
             job.task.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(job.done), KILL_WAIT * 2)
+        active = self.active
+        if (not fast and self.manager.fdstore and active is not None
+                and active.state == GenState.ACTIVE and active.config.mode == "stateful"):
+            await store_state(self, active)
         for gen in list(self.generations.values()):
             if fast:
                 for w in gen.live():

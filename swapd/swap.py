@@ -305,3 +305,36 @@ async def _ask(
                          worker=w)
     return reply
 
+
+async def restore_stored(gen: Generation, stored: dict[int, list[int]], config: Config) -> None:
+    """First start under systemd: give each successor slot the snapshot the fd store kept."""
+    async def one(w: Worker) -> None:
+        reply = await _ask(w, {"t": "restore", "envelope": None, "from_gen": "fd store"},
+                           config.timeouts.restore, "restore of the stored state",
+                           fds=stored[w.slot])
+        reply.close_fds()
+
+    await asyncio.gather(*(one(w) for w in gen.workers
+                           if w is not None and w.slot in stored and w.role == "successor"))
+    log.info("event=state.restored source=fdstore slots=%s", sorted(stored))
+
+
+async def store_state(sup: Supervisor, gen: Generation) -> None:
+    """Graceful stop in stateful mode: snapshot every worker into the fd store.
+
+    Connections are not included (the fd store cannot keep thousands of them in order);
+    after the snapshot the workers drain and close them at request boundaries.
+    """
+    gen.transition(GenEvent.QUIESCE)
+    timeout = gen.config.timeouts.quiesce
+    for w in gen.live():
+        try:
+            reply = await _ask(w, {"t": "quiesce", "deadline": timeout, "conns": False},
+                               timeout, "snapshot for the fd store")
+        except SwapFailed as e:
+            log.error("event=state.store_failed %s reason=%r", w.tag, e.reason)
+            continue
+        try:
+            sup.manager.store_state(w.slot, reply.fds)
+        finally:
+            reply.close_fds()

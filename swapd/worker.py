@@ -280,9 +280,12 @@ class Worker:
             app_state = self._snapshot() if self._snapshot is not None else None
             if inspect.isawaitable(app_state):
                 app_state = await app_state
+            # Without conns (a snapshot for systemd's fd store) the detached connections
+            # stay here and are closed at their request boundary when the drain comes.
+            keep = bool(msg.body.get("conns", True))
             state = {
                 "app": app_state,
-                "conns": [(c.listener, c.sock, c.meta, bytes(c.buffer)) for c in conns],
+                "conns": [(c.listener, c.sock, c.meta, bytes(c.buffer)) for c in conns if keep],
             }
             snap = handoff.dump(state, app_version=self.state_version)
         except asyncio.CancelledError:

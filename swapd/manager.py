@@ -1,0 +1,135 @@
+"""The supervisor's side of the service manager (systemd): notify, watchdog, fd store.
+
+Everything here is a no-op without `$NOTIFY_SOCKET`, so the supervisor calls it
+unconditionally. What it tells systemd:
+
+    first generation ready      READY=1, STATUS=gen 1 active, 2 worker(s)
+    swap starts                 RELOADING=1, MONOTONIC_USEC=..., EXTEND_TIMEOUT_USEC=<swap bound>
+    swap ends (commit or abort) READY=1, STATUS=... [; last reload FAILED: reason]
+    stop                        STOPPING=1, EXTEND_TIMEOUT_USEC=<drain bound>
+    every WATCHDOG_USEC/2       WATCHDOG=1 (from the event loop: a blocked loop stops pinging)
+
+Fd store (needs FileDescriptorStoreMax= in the unit; systemd drops fds silently
+otherwise): every listener is stored under its own name, so after a crash or a
+`systemctl restart` the next supervisor gets the very same listening sockets back
+through LISTEN_FDS and no connection is refused meanwhile. In stateful mode a
+graceful stop also stores each worker's snapshot, one fd per name
+`swapd-state-<slot>-<index>` (stored fds come back in no particular order, so the
+index restores it), and the next start hands it to its first generation, then
+removes it from the store so that a later crash can never restore stale state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterable
+
+from swapd.systemd import Notifier, watchdog_usec
+
+log = logging.getLogger("swapd")
+
+STATE_NAME = re.compile(r"^swapd-state-(\d+)-(\d+)$")
+
+
+def state_fd_name(slot: int, index: int) -> str:
+    return f"swapd-state-{slot}-{index}"
+
+
+def split_inherited(
+    inherited: Iterable[tuple[str, int]],
+) -> tuple[list[tuple[str, int]], dict[int, list[int]]]:
+    """Separate listeners from stored state: (listeners, {slot: [fd, ...] in index order})."""
+    listeners: list[tuple[str, int]] = []
+    parts: dict[int, dict[int, int]] = {}
+    for name, fd in inherited:
+        m = STATE_NAME.match(name)
+        if m:
+            parts.setdefault(int(m.group(1)), {})[int(m.group(2))] = fd
+        else:
+            listeners.append((name, fd))
+    state = {slot: [fds[i] for i in sorted(fds)] for slot, fds in parts.items()}
+    return listeners, state
+
+
+class ServiceManager:
+    def __init__(self, notifier: Notifier | None = None, *, fdstore: bool = True) -> None:
+        self.notifier = notifier if notifier is not None else Notifier.from_env()
+        self.fdstore = fdstore and self.notifier.enabled
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._stored_state: list[str] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.notifier.enabled
+
+    def ready(self, status: str) -> None:
+        self.notifier.ready(status)
+
+    def reloading(self, status: str, bound: float) -> None:
+        self.notifier.reloading(status)
+        self.extend(bound)
+
+    def stopping(self, status: str, bound: float) -> None:
+        self.notifier.stopping(status)
+        self.extend(bound)
+
+    def status(self, text: str) -> None:
+        self.notifier.status(text)
+
+    def extend(self, seconds: float) -> None:
+        """Make sure systemd waits at least `seconds` more for the current job."""
+        if self.enabled and seconds > 0:
+            self.notifier.extend_timeout(seconds)
+
+    # -- watchdog ---------------------------------------------------------------------
+
+    def start_watchdog(self, loop: asyncio.AbstractEventLoop) -> float | None:
+        usec = watchdog_usec()
+        if not usec or not self.enabled:
+            return None
+        interval = usec / 2 / 1_000_000
+        self._ping(loop, interval)
+        log.info("event=watchdog.enabled interval=%.3fs", interval)
+        return interval
+
+    def _ping(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        # Pinging from a loop timer is the health check: if the loop is blocked or dead,
+        # the pings stop and systemd's watchdog acts.
+        self.notifier.watchdog()
+        self._watchdog = loop.call_later(interval, self._ping, loop, interval)
+
+    def stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    # -- fd store ---------------------------------------------------------------------
+
+    def store_listener(self, name: str, fd: int) -> None:
+        if self.fdstore:
+            # FDPOLL stays on: systemd drops a listener that errors, which is right.
+            self.notifier.fdstore([fd], name)
+
+    def forget_listener(self, name: str) -> None:
+        if self.fdstore:
+            self.notifier.fdstore_remove(name)
+
+    def store_state(self, slot: int, fds: list[int]) -> None:
+        """Keep one worker's snapshot fds in the store (FDPOLL=0: memfds never 'hang up')."""
+        if not self.fdstore:
+            return
+        for index, fd in enumerate(fds):
+            name = state_fd_name(slot, index)
+            self.notifier.fdstore([fd], name, poll=False)
+            self._stored_state.append(name)
+        log.info("event=fdstore.state slot=%d fds=%d", slot, len(fds))
+
+    def forget_state(self, slots: dict[int, list[int]]) -> None:
+        """The stored snapshots were used (or refused): never restore them again."""
+        if not self.fdstore:
+            return
+        for slot, fds in slots.items():
+            for index in range(len(fds)):
+                self.notifier.fdstore_remove(state_fd_name(slot, index))
