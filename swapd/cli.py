@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=text)
         c.add_argument("--control", help="control socket path (default: $SWAPD_CONTROL, ...)")
         c.add_argument("--json", action="store_true", help="print raw JSON lines")
+        if name == "upgrade":
+            c.add_argument("--self", dest="self_", action="store_true",
+                           help="re-exec the supervisor itself (same PID, workers kept)")
         if name == "stop":
             c.add_argument("--fast", action="store_true", help="kill workers instead of draining")
 
@@ -82,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_reexec-check"]:
+        return _reexec_check(argv[1:])
     try:
         args = build_parser().parse_args(argv)
         if args.command == "run":
@@ -136,10 +142,31 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _reexec_check(argv: list[str]) -> int:
+    """Hidden: the pre-flight of `upgrade --self`, run by the *new* code on the state."""
+    from swapd import reexec
+
+    try:
+        reexec.check(int(argv[0]))
+    except Exception as e:
+        print(f"swapd: cannot take over this supervisor state: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from swapd import reexec
     from swapd.supervisor import StartupError, Supervisor
 
     setup_logging(args.log_level)
+    state_fd = os.environ.pop(reexec.ENV, None)
+    if state_fd is not None:
+        # We are the new image of `swapd upgrade --self`: adopt, don't start.
+        fd = int(state_fd)
+        state = reexec.read_state(fd)
+        os.close(fd)
+        return asyncio.run(Supervisor.from_reexec(state).run())
     try:
         overrides = run_overrides(args)
         config = load(args.config, overrides)
@@ -194,6 +221,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     request: dict[str, Any] = {}
     if args.command == "stop":
         request["fast"] = args.fast
+    if args.command == "upgrade" and args.self_:
+        request["self"] = True
     client = Client(path)
     result: dict[str, Any] | None = None
     try:
@@ -224,6 +253,9 @@ def _print_result(command: str, result: dict[str, Any]) -> None:
         return
     if command == "status":
         print(format_status(data))
+    elif data.get("reexec"):
+        print(f"swapd upgrade --self: ok: supervisor pid {data['pid']} re-exec'd, "
+              f"swapd {data['previous']} -> {data['version']}; workers kept")
     elif command in ("upgrade", "reload"):
         t = data.get("timings_ms", {})
         extra = f", pause {t['pause']:.1f} ms" if "pause" in t else ""

@@ -234,3 +234,25 @@ def load(
     """Read the file (if any) and merge the flags: what `run` and `reload` call."""
     data = read_file(config_file) if config_file else {}
     return build(data, overrides, config_file=config_file, environ=environ)
+
+
+def to_overrides(config: Config) -> dict[str, Any]:
+    """A Config as the flag dict `build()` takes: how a re-exec'd supervisor gets it back."""
+    return {
+        "command": list(config.command),
+        "bind": {name: str(address) for name, address in config.binds},
+        "control": config.control,
+        "workers": config.workers,
+        "mode": config.mode,
+        "readiness": config.readiness,
+        "backlog": config.backlog,
+        "precopy": config.precopy,
+        "fdstore": config.fdstore,
+        "cwd": config.cwd,
+        "env": dict(config.env),
+        "timeouts": {k: getattr(config.timeouts, k) for k in sorted(_TIMEOUT_KEYS)},
+    }
+
+
+def from_overrides(data: Mapping[str, Any], config_file: str | None) -> Config:
+    return build({}, data, config_file=config_file)

@@ -55,8 +55,10 @@ class ClientError(Exception):
 
 
 class Peer:
-    def __init__(self, pid: int, uid: int, gid: int) -> None:
-        self.pid, self.uid, self.gid = pid, uid, gid
+    """Who is asking (SO_PEERCRED), and the connection's fd (for answers across a re-exec)."""
+
+    def __init__(self, pid: int, uid: int, gid: int, fd: int = -1) -> None:
+        self.pid, self.uid, self.gid, self.fd = pid, uid, gid, fd
 
     def __str__(self) -> str:
         return f"pid={self.pid} uid={self.uid}"
@@ -64,7 +66,8 @@ class Peer:
 
 def peer_of(sock: socket.socket) -> Peer:
     data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    return Peer(*_UCRED.unpack(data))
+    pid, uid, gid = _UCRED.unpack(data)
+    return Peer(pid, uid, gid, fd=sock.fileno())
 
 
 def allowed(peer: Peer) -> bool:

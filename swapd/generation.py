@@ -50,10 +50,11 @@ class WorkerSpec:
 class Worker:
     """One worker process and its pipes."""
 
-    def __init__(self, spec: WorkerSpec, child: Child, loop: asyncio.AbstractEventLoop) -> None:
-        self.gen = spec.gen
-        self.slot = spec.slot
-        self.role = spec.role
+    def __init__(self, gen: int, slot: int, role: str, child: Child,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.gen = gen
+        self.slot = slot
+        self.role = role
         self.child = child
         self.state = SlotState.STARTING
         self.started = time.monotonic()
@@ -111,6 +112,41 @@ class Worker:
         self._output_fd = output_fd
         os.set_blocking(output_fd, False)
         self._loop.add_reader(output_fd, self._on_output)
+
+    def pipe_fds(self) -> tuple[int | None, int | None, int | None]:
+        """(channel, notify, output) fds, for a supervisor re-exec."""
+        channel = self.channel.sock.fileno() if self.channel and not self.channel.closed else None
+        notify = self._notify.fileno() if self._notify is not None else None
+        return channel, notify, self._output_fd if self._output_fd >= 0 else None
+
+    @classmethod
+    def resume(cls, gen: int, info: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Worker:
+        """Rebuild a worker described by a re-exec state (its fds were inherited)."""
+        child = Child(pid=info["pid"], pidfd=info["pidfd"], started=info["started"])
+        w = cls(gen, info["slot"], info["role"], child, loop)
+        w.state = SlotState(info["state"])
+        w.started = info["started"]
+        w.ready_at = info.get("ready_at")
+        w.hello = info.get("hello")
+        w.status_text = info.get("status", "")
+        w.tail.extend(info.get("tail", []))
+        if info.get("ready_info") is not None:
+            w.ready.set_result(info["ready_info"])
+        os.set_inheritable(child.pidfd, False)
+        channel = _adopt_socket(info.get("channel_fd"))
+        notify = _adopt_socket(info.get("notify_fd"))
+        if channel is not None:
+            w.channel = Channel(channel, w._on_channel_message, w._on_channel_close, loop=loop)
+        if notify is not None:
+            w._notify = notify
+            notify.setblocking(False)
+            loop.add_reader(notify.fileno(), w._on_notify)
+        if info.get("output_fd") is not None:
+            w._output_fd = info["output_fd"]
+            os.set_inheritable(w._output_fd, False)
+            os.set_blocking(w._output_fd, False)
+            loop.add_reader(w._output_fd, w._on_output)
+        return w
 
     def _on_channel_message(self, msg: Message) -> None:
         if msg.type == "ready":
@@ -254,6 +290,14 @@ class Generation:
         }
 
 
+def _adopt_socket(fd: int | None) -> socket.socket | None:
+    if fd is None:
+        return None
+    sock = socket.socket(fileno=fd)
+    sock.set_inheritable(False)
+    return sock
+
+
 def notify_socket(gen: int, slot: int) -> tuple[socket.socket, str]:
     """A datagram socket in the abstract namespace, one per worker.
 
@@ -306,6 +350,6 @@ def spawn_worker(
     finally:
         child_end.close()
         os.close(out_w)
-    worker = Worker(spec, child, loop)
+    worker = Worker(spec.gen, spec.slot, spec.role, child, loop)
     worker.attach(parent_end, notify, out_r)
     return worker

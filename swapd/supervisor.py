@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from swapd import __version__
+from swapd import __version__, reexec
 from swapd.channel import Message
 from swapd.config import Config, ConfigError, load
 from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
@@ -33,7 +34,16 @@ from swapd.generation import Generation, Worker, WorkerSpec, spawn_worker
 from swapd.lifecycle import GenEvent, GenState, SlotEvent, SlotState
 from swapd.manager import ServiceManager, split_inherited
 from swapd.process import ExitStatus, OsProcesses, SpawnError
-from swapd.sockets import Address, BindError, adopt, bind, describe, same_address, unlink_unix
+from swapd.sockets import (
+    Address,
+    BindError,
+    adopt,
+    bind,
+    describe,
+    parse_address,
+    same_address,
+    unlink_unix,
+)
 from swapd.swap import (
     SwapFailed,
     SwapJob,
@@ -103,13 +113,15 @@ class Supervisor:
         self.started = time.monotonic()
         self.crashes: dict[int, deque[float]] = {}
         self.crash_loop: set[int] = set()
-        self._next_gen = 1
+        self.next_gen = 1
         self._control_sock: socket.socket | None = None
         self._control: ControlServer | None = None
         self._stop_requested: asyncio.Future[bool] | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drains: set[asyncio.Task[None]] = set()
+        self.drain_deadlines: dict[int, float] = {}  # generation id -> monotonic deadline
+        self._resumed: dict[str, Any] | None = None  # re-exec state, when we are the new image
         self._timers: dict[tuple[int, int], asyncio.TimerHandle] = {}
         self.base_env = _base_env(os.environ)
         self.manager = ServiceManager(fdstore=config.fdstore)
@@ -166,9 +178,12 @@ class Supervisor:
                  ",".join(f"{n}={describe(lis.sock)}" for n, lis in self.listeners.items()))
         code = 0
         try:
-            first = await self._start_first()
-            log.info("event=supervisor.ready gen=%d workers=%d", first.id, len(first.workers))
-            self.manager.ready(self._status_line())
+            if self._resumed is not None:
+                self._resume(self._resumed)
+            else:
+                first = await self._start_first()
+                log.info("event=supervisor.ready gen=%d workers=%d", first.id, len(first.workers))
+                self.manager.ready(self._status_line())
             fast = await self._stop_requested
             await self._shutdown(fast)
         except StartupError as e:
@@ -260,8 +275,8 @@ class Supervisor:
     def start_generation(self, config: Config, successor_of: Generation | None,
                          restore_slots: set[int] | None = None) -> Generation:
         assert self._loop is not None
-        gen = Generation(self._next_gen, config)
-        self._next_gen += 1
+        gen = Generation(self.next_gen, config)
+        self.next_gen += 1
         self.generations[gen.id] = gen
         fds, names = self._listener_fds(config)
         gen.restarts = [0] * config.workers
@@ -322,6 +337,7 @@ class Supervisor:
                 self._schedule_respawn(gen, w.slot)
 
     def _drain(self, gen: Generation, timeout: float) -> None:
+        self.drain_deadlines[gen.id] = time.monotonic() + timeout
         for w in gen.workers:
             if w is None:
                 continue
@@ -352,6 +368,7 @@ class Supervisor:
                 await asyncio.wait(pending, timeout=KILL_WAIT)
         if gen.state == GenState.DRAINING:
             gen.transition(GenEvent.EXITED)
+        self.drain_deadlines.pop(gen.id, None)
         log.info("event=gen.exited gen=%d", gen.id)
 
     async def kill_generation(self, gen: Generation) -> None:
@@ -480,6 +497,92 @@ class Supervisor:
 
     def journal_for(self, w: Worker) -> list[dict[str, Any]]:
         return []
+
+    def journal_state(self) -> list[dict[str, Any]]:
+        return []
+
+    @property
+    def control_fd(self) -> int | None:
+        return self._control_sock.fileno() if self._control_sock is not None else None
+
+    # -- re-exec (upgrade --self) ----------------------------------------------------
+
+    async def _reexec(self, emit: Emit, peer: Peer) -> dict[str, Any]:
+        if self._stopping():
+            raise ControlError("supervisor is stopping; no re-exec")
+        if self.swap is not None:
+            raise ControlError(f"a {self.swap.kind} is in flight (gen={self.swap.gen}); "
+                               "retry when it finishes")
+        reply_fd = os.dup(peer.fd)
+        captured = reexec.capture(self, reply_fd)
+        emit("reexec", f"checking that the new code on disk takes over {len(captured.fds)} fd(s) "
+             f"and {len(self.generations)} generation(s), then exec'ing in place", None)
+        log.info("event=reexec.begin version=%s argv=%r", __version__, reexec.exec_argv())
+        try:
+            reexec.execute(captured)
+        except reexec.ReexecError as e:
+            log.error("event=reexec.failed reason=%r", str(e))
+            raise ControlError(str(e), data={"tail": e.tail, "worker": "pre-flight check"}
+                               ) from e
+        finally:
+            os.close(reply_fd)
+        raise ControlError("re-exec returned without an error")  # not reached
+
+    @classmethod
+    def from_reexec(cls, state: dict[str, Any]) -> Supervisor:
+        """The new image after `upgrade --self`: adopt what the old one owned."""
+        config = reexec.config_of(state["config"], state["config_file"])
+        sup = cls(config, state["overrides"])
+        sup._resumed = state
+        sup.started = state["started"]
+        sup.next_gen = state["next_gen"]
+        sup.swap_counts = state["swaps"]
+        sup.last_swap = state["last_swap"]
+        sup.crashes = {int(k): deque(v) for k, v in state["crashes"].items()}
+        for item in state["listeners"]:
+            sock = socket.socket(fileno=item["fd"])
+            sock.set_inheritable(False)
+            sup.listeners[item["name"]] = Listener(item["name"], parse_address(item["address"]),
+                                                   sock, item["source"])
+        sup._control_sock = socket.socket(fileno=state["control_fd"])
+        sup._control_sock.set_inheritable(False)
+        return sup
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        assert self._loop is not None
+        reexec.unblock_signals()
+        now = time.monotonic()
+        for g in state["generations"]:
+            config = reexec.config_of(g["config"], g["config_file"])
+            gen = Generation(g["id"], config, state=GenState(g["state"]), created=g["created"],
+                             committed=g["committed"], restarts=g["restarts"])
+            for info in g["workers"]:
+                if info is None or info.get("dead"):
+                    gen.workers.append(None)
+                    continue
+                w = Worker.resume(gen.id, info, self._loop)
+                w.on_message = self._on_worker_message
+                self._loop.add_reader(w.child.pidfd, self._on_pidfd, w)
+                gen.workers.append(w)
+            self.generations[gen.id] = gen
+            if gen.state == GenState.DRAINING:
+                remaining = max(0.0, (g["drain_deadline"] or now) - now)
+                self.drain_deadlines[gen.id] = now + remaining
+                task = asyncio.ensure_future(self._reap_drained(gen, remaining))
+                self._drains.add(task)
+                task.add_done_callback(self._drains.discard)
+        self.active = self.generations.get(state["active"]) if state["active"] else None
+        if self.active is not None:
+            self.config = self.active.config
+            for slot, dead in enumerate(self.active.workers):
+                if dead is None:
+                    self._respawn(self.active, slot)
+        log.info("event=reexec.done version=%s previous=%s generations=%d", __version__,
+                 state["version"], len(self.generations))
+        self.manager.status(f"re-exec'd swapd {__version__}; {self._status_line()}")
+        if state.get("reply_fd") is not None:
+            _answer(state["reply_fd"], {"reexec": True, "pid": os.getpid(),
+                                        "version": __version__, "previous": state["version"]})
 
     def remember_snapshots(self, snaps: list[Message]) -> None:
         """Hook for the fd store (systemd): the latest committed snapshots."""
@@ -634,6 +737,8 @@ class Supervisor:
         log.info("event=control.request cmd=%s peer=%s", cmd, peer)
         if cmd == "status":
             return self.status()
+        if cmd == "upgrade" and args.get("self"):
+            return await self._reexec(emit, peer)
         if cmd in ("upgrade", "reload"):
             outcome = await self.request_swap(cmd, f"control {peer}", emit)
             if not outcome.get("ok"):
@@ -729,6 +834,17 @@ class Supervisor:
                     unlink_unix(lis.address)
                 lis.sock.close()
         self.listeners.clear()
+
+
+def _answer(fd: int, data: dict[str, Any]) -> None:
+    """The result line of `upgrade --self`, written by the new image to the old connection."""
+    line = json.dumps({"v": 1, "type": "result", "ok": True, "data": data}).encode() + b"\n"
+    try:
+        os.write(fd, line)
+    except OSError as e:
+        log.warning("event=reexec.reply_failed error=%r", str(e))
+    finally:
+        os.close(fd)
 
 
 def _base_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:

@@ -28,7 +28,7 @@ from swapd.control import Client
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
-SWAPD = [PY, "-m", "swapd"]
+SWAPD = [PY, "-P", "-m", "swapd"]  # -P: the installed swapd (or $PYTHONPATH's), not cwd's
 HELLO = [PY, str(ROOT / "examples" / "hello.py")]
 MISBEHAVE = [PY, str(ROOT / "tests" / "apps" / "misbehave.py")]
 
@@ -101,7 +101,8 @@ class Supervised:
         self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, cwd=str(ROOT))
-        threading.Thread(target=self._read_log, daemon=True).start()
+        self._log_thread = threading.Thread(target=self._read_log, daemon=True)
+        self._log_thread.start()
         try:
             self.notify.wait_for("READY", "1", timeout)
         except TimeoutError:
@@ -160,6 +161,9 @@ class Supervised:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.notify.close()
+        if self.proc is not None and self.proc.stderr is not None:
+            self._log_thread.join(10)
+            self.proc.stderr.close()
 
     # -- control ---------------------------------------------------------------------
 
