@@ -1,0 +1,420 @@
+"""Code objects, the functions that run them, and trampolines.
+
+Keys.  A code object is named by ``(co_qualname, ordinal)``: the ordinal counts code objects
+with the same qualified name in compile order (two lambdas in one function, a property's
+getter and setter).  Line numbers are never part of a key, so adding lines above a function
+does not lose it.  A live code object is mapped to its key by structural equality with the
+code compiled from the base source (CPython's code equality covers bytecode, constants,
+names and positions; we add the qualified name).
+
+Trampolines.  A function object's closure cannot be replaced, and ``__code__`` only accepts
+code with the same number of free variables.  When a patch changes the set of free
+variables, the function keeps its identity and receives a trampoline: a code object with
+exactly the function's own free variables (named, but referenced only in dead code, so they
+are never read) whose body calls the real new function held in a `Box` constant:
+
+    def f(*a, **k): return "<Box>".target(*a, **k); <own free vars>          # def
+    async def f(*a, **k): return await "<Box>".target(*a, **k); ...             # async def
+    def f(*a, **k): return (yield from "<Box>".target(*a, **k)); ...            # generator
+
+The box replaces the placeholder string in ``co_consts``.  Async generators cannot be
+delegated faithfully and are refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import inspect
+import sys
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import (
+    AsyncGeneratorType,
+    CodeType,
+    CoroutineType,
+    FunctionType,
+    GeneratorType,
+    MethodType,
+    ModuleType,
+)
+from typing import Any
+
+CodeKey = tuple[str, int]
+
+CO_GENERATOR = inspect.CO_GENERATOR
+CO_COROUTINE = inspect.CO_COROUTINE
+CO_ASYNC_GENERATOR = inspect.CO_ASYNC_GENERATOR
+CO_ITERABLE_COROUTINE = inspect.CO_ITERABLE_COROUTINE
+_KIND_FLAGS = CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR | CO_ITERABLE_COROUTINE
+
+LruWrapper: type = type(functools.lru_cache()(lambda: None))
+
+
+def kind(code: CodeType) -> str:
+    flags = code.co_flags & _KIND_FLAGS
+    if flags & CO_ASYNC_GENERATOR:
+        return "async generator"
+    if flags & CO_COROUTINE:
+        return "coroutine"
+    if flags & (CO_GENERATOR | CO_ITERABLE_COROUTINE):
+        return "generator"
+    return "function"
+
+
+def nested_codes(code: CodeType) -> Iterator[CodeType]:
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            yield const
+            yield from nested_codes(const)
+
+
+def same_code(a: CodeType, b: CodeType) -> bool:
+    """Identical code, positions included (CPython's equality ignores the qualified name)."""
+    return a is b or (a.co_qualname == b.co_qualname and a == b)
+
+
+def _without_positions(code: CodeType) -> CodeType:
+    consts = tuple(_without_positions(c) if isinstance(c, CodeType) else c for c in code.co_consts)
+    return code.replace(co_firstlineno=1, co_linetable=b"", co_consts=consts)
+
+
+def same_but_positions(a: CodeType, b: CodeType) -> bool:
+    return a.co_qualname == b.co_qualname and _without_positions(a) == _without_positions(b)
+
+
+def docstring(code: CodeType) -> str | None:
+    # A function's docstring is its first constant; a function without one has None there
+    # (3.11-3.13).  Lambdas never have one.
+    if code.co_name == "<lambda>" or not code.co_consts:
+        return None
+    first = code.co_consts[0]
+    return first if isinstance(first, str) else None
+
+
+class CodeIndex:
+    """Every code object nested in one compiled module (given as one code object per piece
+    of the module, in order), by key."""
+
+    def __init__(self, module_codes: list[CodeType]) -> None:
+        self.by_key: dict[CodeKey, CodeType] = {}
+        self.parent: dict[CodeKey, CodeKey | None] = {}
+        self.key_of: dict[int, CodeKey] = {}
+        self._by_pos: dict[tuple[str, int], list[CodeKey]] = {}
+        self.counts: Counter[str] = Counter()
+        for code in module_codes:
+            self._walk(code, None)
+
+    def _walk(self, code: CodeType, parent: CodeKey | None) -> None:
+        for const in code.co_consts:
+            if not isinstance(const, CodeType):
+                continue
+            qual = const.co_qualname
+            key = (qual, self.counts[qual])
+            self.counts[qual] += 1
+            self.by_key[key] = const
+            self.parent[key] = parent
+            self.key_of[id(const)] = key
+            self._by_pos.setdefault((qual, const.co_firstlineno), []).append(key)
+            self._walk(const, key)
+
+    def find(self, code: CodeType) -> CodeKey | None:
+        """The key of the indexed code object structurally equal to ``code``."""
+        key = self.key_of.get(id(code))
+        if key is not None and self.by_key[key] is code:
+            return key
+        for key in self._by_pos.get((code.co_qualname, code.co_firstlineno), ()):
+            if same_code(code, self.by_key[key]):
+                return key
+        return None
+
+    def find_at(self, qualname: str, firstlineno: int) -> CodeKey | None:
+        keys = self._by_pos.get((qualname, firstlineno))
+        return keys[0] if keys else None
+
+    def owner_of_cell(self, key: CodeKey, name: str) -> CodeKey | None:
+        """The nearest enclosing scope whose code creates the cell ``name`` used by ``key``."""
+        parent = self.parent.get(key)
+        while parent is not None:
+            if name in self.by_key[parent].co_cellvars:
+                return parent
+            parent = self.parent.get(parent)
+        return None
+
+
+class Box:
+    """The mutable constant a trampoline calls through."""
+
+    __slots__ = ("__weakref__", "target")
+
+    def __init__(self, target: FunctionType) -> None:
+        self.target = target
+
+
+_PLACEHOLDER = "__swapd_box__"
+_TEMPLATES = {
+    "function": "def __swapd_t(*__swapd_a, **__swapd_k): "
+    'return "__swapd_box__".target(*__swapd_a, **__swapd_k)',
+    "coroutine": "async def __swapd_t(*__swapd_a, **__swapd_k): "
+    'return await "__swapd_box__".target(*__swapd_a, **__swapd_k)',
+    "generator": "def __swapd_t(*__swapd_a, **__swapd_k): "
+    'return (yield from "__swapd_box__".target(*__swapd_a, **__swapd_k))',
+}
+_template_cache: dict[tuple[str, tuple[str, ...]], CodeType] = {}
+# id(trampoline code) -> (weakref to it, its box); id(target function) -> weakref to it.
+# No lock: single dict operations are atomic under the GIL, and a lock taken in a weakref
+# callback can deadlock when the collector runs while it is held.
+_trampolines: dict[int, tuple[weakref.ref[CodeType], Box]] = {}
+_targets: dict[int, weakref.ref[FunctionType]] = {}
+
+
+def _forget_when_dead(table: dict[int, Any], key: int) -> Any:
+    def drop(ref: object) -> None:
+        entry = table.get(key)
+        current = entry[0] if isinstance(entry, tuple) else entry
+        if current is ref:  # not an entry registered since under a reused id
+            table.pop(key, None)
+
+    return drop
+
+
+def _template(kind_: str, freevars: tuple[str, ...]) -> CodeType:
+    cached = _template_cache.get((kind_, freevars))
+    if cached is not None:
+        return cached
+    # The free variables are parameters of an enclosing function and are named after the
+    # return statement, i.e. in dead code: the symbol table makes them free variables, the
+    # compiler emits no instruction that reads them.
+    dead = "; " + "; ".join(freevars) if freevars else ""
+    params = ", ".join(freevars)
+    source = f"def __swapd_outer({params}):\n    {_TEMPLATES[kind_]}{dead}\n"
+    outer = compile(source, "<swapd trampoline>", "exec", dont_inherit=True)
+    outer_code = next(c for c in outer.co_consts if isinstance(c, CodeType))
+    code = next(c for c in outer_code.co_consts if isinstance(c, CodeType))
+    assert code.co_freevars == freevars, (code.co_freevars, freevars)
+    _template_cache[(kind_, freevars)] = code
+    return code
+
+
+def make_trampoline(fn: FunctionType, target: FunctionType) -> CodeType:
+    """A code object for ``fn`` (same kind, same free variables) that calls ``target``."""
+    own = fn.__code__.co_freevars
+    kind_ = kind(target.__code__)
+    template = _template(kind_, own)
+    box = Box(target)
+    consts = tuple(box if c == _PLACEHOLDER else c for c in template.co_consts)
+    code = template.replace(
+        co_consts=consts,
+        co_name=fn.__name__,
+        co_qualname=fn.__qualname__,
+        co_filename=target.__code__.co_filename,
+        co_firstlineno=target.__code__.co_firstlineno,
+    )
+    _trampolines[id(code)] = (weakref.ref(code, _forget_when_dead(_trampolines, id(code))), box)
+    _targets[id(target)] = weakref.ref(target, _forget_when_dead(_targets, id(target)))
+    return code
+
+
+def trampoline_box(code: CodeType) -> Box | None:
+    entry = _trampolines.get(id(code))
+    if entry is not None and entry[0]() is code:
+        return entry[1]
+    return None
+
+
+def is_target(fn: FunctionType) -> bool:
+    entry = _targets.get(id(fn))
+    return entry is not None and entry() is fn
+
+
+def logical(fn: FunctionType) -> FunctionType:
+    """The function whose code actually runs when ``fn`` is called."""
+    box = trampoline_box(fn.__code__)
+    return fn if box is None else box.target
+
+
+# ---------------------------------------------------------------- live discovery
+
+
+class LiveFunction:
+    """A live function object of the module (a plain class: a dataclass field typed as a
+    function would be treated as a method by type checkers)."""
+
+    __slots__ = ("fn", "owners", "paths", "reachable")
+
+    def __init__(self, fn: FunctionType, reachable: bool) -> None:
+        self.fn = fn
+        self.reachable = reachable
+        self.paths: list[str] = []
+        self.owners: list[type] = []
+
+    def current(self) -> FunctionType:
+        """The function whose code runs when ``fn`` is called (``fn`` or its trampoline's
+        target).  A method, not a property: type checkers bind function-typed properties."""
+        return logical(self.fn)
+
+
+@dataclass
+class Discovery:
+    functions: dict[int, LiveFunction] = field(default_factory=dict)
+    classes: dict[str, type] = field(default_factory=dict)
+    lru: list[Any] = field(default_factory=list)
+    cached_properties: list[tuple[type, str, functools.cached_property[Any]]] = field(
+        default_factory=list
+    )
+    runners: list[Any] = field(default_factory=list)
+    heap_scanned: bool = False
+
+
+class _Walker:
+    """Everything reachable from the module namespace through the places functions hide:
+    class dictionaries, descriptors, wrappers (``__wrapped__``, lru_cache, partial,
+    singledispatch) and closure cells.  Never calls user code: only ``__dict__`` entries
+    and C-level attributes are read."""
+
+    def __init__(self, module: ModuleType, found: Discovery) -> None:
+        self.module = module
+        self.globals = module.__dict__
+        self.found = found
+        self.seen: set[int] = set()
+
+    def run(self) -> None:
+        for name, value in list(self.globals.items()):
+            self.visit(value, name, None)
+
+    def visit(self, obj: object, path: str, owner: type | None) -> None:
+        t = type(obj)
+        if t is FunctionType:
+            assert isinstance(obj, FunctionType)
+            self.function(obj, path, owner)
+            return
+        if id(obj) in self.seen:
+            return
+        # Only type(obj) is consulted: isinstance() would read obj.__class__, which runs
+        # code on proxies (a planner must not execute application code on live objects).
+        if issubclass(t, type):
+            self.seen.add(id(obj))
+            self.klass(obj)  # type: ignore[arg-type]
+        elif t is staticmethod or t is classmethod:
+            self.visit(obj.__func__, path, owner)  # type: ignore[attr-defined]
+        elif issubclass(t, property):
+            for part in (obj.fget, obj.fset, obj.fdel):  # type: ignore[attr-defined]
+                if part is not None:
+                    self.visit(part, path, owner)
+        elif issubclass(t, functools.cached_property):
+            self.seen.add(id(obj))
+            attrname = obj.attrname  # type: ignore[attr-defined]
+            if owner is not None and attrname:
+                self.found.cached_properties.append((owner, attrname, obj))  # type: ignore[arg-type]
+            self.visit(obj.func, path, owner)  # type: ignore[attr-defined]
+        elif issubclass(t, functools.partial | functools.partialmethod):
+            self.seen.add(id(obj))
+            self.visit(obj.func, path, owner)  # type: ignore[attr-defined]
+        elif t is LruWrapper:
+            self.seen.add(id(obj))
+            self.found.lru.append(obj)
+            self.visit(obj.__wrapped__, path, owner)  # type: ignore[attr-defined]
+        elif t is MethodType:
+            self.visit(obj.__func__, path, owner)  # type: ignore[attr-defined]
+
+    def function(self, fn: FunctionType, path: str, owner: type | None) -> None:
+        entry = self.found.functions.get(id(fn))
+        if entry is None and fn.__globals__ is self.globals and not is_target(fn):
+            entry = LiveFunction(fn, reachable=True)
+            self.found.functions[id(fn)] = entry
+        if entry is not None:
+            entry.paths.append(path)
+            if owner is not None and owner not in entry.owners:
+                entry.owners.append(owner)
+        if id(fn) in self.seen:
+            return
+        self.seen.add(id(fn))
+        real = logical(fn)
+        for cell in real.__closure__ or ():
+            try:
+                content = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            self.visit(content, f"{path}.<cell>", None)
+        for extra in ("__wrapped__", "registry"):
+            value = fn.__dict__.get(extra)
+            if extra == "__wrapped__" and value is not None:
+                self.visit(value, path, owner)
+            elif extra == "registry" and value is not None and "dispatch" in fn.__dict__:
+                for impl in list(value.values()):  # functools.singledispatch
+                    self.visit(impl, path, None)
+
+    def klass(self, cls: type) -> None:
+        if cls.__dict__.get("__module__") != self.module.__name__:
+            return
+        self.found.classes.setdefault(cls.__qualname__, cls)
+        for name, value in list(cls.__dict__.items()):
+            self.visit(value, f"{cls.__qualname__}.{name}", cls)
+
+
+def discover(module: ModuleType, filename: str, scan_heap: bool) -> Discovery:
+    """The module's live functions and classes.  With ``scan_heap`` also every other
+    function object whose globals are the module's (closures made by calls, functions
+    held only by registries or timers), lru_cache wrappers around them, and running
+    generators and coroutines whose code comes from the module's file."""
+    found = Discovery()
+    _Walker(module, found).run()
+    if not scan_heap:
+        return found
+    found.heap_scanned = True
+    moddict = module.__dict__
+    runner_types = (GeneratorType, CoroutineType, AsyncGeneratorType)
+    objects = gc.get_objects()
+    try:
+        for obj in objects:
+            t = type(obj)
+            if t is FunctionType:
+                known = id(obj) in found.functions
+                if obj.__globals__ is moddict and not known and not is_target(obj):
+                    found.functions[id(obj)] = LiveFunction(obj, reachable=False)
+            elif t in runner_types:
+                code = _runner_code(obj)
+                if code is not None and code.co_filename == filename:
+                    found.runners.append(obj)
+            elif t is LruWrapper:
+                wrapped = getattr(obj, "__wrapped__", None)
+                ours = type(wrapped) is FunctionType and wrapped.__globals__ is moddict
+                if ours and all(w is not obj for w in found.lru):
+                    found.lru.append(obj)
+    finally:
+        del objects
+    return found
+
+
+def _runner_code(obj: object) -> CodeType | None:
+    if isinstance(obj, GeneratorType):
+        return obj.gi_code if obj.gi_frame is not None else None
+    if isinstance(obj, CoroutineType):
+        return obj.cr_code if obj.cr_frame is not None else None
+    if isinstance(obj, AsyncGeneratorType):
+        return obj.ag_code if obj.ag_frame is not None else None
+    return None
+
+
+def runner_code(obj: object) -> CodeType | None:
+    return _runner_code(obj)
+
+
+def threads_running(codes: dict[int, str]) -> list[str]:
+    """Threads whose stack currently executes one of ``codes`` (id -> qualname)."""
+    out = []
+    me = threading.get_ident()
+    for tid, frame in sys._current_frames().items():
+        if tid == me:
+            continue
+        f: Any = frame
+        while f is not None:
+            name = codes.get(id(f.f_code))
+            if name is not None:
+                out.append(f"thread {tid} is inside {name}")
+                break
+            f = f.f_back
+    return out

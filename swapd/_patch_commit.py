@@ -1,0 +1,288 @@
+"""Stores, the indivisible batch that applies them, per-module patch state, migrations.
+
+A plan is a list of `Store`s: one attribute of a function, one entry of a class dictionary
+or one module global, with the value it had at prepare (``old``) and the value it gets
+(``new``).  Each store becomes a tuple ``(c_callable, *args)``; the whole list runs as
+
+    deque(starmap(operator.call, ops), maxlen=0)
+
+which executes entirely in C: ``setattr`` on a function reaches ``func_set_code`` and
+friends, ``type.__setattr__`` and ``dict.__setitem__`` are C, and nothing in between
+executes a bytecode.  Under the GIL a thread switch can only happen at a bytecode boundary
+of some thread, so the batch is one indivisible step for every other thread.  Two things
+could run bytecode inside it and are disarmed: the cyclic garbage collector (finalizers),
+paused for the batch, and deallocation of replaced values, which cannot happen because the
+undo log holds them.  A Python audit hook (``sys.addaudithook``) does run bytecode on each
+``__code__`` assignment; with one installed, every store is still atomic, the batch is not.
+"""
+
+from __future__ import annotations
+
+import gc
+import operator
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+from itertools import starmap
+from types import CodeType, ModuleType
+from typing import Any, NamedTuple
+
+from swapd._patch_code import CodeKey
+from swapd._patch_source import recorded
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+MISSING: Any = _Sentinel("MISSING")  # the attribute or key did not exist
+DELETE: Any = _Sentinel("DELETE")  # the store deletes the attribute or key
+
+Op = tuple[Any, ...]
+
+
+class Store(NamedTuple):
+    kind: str  # "attr": setattr on any object; "type": a class dict entry; "item": a dict key
+    target: Any
+    name: str
+    new: Any
+    old: Any
+    data: bool = False  # a data value (constant): a rollback leaves a value changed since
+
+    def describe(self) -> str:
+        if self.kind == "item":
+            return f"global {self.name}"
+        owner = getattr(self.target, "__qualname__", type(self.target).__name__)
+        return f"{owner}.{self.name}"
+
+
+def _set_op(s: Store, value: Any, absent_ok: bool) -> Op:
+    if s.kind == "attr":
+        if value is DELETE or value is MISSING:
+            return (delattr, s.target, s.name)
+        return (setattr, s.target, s.name, value)
+    if s.kind == "type":
+        if value is DELETE or value is MISSING:
+            return (type.__delattr__, s.target, s.name)
+        return (type.__setattr__, s.target, s.name, value)
+    if value is DELETE or value is MISSING:
+        return (
+            (dict.pop, s.target, s.name, None)
+            if absent_ok
+            else (dict.__delitem__, s.target, s.name)
+        )
+    return (dict.__setitem__, s.target, s.name, value)
+
+
+def forward_ops(stores: list[Store]) -> list[Op]:
+    return [_set_op(s, s.new, absent_ok=False) for s in stores]
+
+
+def undo_ops(stores: list[Store]) -> list[Op]:
+    """Undo of each store, in the same order as ``stores`` (run them reversed)."""
+    return [_set_op(s, s.old, absent_ok=True) for s in stores]
+
+
+def read_op(s: Store) -> Op:
+    """A C-level call that returns the store's current value, or MISSING."""
+    if s.kind == "attr":
+        return (getattr, s.target, s.name, MISSING)
+    if s.kind == "type":
+        return (s.target.__dict__.get, s.name, MISSING)
+    return (s.target.get, s.name, MISSING)
+
+
+def changed_since(reads: list[Op], expected: list[Any]) -> list[int]:
+    """Indices of reads whose value is no longer ``expected`` (identity)."""
+    if all(map(operator.is_, starmap(operator.call, reads), expected)):
+        return []  # the common case allocates nothing
+    values = list(starmap(operator.call, reads))
+    return [i for i, (v, e) in enumerate(zip(values, expected, strict=True)) if v is not e]
+
+
+class PartialBatch(Exception):
+    def __init__(self, applied: int) -> None:
+        super().__init__(f"{applied} stores applied")
+        self.applied = applied
+
+
+_consume = deque[Any]
+
+
+def run_atomic(ops: list[Op]) -> None:
+    """Run every op in one C-level call (see the module docstring).  If one raises, the
+    ops before it stay applied and `PartialBatch` says how many; the caller undoes them."""
+    if not ops:
+        return
+    it = iter(ops)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _consume(starmap(operator.call, it), maxlen=0)
+    except Exception as e:
+        applied = len(ops) - operator.length_hint(it) - 1
+        raise PartialBatch(applied) from e
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def apply_or_undo(forward: list[Op], undo: list[Op]) -> None:
+    """Run ``forward``; if a store fails, undo the applied prefix and re-raise the cause."""
+    try:
+        run_atomic(forward)
+    except PartialBatch as p:
+        run_atomic(list(reversed(undo[: p.applied])))
+        assert p.__cause__ is not None
+        raise p.__cause__ from None
+
+
+# ---------------------------------------------------------------- per-module state
+
+
+class ModuleState:
+    """What the engine knows about one module: the patches committed (a LIFO stack), the
+    source the module now runs, and the code objects patches replaced (so closures still
+    running them can be found by key later)."""
+
+    def __init__(self, module: ModuleType, record_serial: int) -> None:
+        self.name = module.__name__
+        self.module_ref = weakref.ref(module)
+        self.record_serial = record_serial
+        self.version = 0
+        self.stack: list[Any] = []
+        self.current: str | None = None
+        self.superseded: dict[int, tuple[weakref.ref[CodeType], CodeKey]] = {}
+        self.lock = threading.RLock()
+
+    def superseded_key(self, code: CodeType) -> CodeKey | None:
+        entry = self.superseded.get(id(code))
+        if entry is not None and entry[0]() is code:
+            return entry[1]
+        return None
+
+    def supersede(self, pairs: list[tuple[CodeType, CodeKey]]) -> None:
+        self.superseded.update(self.entries(pairs))
+
+    def entries(
+        self, pairs: list[tuple[CodeType, CodeKey]]
+    ) -> dict[int, tuple[weakref.ref[CodeType], CodeKey]]:
+        """Entries for `superseded`, built ahead so a commit only merges a dict."""
+        return {id(c): (weakref.ref(c, self._drop(id(c))), key) for c, key in pairs}
+
+    def _drop(self, ident: int) -> Callable[[object], None]:
+        def drop(ref: object) -> None:
+            entry = self.superseded.get(ident)
+            if entry is not None and entry[0] is ref:
+                self.superseded.pop(ident, None)
+
+        return drop
+
+
+_states: dict[str, ModuleState] = {}
+_states_lock = threading.Lock()
+
+
+def _serial(name: str) -> int:
+    rec = recorded(name)
+    return rec.serial if rec is not None else 0
+
+
+def state_for(module: ModuleType) -> ModuleState:
+    """The module's state; a fresh one if the module object was replaced or reloaded."""
+    with _states_lock:
+        state = _states.get(module.__name__)
+        serial = _serial(module.__name__)
+        if state is None or state.module_ref() is not module or state.record_serial != serial:
+            state = ModuleState(module, serial)
+            _states[module.__name__] = state
+        return state
+
+
+def is_current(state: ModuleState) -> bool:
+    module = state.module_ref()
+    if module is None:
+        return False
+    with _states_lock:
+        return _states.get(state.name) is state and state.record_serial == _serial(state.name)
+
+
+def existing_state(name: str) -> ModuleState | None:
+    with _states_lock:
+        return _states.get(name)
+
+
+def drop_state(name: str) -> None:
+    with _states_lock:
+        _states.pop(name, None)
+
+
+# ---------------------------------------------------------------- migrations
+
+
+class MigrationContext:
+    """Passed to ``__swapd_migrate__(ctx)`` and ``__swapd_rollback__(ctx)``.
+
+    Changes made through it are undo-logged: they are reverted if the hook raises, and (for
+    the migration) when the patch is rolled back.  ``on_rollback(fn)`` registers anything
+    else to do at rollback; ``note(text)`` adds a line to the patch's notes.
+    """
+
+    def __init__(self, module: ModuleType, phase: str, plan: dict[str, Any]) -> None:
+        self.module = module
+        self.phase = phase  # "migrate" or "rollback"
+        self.plan = plan
+        self.notes: list[str] = []
+        self._undo: list[Callable[[], None]] = []
+        self._on_rollback: list[Callable[[], object]] = []
+
+    def set(self, obj: object, name: str, value: object) -> None:
+        old = (
+            getattr(obj, name, MISSING)
+            if not isinstance(obj, type)
+            else obj.__dict__.get(name, MISSING)
+        )
+        setattr(obj, name, value)
+        self._undo.append(
+            lambda: setattr(obj, name, old) if old is not MISSING else delattr(obj, name)
+        )
+
+    def delete(self, obj: object, name: str) -> None:
+        old = getattr(obj, name)
+        delattr(obj, name)
+        self._undo.append(lambda: setattr(obj, name, old))
+
+    def setitem(self, mapping: Any, key: Any, value: object) -> None:
+        old = mapping.get(key, MISSING)
+        mapping[key] = value
+
+        def undo() -> None:
+            if old is MISSING:
+                mapping.pop(key, None)
+            else:
+                mapping[key] = old
+
+        self._undo.append(undo)
+
+    def delitem(self, mapping: Any, key: Any) -> None:
+        old = mapping[key]
+        del mapping[key]
+        self._undo.append(lambda: mapping.__setitem__(key, old))
+
+    def on_rollback(self, fn: Callable[[], object]) -> None:
+        self._on_rollback.append(fn)
+
+    def note(self, text: str) -> None:
+        self.notes.append(" ".join(str(text).split()))
+
+    def undo(self) -> None:
+        """Revert everything done through this context, newest first."""
+        while self._on_rollback:
+            self._on_rollback.pop()()
+        while self._undo:
+            self._undo.pop()()
