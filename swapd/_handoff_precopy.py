@@ -261,20 +261,31 @@ class TrackedDict(MutableMapping[K, V]):
         """Build the mapping from part 0. ``migrate(value, from_version)`` is applied to every
         entry here and in later parts (so a versioned migration runs outside the pause for
         all but the entries changed since)."""
+        self: TrackedDict[Any, Any] = cls()
+        self.load_bulk(bulk, migrate=migrate)
+        return self
+
+    def load_bulk(self, bulk: Restored, *, migrate: Migrate | None = None) -> None:
+        """Like :meth:`from_bulk`, into this (existing) mapping, whose content it replaces:
+        an application can hold the object from start-up and have it filled by a handoff."""
         round_id, seq, sets, dels = _parse(bulk)
         if seq != 0 or dels:
             raise PrecopyError(f"pre-copy part {seq} of round {round_id} is not a bulk (part 0)")
-        self: TrackedDict[Any, Any] = cls()
         self._round, self._seq = round_id, 1
         self._migrate, self._from_version = migrate, bulk.app_version
         self._data = _migrated(sets, migrate, bulk.app_version)
-        return self
+        self._dirty, self._bulk_pending = None, False
+
+    @property
+    def receiving(self) -> bool:
+        """A bulk was loaded here: further parts of its round go to :meth:`apply_delta`."""
+        return self._round is not None and self._dirty is None
 
     def apply_delta(self, part: Restored) -> None:
         """Apply the next part of the round (a bulk chunk or a delta), in order."""
         round_id, seq, sets, dels = _parse(part)
         if self._round is None:
-            raise PrecopyError("apply_delta() on a TrackedDict not made by from_bulk()")
+            raise PrecopyError("apply_delta() on a TrackedDict without a loaded bulk")
         if round_id != self._round or seq != self._seq:
             raise PrecopyError(
                 f"pre-copy part {round_id}#{seq} does not follow {self._round}#{self._seq - 1}"

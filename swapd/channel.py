@@ -16,6 +16,10 @@ Frame (one datagram):
     flags bit 0 (SPILLED): the body did not fit inline; it is in a sealed memfd
     sent as the first descriptor, `body length` is its size, and the frame carries
     no body bytes. `nfds` counts that memfd too.
+    flags bit 1 (FDS_ONLY): a carrier frame, no body, only descriptors: the kernel
+    takes at most 253 per datagram, so a message with more (a handoff of thousands
+    of connections) is sent as carriers followed by the frame with the body; the
+    receiver prepends the carried descriptors, in order, to that message's.
 
 The JSON body is an object with a type `t`; requests carry an `id`, replies carry
 `re` (the id they answer). A frame with another magic or version, a truncated
@@ -43,6 +47,7 @@ MAGIC = b"SWPD"
 VERSION = 1
 _HEADER = struct.Struct(">4sBBHI")
 _SPILLED = 0x01
+_FDS_ONLY = 0x02
 MAX_INLINE = 32 * 1024
 MAX_FDS = 250  # below the kernel's SCM_MAX_FD (253)
 _RECV_SIZE = _HEADER.size + MAX_INLINE
@@ -92,16 +97,18 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
-def encode(body: Body, fds: Iterable[int] = ()) -> tuple[bytes, list[int]]:
-    """Frame a body; returns (datagram, fds to attach). A spilled body's memfd leads the fds."""
+def encode(body: Body, fds: Iterable[int] = ()) -> list[tuple[bytes, list[int]]]:
+    """Frame a message: carrier frames for excess fds, then the frame with the body."""
     data = json.dumps(body, separators=(",", ":")).encode()
     fd_list = list(fds)
-    if len(data) <= MAX_INLINE:
-        if len(fd_list) > MAX_FDS:
-            raise ChannelError(f"too many fds in one message: {len(fd_list)} > {MAX_FDS}")
-        return _HEADER.pack(MAGIC, VERSION, 0, len(fd_list), len(data)) + data, fd_list
-    if len(fd_list) + 1 > MAX_FDS:
-        raise ChannelError(f"too many fds in one message: {len(fd_list) + 1} > {MAX_FDS}")
+    spill = len(data) > MAX_INLINE
+    room = MAX_FDS - (1 if spill else 0)
+    carried, own = fd_list[: max(0, len(fd_list) - room)], fd_list[max(0, len(fd_list) - room):]
+    frames = [(_HEADER.pack(MAGIC, VERSION, _FDS_ONLY, len(chunk), 0), chunk)
+              for chunk in (carried[i : i + MAX_FDS] for i in range(0, len(carried), MAX_FDS))]
+    if not spill:
+        frames.append((_HEADER.pack(MAGIC, VERSION, 0, len(own), len(data)) + data, own))
+        return frames
     memfd = os.memfd_create("swapd-channel-body", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         _write_all(memfd, data)
@@ -113,8 +120,21 @@ def encode(body: Body, fds: Iterable[int] = ()) -> tuple[bytes, list[int]]:
     except BaseException:
         os.close(memfd)
         raise
-    header = _HEADER.pack(MAGIC, VERSION, _SPILLED, len(fd_list) + 1, len(data))
-    return header, [memfd, *fd_list]
+    header = _HEADER.pack(MAGIC, VERSION, _SPILLED, len(own) + 1, len(data))
+    frames.append((header, [memfd, *own]))
+    return frames
+
+
+def carried_fds(datagram: bytes, fds: list[int]) -> bool:
+    """True if this datagram is a carrier frame (its fds belong to the next message)."""
+    if len(datagram) != _HEADER.size:
+        return False
+    magic, version, flags, nfds, length = _HEADER.unpack_from(datagram)
+    if magic != MAGIC or version != VERSION or not flags & _FDS_ONLY:
+        return False
+    if nfds != len(fds) or length != 0:
+        raise ProtocolError(f"carrier frame announces {nfds} fds but {len(fds)} arrived")
+    return True
 
 
 def decode(datagram: bytes, fds: list[int]) -> Message:
@@ -195,6 +215,7 @@ class Channel:
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._ids = itertools.count(1)
         self._out: deque[tuple[bytes, list[int]]] = deque()
+        self._carried: list[int] = []  # fds of carrier frames, for the next message
         self._closed: ChannelError | None = None
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -212,12 +233,13 @@ class Channel:
             raise ChannelClosed(f"channel closed: {self._closed}")
         dups = [os.dup(fd) for fd in fds]
         try:
-            frame = encode(body, dups)
+            frames = encode(body, dups)
         except BaseException:
             _close_all(dups)
             raise
-        self._out.append(frame)
-        if len(self._out) == 1:
+        idle = not self._out
+        self._out.extend(frames)
+        if idle:
             self._flush()
 
     async def request(
@@ -289,10 +311,16 @@ class Channel:
                 if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                     _close_all(fds)
                     raise ProtocolError("truncated frame")
+                if carried_fds(data, fds):
+                    self._carried.extend(fds)
+                    continue
                 msg = decode(data, fds)
             except ProtocolError as e:
+                _close_all(fds)
                 self._shutdown(e)
                 return
+            if self._carried:
+                msg.fds[:0], self._carried = self._carried, []
             self._dispatch(msg)
             if self._closed is not None:
                 return
@@ -318,6 +346,8 @@ class Channel:
             self._loop.remove_reader(fd)
             self._loop.remove_writer(fd)
         self.sock.close()
+        _close_all(self._carried)
+        self._carried = []
         while self._out:
             _close_all(self._out.popleft()[1])
         for fut in self._pending.values():

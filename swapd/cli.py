@@ -160,6 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from swapd.supervisor import StartupError, Supervisor
 
     setup_logging(args.log_level)
+    _raise_nofile()
     state_fd = os.environ.pop(reexec.ENV, None)
     if state_fd is not None:
         # We are the new image of `swapd upgrade --self`: adopt, don't start.
@@ -184,6 +185,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         if e.tail:
             print(_indent(e.tail), file=sys.stderr)
         return e.code
+
+
+def _raise_nofile() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit (for us and the workers we start).
+
+    A handoff passes every live connection as an fd, through the supervisor: with
+    systemd's default soft limit of 1024 a service with a few hundred connections
+    would run out halfway.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        logging.getLogger("swapd").info("event=rlimit.nofile soft=%d raised_to=%d", soft, hard)
 
 
 def _check_command(command: Sequence[str], cwd: str | None, env: dict[str, str]) -> None:

@@ -177,17 +177,22 @@ async def _precopy(
     sup: Supervisor, old: Generation, new: Generation, config: Config, job: SwapJob
 ) -> None:
     """Ship bulk state while the old generation still serves (outside the pause)."""
-    async def one(src: Worker, dst: Worker) -> None:
-        bulk = await _ask(src, {"t": "precopy"}, config.timeouts.quiesce, "pre-copy")
+    async def one(src: Worker, dst: Worker) -> int:
+        # Bounded like the rest of a swap, but generously: a bulk is large by definition.
+        bound = config.timeouts.ready + config.timeouts.restore
+        bulk = await _ask(src, {"t": "precopy"}, bound, "pre-copy")
         try:
-            await _ask(dst, {"t": "precopy", "envelope": bulk.body.get("envelope")},
-                       config.timeouts.restore, "pre-copy load", fds=bulk.fds)
+            reply = await _ask(dst, {"t": "precopy", "names": bulk.body.get("names", [])},
+                               bound, "pre-copy load", fds=bulk.fds)
+            reply.close_fds()
+            return int(bulk.body.get("size", 0))
         finally:
             bulk.close_fds()
 
-    await asyncio.gather(*(one(s, d) for s, d in _pairs(old, new)))
+    sizes = await asyncio.gather(*(one(s, d) for s, d in _pairs(old, new)))
     job.mark("precopied")
-    job.emit("precopy", f"gen={new.id} bulk state loaded")
+    job.emit("precopy", f"gen={new.id} bulk state loaded ({sum(sizes)} bytes) while "
+             f"gen={old.id} kept serving")
 
 
 async def _handoff(
@@ -206,7 +211,7 @@ async def _handoff(
             if isinstance(result, BaseException):
                 raise result
         job.mark("snapshotted")
-        sizes = [int((m.body.get("envelope") or {}).get("size", 0)) for m in _msgs(snaps)]
+        sizes = [int(m.body.get("size", 0)) for m in _msgs(snaps)]
         job.emit("snapshot", f"gen={old.id} quiesced; {len(sizes)} snapshot(s), "
                  f"{sum(sizes)} bytes")
         stops = [float(m.body.get("t_stop", 0)) for m in _msgs(snaps)]

@@ -41,12 +41,15 @@ from typing import Any
 
 # Imported here, not at first use: its import cost must stay outside the handoff pause.
 from swapd import __version__, handoff
+from swapd._worker_state import Migrate, StateParts, TrackedEntry
 from swapd.channel import Channel, ChannelError, Message
 from swapd.connection import Connection, ConnectionHub, HandedOff, Handler
+from swapd.handoff import SharedBuffer, TrackedDict
 from swapd.sockets import bind, parse_bind
 from swapd.systemd import Notifier
 
-__all__ = ["Connection", "HandedOff", "Worker", "WorkerError", "current", "run"]
+__all__ = ["Connection", "HandedOff", "SharedBuffer", "TrackedDict", "Worker", "WorkerError",
+           "current", "run"]
 
 log = logging.getLogger("swapd.worker")
 
@@ -73,7 +76,7 @@ class Worker:
         self.mode = env.get("SWAPD_MODE", "stateless")
         self.role = env.get("SWAPD_ROLE", "fresh")
         self.idle_grace = float(env.get("SWAPD_IDLE_GRACE", "1.0"))
-        self.state_version = 1
+        self._parts = StateParts()
         # Versions of predecessor state this code can restore; default: its own and older.
         self.accept_versions: set[int] | None = None
         self.listeners = _listeners(env, default_binds)
@@ -93,7 +96,6 @@ class Worker:
         self._restored: asyncio.Future[None] | None = None
         self._committed: asyncio.Future[None] | None = None
         self._handed_over: list[Connection] = []
-        self._restored_snapshot: Any = None
         self._quiesce_task: asyncio.Task[Any] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -115,6 +117,31 @@ class Worker:
         """Register `restore(state, from_version)`; not called for a fresh worker."""
         self._restore = fn
         return fn
+
+    @property
+    def state_version(self) -> int:
+        """This code's state version, sent with every snapshot (restore's `from_version`)."""
+        return self._parts.version
+
+    @state_version.setter
+    def state_version(self, version: int) -> None:
+        self._parts.version = version
+
+    def tracked_dict(self, name: str, *, migrate: Migrate | None = None
+                     ) -> TrackedDict[Any, Any]:
+        """A dict handed to the successor by pre-copy (with `--precopy`): its bulk travels
+        while this worker still serves, only the keys changed since inside the pause.
+
+        Register it at start-up, under the same name in every version of the code; a
+        successor's is filled before `restore()` is called. `migrate(value, from_version)`
+        converts entries of older state versions, outside the pause for the bulk. Mark
+        in-place changes of nested values with `td.touch(key)`.
+        """
+        if name in self._parts.tracked:
+            raise WorkerError(f"tracked dict {name!r} is already registered")
+        td: TrackedDict[Any, Any] = TrackedDict()
+        self._parts.tracked[name] = TrackedEntry(td, migrate)
+        return td
 
     def on_drain(self, fn: Hook) -> Hook:
         """Called when the worker starts draining (stop background work; may be async)."""
@@ -283,11 +310,9 @@ class Worker:
             # Without conns (a snapshot for systemd's fd store) the detached connections
             # stay here and are closed at their request boundary when the drain comes.
             keep = bool(msg.body.get("conns", True))
-            state = {
-                "app": app_state,
-                "conns": [(c.listener, c.sock, c.meta, bytes(c.buffer)) for c in conns if keep],
-            }
-            snap = handoff.dump(state, app_version=self.state_version)
+            snaps = self._parts.dump(
+                app_state, [(c.listener, c.sock, c.meta, bytes(c.buffer)) for c in conns if keep]
+            )
         except asyncio.CancelledError:
             log.warning("event=quiesce.cancelled reason='resumed before the snapshot was taken'")
             raise
@@ -298,10 +323,39 @@ class Worker:
         finally:
             self._quiesce_task = None
         try:
-            self._reply(msg, {"ok": True, "envelope": snap.envelope.to_dict(), "t_stop": t_stop,
-                              "conns": len(conns)}, snap.send_fds)
+            self._reply(msg, {"ok": True, "envelope": snaps[0].envelope.to_dict(),
+                              "size": sum(s.envelope.size + s.envelope.buffers_size
+                                          for s in snaps),
+                              "t_stop": t_stop, "conns": len(conns) if keep else 0},
+                        [fd for snap in snaps for fd in snap.send_fds])
         finally:
-            snap.close()
+            for snap in snaps:
+                snap.close()
+
+    async def _handle_precopy(self, msg: Message) -> None:
+        fds = msg.take_fds()
+        try:
+            if "names" in msg.body:  # the new worker: load the bulk, outside the pause
+                self._parts.load_precopy(list(msg.body["names"]), fds)
+                self._reply(msg, {"ok": True})
+                return
+            names: list[str] = []
+            snaps: list[handoff.Snapshot] = []
+            for name, part in self._parts.precopy():  # the old worker, still serving
+                names.append(name)
+                snaps.append(part)
+                await asyncio.sleep(0)  # let requests run between chunks
+        except Exception as e:
+            log.exception("event=precopy.failed")
+            self._reply(msg, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+            return
+        try:
+            self._reply(msg, {"ok": True, "names": names,
+                              "size": sum(s.envelope.size for s in snaps)},
+                        [fd for snap in snaps for fd in snap.send_fds])
+        finally:
+            for snap in snaps:
+                snap.close()
 
     async def _handle_resume(self, msg: Message) -> None:
         msg.close_fds()
@@ -311,6 +365,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         hub = self._require_hub()
+        self._parts.end_rounds()
         hub.resume()
         hub.start_accepting()
         for hook in self._on_resume:
@@ -322,16 +377,12 @@ class Worker:
         fds = msg.take_fds()
         hub = self._require_hub()
         try:
-            if not fds:
-                raise handoff.Truncated("restore request carried no snapshot fd")
             accept = self.accept_versions or range(0, self.state_version + 1)
-            restored = handoff.load(msg.body.get("envelope"), fds[0], fds[1:],
-                                    accept_versions=accept)
-            self._restored_snapshot = restored
-            state = restored.state
+            main = self._parts.load(fds, accept)
+            state = main.state
             if self._restore is not None:
-                result = self._restore(state["app"], restored.app_version)
-                if asyncio.iscoroutine(result):
+                result = self._restore(state["app"], main.app_version)
+                if inspect.isawaitable(result):
                     await result
             self._handed_over = [
                 Connection(sock, listener, hub, meta, buffered)
@@ -348,9 +399,7 @@ class Worker:
         hub = self._require_hub()
         hub.start_accepting()
         t_start = time.monotonic()
-        if self._restored_snapshot is not None:
-            self._restored_snapshot.commit()
-            self._restored_snapshot = None
+        self._parts.commit()
         for conn in self._handed_over:
             hub.adopt(conn)
         self._handed_over = []
@@ -364,6 +413,7 @@ _HANDLERS: dict[str, Callable[[Worker, Message], Awaitable[None]]] = {
     "quiesce": Worker._handle_quiesce,
     "resume": Worker._handle_resume,
     "restore": Worker._handle_restore,
+    "precopy": Worker._handle_precopy,
     "commit": Worker._handle_commit,
 }
 

@@ -1,0 +1,160 @@
+"""The state half of `swapd.worker`: what a handoff sends and how it is taken back.
+
+A handoff is a flat list of snapshots (each a sealed memfd plus its own fds),
+sent as one channel message:
+
+    [state]  [tracked dict part]  [tracked dict part] ...
+
+`state` is {"app": snapshot(), "conns": [(listener, socket, meta, buffered)],
+"tracked": [names of the parts that follow]}. Every memfd carries its envelope in
+its header, so the receiver splits the flat fd list by reading them, and a list
+kept in systemd's fd store (where fds come back without envelopes) restores the
+same way. A tracked dict contributes its bulk (no pre-copy happened) or only the
+keys changed since its pre-copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from swapd import handoff
+from swapd.handoff import Restored, Snapshot, TrackedDict
+
+Migrate = Callable[[Any, int], Any]
+CHUNK_ENTRIES = 50_000  # pre-copy chunk: the worker serves requests between chunks
+
+
+@dataclass
+class TrackedEntry:
+    td: TrackedDict[Any, Any]
+    migrate: Migrate | None
+
+
+@dataclass
+class StateParts:
+    """What a worker keeps across a handoff, on either side."""
+
+    version: int = 1
+    tracked: dict[str, TrackedEntry] = field(default_factory=dict)
+    restored: list[Restored] = field(default_factory=list)  # committed on swap commit
+
+    # -- the old worker --------------------------------------------------------------
+
+    def precopy(self) -> Iterator[tuple[str, Snapshot]]:
+        """Bulk parts of every tracked dict, chunk by chunk (the caller yields between)."""
+        for name, entry in self.tracked.items():
+            for part in entry.td.precopy_chunks(app_version=self.version,
+                                                chunk_entries=CHUNK_ENTRIES):
+                yield name, part
+
+    def dump(self, app: Any, conns: list[tuple[Any, ...]]) -> list[Snapshot]:
+        names = list(self.tracked)
+        snaps = [handoff.dump({"app": app, "conns": conns, "tracked": names},
+                              app_version=self.version)]
+        try:
+            for name in names:
+                td = self.tracked[name].td
+                snaps.append(td.delta() if td.tracking else
+                             td.begin_precopy(app_version=self.version))
+        except BaseException:
+            for snap in snaps:
+                snap.close()
+            raise
+        return snaps
+
+    def end_rounds(self) -> None:
+        """After an abort (old side) or a commit (new side): the next swap starts over."""
+        for entry in self.tracked.values():
+            entry.td.end_precopy()
+
+    # -- the new worker --------------------------------------------------------------
+
+    def load_precopy(self, names: list[str], fds: list[int]) -> None:
+        parts = split(fds)
+        if len(parts) != len(names):
+            _close_parts(parts)
+            raise handoff.PrecopyError(f"{len(names)} pre-copy names for {len(parts)} parts")
+        for i, (name, (memfd, extra)) in enumerate(zip(names, parts, strict=True)):
+            try:
+                entry = self._entry(name)
+                self._apply(entry, handoff.load(None, memfd, extra))
+            except BaseException:
+                _close_parts(parts[i + 1 :])
+                raise
+
+    def load(self, fds: list[int], accept: Any) -> Restored:
+        """Restore a handoff; returns the main part (its state has app, conns, tracked)."""
+        parts = split(fds)
+        if not parts:
+            raise handoff.Truncated("the restore request carried no snapshot")
+        try:
+            main = handoff.load(None, *parts[0], accept_versions=accept)
+        except BaseException:
+            _close_parts(parts[1:])
+            raise
+        names = main.state.get("tracked", [])
+        if len(names) != len(parts) - 1:
+            _close_parts(parts[1:])
+            raise handoff.FdMismatch(f"state names {len(names)} tracked dicts, "
+                                     f"{len(parts) - 1} parts arrived")
+        self.restored.append(main)
+        for i, (name, (memfd, extra)) in enumerate(zip(names, parts[1:], strict=True)):
+            try:
+                entry = self._entry(name)
+                self._apply(entry, handoff.load(None, memfd, extra, accept_versions=accept))
+            except BaseException:
+                _close_parts(parts[i + 2 :])
+                raise
+        return main
+
+    def commit(self) -> None:
+        for restored in self.restored:
+            restored.commit()
+        self.restored.clear()
+        self.end_rounds()
+
+    def _entry(self, name: str) -> TrackedEntry:
+        entry = self.tracked.get(name)
+        if entry is None:
+            raise handoff.PrecopyError(
+                f"the predecessor hands over tracked dict {name!r}, which this code does not "
+                "register (w.tracked_dict)"
+            )
+        return entry
+
+    def _apply(self, entry: TrackedEntry, part: Restored) -> None:
+        if entry.td.receiving:
+            entry.td.apply_delta(part)
+        else:
+            entry.td.load_bulk(part, migrate=entry.migrate)
+        self.restored.append(part)
+
+
+def split(fds: list[int]) -> list[tuple[int, list[int]]]:
+    """Cut a flat fd list into (memfd, its fds) by reading each memfd's envelope."""
+    parts: list[tuple[int, list[int]]] = []
+    i = 0
+    try:
+        while i < len(fds):
+            count = handoff.read_envelope(fds[i]).fds
+            if i + 1 + count > len(fds):
+                raise handoff.FdMismatch(f"snapshot needs {count} fds, {len(fds) - i - 1} left")
+            parts.append((fds[i], fds[i + 1 : i + 1 + count]))
+            i += 1 + count
+    except BaseException:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+    return parts
+
+
+def _close_parts(parts: list[tuple[int, list[int]]]) -> None:
+    for memfd, extra in parts:
+        for fd in (memfd, *extra):
+            with contextlib.suppress(OSError):
+                os.close(fd)
