@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
                            help="re-exec the supervisor itself (same PID, workers kept)")
         if name == "stop":
             c.add_argument("--fast", action="store_true", help="kill workers instead of draining")
+
+    pt = sub.add_parser("patch", help="apply, roll back or list in-process patches",
+                        usage="swapd patch FILE --module NAME [--dry-run] | --rollback | --list")
+    pt.add_argument("file", nargs="?", help="the module's new source")
+    pt.add_argument("--module", help="the module to patch, e.g. app.rules")
+    pt.add_argument("--dry-run", action="store_true",
+                    help="prepare on every worker, commit nothing")
+    pt.add_argument("--accept-absent", action="store_true",
+                    help="allow closure cells without a value (reading them raises NameError)")
+    pt.add_argument("--prune", action="store_true", help="delete names the patch removes")
+    pt.add_argument("--rollback", action="store_true", help="roll back the last patch")
+    pt.add_argument("--list", action="store_true", help="list the patches in force")
+    pt.add_argument("--control", help="control socket path")
+    pt.add_argument("--json", action="store_true", help="print raw JSON lines")
 
     demo = sub.add_parser("demo", help="see swapd work: swaps under load, with a report")
     demo.add_argument("--swaps", type=int, default=5)
@@ -239,6 +254,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         request["fast"] = args.fast
     if args.command == "upgrade" and args.self_:
         request["self"] = True
+    if args.command == "patch":
+        request = _patch_request(args)
     client = Client(path)
     result: dict[str, Any] | None = None
     try:
@@ -258,6 +275,23 @@ def cmd_client(args: argparse.Namespace) -> int:
     return EXIT_OK if result.get("ok") else EXIT_FAILED
 
 
+def _patch_request(args: argparse.Namespace) -> dict[str, Any]:
+    if args.rollback or args.list:
+        if args.file or args.module or (args.rollback and args.list):
+            raise UsageError("swapd patch: --rollback and --list take no file or module")
+        return {"action": "rollback" if args.rollback else "list"}
+    if not args.file or not args.module:
+        raise UsageError("swapd patch: give FILE and --module NAME (or --rollback, --list)")
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"swapd patch: cannot read {args.file}: {e}") from None
+    return {"action": "apply", "module": args.module, "source": source,
+            "name": os.path.basename(args.file), "dry_run": args.dry_run,
+            "accept_absent": args.accept_absent, "prune": args.prune}
+
+
 def _print_result(command: str, result: dict[str, Any]) -> None:
     data = result.get("data") or {}
     if not result.get("ok"):
@@ -269,6 +303,8 @@ def _print_result(command: str, result: dict[str, Any]) -> None:
         return
     if command == "status":
         print(format_status(data))
+    elif command == "patch":
+        print(_format_patch(data))
     elif data.get("reexec"):
         print(f"swapd upgrade --self: ok: supervisor pid {data['pid']} re-exec'd, "
               f"swapd {data['previous']} -> {data['version']}; workers kept")
@@ -280,6 +316,25 @@ def _print_result(command: str, result: dict[str, Any]) -> None:
               f"total {data.get('duration_ms', 0):.0f} ms)")
     elif command == "stop":
         print("swapd stop: stopped")
+
+
+def _format_patch(data: dict[str, Any]) -> str:
+    if "patches" in data:
+        if not data["patches"]:
+            return f"swapd patch: no patch in force in gen {data.get('gen')}"
+        lines = [f"patches in force in gen {data.get('gen')}:"]
+        for p in data["patches"]:
+            disk = {True: "on disk", False: "NOT on disk", None: "disk unknown"}[p["on_disk"]]
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["time"]))
+            lines.append(f"  #{p['id']}  {p['module']:<20} {p['name']:<16} "
+                         f"sha256 {p['sha256'][:12]}  {when}  by {p['who']}  ({disk})")
+        return "\n".join(lines)
+    if data.get("dry_run"):
+        verdict = "would commit" if data.get("committable") else "would be REFUSED"
+        return f"swapd patch: dry run: patch {data['patch']} {verdict}; nothing changed"
+    if "module" in data:
+        return f"swapd patch: patch {data['patch']} ({data['module']}) rolled back"
+    return f"swapd patch: patch {data['patch']} in force on {len(data['plans'])} worker(s)"
 
 
 def _indent(text: str, prefix: str = "  ") -> str:
@@ -314,6 +369,10 @@ def format_status(s: dict[str, Any]) -> str:
         parts = ", ".join(f"{k} {v:.1f} ms" for k, v in t.items())
         lines.append(f"last swap: {last.get('kind')} from {last.get('origin')}: {outcome}; "
                      f"{parts or 'no timings'}; total {last.get('duration_ms', 0):.0f} ms")
+    for p in s.get("patches", []):
+        disk = {True: "on disk", False: "NOT on disk", None: "disk unknown"}[p["on_disk"]]
+        lines.append(f"patch #{p['id']} in force: {p['module']} from {p['name']} "
+                     f"(sha256 {p['sha256'][:12]}, {disk})")
     for warning in s.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     return "\n".join(lines)

@@ -21,18 +21,19 @@ import signal
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import psutil
 
-from swapd import __version__, reexec
+from swapd import __version__, patching, reexec
 from swapd.channel import Message
 from swapd.config import Config, ConfigError, load
 from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
 from swapd.generation import Generation, Worker, WorkerSpec, spawn_worker
 from swapd.lifecycle import GenEvent, GenState, SlotEvent, SlotState
 from swapd.manager import ServiceManager, split_inherited
+from swapd.patching import PatchRecord
 from swapd.process import ExitStatus, OsProcesses, SpawnError
 from swapd.sockets import (
     Address,
@@ -56,7 +57,7 @@ from swapd.swap import (
 
 log = logging.getLogger("swapd")
 
-COMMANDS = frozenset({"status", "upgrade", "reload", "stop"})
+COMMANDS = frozenset({"status", "upgrade", "reload", "stop", "patch"})
 CRASH_WINDOW = 60.0  # seconds over which crashes of one slot are counted
 CRASH_LOOP = 5  # crashes in the window that make a crash loop
 BACKOFF_MAX = 30.0
@@ -110,6 +111,9 @@ class Supervisor:
         self.swap: SwapJob | None = None
         self.last_swap: dict[str, Any] | None = None
         self.swap_counts = {"ok": 0, "failed": 0}
+        self.journal: list[PatchRecord] = []  # patches in force in the active generation
+        self.patch_in_flight: int | None = None
+        self._patch_serial = 0
         self.started = time.monotonic()
         self.crashes: dict[int, deque[float]] = {}
         self.crash_loop: set[int] = set()
@@ -326,6 +330,11 @@ class Supervisor:
         new.committed = time.monotonic()
         self.active = new
         self.config = new.config
+        if old is not None and self.journal:
+            # New code from disk: the patches of the old generation do not apply to it.
+            log.warning("event=patch.journal_cleared gen=%d patches=%s", new.id,
+                        ",".join(str(r.id) for r in self.journal))
+            self.journal.clear()
         if old is not None:
             old.transition(GenEvent.SUPERSEDE)
             self._drain(old, old.config.timeouts.drain)
@@ -496,10 +505,17 @@ class Supervisor:
         msg.close_fds()
 
     def journal_for(self, w: Worker) -> list[dict[str, Any]]:
-        return []
+        """What a (re)started worker must re-apply: its generation's patches, in order."""
+        if self.active is None or w.gen != self.active.id:
+            return []
+        return self.journal_state()
 
     def journal_state(self) -> list[dict[str, Any]]:
-        return []
+        return [asdict(r) for r in self.journal]
+
+    def next_patch_id(self) -> int:
+        self._patch_serial += 1
+        return self._patch_serial
 
     @property
     def control_fd(self) -> int | None:
@@ -510,9 +526,10 @@ class Supervisor:
     async def _reexec(self, emit: Emit, peer: Peer) -> dict[str, Any]:
         if self._stopping():
             raise ControlError("supervisor is stopping; no re-exec")
-        if self.swap is not None:
-            raise ControlError(f"a {self.swap.kind} is in flight (gen={self.swap.gen}); "
-                               "retry when it finishes")
+        if self.swap is not None or self.patch_in_flight is not None:
+            what = (f"a {self.swap.kind} (gen={self.swap.gen})" if self.swap is not None
+                    else f"patch {self.patch_in_flight}")
+            raise ControlError(f"{what} is in flight; retry when it finishes")
         reply_fd = os.dup(peer.fd)
         captured = reexec.capture(self, reply_fd)
         emit("reexec", f"checking that the new code on disk takes over {len(captured.fds)} fd(s) "
@@ -539,6 +556,8 @@ class Supervisor:
         sup.swap_counts = state["swaps"]
         sup.last_swap = state["last_swap"]
         sup.crashes = {int(k): deque(v) for k, v in state["crashes"].items()}
+        sup.journal = [PatchRecord(**r) for r in state.get("journal", [])]
+        sup._patch_serial = max((r.id for r in sup.journal), default=0)
         for item in state["listeners"]:
             sock = socket.socket(fileno=item["fd"])
             sock.set_inheritable(False)
@@ -595,6 +614,9 @@ class Supervisor:
             raise ControlError("supervisor is stopping; no swap started")
         if self.active is None:
             raise ControlError("supervisor is still starting; no swap started")
+        if self.patch_in_flight is not None:
+            raise ControlError(f"patch {self.patch_in_flight} is in flight; retry when it "
+                               "finishes")
         job = self.swap
         if job is not None:
             if job.kind != kind:
@@ -744,12 +766,38 @@ class Supervisor:
             if not outcome.get("ok"):
                 raise ControlError(str(outcome.get("error")), data=outcome)
             return outcome
+        if cmd == "patch":
+            return await self._patch(args, emit, peer)
         if cmd == "stop":
             self.request_stop(bool(args.get("fast")))
             assert self._stopped is not None
             await asyncio.shield(self._stopped)
             return {"stopped": True}
         raise ControlError(f"unknown command {cmd!r}")
+
+    async def _patch(self, args: dict[str, Any], emit: Emit, peer: Peer) -> dict[str, Any]:
+        action = args.get("action", "apply")
+        if action == "list":
+            return {"patches": [r.summary() for r in self.journal],
+                    "gen": self.active.id if self.active else None}
+        if action not in ("apply", "rollback"):
+            raise ControlError(f"unknown patch action {action!r} (apply, rollback, list)")
+        if self._stopping():
+            raise ControlError("supervisor is stopping")
+        if self.swap is not None:
+            raise ControlError(f"a {self.swap.kind} is in flight (gen={self.swap.gen}); "
+                               "patch the new generation once it is active")
+        if self.patch_in_flight is not None:
+            raise ControlError(f"patch {self.patch_in_flight} is in flight; retry when it "
+                               "finishes")
+        rolling = action == "rollback" and self.journal
+        self.patch_in_flight = self.journal[-1].id if rolling else self._patch_serial + 1
+        try:
+            if action == "rollback":
+                return await patching.rollback(self, emit, peer)
+            return await patching.apply(self, args, emit, peer)
+        finally:
+            self.patch_in_flight = None
 
     def status(self) -> dict[str, Any]:
         gens = [g for g in self.generations.values() if g.state not in (GenState.EXITED,
@@ -766,7 +814,9 @@ class Supervisor:
         for slot in sorted(self.crash_loop):
             warnings.append(f"worker {slot} is in a crash loop ({len(self.crashes[slot])} "
                             f"crashes in {CRASH_WINDOW:g}s)")
+        warnings += patching.warnings(self.journal)
         return {
+            "patches": [r.summary() for r in self.journal],
             "pid": os.getpid(),
             "version": __version__,
             "uptime": round(time.monotonic() - self.started, 3),

@@ -37,16 +37,25 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Imported here, not at first use: its import cost must stay outside the handoff pause.
 from swapd import __version__, handoff
+from swapd._patch_source import record_sources
 from swapd._worker_state import Migrate, StateParts, TrackedEntry
 from swapd.channel import Channel, ChannelError, Message
 from swapd.connection import Connection, ConnectionHub, HandedOff, Handler
 from swapd.handoff import SharedBuffer, TrackedDict
 from swapd.sockets import bind, parse_bind
 from swapd.systemd import Notifier
+
+if TYPE_CHECKING:
+    from swapd._worker_patch import PatchHost
+
+# Remember the source of every module imported from now on, so that a patch is diffed
+# against what the process really runs even if a deploy has replaced the files since.
+# (Import swapd.worker before the application's own modules.)
+record_sources()
 
 __all__ = ["Connection", "HandedOff", "SharedBuffer", "TrackedDict", "Worker", "WorkerError",
            "current", "run"]
@@ -97,6 +106,7 @@ class Worker:
         self._committed: asyncio.Future[None] | None = None
         self._handed_over: list[Connection] = []
         self._quiesce_task: asyncio.Task[Any] | None = None
+        self._patch_host: PatchHost | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- registration (before ready) --------------------------------------------
@@ -230,13 +240,25 @@ class Worker:
 
     async def _hello(self) -> None:
         assert self._channel is not None
-        features = ["drain", "state", "conns"]
+        features = ["drain", "state", "conns", "patch"]
         reply = await self._channel.request(
             {"t": "hello", "proto": 1, "pid": os.getpid(), "lib": f"swapd.worker {__version__}",
              "features": features},
             timeout=30,
         )
         reply.close_fds()
+        journal = reply.body.get("journal") or []
+        if journal:
+            # A restarted worker runs what its siblings run: the generation's patches first.
+            self._patches().replay(journal)
+
+    def _patches(self) -> PatchHost:
+        # Imported on first use: the patch engine stays out of every worker's start-up.
+        if self._patch_host is None:
+            from swapd._worker_patch import PatchHost
+
+            self._patch_host = PatchHost()
+        return self._patch_host
 
     def _on_channel_close(self, error: ChannelError) -> None:
         # The supervisor is gone (or broke the protocol): finish what we have and exit.
@@ -408,12 +430,37 @@ class Worker:
         self._reply(msg, {"ok": True, "t_start": t_start})
 
 
+    async def _handle_patch(self, msg: Message) -> None:
+        msg.close_fds()
+        host = self._patches()
+        kind = msg.type.removeprefix("patch.")
+        try:
+            if kind == "prepare":
+                reply = await host.prepare(msg.body)
+            elif kind == "commit":
+                reply = host.commit(msg.body)  # synchronous: between two loop callbacks
+            elif kind == "abort":
+                reply = host.abort(msg.body)
+            elif kind == "rollback":
+                reply = host.rollback(msg.body)
+            else:
+                reply = {"ok": False, "error": f"unknown patch request {msg.type!r}"}
+        except Exception as e:  # a bug, but the supervisor must hear about it
+            log.exception("event=patch.error request=%s", msg.type)
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        self._reply(msg, reply)
+
+
 _HANDLERS: dict[str, Callable[[Worker, Message], Awaitable[None]]] = {
     "drain": Worker._handle_drain,
     "quiesce": Worker._handle_quiesce,
     "resume": Worker._handle_resume,
     "restore": Worker._handle_restore,
     "precopy": Worker._handle_precopy,
+    "patch.prepare": Worker._handle_patch,
+    "patch.commit": Worker._handle_patch,
+    "patch.abort": Worker._handle_patch,
+    "patch.rollback": Worker._handle_patch,
     "commit": Worker._handle_commit,
 }
 

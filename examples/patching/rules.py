@@ -1,0 +1,43 @@
+"""Pricing rules of the shop: the module the hot fix replaces (see fix_rules.py).
+
+Two bugs ship in this version: the bulk discount charges 10% of the price instead
+of taking 10% off, and an order of a negative quantity pays the customer.
+"""
+
+from __future__ import annotations
+
+UNIT_PRICE = 250  # cents
+
+STATS = {"orders": 0, "revenue": 0}  # module data: a patch keeps its live value
+
+
+def _make_counter():  # type: ignore[no-untyped-def]
+    served = 0
+
+    def quoted() -> int:
+        nonlocal served  # closure state: a patch joins this cell, the count goes on
+        served += 1
+        return served
+
+    def total() -> int:
+        return served
+
+    return quoted, total
+
+
+count_quote, quotes_served = _make_counter()
+
+
+def price(qty: int) -> int:
+    """Price in cents; 10% off from 10 items."""
+    total = qty * UNIT_PRICE
+    if qty >= 10:
+        total = total * 10 // 100
+    return total
+
+
+def order(qty: int) -> int:
+    amount = price(qty)
+    STATS["orders"] += 1
+    STATS["revenue"] += amount
+    return amount

@@ -1,0 +1,226 @@
+"""Patches as transactions over every worker of the active generation (`swapd patch`).
+
+    apply:    prepare on all ──all committable──▶ commit on all ──▶ journal += patch
+                  │                                   │
+                  └─any error / refusal──▶ abort all  └─a commit fails──▶ roll back the
+                                                        workers that committed
+    rollback: roll back the journal's last patch on all, then pop it
+
+The journal (module, source, sha256, time, who, in order) belongs to the active
+generation: a worker restarted after a crash re-applies it before it is ready
+(`Supervisor.journal_for`), and a swap to new code clears it. A patch and a swap
+never run at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from swapd.channel import Message
+from swapd.control import ControlError, Emit, Peer
+from swapd.generation import Worker
+from swapd.lifecycle import SlotState
+from swapd.swap import SwapFailed, _ask
+
+if TYPE_CHECKING:
+    from swapd.supervisor import Supervisor
+
+log = logging.getLogger("swapd")
+
+PREPARE_TIMEOUT = 60.0  # planning may scan a large heap
+COMMIT_TIMEOUT = 30.0
+
+
+@dataclass
+class PatchRecord:
+    id: int
+    module: str
+    source: str
+    sha256: str
+    name: str
+    time: float  # wall clock, for operators
+    who: str
+    accept_absent: bool = False
+    prune: bool = False
+    path: str | None = None  # the module's file in the workers
+
+    def summary(self) -> dict[str, Any]:
+        info = {k: v for k, v in asdict(self).items() if k != "source"}
+        info["on_disk"] = self.on_disk()
+        return info
+
+    def on_disk(self) -> bool | None:
+        """Does the module's file now hold exactly this fix? (None: cannot tell.)"""
+        if not self.path:
+            return None
+        try:
+            with open(self.path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest() == self.sha256
+        except OSError:
+            return None
+
+
+def _targets(sup: Supervisor) -> list[Worker]:
+    gen = sup.active
+    if gen is None:
+        raise ControlError("no active generation")
+    workers = [w for w in gen.workers if w is not None]
+    if len(workers) != len(gen.workers) or any(w.state != SlotState.READY for w in workers):
+        raise ControlError(f"gen={gen.id} is not fully ready (a worker is restarting); retry")
+    for w in workers:
+        if "patch" not in w.features():
+            raise ControlError(f"{w.tag} does not use swapd.worker: it cannot take patches")
+    return workers
+
+
+async def _each(workers: list[Worker], body: dict[str, Any], timeout: float, what: str
+                ) -> list[Message | BaseException]:
+    """Ask every worker; a failure is returned (with its reason), never raised."""
+    async def one(w: Worker) -> Message:
+        try:
+            return await _ask(w, body, timeout, what)
+        except SwapFailed as e:  # _ask reports ok:false replies and deaths this way
+            raise ControlError(e.reason) from e
+    return await asyncio.gather(*(one(w) for w in workers), return_exceptions=True)
+
+
+def _report(w: Worker, result: Message | BaseException, key: str) -> dict[str, Any]:
+    if isinstance(result, Message):
+        return {"worker": w.slot, "pid": w.pid, "ok": True, key: result.body.get(key)}
+    return {"worker": w.slot, "pid": w.pid, "ok": False, "error": str(result)}
+
+
+async def apply(sup: Supervisor, args: dict[str, Any], emit: Emit, peer: Peer
+                ) -> dict[str, Any]:
+    module, source = args.get("module"), args.get("source")
+    if not isinstance(module, str) or not module or not isinstance(source, str):
+        raise ControlError("patch needs 'module' (a name) and 'source' (the new text)")
+    workers = _targets(sup)
+    sha = hashlib.sha256(source.encode()).hexdigest()
+    pid = sup.next_patch_id()
+    name = str(args.get("name") or f"patch {pid}")
+    accept_absent, prune = bool(args.get("accept_absent")), bool(args.get("prune"))
+    body = {"pid": pid, "module": module, "source": source, "name": name,
+            "accept_absent": accept_absent, "prune": prune}
+    emit("prepare", f"patch {pid}: {module} from {name} (sha256 {sha[:12]}) to "
+         f"{len(workers)} worker(s)", None)
+    prepared = await _prepare(workers, body)
+    plans = [_plan_report(w, r) for w, r in zip(workers, prepared, strict=True)]
+    for p in plans:
+        emit("plan", _plan_line(p), {"plan": p})
+    failed = [p for p in plans if not p["ok"]]
+    dry = bool(args.get("dry_run"))
+    if failed or dry:
+        await _each([w for w, r in zip(workers, prepared, strict=True) if isinstance(r, Message)],
+                    {"t": "patch.abort", "pid": pid}, COMMIT_TIMEOUT, "patch abort")
+        if dry:
+            return {"patch": pid, "dry_run": True, "plans": plans, "committable": not failed}
+        raise ControlError(f"patch {pid} not applied: {failed[0]['error']} (worker "
+                           f"{failed[0]['worker']}); no worker changed", {"plans": plans})
+    committed = await _each(workers, {"t": "patch.commit", "pid": pid}, COMMIT_TIMEOUT,
+                            "patch commit")
+    bad = [(w, r) for w, r in zip(workers, committed, strict=True) if not isinstance(r, Message)]
+    if bad:
+        good = [w for w, r in zip(workers, committed, strict=True) if isinstance(r, Message)]
+        undone = await _each(good, {"t": "patch.rollback", "pid": pid}, COMMIT_TIMEOUT,
+                             "patch rollback")
+        stuck = [w.tag for w, r in zip(good, undone, strict=True) if not isinstance(r, Message)]
+        message = f"patch {pid} failed to commit on {bad[0][0].tag}: {bad[0][1]}; " + (
+            f"rolled back on the {len(good)} worker(s) that had committed" if not stuck else
+            f"ROLLBACK FAILED on {', '.join(stuck)}: workers now run different code")
+        log.error("event=patch.failed patch=%d reason=%r", pid, message)
+        raise ControlError(message, {"plans": plans})
+    path = next((p["plan"].get("path") for p in plans if p.get("plan")), None)
+    record = PatchRecord(pid, module, source, sha, name, time.time(), str(peer),
+                         accept_absent, prune, path)
+    sup.journal.append(record)
+    log.info("event=patch.applied patch=%d module=%s sha256=%s workers=%d who=%r", pid, module,
+             sha[:12], len(workers), str(peer))
+    emit("committed", f"patch {pid} committed on {len(workers)} worker(s)", None)
+    return {"patch": pid, "plans": plans, "committed": [_report(w, r, "applied")
+                                                         for w, r in zip(workers, committed,
+                                                                         strict=True)]}
+
+
+async def _prepare(workers: list[Worker], body: dict[str, Any]) -> list[Message | BaseException]:
+    async def one(w: Worker) -> Message:
+        if w.channel is None or w.channel.closed:
+            raise ControlError(f"{w.tag} has no channel")
+        return await w.channel.request({"t": "patch.prepare", **body}, timeout=PREPARE_TIMEOUT)
+    return await asyncio.gather(*(one(w) for w in workers), return_exceptions=True)
+
+
+def _plan_report(w: Worker, result: Message | BaseException) -> dict[str, Any]:
+    if isinstance(result, BaseException):
+        return {"worker": w.slot, "pid": w.pid, "ok": False, "error": str(result)}
+    ok = bool(result.body.get("ok"))
+    report = {"worker": w.slot, "pid": w.pid, "ok": ok, "plan": result.body.get("plan")}
+    if not ok:
+        report["error"] = result.body.get("error", "refused")
+    return report
+
+
+def _plan_line(p: dict[str, Any]) -> str:
+    head = f"worker {p['worker']} pid {p['pid']}: "
+    plan = p.get("plan")
+    if plan is None:
+        return head + f"FAILED: {p.get('error')}"
+    parts = []
+    for key in ("changed", "added", "absent", "removed", "refused"):
+        items = plan.get(key) or []
+        if items:
+            names = ", ".join(_item(key, i) for i in items[:6])
+            more = f" (+{len(items) - 6})" if len(items) > 6 else ""
+            parts.append(f"{key}: {names}{more}")
+    text = "; ".join(parts) or "no change"
+    if not p["ok"]:
+        text += f" -> {p.get('error')}"
+    return head + text
+
+
+def _item(key: str, item: dict[str, Any]) -> str:
+    if key == "absent":
+        return f"{item.get('function')}.{item.get('name')} ({item.get('source')})"
+    if key == "refused":
+        return f"{item.get('what')}: {item.get('reason')} ({item.get('remedy')})"
+    if key == "removed":
+        return f"{item.get('kind')} {item.get('where', '')}{'.' if item.get('where') else ''}" \
+               f"{item.get('name')}"
+    return f"{item.get('kind')} {item.get('name')}"
+
+
+async def rollback(sup: Supervisor, emit: Emit, peer: Peer) -> dict[str, Any]:
+    if not sup.journal:
+        raise ControlError("no patch in force: nothing to roll back")
+    record = sup.journal[-1]
+    workers = _targets(sup)
+    results = await _each(workers, {"t": "patch.rollback", "pid": record.id}, COMMIT_TIMEOUT,
+                          "patch rollback")
+    reports = [_report(w, r, "notes") for w, r in zip(workers, results, strict=True)]
+    failed = [r for r in reports if not r["ok"]]
+    if failed and len(failed) < len(workers):
+        log.error("event=patch.rollback_partial patch=%d failed=%d", record.id, len(failed))
+    if failed:
+        raise ControlError(f"rollback of patch {record.id} failed on worker "
+                           f"{failed[0]['worker']}: {failed[0]['error']}", {"workers": reports})
+    sup.journal.pop()
+    log.info("event=patch.rolled_back patch=%d module=%s who=%r", record.id, record.module,
+             str(peer))
+    emit("rolled_back", f"patch {record.id} ({record.module}) rolled back on "
+         f"{len(workers)} worker(s)", None)
+    return {"patch": record.id, "module": record.module, "workers": reports}
+
+
+def warnings(journal: list[PatchRecord]) -> list[str]:
+    out = []
+    for r in journal:
+        if r.on_disk() is False:
+            out.append(f"patch {r.id} to {r.module} is not in {os.path.basename(r.path or '')} "
+                       "on disk: the next swap will run the file without it")
+    return out
