@@ -82,6 +82,11 @@ class ServiceManager:
         """Make sure systemd waits at least `seconds` more for the current job."""
         if self.enabled and seconds > 0:
             self.notifier.extend_timeout(seconds)
+            if self._watchdog is not None:
+                # systemd 252 stretches the *watchdog* timer by the extension too, until the
+                # next ping: ping now, or a supervisor that hangs right after this message
+                # would escape the watchdog for `seconds` instead of WatchdogSec.
+                self.notifier.watchdog()
 
     # -- watchdog ---------------------------------------------------------------------
 

@@ -860,7 +860,7 @@ def test_precopy_refuses_parts_out_of_order() -> None:
         rx.apply_delta(other_round)
     with pytest.raises(PrecopyError, match="not a swapd pre-copy part"):
         rx.apply_delta(roundtrip({"a": 1}))
-    with pytest.raises(PrecopyError, match="not made by from_bulk"):
+    with pytest.raises(PrecopyError, match="without a loaded bulk"):
         TrackedDict().apply_delta(first)
 
 
