@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 # Names travel in LISTEN_FDNAMES (colon separated) and systemd's FDNAME=, which
 # forbids ':' and control characters; keep them identifier-like.
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 DEFAULT_BACKLOG = 1024
 
 
@@ -67,7 +67,7 @@ class Address:
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise AddressError(
             f"bad listener name {name!r}: use 1-64 letters, digits, '_', '-' or '.'"
         )
@@ -87,6 +87,8 @@ def parse_address(text: str) -> Address:
         host, sep, port_text = text[1:].partition("]:")
         if not sep:
             raise AddressError(f"bad address {text!r}: expected [IPv6]:PORT")
+        if "." in host and ":" not in host:
+            raise AddressError(f"bad address {text!r}: brackets are for IPv6; write {host}:PORT")
         family = socket.AF_INET6
     else:
         host, sep, port_text = text.rpartition(":")

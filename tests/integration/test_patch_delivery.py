@@ -71,9 +71,12 @@ def test_patch_under_load_keeps_state_then_rollback(shop: Supervised, mode: str)
     assert load.report is not None and load.report.failed == 0, load.report.format()
     assert prices(s) == {WRONG}, "rollback restores the old behaviour exactly"
     assert s.active_pids() == pids, "no process was replaced"
-    for pid, served in before.items():
-        assert after[pid] > served, "the closure counter kept counting across the patch"
-    assert stats(s)[pids[0]] > after[pids[0]], "and across the rollback"
+    # Keep-alive clients may all sit on one worker, so one counter may not move; none may
+    # go back (a reset), and together they must have kept counting.
+    final = stats(s)
+    for pid in pids:
+        assert before[pid] <= after[pid] <= final[pid], "a closure counter was reset"
+    assert sum(before.values()) < sum(after.values()) < sum(final.values())
 
 
 def test_journal_replayed_on_restart_and_cleared_by_swap(shop: Supervised) -> None:
