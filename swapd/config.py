@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from swapd.sockets import Address, AddressError, check_name, parse_address
+from swapd.sockets import STATE_NAME, Address, AddressError, check_name, parse_address
 
 Mode = Literal["stateless", "stateful"]
 Readiness = Literal["notify", "exec"]
@@ -110,6 +110,8 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 ({e.reason} at byte {e.start})") from e
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
     _check_keys(path, data, _TOP_KEYS, "")
@@ -147,17 +149,22 @@ def build(
     tables = {t: {**dict(file_data.get(t, {})), **dict(overrides.get(t) or {})} for t in _TABLES}
 
     command = merged.get("command")
-    if isinstance(command, str) or not command:
+    if command is None or command == [] or command == ():
         raise ConfigError(
             f"{where}: no worker command (give it after `--`, or `command = [...]` in the file)"
         )
-    if not all(isinstance(a, str) for a in command):
+    if not isinstance(command, list | tuple) or not all(isinstance(a, str) for a in command):
         raise ConfigError(f"{where}: command must be a list of strings")
+    if any("\0" in a for a in command):
+        raise ConfigError(f"{where}: command arguments cannot contain NUL characters")
 
     binds: list[tuple[str, Address]] = []
     for name, addr in tables["bind"].items():
         if not isinstance(addr, str):
             raise ConfigError(f"{where}: bind.{name} must be a string address")
+        if STATE_NAME.match(name):
+            raise ConfigError(f"{where}: listener name {name!r} is reserved (swapd-state-*: "
+                              "snapshots in systemd's fd store)")
         try:
             binds.append((check_name(name), parse_address(addr)))
         except AddressError as e:
@@ -183,7 +190,7 @@ def build(
     for key, value in tables["timeouts"].items():
         if key not in _TIMEOUT_KEYS:
             raise ConfigError(f"{where}: unknown timeout {key!r}")
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ConfigError(f"{where}: timeouts.{key} must be a positive number of seconds")
         timeouts = replace(timeouts, **{key: float(value)})
 
@@ -191,6 +198,8 @@ def build(
     for key, value in tables["env"].items():
         if not isinstance(value, str) or "=" in key or not key:
             raise ConfigError(f"{where}: env.{key} must be a string")
+        if "\0" in key or "\0" in value:
+            raise ConfigError(f"{where}: env.{key!r} cannot contain NUL characters")
         env.append((key, value))
 
     cwd = merged.get("cwd")

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Iterable
 
+from swapd.sockets import STATE_NAME
 from swapd.systemd import Notifier, watchdog_usec
 
 log = logging.getLogger("swapd")
 
-STATE_NAME = re.compile(r"^swapd-state-(\d+)-(\d+)$")
 
 
 def state_fd_name(slot: int, index: int) -> str:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 # forbids ':' and control characters; keep them identifier-like.
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 DEFAULT_BACKLOG = 1024
+# Names of snapshots swapd keeps in systemd's fd store, beside the listeners: reserved.
+STATE_NAME = re.compile(r"^swapd-state-(\d+)-(\d+)$")
 
 
 class AddressError(ValueError):
@@ -105,7 +107,7 @@ def parse_address(text: str) -> Address:
         ) from None
     if (ip.version == 6) != (family == socket.AF_INET6):
         raise AddressError(f"bad address {text!r}: IPv6 addresses need brackets, [::1]:PORT")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise AddressError(f"bad address {text!r}: port must be 0-65535")
     return Address(family, host=str(ip), port=int(port_text))
 

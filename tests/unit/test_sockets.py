@@ -131,10 +131,6 @@ def test_parse_invalid(text: str, reason: str) -> None:
 
 @pytest.mark.parametrize("port", ["\u00b2", "\u0668\u0660", "\uff18\uff10"],
                          ids=["superscript", "arabic", "fullwidth"])
-@pytest.mark.xfail(strict=True, reason="bug: the port check uses str.isdigit(): a "
-                   "superscript two escapes as a raw ValueError from int() (config catches "
-                   "only AddressError: traceback); Arabic-Indic or fullwidth digits become "
-                   "port 80")
 def test_port_must_be_ascii_digits(port: str) -> None:
     with pytest.raises(AddressError, match="port must be 0-65535"):
         parse_address(f"127.0.0.1:{port}")
