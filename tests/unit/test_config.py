@@ -242,7 +242,7 @@ VALIDATION: list[tuple[str, dict[str, Any], str]] = [
     ("no-command", {}, NO_COMMAND),
     ("command-none", {"command": None}, NO_COMMAND),
     ("command-empty", {"command": []}, NO_COMMAND),
-    ("command-string", {"command": "python app.py"}, "command must be a list of strings"),
+    ("command-string", {"command": "python app.py"}, f"{WHERE}: command must be a list of strings"),
     ("command-not-strings", {"command": ["python", 3]},
      f"{WHERE}: command must be a list of strings"),
     ("bind-not-string", {**CMD, "bind": {"http": 8000}},
