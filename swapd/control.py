@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -83,6 +84,7 @@ def bind_control(path: str) -> socket.socket:
         except OSError as e:
             raise OSError(e.errno, f"cannot create {directory} for the control socket: "
                           f"{e.strerror}") from e
+    _check_directory(directory)
     with contextlib.suppress(FileNotFoundError):
         st = os.lstat(path)
         if not stat.S_ISSOCK(st.st_mode):
@@ -102,12 +104,29 @@ def bind_control(path: str) -> socket.socket:
         sock.bind(path)
     except OSError as e:
         sock.close()
-        raise OSError(e.errno, f"cannot bind control socket {path}: {e.strerror}") from e
+        message = f"cannot bind control socket {path}: {e.strerror or e}"
+        raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
     sock.listen(64)
     return sock
+
+
+def _check_directory(directory: str) -> None:
+    """Refuse a directory where someone else could swap our socket for theirs.
+
+    It must belong to us or root, and be writable by nobody else unless it is sticky
+    (like /tmp, where only a file's owner may remove it). A pre-created, world-writable
+    /tmp/swapd-UID would otherwise let another user take over the control socket.
+    """
+    st = os.stat(directory)
+    if st.st_uid not in (os.geteuid(), 0):
+        raise OSError(errno.EPERM, f"control socket directory {directory} belongs to uid "
+                      f"{st.st_uid}, not to us")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise OSError(errno.EPERM, f"control socket directory {directory} is writable by "
+                      "others and not sticky")
 
 
 class ControlServer:
@@ -190,6 +209,9 @@ class ControlServer:
             data = await self._handler(cmd, args, emit, peer)
         except ControlError as e:
             _write(writer, _result(False, error=str(e), data=e.data))
+        except Exception as e:  # a bug: answer it, log it, keep serving
+            log.exception("event=control.handler_error cmd=%s", cmd)
+            _write(writer, _result(False, error=f"internal error: {type(e).__name__}: {e}"))
         else:
             _write(writer, _result(True, data=data))
         await writer.drain()
@@ -201,6 +223,8 @@ def parse_request(line: bytes, commands: frozenset[str]) -> tuple[str, dict[str,
         req = json.loads(line)
     except json.JSONDecodeError as e:
         raise ControlError(f"malformed request: not JSON ({e.msg})") from None
+    except RecursionError:
+        raise ControlError("malformed request: nested too deeply") from None
     except UnicodeDecodeError:
         raise ControlError("malformed request: not UTF-8") from None
     if not isinstance(req, dict):
@@ -257,8 +281,14 @@ class Client:
                 ) from None
             except PermissionError:
                 raise ClientError(f"permission denied on control socket {self.path}") from None
+            except OSError as e:
+                raise ClientError(f"cannot reach control socket {self.path}: "
+                                  f"{e.strerror or e}") from None
             request = {"v": PROTOCOL, "cmd": cmd, "args": args or {}}
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            # If the supervisor stops reading (e.g. the request is over its limit), its
+            # answer is still there to read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(json.dumps(request).encode() + b"\n")
             with sock.makefile("rb") as stream:
                 for raw in stream:
                     try:
@@ -271,5 +301,7 @@ class Client:
             raise ClientError("supervisor closed the connection before answering")
         except TimeoutError:
             raise ClientError(f"no answer from supervisor within {self.timeout:g}s") from None
+        except ConnectionResetError:
+            raise ClientError("supervisor closed the connection before answering") from None
         finally:
             sock.close()

@@ -204,7 +204,10 @@ def same_address(a: Address, b: Address) -> bool:
 
 def adopt(fd: int) -> socket.socket:
     """Wrap an inherited listening fd, checking it really is a listening stream socket."""
-    sock = socket.socket(fileno=fd)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise AddressError(f"inherited fd {fd} is not a socket ({e.strerror})") from None
     try:
         if sock.type != socket.SOCK_STREAM:
             raise AddressError(f"inherited fd {fd} is not a stream socket")

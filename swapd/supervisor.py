@@ -37,7 +37,7 @@ from swapd.patching import PatchRecord
 from swapd.process import ExitStatus, OsProcesses, SpawnError
 from swapd.sockets import (
     Address,
-    BindError,
+    AddressError,
     adopt,
     bind,
     describe,
@@ -149,8 +149,10 @@ class Supervisor:
                 self.manager.store_listener(name, lis.sock.fileno())
         except OSError as e:
             self.close_listeners()
-            message = e.strerror if isinstance(e, BindError) and e.strerror else str(e)
-            raise StartupError(message) from e
+            raise StartupError(e.strerror or str(e)) from e
+        except AddressError as e:  # an inherited fd that is not a listening stream socket
+            self.close_listeners()
+            raise StartupError(f"socket activation: {e}") from e
         except StartupError:
             self.close_listeners()
             raise
