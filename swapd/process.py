@@ -24,6 +24,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import select
 import signal
 import struct
 import time
@@ -78,6 +79,8 @@ class ExitStatus:
             except ValueError:
                 name = str(self.signal)
             return f"killed by {name}"
+        if self.code is None:
+            return "exited (status unknown: reaped elsewhere)"
         return f"exited with status {self.code}"
 
 
@@ -97,6 +100,8 @@ class OsProcesses:
 
     def spawn(self, spec: SpawnSpec) -> Child:
         argv = list(spec.argv)
+        if not argv:
+            raise ValueError("cannot spawn an empty command")
         env = dict(spec.env)
         parent = os.getpid()
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -119,8 +124,9 @@ class OsProcesses:
             stage, err = _EXEC_ERR.unpack(report[: _EXEC_ERR.size])
             os.waitpid(pid, 0)
             what = _STAGES.get(stage, "setup")
-            target = argv[0] if what == "exec" else spec.cwd or ""
-            raise SpawnError(err, f"cannot {what} {target!r}: {os.strerror(err)}")
+            target = {"exec": repr(argv[0]), "chdir": repr(spec.cwd),
+                      "dup2": f"the passed fds {list(spec.pass_fds)}"}.get(what, "the child")
+            raise SpawnError(err, f"cannot {what} {target}: {os.strerror(err)}")
         return Child(pid=pid, pidfd=os.pidfd_open(pid))
 
     def _child(  # pragma: no cover - child side of fork
@@ -162,13 +168,21 @@ class OsProcesses:
 
     def send_signal(self, child: Child, sig: int) -> bool:
         """Signal the child itself; False if it has already exited (pidfd: no pid reuse race)."""
-        if child.status is not None:
+        if child.status is not None or self._exited(child):
             return False
         try:
             signal.pidfd_send_signal(child.pidfd, sig)
         except ProcessLookupError:
             return False
         return True
+
+    @staticmethod
+    def _exited(child: Child) -> bool:
+        # A pidfd is readable once its process has exited, reaped or not; signalling a
+        # zombie "succeeds" and would be reported as delivered.
+        if child.pidfd < 0:
+            return True
+        return bool(select.select([child.pidfd], [], [], 0)[0])
 
     def signal_group(self, child: Child, sig: int) -> None:
         """Signal the child's whole process group (it and anything it forked)."""

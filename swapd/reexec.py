@@ -143,8 +143,13 @@ def write_state(state: dict[str, Any]) -> int:
 def read_state(fd: int) -> dict[str, Any]:
     size = os.fstat(fd).st_size
     data = os.pread(fd, size, 0)
-    state = json.loads(data)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    try:
+        state = json.loads(data)
+    except ValueError as e:
+        raise ReexecError(f"re-exec state is not JSON: {e}") from e
+    if not isinstance(state, dict):
+        raise ReexecError(f"re-exec state is a {type(state).__name__}, not an object")
+    if state.get("format") != FORMAT:
         raise ReexecError(f"re-exec state format {state.get('format')!r} is not {FORMAT}")
     return state
 

@@ -300,9 +300,6 @@ def test_send_signal_and_exit_by_signal(runner: Runner) -> None:
     assert runner.procs.send_signal(child, signal.SIGTERM) is False
 
 
-@pytest.mark.xfail(strict=True, reason="send_signal's docstring promises False once the child "
-                   "has exited, but pidfd_send_signal succeeds on an exited, not yet reaped "
-                   "child, so it returns True until reap()")
 def test_send_signal_to_an_exited_but_unreaped_child(runner: Runner) -> None:
     child = runner.spawn(["true"])
     assert select.select([child.pidfd], [], [], DEADLINE)[0]
@@ -425,17 +422,11 @@ def test_a_closed_fd_to_pass(runner: Runner) -> None:
     assert err.strerror is not None and err.strerror.startswith("cannot dup2 ")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a failure while placing fds is reported as "
-                   "\"cannot dup2 '<cwd>'\" (or \"cannot dup2 ''\" without cwd): the message "
-                   "names the working directory instead of the fd that could not be passed")
 def test_a_closed_fd_to_pass_is_named(runner: Runner, tmp_path: Path) -> None:
     err = _spawn_error(runner, ["true"], pass_fds=[closed_fd()], cwd=str(tmp_path))
     assert str(tmp_path) not in str(err) and "''" not in str(err)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an empty argv forks a child that fails, then the "
-                   "parent raises IndexError building the message (argv[0]) instead of "
-                   "SpawnError/ValueError")
 def test_empty_argv(runner: Runner) -> None:
     with pytest.raises((SpawnError, ValueError)) as info:
         runner.spawn([])
@@ -468,7 +459,5 @@ def test_exit_status_from_wait(status: int, expected: ExitStatus, text: str, ok:
     assert got == expected and str(got) == text and got.ok is ok
 
 
-@pytest.mark.xfail(strict=True, reason="an unknown exit (the child was reaped elsewhere) prints "
-                   "as 'exited with status None'")
 def test_unknown_exit_status_text() -> None:
     assert "None" not in str(ExitStatus())

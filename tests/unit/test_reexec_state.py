@@ -112,9 +112,6 @@ def test_format_refusal(fds: list[int], state: dict[str, Any], shown: str) -> No
 
 
 @pytest.mark.parametrize("document", [b"[1, 2]", b'"state"', b"null", b"3"])
-@pytest.mark.xfail(strict=True, reason="bug: read_state builds its refusal with state.get() "
-                   "even when the JSON is not an object, so it raises AttributeError instead "
-                   "of ReexecError")
 def test_a_state_that_is_not_an_object(fds: list[int], document: bytes) -> None:
     fd = raw_memfd(document)
     fds.append(fd)
@@ -123,10 +120,9 @@ def test_a_state_that_is_not_an_object(fds: list[int], document: bytes) -> None:
 
 
 def test_a_state_that_is_not_json(fds: list[int]) -> None:
-    # Untyped today (json's ValueError, not ReexecError): see the report.
     fd = raw_memfd(b"not json {")
     fds.append(fd)
-    with pytest.raises(ValueError, match="Expecting value"):
+    with pytest.raises(ReexecError, match="re-exec state is not JSON: Expecting value"):
         read_state(fd)
 
 
