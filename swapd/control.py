@@ -230,7 +230,7 @@ def parse_request(line: bytes, commands: frozenset[str]) -> tuple[str, dict[str,
     if not isinstance(req, dict):
         raise ControlError("malformed request: expected a JSON object")
     version = req.get("v")
-    if version != PROTOCOL:
+    if type(version) is not int or version != PROTOCOL:  # not True, not 1.0
         raise ControlError(
             f"unsupported protocol version {version!r} (supervisor speaks {PROTOCOL})"
         )

@@ -22,7 +22,9 @@ removes it from the store so that a later crash can never restore stale state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from collections.abc import Iterable
 
 from swapd.sockets import STATE_NAME
@@ -44,12 +46,32 @@ def split_inherited(
     parts: dict[int, dict[int, int]] = {}
     for name, fd in inherited:
         m = STATE_NAME.match(name)
-        if m:
-            parts.setdefault(int(m.group(1)), {})[int(m.group(2))] = fd
-        else:
+        if not m:
             listeners.append((name, fd))
-    state = {slot: [fds[i] for i in sorted(fds)] for slot, fds in parts.items()}
+            continue
+        slot, index = int(m.group(1)), int(m.group(2))
+        old = parts.setdefault(slot, {}).get(index)
+        if old is not None:  # stored twice: keep the later, never leak the other
+            log.warning("event=state.duplicate name=%s", name)
+            _close(old)
+        parts[slot][index] = fd
+    state: dict[int, list[int]] = {}
+    for slot, fds in parts.items():
+        if sorted(fds) != list(range(len(fds))):
+            # A part is missing (e.g. the store hit FileDescriptorStoreMax): the snapshot
+            # cannot be restored; drop it rather than fail later.
+            log.error("event=state.incomplete slot=%d indexes=%s action='start fresh'", slot,
+                      sorted(fds))
+            for fd in fds.values():
+                _close(fd)
+            continue
+        state[slot] = [fds[i] for i in range(len(fds))]
     return listeners, state
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 class ServiceManager:
@@ -93,6 +115,7 @@ class ServiceManager:
         usec = watchdog_usec()
         if not usec or not self.enabled:
             return None
+        self.stop_watchdog()  # one ping chain at most
         interval = usec / 2 / 1_000_000
         self._ping(loop, interval)
         log.info("event=watchdog.enabled interval=%.3fs", interval)
@@ -129,6 +152,12 @@ class ServiceManager:
             self.notifier.fdstore([fd], name, poll=False)
             self._stored_state.append(name)
         log.info("event=fdstore.state slot=%d fds=%d", slot, len(fds))
+
+    def forget_names(self, names: Iterable[str]) -> None:
+        """Remove fds from the store by name (e.g. every stored snapshot part we inherited)."""
+        if self.fdstore:
+            for name in names:
+                self.notifier.fdstore_remove(name)
 
     def forget_state(self, slots: dict[int, list[int]]) -> None:
         """The stored snapshots were used (or refused): never restore them again."""

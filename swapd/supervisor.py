@@ -36,6 +36,7 @@ from swapd.manager import ServiceManager, split_inherited
 from swapd.patching import PatchRecord
 from swapd.process import ExitStatus, OsProcesses, SpawnError
 from swapd.sockets import (
+    STATE_NAME,
     Address,
     AddressError,
     adopt,
@@ -130,6 +131,7 @@ class Supervisor:
         self.base_env = _base_env(os.environ)
         self.manager = ServiceManager(fdstore=config.fdstore)
         # LISTEN_FDS may carry, besides listeners, snapshots a previous supervisor stored.
+        self._stored_names = [n for n, _ in self.inherited if STATE_NAME.match(n)]
         self.inherited, self.stored_state = split_inherited(self.inherited)
 
     # -- start-up (synchronous: errors here mean exit 2, nothing started) --------
@@ -240,8 +242,9 @@ class Supervisor:
 
     def _drop_stored_state(self) -> None:
         """Close our copies of stored snapshot fds and remove them from the fd store."""
+        self.manager.forget_names(self._stored_names)
+        self._stored_names = []
         if self.stored_state:
-            self.manager.forget_state(self.stored_state)
             for fds in self.stored_state.values():
                 for fd in fds:
                     with contextlib.suppress(OSError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import os
 import socket
 import uuid
@@ -95,14 +96,37 @@ def test_split_inherited_separates_and_orders_state() -> None:
         ("http", 3),
         ("swapd-state-0-1", 4),
         ("admin", 5),
-        ("swapd-state-1-10", 6),
+        ("swapd-state-1-1", 6),
         ("swapd-state-0-0", 7),
         ("swapd-state-1-2", 8),
         ("swapd-state-1-0", 9),
     ]
     listeners, state = split_inherited(inherited)
     assert listeners == [("http", 3), ("admin", 5)]
-    assert state == {0: [7, 4], 1: [9, 8, 6]}  # index order, numerically (2 before 10)
+    assert state == {0: [7, 4], 1: [9, 6, 8]}
+
+
+def test_split_inherited_orders_indexes_numerically() -> None:
+    names = [(f"swapd-state-0-{i}", 100 + i) for i in (10, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9)]
+    assert split_inherited(names)[1] == {0: [100 + i for i in range(11)]}  # 2 before 10
+
+
+def test_split_inherited_drops_incomplete_state_and_duplicates_without_leaking() -> None:
+    pipes = [os.pipe() for _ in range(4)]
+    try:
+        gap = [("swapd-state-1-0", pipes[0][0]), ("swapd-state-1-2", pipes[1][0])]
+        dup = [("swapd-state-0-0", pipes[2][0]), ("swapd-state-0-0", pipes[3][0])]
+        listeners, state = split_inherited(gap + dup)
+        assert listeners == [] and state == {0: [pipes[3][0]]}
+        for fd in (pipes[0][0], pipes[1][0], pipes[2][0]):  # closed, not leaked
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        os.fstat(pipes[3][0])
+    finally:
+        for r, w in pipes:
+            for fd in (r, w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 @pytest.mark.parametrize(
