@@ -210,6 +210,8 @@ class Supervisor:
 
     async def _start_first(self) -> Generation:
         """The first generation, restoring a snapshot the fd store kept, if there is one."""
+        t = self.config.timeouts
+        self.manager.extend(t.ready + t.restore + KILL_WAIT)  # a slow first start is no failure
         stored = self.stored_state if self.config.mode == "stateful" else {}
         if self.stored_state and not stored:
             log.warning("event=state.ignored reason='stored state but mode is stateless'")
