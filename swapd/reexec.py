@@ -122,7 +122,7 @@ def capture(sup: Supervisor, reply_fd: int | None) -> Captured:
         "crashes": {str(k): list(v) for k, v in sup.crashes.items()},
         "listeners": [{"name": lis.name, "address": str(lis.address),
                        "fd": keep(lis.sock.fileno()), "source": lis.source}
-                      for lis in sup.listeners.values()],
+                      for lis in sup.listeners],
         "generations": gens,
         "journal": sup.journal_state(),
     }

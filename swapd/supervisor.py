@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import psutil
@@ -32,19 +32,15 @@ from swapd.config import Config, ConfigError, load
 from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
 from swapd.generation import Generation, Worker, WorkerSpec, spawn_worker
 from swapd.lifecycle import GenEvent, GenState, SlotEvent, SlotState
+from swapd.listeners import Listener, ListenerError, Listeners
 from swapd.manager import ServiceManager, split_inherited
 from swapd.patching import PatchRecord
 from swapd.process import ExitStatus, OsProcesses, SpawnError
 from swapd.sockets import (
     STATE_NAME,
-    Address,
     AddressError,
-    adopt,
-    bind,
     describe,
     parse_address,
-    same_address,
-    unlink_unix,
 )
 from swapd.swap import (
     SwapFailed,
@@ -74,26 +70,6 @@ class StartupError(Exception):
         self.tail = tail
 
 
-@dataclass
-class ListenerPlan:
-    """What a swap did to the listeners, so it can be undone or completed."""
-
-    bound: list[Listener] = field(default_factory=list)  # sockets this swap bound
-    previous: dict[str, Listener | None] = field(default_factory=dict)  # name -> replaced
-
-
-@dataclass
-class Listener:
-    name: str
-    address: Address  # the address as configured (port 0 allowed)
-    sock: socket.socket
-    source: str  # "bound", "systemd"
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "address": str(describe(self.sock)),
-                "configured": str(self.address), "fd": self.sock.fileno(), "source": self.source}
-
-
 class Supervisor:
     def __init__(
         self,
@@ -106,7 +82,6 @@ class Supervisor:
         self.overrides = overrides
         self.processes = processes or OsProcesses()
         self.inherited = inherited or []
-        self.listeners: dict[str, Listener] = {}
         self.generations: dict[int, Generation] = {}
         self.active: Generation | None = None
         self.swap: SwapJob | None = None
@@ -130,6 +105,7 @@ class Supervisor:
         self._timers: dict[tuple[int, int], asyncio.TimerHandle] = {}
         self.base_env = _base_env(os.environ)
         self.manager = ServiceManager(fdstore=config.fdstore)
+        self.listeners = Listeners(self.manager)
         # LISTEN_FDS may carry, besides listeners, snapshots a previous supervisor stored.
         self._stored_names = [n for n, _ in self.inherited if STATE_NAME.match(n)]
         self.inherited, self.stored_state = split_inherited(self.inherited)
@@ -139,35 +115,21 @@ class Supervisor:
     def prepare(self) -> None:
         """Bind listeners and the control socket; raise StartupError with one line."""
         try:
-            self._adopt_inherited()
-            for name, address in self.config.binds:
-                if name not in self.listeners:
-                    self.listeners[name] = Listener(name, address,
-                                                    bind(address, self.config.backlog), "bound")
+            self.listeners.adopt_inherited(self.inherited, dict(self.config.binds))
+            self.listeners.bind_missing(self.config.binds, self.config.backlog)
             if not self.listeners:
                 raise StartupError("no listeners: give --bind NAME=ADDR (or use socket activation)")
             self._control_sock = bind_control(self.config.control)
-            for name, lis in self.listeners.items():
-                self.manager.store_listener(name, lis.sock.fileno())
+            self.listeners.store_all()
         except OSError as e:
-            self.close_listeners()
+            self.listeners.close_all()
             raise StartupError(e.strerror or str(e)) from e
         except AddressError as e:  # an inherited fd that is not a listening stream socket
-            self.close_listeners()
+            self.listeners.close_all()
             raise StartupError(f"socket activation: {e}") from e
         except StartupError:
-            self.close_listeners()
+            self.listeners.close_all()
             raise
-
-    def _adopt_inherited(self) -> None:
-        configured = dict(self.config.binds)
-        for name, fd in self.inherited:
-            sock = adopt(fd)
-            address = configured.get(name) or describe(sock)
-            if name in configured and not same_address(configured[name], describe(sock)):
-                log.warning("event=listener.mismatch name=%s configured=%s inherited=%s",
-                            name, configured[name], describe(sock))
-            self.listeners[name] = Listener(name, address, sock, "systemd")
 
     # -- main loop --------------------------------------------------------------
 
@@ -183,7 +145,7 @@ class Supervisor:
         self.manager.start_watchdog(loop)
         log.info("event=supervisor.start pid=%d version=%s control=%s listeners=%s",
                  os.getpid(), __version__, self.config.control,
-                 ",".join(f"{n}={describe(lis.sock)}" for n, lis in self.listeners.items()))
+                 ",".join(f"{lis.name}={describe(lis.sock)}" for lis in self.listeners))
         code = 0
         try:
             if self._resumed is not None:
@@ -204,7 +166,7 @@ class Supervisor:
                 self._stopped.set_result(None)  # lets a waiting `swapd stop` get its answer
             await self._control.close()
             self._close_control()
-            self.close_listeners()
+            self.listeners.close_all()
             log.info("event=supervisor.exit code=%d", code)
         return code
 
@@ -289,7 +251,7 @@ class Supervisor:
         gen = Generation(self.next_gen, config)
         self.next_gen += 1
         self.generations[gen.id] = gen
-        fds, names = self._listener_fds(config)
+        fds, names = self.listeners.fds_for(config.binds)
         gen.restarts = [0] * config.workers
         for slot in range(config.workers):
             role = "fresh"
@@ -324,12 +286,6 @@ class Supervisor:
             worker.mark_ready({"standby": False, "via": "exec"})
         log.info("event=worker.spawn %s role=%s", worker.tag, spec.role)
         return worker
-
-    def _listener_fds(self, config: Config) -> tuple[list[int], list[str]]:
-        names = [n for n, _ in config.binds] or list(self.listeners)
-        names += [n for n, lis in self.listeners.items()
-                  if lis.source == "systemd" and n not in names]
-        return [self.listeners[n].sock.fileno() for n in names], names
 
     def commit(self, new: Generation, old: Generation | None) -> None:
         """The point of no return: `new` serves, `old` drains."""
@@ -461,7 +417,7 @@ class Supervisor:
             if old.state != SlotState.BACKOFF:
                 return
             old.transition(SlotEvent.RESPAWN)
-        fds, names = self._listener_fds(gen.config)
+        fds, names = self.listeners.fds_for(gen.config.binds)
         spec = WorkerSpec(gen.id, slot, gen.config, fds, names, "fresh", self.base_env)
         try:
             worker = self._spawn(spec)
@@ -568,8 +524,8 @@ class Supervisor:
         for item in state["listeners"]:
             sock = socket.socket(fileno=item["fd"])
             sock.set_inheritable(False)
-            sup.listeners[item["name"]] = Listener(item["name"], parse_address(item["address"]),
-                                                   sock, item["source"])
+            sup.listeners.add(Listener(item["name"], parse_address(item["address"]), sock,
+                                       item["source"]))
         sup._control_sock = socket.socket(fileno=state["control_fd"])
         sup._control_sock.set_inheritable(False)
         return sup
@@ -660,13 +616,16 @@ class Supervisor:
             if job.kind == "reload":
                 config = self._reread_config()
                 job.emit("config", f"configuration re-read ({config.config_file or 'flags only'})")
-            plan = self._prepare_listeners(config)
+            try:
+                plan = self.listeners.prepare(config.binds, config.backlog)
+            except ListenerError as e:
+                raise SwapFailed(str(e)) from e
             try:
                 result = await run_swap(self, job, config)
             except BaseException:
-                self._settle_listeners(plan, committed=False)
+                self.listeners.settle(plan, committed=False, binds=())
                 raise
-            self._settle_listeners(plan, committed=True)
+            self.listeners.settle(plan, committed=True, binds=config.binds)
             outcome = {"ok": True, **result}
             log.info("event=swap.commit kind=%s gen=%d timings_ms=%s", job.kind, result["gen"],
                      result["timings_ms"])
@@ -702,62 +661,6 @@ class Supervisor:
             log.warning("event=reload.ignored key=control reason='needs a restart'")
             new = _replace_control(new, self.config.control)
         return new
-
-    def _prepare_listeners(self, config: Config) -> ListenerPlan:
-        """Bind what the new configuration adds; reuse what it keeps (by name, then address)."""
-        plan = ListenerPlan()
-        try:
-            for name, address in config.binds:
-                current = self.listeners.get(name)
-                if current is not None and same_address(address, describe(current.sock)):
-                    continue
-                alias = next((lis for lis in self.listeners.values()
-                              if same_address(address, describe(lis.sock))), None)
-                if alias is not None:
-                    new = Listener(name, address, alias.sock, alias.source)
-                else:
-                    try:
-                        new = Listener(name, address, bind(address, config.backlog), "bound")
-                    except OSError as e:
-                        raise SwapFailed(f"listener {name}: {e.strerror or e}") from e
-                    plan.bound.append(new)
-                plan.previous[name] = current
-                self.listeners[name] = new
-        except BaseException:
-            self._settle_listeners(plan, committed=False)
-            raise
-        return plan
-
-    def _settle_listeners(self, plan: ListenerPlan, *, committed: bool) -> None:
-        """After a swap: close what nobody names any more, or undo what the swap bound."""
-        if not committed:
-            for name, previous in plan.previous.items():
-                if previous is None:
-                    self.listeners.pop(name, None)
-                else:
-                    self.listeners[name] = previous
-            doomed = plan.bound
-        else:
-            assert self.active is not None
-            keep = {n for n, _ in self.active.config.binds}
-            keep |= {n for n, lis in self.listeners.items() if lis.source == "systemd"}
-            doomed = [lis for lis in plan.previous.values() if lis is not None]
-            for name in [n for n in self.listeners if n not in keep]:
-                doomed.append(self.listeners.pop(name))
-                self.manager.forget_listener(name)
-            # Names whose socket changed: drop what the store holds under them, store the new.
-            for name, previous in plan.previous.items():
-                if previous is not None:
-                    self.manager.forget_listener(name)
-                if name in self.listeners:
-                    self.manager.store_listener(name, self.listeners[name].sock.fileno())
-        in_use = {id(lis.sock) for lis in self.listeners.values()}
-        for lis in doomed:
-            if id(lis.sock) not in in_use and lis.sock.fileno() >= 0:
-                log.info("event=listener.close name=%s address=%s", lis.name, describe(lis.sock))
-                if lis.source == "bound":
-                    unlink_unix(lis.address)
-                lis.sock.close()
 
     # -- control ------------------------------------------------------------------
 
@@ -830,7 +733,7 @@ class Supervisor:
             "mode": self.config.mode,
             "control": self.config.control,
             "active": self.active.id if self.active else None,
-            "listeners": [lis.describe() for n, lis in self.listeners.items() if "~" not in n],
+            "listeners": self.listeners.describe(),
             "generations": described,
             "swap": self.swap.describe() if self.swap else None,
             "last_swap": self.last_swap,
@@ -883,14 +786,6 @@ class Supervisor:
                 os.unlink(self.config.control)
             self._control_sock.close()
             self._control_sock = None
-
-    def close_listeners(self) -> None:
-        for lis in self.listeners.values():
-            if lis.sock.fileno() >= 0:
-                if lis.source == "bound":
-                    unlink_unix(lis.address)
-                lis.sock.close()
-        self.listeners.clear()
 
 
 def _answer(fd: int, data: dict[str, Any]) -> None:

@@ -1,0 +1,158 @@
+"""The supervisor's listeners by name, and the changes a reload makes to them.
+
+A reload may add, move or drop listeners. Nothing is closed before the swap
+commits: `prepare()` binds what the new configuration adds (reusing sockets it
+keeps, by name and then by address), and `settle()` either undoes that (abort)
+or closes what nobody names any more (commit). Every change is mirrored in
+systemd's fd store, so a restarted supervisor gets the current set back.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from swapd.manager import ServiceManager
+from swapd.sockets import Address, adopt, bind, describe, same_address, unlink_unix
+
+log = logging.getLogger("swapd")
+
+
+class ListenerError(Exception):
+    """A listener the new configuration needs could not be bound."""
+
+
+@dataclass
+class Listener:
+    name: str
+    address: Address  # the address as configured (port 0 allowed)
+    sock: socket.socket
+    source: str  # "bound" by swapd, or "systemd" (socket activation, fd store)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "address": str(describe(self.sock)),
+                "configured": str(self.address), "fd": self.sock.fileno(), "source": self.source}
+
+
+@dataclass
+class ListenerPlan:
+    """What a swap did to the listeners, so it can be undone or completed."""
+
+    bound: list[Listener] = field(default_factory=list)  # sockets this swap bound
+    previous: dict[str, Listener | None] = field(default_factory=dict)  # name -> replaced
+
+
+class Listeners:
+    def __init__(self, manager: ServiceManager) -> None:
+        self.by_name: dict[str, Listener] = {}
+        self.manager = manager
+
+    def __bool__(self) -> bool:
+        return bool(self.by_name)
+
+    def __iter__(self) -> Iterator[Listener]:
+        return iter(list(self.by_name.values()))
+
+    def add(self, listener: Listener) -> None:
+        self.by_name[listener.name] = listener
+
+    # -- start-up ----------------------------------------------------------------------
+
+    def adopt_inherited(self, inherited: Iterable[tuple[str, int]],
+                        configured: dict[str, Address]) -> None:
+        """Sockets from systemd (socket activation or the fd store), matched by name."""
+        for name, fd in inherited:
+            sock = adopt(fd)
+            actual = describe(sock)
+            if name in configured and not same_address(configured[name], actual):
+                log.warning("event=listener.mismatch name=%s configured=%s inherited=%s",
+                            name, configured[name], actual)
+            self.add(Listener(name, configured.get(name) or actual, sock, "systemd"))
+
+    def bind_missing(self, binds: Sequence[tuple[str, Address]], backlog: int) -> None:
+        for name, address in binds:
+            if name not in self.by_name:
+                self.add(Listener(name, address, bind(address, backlog), "bound"))
+
+    def store_all(self) -> None:
+        for lis in self:
+            self.manager.store_listener(lis.name, lis.sock.fileno())
+
+    def fds_for(self, binds: Sequence[tuple[str, Address]]) -> tuple[list[int], list[str]]:
+        """What a worker gets: the configured names in order, then socket-activated extras."""
+        names = [n for n, _ in binds] or list(self.by_name)
+        names += [lis.name for lis in self if lis.source == "systemd" and lis.name not in names]
+        return [self.by_name[n].sock.fileno() for n in names], names
+
+    # -- reload ------------------------------------------------------------------------
+
+    def prepare(self, binds: Sequence[tuple[str, Address]], backlog: int) -> ListenerPlan:
+        """Bind what the new configuration adds; reuse what it keeps (by name, then address)."""
+        plan = ListenerPlan()
+        try:
+            for name, address in binds:
+                current = self.by_name.get(name)
+                if current is not None and same_address(address, describe(current.sock)):
+                    continue
+                alias = next((lis for lis in self if same_address(address, describe(lis.sock))),
+                             None)
+                if alias is not None:
+                    new = Listener(name, address, alias.sock, alias.source)
+                else:
+                    try:
+                        new = Listener(name, address, bind(address, backlog), "bound")
+                    except OSError as e:
+                        raise ListenerError(f"listener {name}: {e.strerror or e}") from e
+                    plan.bound.append(new)
+                plan.previous[name] = current
+                self.by_name[name] = new
+        except BaseException:
+            self.settle(plan, committed=False, binds=())
+            raise
+        return plan
+
+    def settle(self, plan: ListenerPlan, *, committed: bool,
+               binds: Sequence[tuple[str, Address]]) -> None:
+        """After a swap: undo what it bound (abort), or close what `binds` no longer names."""
+        if not committed:
+            for name, previous in plan.previous.items():
+                if previous is None:
+                    self.by_name.pop(name, None)
+                else:
+                    self.by_name[name] = previous
+            doomed = plan.bound
+        else:
+            keep = {n for n, _ in binds} | {lis.name for lis in self if lis.source == "systemd"}
+            doomed = [lis for lis in plan.previous.values() if lis is not None]
+            for name in [n for n in self.by_name if n not in keep]:
+                doomed.append(self.by_name.pop(name))
+                self.manager.forget_listener(name)
+            # Names whose socket changed: drop what the store holds under them, store the new.
+            for name, previous in plan.previous.items():
+                if previous is not None:
+                    self.manager.forget_listener(name)
+                if name in self.by_name:
+                    self.manager.store_listener(name, self.by_name[name].sock.fileno())
+        in_use = {id(lis.sock) for lis in self}
+        for lis in doomed:
+            if id(lis.sock) not in in_use and lis.sock.fileno() >= 0:
+                log.info("event=listener.close name=%s address=%s", lis.name, describe(lis.sock))
+                _close(lis)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [lis.describe() for lis in self]
+
+    def close_all(self) -> None:
+        for lis in self:
+            if lis.sock.fileno() >= 0:
+                _close(lis)
+        self.by_name.clear()
+
+
+def _close(lis: Listener) -> None:
+    if lis.source == "bound":
+        unlink_unix(lis.address)
+    lis.sock.close()
