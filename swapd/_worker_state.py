@@ -32,6 +32,7 @@ CHUNK_ENTRIES = 50_000  # pre-copy chunk: the worker serves requests between chu
 class TrackedEntry:
     td: TrackedDict[Any, Any]
     migrate: Migrate | None
+    codec: str = "pickle5"
 
 
 @dataclass
@@ -47,7 +48,7 @@ class StateParts:
     def precopy(self) -> Iterator[tuple[str, Snapshot]]:
         """Bulk parts of every tracked dict, chunk by chunk (the caller yields between)."""
         for name, entry in self.tracked.items():
-            for part in entry.td.precopy_chunks(app_version=self.version,
+            for part in entry.td.precopy_chunks(app_version=self.version, codec=entry.codec,
                                                 chunk_entries=CHUNK_ENTRIES):
                 yield name, part
 
@@ -58,8 +59,9 @@ class StateParts:
         try:
             for name in names:
                 td = self.tracked[name].td
+                codec = self.tracked[name].codec
                 snaps.append(td.delta() if td.tracking else
-                             td.begin_precopy(app_version=self.version))
+                             td.begin_precopy(app_version=self.version, codec=codec))
         except BaseException:
             for snap in snaps:
                 snap.close()
@@ -101,7 +103,8 @@ class StateParts:
             _close_parts(parts[1:])
             raise handoff.FdMismatch(f"state names {len(names)} tracked dicts, "
                                      f"{len(parts) - 1} parts arrived")
-        self.restored.append(main)
+        if main.shared:
+            self.restored.append(main)
         for i, (name, (memfd, extra)) in enumerate(zip(names, parts[1:], strict=True)):
             try:
                 entry = self._entry(name)
@@ -131,7 +134,10 @@ class StateParts:
             entry.td.apply_delta(part)
         else:
             entry.td.load_bulk(part, migrate=entry.migrate)
-        self.restored.append(part)
+        # Keep a part only if it holds SharedBuffers to commit; otherwise drop it now, so
+        # its memory is released here (pre-copy: outside the pause), not at commit.
+        if part.shared:
+            self.restored.append(part)
 
 
 def split(fds: list[int]) -> list[tuple[int, list[int]]]:

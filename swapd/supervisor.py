@@ -566,9 +566,6 @@ class Supervisor:
             _answer(state["reply_fd"], {"reexec": True, "pid": os.getpid(),
                                         "version": __version__, "previous": state["version"]})
 
-    def remember_snapshots(self, snaps: list[Message]) -> None:
-        """Hook for the fd store (systemd): the latest committed snapshots."""
-
     # -- swaps --------------------------------------------------------------------
 
     async def request_swap(self, kind: str, origin: str, emit: Emit | None) -> dict[str, Any]:

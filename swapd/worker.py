@@ -137,20 +137,22 @@ class Worker:
     def state_version(self, version: int) -> None:
         self._parts.version = version
 
-    def tracked_dict(self, name: str, *, migrate: Migrate | None = None
-                     ) -> TrackedDict[Any, Any]:
+    def tracked_dict(self, name: str, *, migrate: Migrate | None = None,
+                     codec: str = "pickle5") -> TrackedDict[Any, Any]:
         """A dict handed to the successor by pre-copy (with `--precopy`): its bulk travels
         while this worker still serves, only the keys changed since inside the pause.
 
         Register it at start-up, under the same name in every version of the code; a
         successor's is filled before `restore()` is called. `migrate(value, from_version)`
         converts entries of older state versions, outside the pause for the bulk. Mark
-        in-place changes of nested values with `td.touch(key)`.
+        in-place changes of nested values with `td.touch(key)`. `codec="marshal"` is about
+        twice as fast as pickle for plain data (str, int, float, bytes, list, dict...).
         """
         if name in self._parts.tracked:
             raise WorkerError(f"tracked dict {name!r} is already registered")
         td: TrackedDict[Any, Any] = TrackedDict()
-        self._parts.tracked[name] = TrackedEntry(td, migrate)
+        handoff.get_codec(codec)  # an unknown codec fails here, not in the middle of a swap
+        self._parts.tracked[name] = TrackedEntry(td, migrate, codec)
         return td
 
     def on_drain(self, fn: Hook) -> Hook:
@@ -419,9 +421,9 @@ class Worker:
     async def _handle_commit(self, msg: Message) -> None:
         msg.close_fds()
         hub = self._require_hub()
+        self._parts.commit()  # before accepting: its work is part of the pause, honestly
         hub.start_accepting()
         t_start = time.monotonic()
-        self._parts.commit()
         for conn in self._handed_over:
             hub.adopt(conn)
         self._handed_over = []
