@@ -113,6 +113,7 @@ class Setup:
     precopy: bool = False
     dirty: float = 0.0
     write_rate: float = 0.0
+    codec: str = "pickle5"  # w.state_codec and the tracked dict's codec
 
     @property
     def name(self) -> str:
@@ -121,7 +122,9 @@ class Setup:
 
 SETUPS = (
     Setup("A", "full", "dict"),
+    Setup("A", "full, marshal", "dict", codec="marshal"),
     Setup("A", "pre-copy 1%", "dict", precopy=True, dirty=0.01),
+    Setup("A", "pre-copy 1%, marshal", "dict", precopy=True, dirty=0.01, codec="marshal"),
     Setup("B", "full (out-of-band copy)", "buffers"),
     Setup("B", "SharedBuffer", "shared"),
     Setup("B", "pre-copy 1% (64 KiB blobs)", "blobs", precopy=True, dirty=0.01),
@@ -183,7 +186,8 @@ class Service:
         self.log_path = workdir / "swapd.log"
         app_env = {"BENCH_SHAPE": setup.app_shape, "BENCH_MB": str(nominal_mb),
                    "BENCH_TRACKED": "1" if setup.precopy else "0",
-                   "BENCH_DIRTY": str(setup.dirty), "BENCH_WRITE_RATE": str(setup.write_rate)}
+                   "BENCH_DIRTY": str(setup.dirty), "BENCH_WRITE_RATE": str(setup.write_rate),
+                   "BENCH_CODEC": setup.codec}
         self.argv = [
             PYTHON, "-P", "-m", "swapd", "run", "--mode", "stateful",
             *(["--precopy"] if setup.precopy else []),
@@ -570,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for setup in setups:
             if args.only and args.only not in setup.name:
                 continue
-            slow = size >= 100 and setup.name == "A full"  # seconds per swap
+            slow = size >= 100 and setup.name.startswith("A full")  # seconds per swap
             swaps = args.swaps or (3 if args.quick or slow else 5)
             print(f"{setup.name}, {size} MB:", flush=True)
             rows.append(run_row(setup, size, swaps, quiet))

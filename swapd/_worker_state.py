@@ -6,7 +6,9 @@ sent as one channel message:
     [state]  [tracked dict part]  [tracked dict part] ...
 
 `state` is {"app": snapshot(), "conns": [(listener, socket, meta, buffered)],
-"tracked": [names of the parts that follow]}. Every memfd carries its envelope in
+"tracked": [names of the parts that follow]}. With `w.state_codec` other than pickle5
+(marshal is about twice as fast for plain data) the application's state is the first
+part that follows, named "" (connections always travel with pickle5, as sockets). Every memfd carries its envelope in
 its header, so the receiver splits the flat fd list by reading them, and a list
 kept in systemd's fd store (where fds come back without envelopes) restores the
 same way. A tracked dict contributes its bulk (no pre-copy happened) or only the
@@ -25,7 +27,8 @@ from swapd import handoff
 from swapd.handoff import Restored, Snapshot, TrackedDict
 
 Migrate = Callable[[Any, int], Any]
-CHUNK_ENTRIES = 50_000  # pre-copy chunk: the worker serves requests between chunks
+CHUNK_ENTRIES = 50_000
+APP = ""  # the part name of the application state when it has a codec of its own  # pre-copy chunk: the worker serves requests between chunks
 
 
 @dataclass
@@ -40,6 +43,7 @@ class StateParts:
     """What a worker keeps across a handoff, on either side."""
 
     version: int = 1
+    codec: str = "pickle5"  # of the application's own state; connections always pickle5
     tracked: dict[str, TrackedEntry] = field(default_factory=dict)
     restored: list[Restored] = field(default_factory=list)  # committed on swap commit
 
@@ -54,9 +58,13 @@ class StateParts:
 
     def dump(self, app: Any, conns: list[tuple[Any, ...]]) -> list[Snapshot]:
         names = list(self.tracked)
-        snaps = [handoff.dump({"app": app, "conns": conns, "tracked": names},
-                              app_version=self.version)]
+        separate = self.codec != "pickle5"  # then the app state is a part of its own: APP
+        main = {"app": None if separate else app, "conns": conns,
+                "tracked": [APP, *names] if separate else names}
+        snaps = [handoff.dump(main, app_version=self.version)]
         try:
+            if separate:
+                snaps.append(handoff.dump(app, app_version=self.version, codec=self.codec))
             for name in names:
                 td = self.tracked[name].td
                 codec = self.tracked[name].codec
@@ -107,8 +115,13 @@ class StateParts:
             self.restored.append(main)
         for i, (name, (memfd, extra)) in enumerate(zip(names, parts[1:], strict=True)):
             try:
-                entry = self._entry(name)
-                self._apply(entry, handoff.load(None, memfd, extra, accept_versions=accept))
+                part = handoff.load(None, memfd, extra, accept_versions=accept)
+                if name == APP:
+                    main.state["app"] = part.state
+                    if part.shared:
+                        self.restored.append(part)
+                else:
+                    self._apply(self._entry(name), part)
             except BaseException:
                 _close_parts(parts[i + 2 :])
                 raise

@@ -19,6 +19,7 @@ Environment:
     BENCH_SHAPE       dict | buffers | shared | blobs                       (default dict)
     BENCH_MB          nominal size, MB of 1e6 bytes                          (default 1)
     BENCH_TRACKED     1: keep dict/blobs in w.tracked_dict("state"), handed over by pre-copy
+    BENCH_CODEC       codec of the state and of the tracked dict (pickle5, marshal)
                       under `swapd run --precopy`; 0: return it from the snapshot (default 0)
     BENCH_DIRTY       fraction of the entries changed once per pre-copy round, in one burst
                       after the bulk has been written and before the quiesce   (default 0)
@@ -71,6 +72,7 @@ TRACKED = os.environ.get("BENCH_TRACKED", "0") == "1"
 DIRTY = float(os.environ.get("BENCH_DIRTY", "0"))
 WRITE_RATE = float(os.environ.get("BENCH_WRITE_RATE", "0"))
 GC_FREEZE = os.environ.get("BENCH_GC_FREEZE", "1") == "1"
+CODEC = os.environ.get("BENCH_CODEC", "pickle5")
 
 MB = 1_000_000
 BLOB = 64 * 1024
@@ -168,7 +170,7 @@ class App:
         self.w = w
         self.loop = asyncio.get_running_loop()
         self.td: TrackedDict[Any, Any] | None = (
-            w.tracked_dict("state") if TRACKED and SHAPE in ("dict", "blobs") else None
+            w.tracked_dict("state", codec=CODEC) if TRACKED and SHAPE in ("dict", "blobs") else None
         )
         if TRACKED and self.td is None:
             raise BenchAppError(f"BENCH_TRACKED=1 needs shape dict or blobs, not {SHAPE!r}")
@@ -342,6 +344,7 @@ async def main(w: worker.Worker) -> None:
     global _APP
     app = _APP = App(w)
     w.state_version = 1
+    w.state_codec = CODEC
     w.on_snapshot(app.snapshot)
     w.on_restore(app.restore)
     w.on_quiesce(app.on_quiesce)
