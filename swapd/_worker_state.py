@@ -8,11 +8,11 @@ sent as one channel message:
 `state` is {"app": snapshot(), "conns": [(listener, socket, meta, buffered)],
 "tracked": [names of the parts that follow]}. With `w.state_codec` other than pickle5
 (marshal is about twice as fast for plain data) the application's state is the first
-part that follows, named "" (connections always travel with pickle5, as sockets). Every memfd carries its envelope in
-its header, so the receiver splits the flat fd list by reading them, and a list
-kept in systemd's fd store (where fds come back without envelopes) restores the
-same way. A tracked dict contributes its bulk (no pre-copy happened) or only the
-keys changed since its pre-copy.
+part that follows, named "" (connections always travel with pickle5, as sockets).
+Every memfd carries its envelope in its header, so the receiver splits the flat
+fd list by reading them, and a list kept in systemd's fd store (where fds come
+back without envelopes) restores the same way. A tracked dict contributes its
+bulk (no pre-copy happened) or only the keys changed since its pre-copy.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from swapd import handoff
 from swapd.handoff import Restored, Snapshot, TrackedDict
 
 Migrate = Callable[[Any, int], Any]
-CHUNK_ENTRIES = 50_000
-APP = ""  # the part name of the application state when it has a codec of its own  # pre-copy chunk: the worker serves requests between chunks
+CHUNK_ENTRIES = 50_000  # pre-copy chunk: the worker serves requests between chunks
+APP = ""  # the part name of the application state when it has a codec of its own
 
 
 @dataclass
