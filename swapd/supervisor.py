@@ -293,6 +293,10 @@ class Supervisor:
         new.committed = time.monotonic()
         self.active = new
         self.config = new.config
+        if old is not None:
+            # Crash history belongs to the code that crashed: a new generation starts clean.
+            self.crashes.clear()
+            self.crash_loop.clear()
         if old is not None and self.journal:
             # New code from disk: the patches of the old generation do not apply to it.
             log.warning("event=patch.journal_cleared gen=%d patches=%s", new.id,
@@ -389,19 +393,25 @@ class Supervisor:
 
     def _schedule_respawn(self, gen: Generation, slot: int) -> None:
         assert self._loop is not None
-        now = time.monotonic()
-        history = self.crashes.setdefault(slot, deque())
-        history.append(now)
-        while history and now - history[0] > CRASH_WINDOW:
-            history.popleft()
-        recent = len(history)
+        self.crashes.setdefault(slot, deque()).append(time.monotonic())
+        recent = self._recent_crashes(slot)
         delay = min(0.1 * 2 ** (recent - 1), BACKOFF_MAX)
-        if recent >= CRASH_LOOP and slot not in self.crash_loop:
+        if recent >= CRASH_LOOP and slot not in self.crash_loop:  # logged once per loop
             self.crash_loop.add(slot)
             log.error("event=worker.crash_loop gen=%d worker=%d crashes=%d window=%gs "
                       "backoff=%gs", gen.id, slot, recent, CRASH_WINDOW, delay)
         log.info("event=worker.respawn_scheduled gen=%d worker=%d delay=%gs", gen.id, slot, delay)
         self._timers[(gen.id, slot)] = self._loop.call_later(delay, self._respawn, gen, slot)
+
+    def _recent_crashes(self, slot: int) -> int:
+        """Crashes of a slot within the window; a crash loop ends when they age out of it."""
+        history = self.crashes.get(slot, deque())
+        now = time.monotonic()
+        while history and now - history[0] > CRASH_WINDOW:
+            history.popleft()
+        if len(history) < CRASH_LOOP:
+            self.crash_loop.discard(slot)
+        return len(history)
 
     def _cancel_timer(self, gen_id: int, slot: int) -> None:
         timer = self._timers.pop((gen_id, slot), None)
@@ -445,8 +455,6 @@ class Supervisor:
                 # A restarted stateful worker has no predecessor: it must not wait for state.
                 await self._activate_one(w)
             log.info("event=worker.ready %s restarts=%d", w.tag, gen.restarts[w.slot])
-            if self.crashes.get(w.slot):
-                self.crash_loop.discard(w.slot)
         elif not done:
             log.error("event=worker.ready_timeout %s timeout=%gs action=SIGKILL", w.tag,
                       gen.config.timeouts.ready)
@@ -707,6 +715,8 @@ class Supervisor:
             self.patch_in_flight = None
 
     def status(self) -> dict[str, Any]:
+        for slot in list(self.crash_loop):
+            self._recent_crashes(slot)
         gens = [g for g in self.generations.values() if g.state not in (GenState.EXITED,
                                                                           GenState.FAILED)]
         described = []
