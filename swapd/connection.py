@@ -29,7 +29,7 @@ from typing import Any
 log = logging.getLogger("swapd.worker")
 
 Handler = Callable[["Connection"], Awaitable[None]]
-_ACCEPT_BATCH = 32
+_ACCEPT_BATCH = 1
 
 
 class HandedOff(Exception):
@@ -222,6 +222,11 @@ class ConnectionHub:
         return time.monotonic()
 
     def _on_acceptable(self, name: str) -> None:
+        # One accept per wakeup (nginx's default, multi_accept off): every worker of the
+        # generation is woken by a new connection, and taking one at a time gives the
+        # others their chance, where draining the queue in a batch handed a burst of
+        # connections to whichever worker woke first. (It still spreads long-lived
+        # connections only as evenly as the wakeups do; see docs/worker.md.)
         sock = self.listeners[name]
         for _ in range(_ACCEPT_BATCH):
             if not self.accepting:
