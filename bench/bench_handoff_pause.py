@@ -25,8 +25,8 @@ takes over. Per swap it records what swapd reports, `data.timings_ms`:
 plus the upgrade's total wall time as the client sees it, the bytes shipped inside the pause
 and in the bulk (from the progress lines), what the successor saw (`info`: the pre-copy burst,
 dirty keys at the quiesce), the time from the old worker's `on_quiesce` to the new worker's
-event loop being free after the commit ("to new loop free": swapd stamps t_start before its
-commit work, so this is what a client waits), and a full check of the state the new worker
+event loop being free after the commit ("to new loop free": what a client waits at most;
+swapd stamps t_start once its commit work is done), and a full check of the state the new worker
 holds (`verify`: digest equal to the one the predecessor carried, changes included). It then
 waits for the old worker to exit before the next swap, so the freeing of its heap does not
 overlap the next pause. Before each swap it waits (bounded) for the rest of the machine to be

@@ -98,7 +98,11 @@ class MarshalCodec(Codec):
         try:
             data = marshal.dumps(obj, 4)  # version pinned: the successor may run another Python
         except ValueError as e:
-            raise EncodeError(f"marshal cannot encode the state: {e}") from e
+            raise EncodeError(
+                f"marshal cannot encode the state: {e} (marshal takes only None, bool, int, "
+                "float, complex, str, bytes, bytearray, tuple, list, set, frozenset and dict; "
+                "use pickle5 for anything else)"
+            ) from e
         sink.write(data)
 
     def decode(self, payload: memoryview, source: DecodeSource) -> Any:

@@ -287,8 +287,9 @@ class Supervisor:
         log.info("event=worker.spawn %s role=%s", worker.tag, spec.role)
         return worker
 
-    def commit(self, new: Generation, old: Generation | None) -> None:
-        """The point of no return: `new` serves, `old` drains."""
+    def commit(self, new: Generation, old: Generation | None, *, drain_old: bool = True
+               ) -> None:
+        """The point of no return: `new` serves, `old` drains (now, or via `retire`)."""
         new.transition(GenEvent.COMMIT)
         new.committed = time.monotonic()
         self.active = new
@@ -304,7 +305,12 @@ class Supervisor:
             self.journal.clear()
         if old is not None:
             old.transition(GenEvent.SUPERSEDE)
-            self._drain(old, old.config.timeouts.drain)
+            if drain_old:
+                self.retire(old)
+
+    def retire(self, old: Generation) -> None:
+        """Tell a superseded generation to drain."""
+        self._drain(old, old.config.timeouts.drain)
 
     def after_resume(self, gen: Generation) -> None:
         """A generation became active again after an aborted handoff: refill dead slots."""

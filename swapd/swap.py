@@ -120,13 +120,17 @@ async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, A
         if isinstance(e, asyncio.CancelledError):
             raise
         raise SwapFailed(reason) from e
-    # Committed: from here on nothing is undone; a failure is a crash of a worker.
-    sup.commit(new, old)
+    # Committed: from here on nothing is undone; a failure is a crash of a worker. In a
+    # handoff the old generation is told to go only once the new one accepts: its exit
+    # (freeing a large heap) must not compete with the end of the pause.
+    sup.commit(new, old, drain_old=not stateful)
     job.mark("committed")
     try:
         if stateful:
             await activate(new, config, job)
     finally:
+        if stateful:
+            sup.retire(old)
         for msg in handed:
             msg.close_fds()
     job.emit("committed", f"gen={new.id} active; gen={old.id} draining")

@@ -95,6 +95,7 @@ class Worker:
         self._restore: Restore | None = None
         self._on_drain: list[Hook] = []
         self._on_quiesce: list[Hook] = []
+        self._on_precopied: list[Hook] = []
         self._on_resume: list[Hook] = []
         self._channel: Channel | None = None
         self._hub: ConnectionHub | None = None
@@ -140,8 +141,8 @@ class Worker:
     @property
     def state_codec(self) -> str:
         """Codec of `snapshot()`'s state: "pickle5" (default, any picklable object) or
-        "marshal" (plain data only: str, int, float, bytes, list, dict...; about twice as
-        fast to dump and load, which shortens the pause)."""
+        "marshal" (plain data only: str, int, float, bytes, list, dict...; dumps 1.3-3.4x
+        faster, loads about as fast: see docs/benchmarks-handoff-pause.md)."""
         return self._parts.codec
 
     @state_codec.setter
@@ -157,8 +158,9 @@ class Worker:
         Register it at start-up, under the same name in every version of the code; a
         successor's is filled before `restore()` is called. `migrate(value, from_version)`
         converts entries of older state versions, outside the pause for the bulk. Mark
-        in-place changes of nested values with `td.touch(key)`. `codec="marshal"` is about
-        twice as fast as pickle for plain data (str, int, float, bytes, list, dict...).
+        in-place changes of nested values with `td.touch(key)`. `codec="marshal"` dumps plain
+        data (str, int, float, bytes, list, dict...) faster than pickle, which shortens the
+        bulk; the pause, mostly loading, hardly changes.
         """
         if not name or name in self._parts.tracked:
             raise WorkerError(f"tracked dict {name!r} is already registered (or empty)")
@@ -170,6 +172,12 @@ class Worker:
     def on_drain(self, fn: Hook) -> Hook:
         """Called when the worker starts draining (stop background work; may be async)."""
         self._on_drain.append(fn)
+        return fn
+
+    def on_precopied(self, fn: Hook) -> Hook:
+        """Called (synchronously) right after this worker handed its pre-copy bulk over; the
+        pause comes next, and what changes from here on travels in it."""
+        self._on_precopied.append(fn)
         return fn
 
     def on_quiesce(self, fn: Hook) -> Hook:
@@ -392,6 +400,8 @@ class Worker:
         finally:
             for snap in snaps:
                 snap.close()
+        for hook in self._on_precopied:
+            self._run_hook(hook)
 
     async def _handle_resume(self, msg: Message) -> None:
         msg.close_fds()
@@ -442,6 +452,8 @@ class Worker:
         if self._committed is not None and not self._committed.done():
             self._committed.set_result(None)
         self._reply(msg, {"ok": True, "t_start": t_start})
+        if self._parts.replaced:
+            await self._parts.release_replaced()
 
 
     async def _handle_patch(self, msg: Message) -> None:

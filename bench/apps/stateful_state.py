@@ -19,8 +19,8 @@ Environment:
     BENCH_SHAPE       dict | buffers | shared | blobs                       (default dict)
     BENCH_MB          nominal size, MB of 1e6 bytes                          (default 1)
     BENCH_TRACKED     1: keep dict/blobs in w.tracked_dict("state"), handed over by pre-copy
-    BENCH_CODEC       codec of the state and of the tracked dict (pickle5, marshal)
                       under `swapd run --precopy`; 0: return it from the snapshot (default 0)
+    BENCH_CODEC       codec of the state and of the tracked dict (pickle5, marshal)
     BENCH_DIRTY       fraction of the entries changed once per pre-copy round, in one burst
                       after the bulk has been written and before the quiesce   (default 0)
     BENCH_WRITE_RATE  entries/s changed steadily while a pre-copy round is open (default 0)
@@ -30,14 +30,11 @@ Why the burst is placed as it is. Pre-copy ships every entry changed after its r
 (TrackedDict tracks writes from before the first bulk chunk on), so what must be controlled is
 *how many* entries change between the bulk and the quiesce, and that none changes inside the
 pause. A request from the benchmark cannot be timed into that window: the supervisor sends the
-quiesce as soon as the new worker has loaded the bulk. An `on_quiesce` hook runs inside the
-pause. A 1 ms tick polling `td.tracking` missed short windows (64 KiB blobs at 1 MB: 3-5 ms). So
-the app marks the end of its bulk: the last entry of the tracked dict is a `BulkEnd` marker. Bulk
-chunks follow the dict's order, so pickling the marker means the last chunk is being written;
-the marker then schedules the burst with `loop.call_soon`. The worker yields to the loop after
-each chunk, so the burst runs once the last chunk is sealed and before the worker even replies
-with the bulk: the quiesce, which comes after that reply, always finds the burst done, and the
-delta holds exactly the burst's keys. Event-driven, no polling, exact count. The successor
+quiesce as soon as the new worker has loaded the bulk, and an `on_quiesce` hook runs inside the
+pause. So the burst is scheduled by `w.on_precopied`, which swapd.worker calls right after the
+bulk was handed over: the quiesce, which needs the new worker to load that bulk first, always
+finds the burst done, and the delta holds exactly the burst's keys. Event-driven, no polling,
+exact count. The successor
 reports what happened (`info`: burst size and time, dirty keys at the quiesce), and `verify`
 proves the changes arrived (the digest includes them).
 
@@ -78,24 +75,12 @@ MB = 1_000_000
 BLOB = 64 * 1024
 TICK = 0.001  # s
 SHAPES = ("dict", "buffers", "shared", "blobs")
-BULK_END = "~bulk-end"  # key of the BulkEnd marker: inserted last, so pickled last
 
 
 class BenchAppError(RuntimeError):
     """A configuration this app cannot run."""
 
 
-class BulkEnd:
-    """The last entry of a tracked state. Pickled during a pre-copy round, it means the last
-    bulk chunk is being written: the app's burst of changes is scheduled right after it."""
-
-    def __reduce__(self) -> tuple[type[BulkEnd], tuple[()]]:
-        if _APP is not None:
-            _APP.bulk_written()
-        return BulkEnd, ()
-
-
-_APP: App | None = None
 
 
 def record(i: int) -> dict[str, Any]:
@@ -136,8 +121,8 @@ def _view(buf: Any) -> memoryview:
 
 
 def entries(data: Any) -> Iterator[Any]:
-    """The state's values, without the BulkEnd marker."""
-    return (v for k, v in data.items() if k != BULK_END)
+    """The state's values."""
+    return iter(data.values())
 
 
 def digest(shape: str, data: Any) -> str:
@@ -157,7 +142,7 @@ def digest(shape: str, data: Any) -> str:
 def pickle_size(shape: str, data: Any) -> int:
     """The state's size as pickle protocol 5 writes it (buffers: their bytes, ±100 bytes)."""
     if shape in ("dict", "blobs"):
-        return len(pickle.dumps({k: v for k, v in data.items() if k != BULK_END}, protocol=5))
+        return len(pickle.dumps(dict(data), protocol=5))
     total = 0
     for buf in data.values():
         with _view(buf) as view:
@@ -198,7 +183,6 @@ class App:
         data = build(SHAPE, NOMINAL_MB)
         if self.td is not None:
             self.td.update(data)
-            self.td[BULK_END] = BulkEnd()
             data = self.td
         self.data = data
         self.expected = digest(SHAPE, data)
@@ -238,20 +222,20 @@ class App:
 
     def after_commit(self) -> None:
         """The successor serves: prove shared buffers became writable, prepare the next round."""
-        # ready() returns on the first loop turn after the commit handler finished: from here
-        # on an accept can run. (swapd stamps its t_start earlier, before the commit work.)
+        # ready() returns on the first loop turn after the commit handler finished: swapd
+        # stamps its t_start after its commit work, when it starts accepting.
         self.serving_at = time.monotonic()
         if SHAPE == "shared":
             for sb in self.data.values():
                 with sb.buf as view:
                     view[0] = view[0]  # TypeError if the mapping were still read-only
         if self.td is not None:
-            self.keys = [k for k in self.td if k != BULK_END]
+            self.keys = list(self.td)
 
     # -- changes during a pre-copy round ----------------------------------------------------
 
     def bulk_written(self) -> None:
-        """Called while the last bulk chunk is pickled (the BulkEnd marker)."""
+        """w.on_precopied: the bulk was handed over; the pause comes next."""
         td = self.td
         r = self.round
         if td is None or not td.tracking or r["quiesced"] or r["bulk_end_at"] is not None:
@@ -341,13 +325,13 @@ class App:
 
 
 async def main(w: worker.Worker) -> None:
-    global _APP
-    app = _APP = App(w)
+    app = App(w)
     w.state_version = 1
     w.state_codec = CODEC
     w.on_snapshot(app.snapshot)
     w.on_restore(app.restore)
     w.on_quiesce(app.on_quiesce)
+    w.on_precopied(app.bulk_written)
     w.on_resume(app.on_resume)
     if w.role != "successor":
         app.build()
