@@ -17,7 +17,6 @@ bulk (no pre-copy happened) or only the keys changed since its pre-copy.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterator
@@ -47,7 +46,6 @@ class StateParts:
     codec: str = "pickle5"  # of the application's own state; connections always pickle5
     tracked: dict[str, TrackedEntry] = field(default_factory=dict)
     restored: list[Restored] = field(default_factory=list)  # committed on swap commit
-    replaced: list[Any] = field(default_factory=list)  # old values, freed after the pause
 
     # -- the old worker --------------------------------------------------------------
 
@@ -123,7 +121,7 @@ class StateParts:
                     if part.shared:
                         self.restored.append(part)
                 else:
-                    self._apply(self._entry(name), part, in_pause=True)
+                    self._apply(self._entry(name), part)
             except BaseException:
                 _close_parts(parts[i + 2 :])
                 raise
@@ -135,12 +133,6 @@ class StateParts:
         self.restored.clear()
         self.end_rounds()
 
-    async def release_replaced(self, batch: int = 2000) -> None:
-        """Free the values a pause's deltas replaced, a batch per loop turn, after it."""
-        while self.replaced:
-            del self.replaced[-batch:]
-            await asyncio.sleep(0)
-
     def _entry(self, name: str) -> TrackedEntry:
         entry = self.tracked.get(name)
         if entry is None:
@@ -150,9 +142,9 @@ class StateParts:
             )
         return entry
 
-    def _apply(self, entry: TrackedEntry, part: Restored, *, in_pause: bool = False) -> None:
+    def _apply(self, entry: TrackedEntry, part: Restored) -> None:
         if entry.td.receiving:
-            entry.td.apply_delta(part, keep_replaced=self.replaced if in_pause else None)
+            entry.td.apply_delta(part)
         else:
             entry.td.load_bulk(part, migrate=entry.migrate)
         # Keep a part only if it holds SharedBuffers to commit; otherwise drop it now, so

@@ -158,9 +158,9 @@ class Worker:
         Register it at start-up, under the same name in every version of the code; a
         successor's is filled before `restore()` is called. `migrate(value, from_version)`
         converts entries of older state versions, outside the pause for the bulk. Mark
-        in-place changes of nested values with `td.touch(key)`. `codec="marshal"` dumps plain
-        data (str, int, float, bytes, list, dict...) faster than pickle, which shortens the
-        bulk; the pause, mostly loading, hardly changes.
+        in-place changes of nested values with `td.touch(key)`. `codec="marshal"` takes plain
+        data only (str, int, float, bytes, list, dict...); measured through swapd it changes
+        neither the bulk nor the pause much (docs/benchmarks-handoff-pause.md).
         """
         if not name or name in self._parts.tracked:
             raise WorkerError(f"tracked dict {name!r} is already registered (or empty)")
@@ -452,8 +452,6 @@ class Worker:
         if self._committed is not None and not self._committed.done():
             self._committed.set_result(None)
         self._reply(msg, {"ok": True, "t_start": t_start})
-        if self._parts.replaced:
-            await self._parts.release_replaced()
 
 
     async def _handle_patch(self, msg: Message) -> None:

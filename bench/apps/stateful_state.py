@@ -297,7 +297,7 @@ class App:
             self.pickle_size = pickle_size(SHAPE, self.data)
         with open("/proc/self/statm") as f:
             rss_pages = int(f.read().split()[1])
-        count = len(self.data) - (1 if self.td is not None else 0)
+        count = len(self.data)
         return {"pid": os.getpid(), "gen": self.w.generation, "role": self.w.role,
                 "shape": SHAPE, "nominal_mb": NOMINAL_MB, "tracked": self.td is not None,
                 "entries": count, "pickle_size": self.pickle_size,
