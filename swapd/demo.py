@@ -168,14 +168,14 @@ def _report(args: argparse.Namespace, say: Any, swaps: list[dict[str, Any]],
     say("report")
     say(f"{'':<10} {'failed (keep-alive)':>20} {'failed (new conn)':>18} "
         f"{'longest gap':>12} {'pause':>9}")
-    say(f"(longest gap: the longest time no client got an answer, within {WINDOW_MARGIN:g} s "
-        "of the upgrade; pause: the time no worker accepted)")
     for i, swap in enumerate(swaps):
         windows = [r.windows[i] for r in reports]
         gap = max(w.longest_gap for w in windows) * 1000
         pause = f"{swap['pause']:.1f} ms" if swap["pause"] is not None else "-"
         say(f"upgrade {i + 1:<2} {windows[0].failed:>20} {windows[1].failed:>18} "
             f"{gap:>9.1f} ms {pause:>9}", swap=swap)
+    say(f"(longest gap: the longest time no client got an answer, within {WINDOW_MARGIN:g} s "
+        "of the upgrade; pause: the time no worker accepted)")
     say(f"requests: {total:,} sent, {total - failed:,} ok, {failed:,} failed "
         f"({sum(r.connections_opened for r in reports):,} connections)")
     state = ", ".join(f"worker {slot}: {n:,}" for slot, n in sorted(counts.items()))
