@@ -166,9 +166,7 @@ class Worker:
         while True:
             try:
                 data, anc, _flags, _ = self._notify.recvmsg(4096, socket.CMSG_SPACE(64 * 4))
-            except BlockingIOError:
-                return
-            except OSError:
+            except OSError:  # BlockingIOError included: nothing more queued
                 return
             # Close any fds (FDSTORE, BARRIER): holding a BARRIER fd would block the sender.
             for level, kind, payload in anc:
@@ -188,11 +186,12 @@ class Worker:
             self.ready_at = time.monotonic()
             self.ready.set_result(info)
 
-    def _on_output(self) -> None:
+    def _on_output(self) -> bool:
+        """Read one chunk of output; False when there is nothing more to read for now."""
         try:
             chunk = os.read(self._output_fd, 65536)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             chunk = b""
         if not chunk:
@@ -200,7 +199,7 @@ class Worker:
             self._loop.remove_reader(self._output_fd)
             os.close(self._output_fd)
             self._output_fd = -1
-            return
+            return False
         lines = (self._partial + chunk).split(b"\n")
         self._partial = lines.pop()
         if len(self._partial) > _MAX_LINE:
@@ -208,6 +207,7 @@ class Worker:
             self._partial = b""
         for raw in lines:
             self._emit_line(raw)
+        return True
 
     def _flush_partial(self) -> None:
         if self._partial:
@@ -221,11 +221,12 @@ class Worker:
 
     def on_exit(self, status: ExitStatus) -> None:
         """Called once the child has been reaped: drain its output, release its pipes."""
-        if self._output_fd >= 0:
-            # Whatever the child wrote before dying is still in the pipe: read it
-            # now so a failure report carries the traceback.
-            while self._output_fd >= 0:
-                self._on_output()
+        # Whatever the child wrote before dying is still in the pipe: read it now so a
+        # failure report carries the traceback. Stop at EAGAIN, not only at EOF: a process
+        # the worker started may still hold the pipe's write end open.
+        while self._output_fd >= 0 and self._on_output():
+            pass
+        self._flush_partial()
         self.close_pipes()
         if not self.exited.done():
             self.exited.set_result(status)

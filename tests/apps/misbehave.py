@@ -5,6 +5,8 @@ start, so a test writes it and then asks for a swap:
 
     {"import_error": true}           raise while importing (crash on import)
     {"exit_before_ready": 3}         exit with this status before ready()
+    {"leave_child": "/path/pidfile"} with exit_before_ready: first start a process in its own
+                                     session that keeps our stdout open; its pid goes to the file
     {"never_ready": true}            serve nothing, never call ready()
     {"gate": "/path/fifo"}           block before ready() until a line arrives on the FIFO
                                      "<path>-<slot>" (one FIFO per worker slot)
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -97,6 +100,13 @@ async def main(w: worker.Worker) -> None:
     for name in w.listeners:
         await w.serve(name, lambda conn: serve_http(conn, app))
     if "exit_before_ready" in BEHAVIOR:
+        if BEHAVIOR.get("leave_child"):
+            # Outlives us in its own session (no group signal reaches it), holding the
+            # output pipe's write end open: the supervisor must not wait for its EOF.
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                     start_new_session=True)
+            with open(BEHAVIOR["leave_child"], "w") as f:
+                f.write(str(child.pid))
         print("exiting before ready, as told", flush=True)
         os._exit(BEHAVIOR["exit_before_ready"])
     if BEHAVIOR.get("never_ready"):

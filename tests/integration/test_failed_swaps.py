@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,21 @@ def test_missing_executable_in_new_generation(tmp_path: Path, behavior: Path) ->
         assert proc.returncode == 1
         assert "cannot exec '/nonexistent/worker'" in proc.stderr
         _assert_untouched(s, old)
+
+
+def test_failed_worker_whose_child_keeps_its_output_open(tmp_path: Path, behavior: Path) -> None:
+    """A worker that exits while a process it started still holds its stdout: the failure is
+    reported at once and the supervisor stays responsive (it must not wait for that EOF)."""
+    pidfile = tmp_path / "left-child.pid"
+    with supervised(tmp_path, MISBEHAVE, env={"BEHAVIOR": str(behavior)}) as s:
+        old = s.active_pids()
+        write_behavior(behavior, exit_before_ready=3, leave_child=str(pidfile))
+        try:
+            proc = s.cli("upgrade")
+            assert proc.returncode == 1, proc
+            assert "exited with status 3 before it was ready" in proc.stderr
+            assert "exiting before ready, as told" in proc.stderr
+            _assert_untouched(s, old)
+        finally:
+            if pidfile.exists():
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
