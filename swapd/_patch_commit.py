@@ -60,6 +60,9 @@ class Store(NamedTuple):
         owner = getattr(self.target, "__qualname__", type(self.target).__name__)
         return f"{owner}.{self.name}"
 
+    def read_op(self) -> Op:
+        return read_op(self.kind, self.target, self.name)
+
 
 def _set_op(s: Store, value: Any, absent_ok: bool) -> Op:
     if s.kind == "attr":
@@ -88,13 +91,33 @@ def undo_ops(stores: list[Store]) -> list[Op]:
     return [_set_op(s, s.old, absent_ok=True) for s in stores]
 
 
-def read_op(s: Store) -> Op:
-    """A C-level call that returns the store's current value, or MISSING."""
-    if s.kind == "attr":
-        return (getattr, s.target, s.name, MISSING)
-    if s.kind == "type":
-        return (s.target.__dict__.get, s.name, MISSING)
-    return (s.target.get, s.name, MISSING)
+def read_op(kind: str, target: Any, name: str) -> Op:
+    """A C-level call that returns what a store of ``kind`` to ``name`` would replace, or
+    MISSING.  That is the target's own value: a dict key, an entry of a class's or an object's
+    own dictionary (never a value inherited from its class), or, behind a data descriptor
+    (``__code__``, a slot, a property), what ``getattr`` returns."""
+    if kind == "item":
+        return (target.get, name, MISSING)
+    if kind == "type" or isinstance(target, type):
+        return (target.__dict__.get, name, MISSING)
+    own = getattr(target, "__dict__", None)
+    if type(own) is dict and not _data_descriptor(type(target), name):
+        return (own.get, name, MISSING)
+    return (getattr, target, name, MISSING)
+
+
+def read_value(kind: str, target: Any, name: str) -> Any:
+    """The value `read_op` reads, now."""
+    fn, *args = read_op(kind, target, name)
+    return fn(*args)
+
+
+def _data_descriptor(cls: type, name: str) -> bool:
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            t = type(klass.__dict__[name])
+            return hasattr(t, "__set__") or hasattr(t, "__delete__")
+    return False
 
 
 def changed_since(reads: list[Op], expected: list[Any]) -> list[int]:
@@ -242,11 +265,7 @@ class MigrationContext:
         self._on_rollback: list[Callable[[], object]] = []
 
     def set(self, obj: object, name: str, value: object) -> None:
-        old = (
-            getattr(obj, name, MISSING)
-            if not isinstance(obj, type)
-            else obj.__dict__.get(name, MISSING)
-        )
+        old = read_value("attr", obj, name)  # the undo deletes an attribute it added
         setattr(obj, name, value)
         self._undo.append(
             lambda: setattr(obj, name, old) if old is not MISSING else delattr(obj, name)

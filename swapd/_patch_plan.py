@@ -41,7 +41,7 @@ from swapd._patch_code import (
     same_code,
     threads_running,
 )
-from swapd._patch_commit import DELETE, MISSING, ModuleState, Store
+from swapd._patch_commit import DELETE, MISSING, ModuleState, Store, read_value
 from swapd._patch_diff import (
     HOOKS,
     ClassWork,
@@ -366,12 +366,7 @@ class Planner:
             self.out.removed.append(r)
 
     def store(self, kind_: str, target: Any, name: str, new: Any, data: bool = False) -> None:
-        if kind_ == "attr":
-            old = getattr(target, name, MISSING)
-        elif kind_ == "type":
-            old = target.__dict__.get(name, MISSING)
-        else:
-            old = target.get(name, MISSING)
+        old = read_value(kind_, target, name)
         self.out.stores.append(Store(kind_, target, name, new, old, data))
 
     # ------------------------------------------------------------------ live functions

@@ -143,7 +143,6 @@ from swapd._patch_commit import (
     existing_state,
     forward_ops,
     is_current,
-    read_op,
     state_for,
     undo_ops,
 )
@@ -324,7 +323,7 @@ class Plan:
         self._status = "prepared"
         self._forward = forward_ops(data.stores)
         self._undo = undo_ops(data.stores)
-        self._reads = [read_op(s) for s in data.stores]
+        self._reads = [s.read_op() for s in data.stores]
         self._expected = [s.old for s in data.stores]
         self._lines = linecache_entry(data.filename, data.new_text, data.lines)
         self._superseded = data.state.entries(data.superseded)
@@ -551,7 +550,7 @@ class RollbackPlan:
         )
         # Everything the commit needs, built now (the commit runs on the event loop).
         stores, strays = self._stores, self._strays
-        self._reads = [read_op(s) for s in stores] + [read_op(s) for s in strays]
+        self._reads = [s.read_op() for s in stores + strays]
         self._expected = [MISSING if s.new is DELETE else s.new for s in stores]
         self._expected += [s.old for s in strays]
         self._ops = list(reversed(undo_ops(stores))) + forward_ops(strays)
