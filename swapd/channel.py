@@ -307,16 +307,22 @@ class Channel:
             if not data and not fds:
                 self._shutdown(ChannelClosed("peer closed the channel"))
                 return
+            # One owner for the fds of a bad frame: this loop until decode(), then decode()
+            # (which closes them on error). Closing twice could close an fd number another
+            # thread has just been given.
             try:
                 if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                    _close_all(fds)
                     raise ProtocolError("truncated frame")
                 if carried_fds(data, fds):
                     self._carried.extend(fds)
                     continue
-                msg = decode(data, fds)
             except ProtocolError as e:
                 _close_all(fds)
+                self._shutdown(e)
+                return
+            try:
+                msg = decode(data, fds)
+            except ProtocolError as e:
                 self._shutdown(e)
                 return
             if self._carried:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import os
 import socket
 import struct
+from collections import Counter
 
 import pytest
 
@@ -135,6 +137,45 @@ def test_peer_sending_garbage_closes_the_channel_with_a_reason() -> None:
         a.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("datagram", "error"),
+    [
+        (b"XXXX" + bytes(8), "bad magic"),  # refused by decode()
+        (b"SWPD" + struct.pack(">BBHI", 1, 0, 2, 70_000) + bytes(70_000), "truncated"),
+        (b"SWPD" + struct.pack(">BBHI", 1, 2, 5, 0), "carrier frame announces 5"),
+    ],
+)
+def test_fds_of_a_bad_frame_are_closed_exactly_once(
+    datagram: bytes, error: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second close of the same number could close an fd another thread was just given.
+    closes: Counter[int] = Counter()
+    real_close = os.close
+
+    def counting_close(fd: int) -> None:
+        closes[fd] += 1
+        real_close(fd)
+
+    async def main() -> None:
+        a, b = socketpair()
+        closed: asyncio.Future[ChannelError] = asyncio.get_running_loop().create_future()
+        Channel(b, lambda m: None, closed.set_result)
+        r, w = os.pipe()
+        a.sendmsg([datagram], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w]))])
+        real_close(r)
+        real_close(w)
+        monkeypatch.setattr(os, "close", counting_close)
+        err = await asyncio.wait_for(closed, 5)
+        monkeypatch.undo()
+        assert isinstance(err, ProtocolError) and error in str(err)
+        a.close()
+
+    before = open_fds()
+    asyncio.run(main())
+    assert open_fds() == before
+    assert len(closes) >= 2 and set(closes.values()) == {1}, closes
 
 
 def test_encode_splits_fds_into_carriers() -> None:
