@@ -252,7 +252,7 @@ class Channel:
         try:
             self.send({**body, "id": rid}, fds)
             try:
-                return await asyncio.wait_for(asyncio.shield(fut), timeout)
+                return await asyncio.wait_for(fut, timeout)
             except TimeoutError:
                 raise RequestTimeout(
                     f"no reply to {body.get('t')!r} within {timeout:g}s"
