@@ -60,6 +60,9 @@ class Connection:
         self._wait: asyncio.Future[bool] | None = None
         self._idle = False
         self._grace: asyncio.TimerHandle | None = None
+        # The task of the handler call serving it now: after a resume, an earlier one may
+        # still be finishing (cleanup after HandedOff) and must not close it under the new one.
+        self._task: asyncio.Task[None] | None = None
         self.detached = False
         self.closed = False
 
@@ -252,6 +255,7 @@ class ConnectionHub:
         conn.reattach()
         self.conns.add(conn)
         task = self.loop.create_task(self._serve(conn, handler))
+        conn._task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -263,9 +267,10 @@ class ConnectionHub:
         except Exception:
             log.exception("event=handler.error listener=%s peer=%s", conn.listener, conn.peer)
         finally:
-            if not conn.detached:
-                conn.close()
-            self.conns.discard(conn)
+            if conn._task is asyncio.current_task():
+                if not conn.detached:
+                    conn.close()
+                self.conns.discard(conn)
             self._changed.set()
 
     def became_idle(self, conn: Connection) -> None:
