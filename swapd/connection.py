@@ -154,13 +154,7 @@ class Connection:
             if self._grace is not None:
                 self._grace.cancel()
                 self._grace = None
-            if self._idle:
-                self._idle = False
-                self._hub.became_busy(self)
-
-    @property
-    def idle(self) -> bool:
-        return self._idle
+            self._idle = False
 
     def try_detach(self) -> bool:
         """Take an idle connection away from its handler (quiesce); False if not idle now."""
@@ -278,9 +272,6 @@ class ConnectionHub:
             conn.try_detach()
         self._changed.set()
 
-    def became_busy(self, conn: Connection) -> None:
-        """Nothing to do yet: quiesce only ever waits for connections to become idle."""
-
     # -- drain and quiesce ------------------------------------------------------
 
     def begin_drain(self) -> None:
@@ -312,8 +303,7 @@ class ConnectionHub:
         self.quiescing = False
         detached, self.detached = self.detached, []
         for conn in detached:
-            if conn in self.conns:
-                self.conns.discard(conn)
+            self.conns.discard(conn)  # adopt() adds it back, unless it has no handler now
             self.adopt(conn)
 
     def release_detached(self) -> None:
