@@ -155,14 +155,43 @@ def run_atomic(ops: list[Op]) -> None:
             gc.enable()
 
 
+class UndoFailed(Exception):
+    """A batch failed and undoing its applied prefix failed too: some stores stay applied."""
+
+    def __init__(self, cause: BaseException, failures: list[BaseException]) -> None:
+        first = failures[0]
+        super().__init__(
+            f"{type(cause).__name__}: {cause}; undoing the stores already applied failed "
+            f"({type(first).__name__}: {first}), {len(failures)} store(s) stay applied"
+        )
+        self.cause = cause
+        self.failures = failures
+
+
 def apply_or_undo(forward: list[Op], undo: list[Op]) -> None:
-    """Run ``forward``; if a store fails, undo the applied prefix and re-raise the cause."""
+    """Run ``forward``; if a store fails, undo the applied prefix and re-raise the cause.
+
+    If an undo store fails too, the others are still undone (each remaining run is again one
+    C-level call) and `UndoFailed` says how many stay applied."""
     try:
         run_atomic(forward)
     except PartialBatch as p:
-        run_atomic(list(reversed(undo[: p.applied])))
-        assert p.__cause__ is not None
-        raise p.__cause__ from None
+        cause = p.__cause__
+        assert cause is not None
+        rest = list(reversed(undo[: p.applied]))
+        failures: list[BaseException] = []
+        while rest:
+            try:
+                run_atomic(rest)
+            except PartialBatch as q:
+                assert q.__cause__ is not None
+                failures.append(q.__cause__)
+                rest = rest[q.applied + 1 :]
+            else:
+                break
+        if failures:
+            raise UndoFailed(cause, failures) from failures[0]
+        raise cause from None
 
 
 # ---------------------------------------------------------------- per-module state

@@ -64,6 +64,12 @@ class RollbackError(PatchError):
     """A rollback could not be performed; nothing was changed."""
 
 
+class PatchInconsistent(PatchError):
+    """A commit or rollback failed, and undoing what it had already changed failed too.  The
+    module may run a mix of old and new code, or data the migration changed only in part; the
+    message says which.  Fix forward with a new patch, or swap the workers."""
+
+
 class Refusal(NamedTuple):
     """A change that cannot be made in place."""
 

@@ -100,8 +100,10 @@ Errors
 `PatchError` is the base.  `PatchSyntaxError`, `PatchExecError`/`PatchImportError`,
 `SourceUnavailable` and `BaseSourceMismatch` come from prepare; `PatchRefused`,
 `AbsentCells`, `PlanStale`, `CommitFailed` and `MigrationFailed` from commit;
-`RollbackError` from rollback.  Each message is one line.  Any error leaves the module
-exactly as it was.
+`RollbackError` from rollback.  Each message is one line.  Any of these leaves the module
+exactly as it was.  The exception is `PatchInconsistent` (commit or rollback): a step failed
+and undoing what it had already changed failed too, so the module may run a mix of old and
+new code, or half-migrated data; its message says which.
 
 Plan wire format (``Plan.to_dict()``, JSON-able)
 ------------------------------------------------
@@ -137,6 +139,7 @@ from swapd._patch_commit import (
     MigrationContext,
     ModuleState,
     Store,
+    UndoFailed,
     apply_or_undo,
     changed_since,
     drop_state,
@@ -158,6 +161,7 @@ from swapd._patch_model import (
     PatchError,
     PatchExecError,
     PatchImportError,
+    PatchInconsistent,
     PatchRefused,
     PatchSyntaxError,
     PlanStale,
@@ -194,6 +198,7 @@ __all__ = [
     "PatchError",
     "PatchExecError",
     "PatchImportError",
+    "PatchInconsistent",
     "PatchRefused",
     "PatchSyntaxError",
     "Plan",
@@ -404,7 +409,9 @@ class Plan:
     def commit(self, *, accept_absent: bool = False) -> Applied:
         """Apply the plan in one indivisible step (see the module docstring) and return the
         handle that rolls it back.  Raises without changing anything if the plan is refused,
-        needs ``accept_absent``, or is stale."""
+        needs ``accept_absent``, or is stale.  After `CommitFailed` or `MigrationFailed`
+        everything was undone and the plan may be committed again; after `PatchInconsistent`
+        (the undo failed too) it is "failed"."""
         d = self._data
         if self._status != "prepared":
             raise PatchError(f"{d.display}: this plan was already {self._status}")
@@ -422,6 +429,12 @@ class Plan:
                 raise PlanStale(f"{d.display}: {what} changed since prepare; prepare again")
             try:
                 apply_or_undo(self._forward, self._undo)
+            except UndoFailed as e:
+                self._status = "failed"
+                raise PatchInconsistent(
+                    f"{d.display}: a store failed during the commit ({e}): the module runs "
+                    "part of the new code"
+                ) from e
             except Exception as e:
                 raise CommitFailed(
                     f"{d.display}: a store failed ({type(e).__name__}: {e}); nothing was changed"
@@ -431,7 +444,7 @@ class Plan:
                 try:
                     d.migrate(ctx)
                 except BaseException as e:
-                    self._abort(ctx)
+                    self._abort(ctx, e)
                     if not isinstance(e, Exception):
                         raise
                     raise MigrationFailed(
@@ -460,15 +473,31 @@ class Plan:
                 f"{d.display}: the module was patched or rolled back since prepare; prepare again"
             )
 
-    def _abort(self, ctx: MigrationContext) -> None:
+    def _abort(self, ctx: MigrationContext, error: BaseException) -> None:
+        """Undo a commit whose migration raised ``error``: the migration's changes, then the
+        stores.  The plan stays prepared, with no note left from the failed attempt, unless
+        something could not be undone (`PatchInconsistent`; the plan is then "failed")."""
+        d = self._data
+        failed: list[str] = []
         try:
             ctx.undo()
-            apply_or_undo(list(reversed(self._undo)), list(reversed(self._forward)))
         except Exception as e:
-            raise CommitFailed(
-                f"{self._data.display}: undoing a failed migration failed "
-                f"({type(e).__name__}: {e}); the module may be inconsistent"
-            ) from e
+            failed.append(f"undoing its changes failed ({type(e).__name__}: {e})")
+        try:
+            apply_or_undo(list(reversed(self._undo)), list(reversed(self._forward)))
+        except UndoFailed as e:
+            failed.append(f"restoring the old code failed ({e}): part of the new code is live")
+        except Exception as e:
+            failed.append(
+                f"restoring the old code failed ({type(e).__name__}: {e}): the new code is live"
+            )
+        ctx.notes.clear()
+        if failed:
+            self._status = "failed"
+            raise PatchInconsistent(
+                f"{d.display}: __swapd_migrate__ raised {type(error).__name__}: {error}; "
+                + "; ".join(failed)
+            ) from error
 
 
 # ---------------------------------------------------------------- committed patches

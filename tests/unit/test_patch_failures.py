@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
+import subprocess
+import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +43,127 @@ def test_migration_set_undo_removes_an_instance_attribute_it_added() -> None:
     assert (job.retries, job.size, Job.retries) == (3, 5, 9)
     ctx.undo()
     assert job.__dict__ == {"_size": 1} and Job.retries == 0 and job.size == 1
+
+
+# A Python audit hook is the one way to make a store of the indivisible batch fail in the
+# middle (the reviewer's reproduction).  Hooks cannot be removed, and one would make the
+# batch divisible for the rest of the session (test_patch_threads would see torn reads), so
+# each scenario that needs one runs in a fresh interpreter: the test runs
+# ``_scenario_<name>(mods)`` there and reports its traceback.
+_refuse: list[Callable[[object, object], bool] | None] = [None]
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    refuse = _refuse[0]
+    if refuse is not None and event == "object.__setattr__" and args[1] == "__code__":  # noqa: SIM102
+        if refuse(args[0], args[2]):
+            raise RuntimeError("code store refused by a test")
+
+
+@contextlib.contextmanager
+def refusing_code_stores(refuse: Callable[[object, object], bool]) -> Iterator[None]:
+    assert os.environ.get("SWAPD_TEST_AUDIT") == "1", "only in a fresh interpreter"
+    _refuse[0] = refuse
+    try:
+        yield
+    finally:
+        _refuse[0] = None
+
+
+def in_fresh_interpreter(scenario: Callable[[Mods], None], tmp_path: Path) -> None:
+    code = (
+        "import sys, pathlib\n"
+        f"from {__name__} import _audit, {scenario.__name__} as scenario\n"
+        "from tests.unit.test_patch_support import Mods\n"
+        "sys.addaudithook(_audit)\n"
+        f"with Mods(pathlib.Path({str(tmp_path)!r})) as mods:\n"
+        "    scenario(mods)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, SWAPD_TEST_AUDIT="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def after(allowed: int) -> Callable[[object, object], bool]:
+    """Refuse every code store after the first ``allowed`` ones."""
+    count = itertools.count()
+    return lambda fn, code: next(count) >= allowed
+
+
+TWO = "def f():\n    return 'f1'\n\ndef g():\n    return 'g1'\n"
+TWO_V2 = TWO.replace("1'", "2'")
+
+
+def _scenario_store_fails(mods: Mods) -> None:
+    m = mods.load(TWO)
+    plan = patch.prepare(m, TWO_V2)
+    with refusing_code_stores(lambda fn, code: fn is m.g), pytest.raises(
+        patch.CommitFailed, match="nothing was changed"
+    ):
+        plan.commit()
+    assert (m.f(), m.g()) == ("f1", "g1") and plan.status == "prepared"
+    plan.commit()
+    assert (m.f(), m.g()) == ("f2", "g2")
+
+
+def test_failed_store_is_undone_and_the_plan_can_be_committed_again(tmp_path: Path) -> None:
+    in_fresh_interpreter(_scenario_store_fails, tmp_path)
+
+
+def _scenario_commit_undo_fails(mods: Mods) -> None:
+    m = mods.load(TWO)
+    plan = patch.prepare(m, TWO_V2)
+    # f's store passes; g's fails, and so does putting f's old code back
+    with refusing_code_stores(after(1)), pytest.raises(
+        patch.PatchInconsistent, match="runs part of the new code"
+    ) as info:
+        plan.commit()
+    assert not isinstance(info.value, patch.CommitFailed)
+    assert "RuntimeError: code store refused" in str(info.value)
+    assert (m.f(), m.g()) == ("f2", "g1") and plan.status == "failed"
+    with pytest.raises(patch.PatchError, match="already failed"):
+        plan.commit()
+    assert patch.applied(m) == []
+
+
+def test_commit_whose_undo_fails_says_the_module_is_inconsistent(tmp_path: Path) -> None:
+    in_fresh_interpreter(_scenario_commit_undo_fails, tmp_path)
+
+
+def test_failed_migration_leaves_a_clean_plan_to_retry(mods: Mods) -> None:
+    src = "TRIES = []\n\ndef f():\n    return 1\n"
+    migrate = (
+        "\ndef __swapd_migrate__(ctx):\n"
+        "    ctx.note('migrated')\n"
+        "    TRIES.append(1)\n"
+        "    if len(TRIES) == 1:\n"
+        "        raise RuntimeError('first try fails')\n"
+    )
+    m = mods.load(src)
+    plan = patch.prepare(m, src.replace("return 1", "return 2") + migrate)
+    with pytest.raises(patch.MigrationFailed, match="first try fails"):
+        plan.commit()
+    assert m.f() == 1 and plan.status == "prepared"
+    h = plan.commit()
+    assert m.f() == 2 and h.notes.count("migrated") == 1
+
+
+def test_migration_whose_undo_fails_says_the_module_is_inconsistent(mods: Mods) -> None:
+    src = "def f():\n    return 1\n"
+    migrate = (
+        "\ndef __swapd_migrate__(ctx):\n"
+        "    ctx.on_rollback(lambda: 1 / 0)\n"
+        "    raise RuntimeError('migration fails')\n"
+    )
+    m = mods.load(src)
+    plan = patch.prepare(m, src.replace("return 1", "return 2") + migrate)
+    with pytest.raises(patch.PatchInconsistent) as info:
+        plan.commit()
+    message = str(info.value)
+    assert "RuntimeError: migration fails" in message
+    assert "undoing its changes failed (ZeroDivisionError" in message
+    assert m.f() == 1 and plan.status == "failed"  # the old code is back all the same

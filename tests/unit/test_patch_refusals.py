@@ -245,6 +245,7 @@ def test_error_hierarchy() -> None:
         patch.MigrationFailed,
         patch.CommitFailed,
         patch.RollbackError,
+        patch.PatchInconsistent,
         patch.SourceUnavailable,
         patch.BaseSourceMismatch,
     ):
