@@ -92,7 +92,8 @@ Migrations
 ``def __swapd_migrate__(ctx)`` in the patch runs inside the transaction; changes made through
 ``ctx.set``/``ctx.setitem``/``ctx.delete``/``ctx.delitem`` are undo-logged, and if the hook
 raises, everything is rolled back and `MigrationFailed` is raised.  ``__swapd_rollback__(ctx)``
-runs first when the patch is rolled back.  The ``__swapd_*`` hooks are never bound into
+runs first when the patch is rolled back; then the code is restored in one step, and the
+migration's changes are undone right after it.  The ``__swapd_*`` hooks are never bound into
 the module.
 
 Errors
@@ -130,7 +131,7 @@ import os
 import sys
 from collections.abc import Callable
 from types import FunctionType, ModuleType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from swapd._patch_code import CodeIndex, CodeKey, is_target
 from swapd._patch_commit import (
@@ -549,7 +550,7 @@ class Applied:
         return RollbackPlan(self, scan_heap)
 
     def rollback(self, *, scan_heap: bool = True) -> list[str]:
-        """Roll back on the calling thread; returns notes."""
+        """Roll back on the calling thread; returns notes (see `RollbackPlan.commit`)."""
         return self.prepare_rollback(scan_heap=scan_heap).commit()
 
     def rollback_soon(
@@ -651,7 +652,9 @@ class RollbackPlan:
         return _run_soon(loop, self.commit)
 
     def commit(self) -> list[str]:
-        """Restore the previous code and values in one indivisible step; returns notes."""
+        """Run ``__swapd_rollback__``, restore the previous code and values in one indivisible
+        step, then undo the migration; returns notes.  `RollbackError`: nothing was rolled
+        back.  `PatchInconsistent`: an undo failed too; the message says what is left."""
         applied = self._applied
         d = applied._data
         state = self._state
@@ -672,19 +675,17 @@ class RollbackPlan:
                 try:
                     d.rollback_hook(ctx)
                 except Exception as e:
-                    ctx.undo()
-                    raise RollbackError(
-                        f"{d.display}: __swapd_rollback__ raised {type(e).__name__}: {e}; "
-                        "nothing was rolled back"
-                    ) from e
+                    self._unwind(ctx, f"__swapd_rollback__ raised {type(e).__name__}: {e}", e)
+            # The code first: that step is all or nothing, undoing the migration is not.
             try:
-                applied._ctx.undo()
-            except Exception as e:
-                raise RollbackError(
-                    f"{d.display}: undoing the migration failed ({type(e).__name__}: {e}); "
-                    "the code was not rolled back"
+                apply_or_undo(ops, inverse)
+            except UndoFailed as e:
+                raise PatchInconsistent(
+                    f"{d.display}: a store failed during the rollback ({e}): the module runs "
+                    "part of the old code and part of the new"
                 ) from e
-            apply_or_undo(ops, inverse)
+            except Exception as e:
+                self._unwind(ctx, f"a store failed ({type(e).__name__}: {e})", e)
             for wrapper in d.lru_clear:
                 wrapper.cache_clear()
             applied._previous_lines = set_linecache(d.filename, self._lines)
@@ -693,7 +694,26 @@ class RollbackPlan:
             state.current = applied._previous_current
             state.superseded.update(self._installed)
             applied.active = False
+            try:
+                applied._ctx.undo()
+            except Exception as e:
+                raise PatchInconsistent(
+                    f"{d.display}: the code was rolled back, but undoing the migration failed "
+                    f"({type(e).__name__}: {e}); the data it changed is partly still migrated"
+                ) from e
             return notes + ctx.notes
+
+    def _unwind(self, ctx: MigrationContext, what: str, error: Exception) -> NoReturn:
+        """Nothing was rolled back: undo the rollback hook's changes and say so."""
+        d = self._applied._data
+        try:
+            ctx.undo()
+        except Exception as e:
+            raise PatchInconsistent(
+                f"{d.display}: {what}; undoing __swapd_rollback__'s changes failed "
+                f"({type(e).__name__}: {e}); the patch is still in force"
+            ) from error
+        raise RollbackError(f"{d.display}: {what}; nothing was rolled back") from error
 
     def _without(self, stale: list[int], notes: list[str]) -> tuple[list[Any], list[Any]]:
         """Ops for a rollback where some values changed since the commit."""

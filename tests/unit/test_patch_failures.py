@@ -167,3 +167,39 @@ def test_migration_whose_undo_fails_says_the_module_is_inconsistent(mods: Mods) 
     assert "RuntimeError: migration fails" in message
     assert "undoing its changes failed (ZeroDivisionError" in message
     assert m.f() == 1 and plan.status == "failed"  # the old code is back all the same
+
+
+MIGRATED = "def f():\n    return 'v1'\n"
+MIGRATED_V2 = MIGRATED.replace("v1", "v2") + (
+    "\ndef __swapd_migrate__(ctx):\n    ctx.set(ctx.module, 'MIGRATED', True)\n"
+    "\ndef __swapd_rollback__(ctx):\n    ctx.set(ctx.module, 'HOOK_RAN', True)\n"
+)
+
+
+def _scenario_rollback_store_fails(mods: Mods) -> None:
+    m = mods.load(MIGRATED)
+    h = patch.apply(m, MIGRATED_V2)
+    assert m.f() == "v2" and m.MIGRATED is True
+    with refusing_code_stores(lambda fn, code: True), pytest.raises(
+        patch.RollbackError, match=r"a store failed .*; nothing was rolled back"
+    ):
+        h.rollback()
+    # all or nothing: new code, migration in place, rollback hook undone, still in force
+    assert m.f() == "v2" and m.MIGRATED is True and not hasattr(m, "HOOK_RAN")
+    assert h.active and patch.applied(m) == [h]
+    h.rollback()
+    assert m.f() == "v1" and not hasattr(m, "MIGRATED") and patch.applied(m) == []
+
+
+def test_rollback_whose_store_fails_changes_nothing(tmp_path: Path) -> None:
+    in_fresh_interpreter(_scenario_rollback_store_fails, tmp_path)
+
+
+def test_rollback_whose_migration_undo_fails_still_restores_the_code(mods: Mods) -> None:
+    m = mods.load(MIGRATED)
+    migrate = "\ndef __swapd_migrate__(ctx):\n    ctx.on_rollback(lambda: 1 / 0)\n"
+    h = patch.apply(m, MIGRATED.replace("v1", "v2") + migrate)
+    with pytest.raises(patch.PatchInconsistent, match="the code was rolled back, but undoing"):
+        h.rollback()
+    assert m.f() == "v1" and not h.active and patch.applied(m) == []
+    assert patch.source_of(m)[0] == MIGRATED  # the next patch diffs against the old code
