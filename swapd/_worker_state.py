@@ -56,7 +56,11 @@ class StateParts:
                                                 chunk_entries=CHUNK_ENTRIES):
                 yield name, part
 
-    def dump(self, app: Any, conns: list[tuple[Any, ...]]) -> list[Snapshot]:
+    def dump(self, app: Any, conns: list[tuple[Any, ...]], *,
+             precopied: bool = False) -> list[Snapshot]:
+        """The handoff, main part first. `precopied`: a pre-copy of the round open now has
+        just been loaded by the successor, so tracked dicts send only what changed since;
+        otherwise (no pre-copy, or one that failed) any open round ends and they send all."""
         names = list(self.tracked)
         separate = self.codec != "pickle5"  # then the app state is a part of its own: APP
         main = {"app": None if separate else app, "conns": conns,
@@ -67,9 +71,13 @@ class StateParts:
                 snaps.append(handoff.dump(app, app_version=self.version, codec=self.codec))
             for name in names:
                 td = self.tracked[name].td
-                codec = self.tracked[name].codec
-                snaps.append(td.delta() if td.tracking else
-                             td.begin_precopy(app_version=self.version, codec=codec))
+                if precopied and td.tracking:
+                    snaps.append(td.delta())
+                    continue
+                td.end_precopy()
+                snaps.append(td.begin_precopy(app_version=self.version,
+                                              codec=self.tracked[name].codec))
+                td.end_precopy()  # a whole copy is a round of its own: nothing to track after
         except BaseException:
             for snap in snaps:
                 snap.close()

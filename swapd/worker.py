@@ -107,6 +107,7 @@ class Worker:
         self._committed: asyncio.Future[None] | None = None
         self._handed_over: list[Connection] = []
         self._quiesce_task: asyncio.Task[Any] | None = None
+        self._quiesced = False  # since a "quiesce" request, until "resume"
         self._patch_host: PatchHost | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -341,6 +342,7 @@ class Worker:
 
     async def _handle_quiesce(self, msg: Message) -> None:
         msg.close_fds()
+        self._quiesced = True
         self._quiesce_task = asyncio.current_task()
         hub = self._require_hub()
         t_stop = hub.stop_accepting()
@@ -354,8 +356,11 @@ class Worker:
             # Without conns (a snapshot for systemd's fd store) the detached connections
             # stay here and are closed at their request boundary when the drain comes.
             keep = bool(msg.body.get("conns", True))
+            # Deltas only right after a pre-copy of this round: a pre-copy that failed (no
+            # quiesce followed, or this is a later snapshot) must not leave us sending them.
             snaps = self._parts.dump(
-                app_state, [(c.listener, c.sock, c.meta, bytes(c.buffer)) for c in conns if keep]
+                app_state, [(c.listener, c.sock, c.meta, bytes(c.buffer)) for c in conns if keep],
+                precopied=msg.body.get("precopied") is True,
             )
         except asyncio.CancelledError:
             log.warning("event=quiesce.cancelled reason='resumed before the snapshot was taken'")
@@ -391,6 +396,8 @@ class Worker:
                 await asyncio.sleep(0)  # let requests run between chunks
         except Exception as e:
             log.exception("event=precopy.failed")
+            if "names" not in msg.body:
+                self._parts.end_rounds()  # a half-produced bulk starts no round
             self._reply(msg, {"ok": False, "error": f"{type(e).__name__}: {e}"})
             return
         try:
@@ -405,6 +412,13 @@ class Worker:
 
     async def _handle_resume(self, msg: Message) -> None:
         msg.close_fds()
+        if not self._quiesced:
+            # After a failed pre-copy: the worker kept serving, only the round it began ends.
+            self._parts.end_rounds()
+            log.info("event=resume gen=%d slot=%d quiesced=no", self.generation, self.slot)
+            self._reply(msg, {"ok": True})
+            return
+        self._quiesced = False
         task = self._quiesce_task
         if task is not None and not task.done():
             task.cancel()  # a snapshot still in progress (e.g. an async hook that hangs)

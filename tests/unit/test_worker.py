@@ -1,0 +1,197 @@
+"""swapd.worker driven over a real channel by a fake supervisor, in one event loop.
+
+The worker runs `Worker._main` (what `run()` runs) with a real listener on 127.0.0.1; the
+test plays the supervisor on the other end of the channel, request by request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from swapd._worker_state import StateParts, TrackedEntry
+from swapd.channel import Channel, Message, socketpair
+from swapd.connection import Connection
+from swapd.handoff import TrackedDict
+from swapd.worker import Worker
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class FakeSupervisor:
+    """The supervisor's end of one worker's channel: answers hello, queues the rest."""
+
+    def __init__(self, role: str = "fresh") -> None:
+        self._sock, theirs = socketpair()
+        self.env = {"SWAPD_CHANNEL_FD": str(theirs.detach()), "SWAPD_ROLE": role,
+                    "SWAPD_MODE": "stateful", "SWAPD_BIND": "http=127.0.0.1:0",
+                    "SWAPD_IDLE_GRACE": "2.0"}
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.chan: Channel | None = None
+
+    def start(self) -> None:
+        self.chan = Channel(self._sock, self._on_message, lambda e: None)
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.type == "hello":
+            assert self.chan is not None
+            self.chan.reply(msg, {"ok": True})
+        else:
+            self.inbox.put_nowait(msg)
+
+    async def expect(self, kind: str) -> Message:
+        msg = await asyncio.wait_for(self.inbox.get(), 5)
+        assert msg.type == kind, msg.body
+        return msg
+
+    async def ask(self, body: dict[str, Any], fds: list[int] | None = None) -> Message:
+        assert self.chan is not None
+        return await self.chan.request(body, fds or [], timeout=5)
+
+    def drain(self) -> None:
+        assert self.chan is not None
+        self.chan.send({"t": "drain"})
+
+
+Main = Callable[[Worker], Awaitable[None]]
+Script = Callable[[Worker, FakeSupervisor], Awaitable[None]]
+
+
+def drive(main: Main, script: Script, role: str = "fresh",
+          setup: Callable[[Worker], None] | None = None) -> Worker:
+    """Run the worker and the supervisor's script; the worker must end normally."""
+    async def both() -> None:
+        sup = FakeSupervisor(role)
+        sup.start()
+        w = Worker(environ=sup.env)
+        if setup is not None:
+            setup(w)
+        worker = asyncio.ensure_future(w._main(main))
+        assert sup.chan is not None
+        try:
+            await script(w, sup)
+            await asyncio.wait_for(worker, 10)  # and it ends normally
+        finally:
+            sup.chan.close()  # if the script failed: the worker drains on channel EOF
+            if not worker.done():
+                await asyncio.wait([worker], timeout=10)
+            for sock in w.listeners.values():
+                sock.close()
+        holder.append(w)
+
+    holder: list[Worker] = []
+    before = open_fds()
+    asyncio.run(both())
+    assert open_fds() == before, "fds leaked"
+    return holder[0]
+
+
+async def echo(conn: Connection) -> None:
+    while True:
+        line = await conn.readline(idle=True)
+        if not line:
+            return
+        await conn.send(line)
+
+
+def receiver(*names: str) -> StateParts:
+    parts = StateParts()
+    for name in names:
+        parts.tracked[name] = TrackedEntry(TrackedDict(), None)
+    return parts
+
+
+class OldWorker:
+    """An application with a tracked dict "players", serving echo."""
+
+    def __init__(self) -> None:
+        self.players: TrackedDict[Any, Any] = TrackedDict()
+        self.hooks: list[str] = []
+
+    async def __call__(self, w: Worker) -> None:
+        self.players = w.tracked_dict("players")
+        self.players.update({f"p{i}": i for i in range(10)})
+        w.on_resume(lambda: self.hooks.append("resume"))
+        await w.serve("http", echo)
+        await w.ready()
+
+
+def load_handoff(reply: Message, *names: str) -> StateParts:
+    parts = receiver(*names)
+    parts.load(reply.take_fds(), range(0, 10))
+    return parts
+
+
+# -- an aborted pre-copy must not leave the old worker sending deltas ------------------------
+
+
+def test_quiesce_without_precopied_sends_full_state_after_a_failed_precopy() -> None:
+    app = OldWorker()
+
+    async def script(w: Worker, sup: FakeSupervisor) -> None:
+        await sup.expect("ready")
+        td = app.players
+        (await sup.ask({"t": "precopy"})).close_fds()  # the successor never loaded it
+        assert td.tracking
+        td["late"] = 1
+        # e.g. a snapshot for systemd's fd store, with no resume and no pre-copy before it
+        reply = await sup.ask({"t": "quiesce", "deadline": 5, "conns": False})
+        assert reply.body["ok"], reply.body
+        assert dict(load_handoff(reply, "players").tracked["players"].td) == dict(td)
+        assert not td.tracking, "a whole copy leaves no round open"
+        sup.drain()
+
+    drive(app, script)
+
+
+def test_quiesce_with_precopied_sends_only_the_changes() -> None:
+    app = OldWorker()
+
+    async def script(w: Worker, sup: FakeSupervisor) -> None:
+        await sup.expect("ready")
+        td = app.players
+        successor = receiver("players")
+        bulk = await sup.ask({"t": "precopy"})
+        successor.load_precopy(bulk.body["names"], bulk.take_fds())
+        td["late"] = 1
+        del td["p0"]
+        reply = await sup.ask({"t": "quiesce", "deadline": 5, "precopied": True})
+        assert reply.body["ok"], reply.body
+        successor.load(reply.take_fds(), range(0, 10))
+        assert dict(successor.tracked["players"].td) == dict(td)
+        assert td.tracking  # until resume (abort) or exit (commit)
+        assert (await sup.ask({"t": "resume"})).body["ok"]
+        assert not td.tracking
+        sup.drain()
+
+    drive(app, script)
+
+
+def test_resume_when_not_quiesced_only_ends_the_precopy_round() -> None:
+    app = OldWorker()
+
+    async def script(w: Worker, sup: FakeSupervisor) -> None:
+        await sup.expect("ready")
+        td = app.players
+        (await sup.ask({"t": "precopy"})).close_fds()
+        assert td.tracking
+        for _ in range(2):  # idempotent
+            reply = await sup.ask({"t": "resume"})
+            assert reply.body["ok"], reply.body
+        assert not td.tracking
+        assert app.hooks == [], "on_resume is for a worker that was quiesced"
+        assert w._hub is not None and w._hub.accepting
+        # the next handoff is a whole one; resume after a quiesce is unchanged
+        reply = await sup.ask({"t": "quiesce", "deadline": 5})
+        assert dict(load_handoff(reply, "players").tracked["players"].td) == dict(td)
+        assert not w._hub.accepting
+        assert (await sup.ask({"t": "resume"})).body["ok"]
+        assert app.hooks == ["resume"]
+        assert w._hub.accepting
+        sup.drain()
+
+    drive(app, script)
