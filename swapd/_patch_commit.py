@@ -328,6 +328,11 @@ class MigrationContext:
     def note(self, text: str) -> None:
         self.notes.append(" ".join(str(text).split()))
 
+    @property
+    def recorded(self) -> bool:
+        """Is there anything to undo (changes made or ``on_rollback`` functions)?"""
+        return bool(self._undo or self._on_rollback)
+
     def undo(self) -> None:
         """Revert everything done through this context, newest first."""
         while self._on_rollback:

@@ -643,7 +643,7 @@ class RollbackPlan:
             "module": d.name,
             "serial": self._applied.serial,
             "stores": len(self._stores) + len(self._strays),
-            "migrate_undo": self._applied._ctx is not None,
+            "migrate_undo": self._applied._ctx.recorded,
             "rollback_hook": d.rollback_hook is not None,
             "notes": list(self.notes),
         }

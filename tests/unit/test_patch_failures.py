@@ -203,3 +203,12 @@ def test_rollback_whose_migration_undo_fails_still_restores_the_code(mods: Mods)
         h.rollback()
     assert m.f() == "v1" and not h.active and patch.applied(m) == []
     assert patch.source_of(m)[0] == MIGRATED  # the next patch diffs against the old code
+
+
+def test_rollback_report_says_whether_a_migration_is_undone(mods: Mods) -> None:
+    m = mods.load(MIGRATED)
+    plain = patch.apply(m, MIGRATED.replace("v1", "v2"))
+    assert plain.prepare_rollback().to_dict()["migrate_undo"] is False
+    plain.rollback()
+    migrated = patch.apply(m, MIGRATED_V2)
+    assert migrated.prepare_rollback().to_dict()["migrate_undo"] is True
