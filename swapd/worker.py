@@ -203,7 +203,8 @@ class Worker:
     # -- lifecycle ----------------------------------------------------------------
 
     async def ready(self) -> None:
-        """Declare the worker ready. A successor returns once state is restored and committed."""
+        """Declare the worker ready. A successor returns once state is restored and committed,
+        or once it drains without a commit (then `w.draining` is true)."""
         if self._ready_called:
             return
         self._ready_called = True
@@ -315,7 +316,9 @@ class Worker:
         for hook in self._on_drain:
             self._run_hook(hook)
         if self._committed is not None and not self._committed.done():
-            self._committed.cancel()
+            # A successor drained before commit: its ready() returns (w.draining says why)
+            # and run() ends normally, as documented; cancelling would raise in the app.
+            self._committed.set_result(None)
         assert self._drained is not None
         self._drained.set()
 

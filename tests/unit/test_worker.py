@@ -195,3 +195,23 @@ def test_resume_when_not_quiesced_only_ends_the_precopy_round() -> None:
         sup.drain()
 
     drive(app, script)
+
+
+# -- a successor drained before commit --------------------------------------------------------
+
+
+def test_successor_drained_before_commit_returns_from_ready_and_ends_normally() -> None:
+    seen: list[str] = []
+
+    async def main(w: Worker) -> None:
+        await w.serve("http", echo)
+        await w.ready()
+        seen.append(f"ready returned, draining={w.draining}")
+
+    async def script(w: Worker, sup: FakeSupervisor) -> None:
+        msg = await sup.expect("ready")
+        assert msg.body["standby"] is True
+        sup.drain()  # e.g. the swap aborted, or the supervisor is stopping
+
+    drive(main, script, role="successor")
+    assert seen == ["ready returned, draining=True"]
