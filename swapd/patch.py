@@ -288,8 +288,10 @@ def prepare(
     filename = module_filename(mod)
     display = source_name or _display(filename)
     state = state_for(mod)
-    # The version first: a commit landing after this read makes the plan stale, never wrong.
-    version, current = state.version, state.current
+    # Both under the lock (a commit or rollback changes them together): a commit landing
+    # after this read makes the plan stale, never wrong.
+    with state.lock:
+        version, current = state.version, state.current
     base = _base_source(mod, filename, current, base_source)
     if base_sha256 is not None and base_sha256 != base.sha256:
         raise BaseSourceMismatch(

@@ -7,13 +7,16 @@ import itertools
 import os
 import subprocess
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from swapd import patch
+from swapd._patch_commit import ModuleState, state_for
 from tests.unit.test_patch_support import Mods
 
 
@@ -212,3 +215,37 @@ def test_rollback_report_says_whether_a_migration_is_undone(mods: Mods) -> None:
     plain.rollback()
     migrated = patch.apply(m, MIGRATED_V2)
     assert migrated.prepare_rollback().to_dict()["migrate_undo"] is True
+
+
+def test_prepare_never_reads_half_of_a_commits_bookkeeping(mods: Mods) -> None:
+    """A prepare on another thread while a commit sets the new version but not yet the new
+    source would diff against the old source: it waits for the commit instead."""
+    m = mods.load(TWO)
+    plan = patch.prepare(m, TWO_V2)
+    state = state_for(m)
+    seen: dict[str, Any] = {}
+
+    def prepare_next() -> None:
+        try:
+            seen["plan"] = patch.prepare(m, TWO_V2.replace("2'", "3'"))
+        except Exception as e:
+            seen["error"] = e
+
+    class Watched(ModuleState):
+        def __setattr__(self, name: str, value: object) -> None:
+            super().__setattr__(name, value)
+            if name == "version" and "thread" not in seen:  # the commit is in between
+                seen["thread"] = threading.Thread(target=prepare_next)
+                seen["thread"].start()
+                seen["thread"].join(0.3)
+
+    state.__class__ = Watched
+    try:
+        plan.commit()
+    finally:
+        state.__class__ = ModuleState
+    seen["thread"].join(30)
+    assert "error" not in seen, seen.get("error")
+    assert seen["plan"].base_sha256 == plan.sha256
+    seen["plan"].commit()
+    assert m.f() == "f3"
