@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,45 +91,51 @@ class StateParts:
 
     # -- the new worker --------------------------------------------------------------
 
-    def load_precopy(self, names: list[str], fds: list[int]) -> None:
+    def load_precopy(self, names: list[str], fds: list[int], accept: Container[int]) -> None:
+        """Load pre-copy parts; a refused state version fails before any migrate() ran."""
         parts = split(fds)
-        if len(parts) != len(names):
+        try:
+            if len(parts) != len(names):
+                raise handoff.PrecopyError(f"{len(names)} pre-copy names for {len(parts)} parts")
+            entries = [self._entry(name) for name in names]
+        except BaseException:
             _close_parts(parts)
-            raise handoff.PrecopyError(f"{len(names)} pre-copy names for {len(parts)} parts")
-        for i, (name, (memfd, extra)) in enumerate(zip(names, parts, strict=True)):
+            raise
+        for i, (entry, (memfd, extra)) in enumerate(zip(entries, parts, strict=True)):
             try:
-                entry = self._entry(name)
-                self._apply(entry, handoff.load(None, memfd, extra))
+                self._apply(entry, handoff.load(None, memfd, extra, accept_versions=accept))
             except BaseException:
                 _close_parts(parts[i + 1 :])
                 raise
 
-    def load(self, fds: list[int], accept: Any) -> Restored:
+    def load(self, fds: list[int], accept: Container[int]) -> Restored:
         """Restore a handoff; returns the main part (its state has app, conns, tracked)."""
         parts = split(fds)
         if not parts:
             raise handoff.Truncated("the restore request carried no snapshot")
         try:
             main = handoff.load(None, *parts[0], accept_versions=accept)
+            names = main.state.get("tracked", []) if isinstance(main.state, dict) else None
+            if not isinstance(names, list):
+                raise handoff.CorruptSnapshot("the main part is not a swapd.worker handoff")
+            if len(names) != len(parts) - 1:
+                raise handoff.FdMismatch(f"state names {len(names)} tracked dicts, "
+                                         f"{len(parts) - 1} parts arrived")
+            entries = [None if name == APP else self._entry(name) for name in names]
         except BaseException:
             _close_parts(parts[1:])
             raise
-        names = main.state.get("tracked", [])
-        if len(names) != len(parts) - 1:
-            _close_parts(parts[1:])
-            raise handoff.FdMismatch(f"state names {len(names)} tracked dicts, "
-                                     f"{len(parts) - 1} parts arrived")
         if main.shared:
             self.restored.append(main)
-        for i, (name, (memfd, extra)) in enumerate(zip(names, parts[1:], strict=True)):
+        for i, (entry, (memfd, extra)) in enumerate(zip(entries, parts[1:], strict=True)):
             try:
                 part = handoff.load(None, memfd, extra, accept_versions=accept)
-                if name == APP:
+                if entry is None:
                     main.state["app"] = part.state
                     if part.shared:
                         self.restored.append(part)
                 else:
-                    self._apply(self._entry(name), part)
+                    self._apply(entry, part)
             except BaseException:
                 _close_parts(parts[i + 2 :])
                 raise

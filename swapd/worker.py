@@ -36,7 +36,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import TYPE_CHECKING, Any
 
 # Imported here, not at first use: its import cost must stay outside the handoff pause.
@@ -322,6 +322,11 @@ class Worker:
         assert self._drained is not None
         self._drained.set()
 
+    def _accepted(self) -> Container[int]:
+        if self.accept_versions is None:  # an explicit empty set refuses everything
+            return range(0, self.state_version + 1)
+        return self.accept_versions
+
     def _run_hook(self, hook: Hook) -> None:
         try:
             result = hook()
@@ -388,7 +393,7 @@ class Worker:
         fds = msg.take_fds()
         try:
             if "names" in msg.body:  # the new worker: load the bulk, outside the pause
-                self._parts.load_precopy(list(msg.body["names"]), fds)
+                self._parts.load_precopy(list(msg.body["names"]), fds, self._accepted())
                 self._reply(msg, {"ok": True})
                 return
             names: list[str] = []
@@ -440,8 +445,7 @@ class Worker:
         fds = msg.take_fds()
         hub = self._require_hub()
         try:
-            accept = self.accept_versions or range(0, self.state_version + 1)
-            main = self._parts.load(fds, accept)
+            main = self._parts.load(fds, self._accepted())
             state = main.state
             if self._restore is not None:
                 result = self._restore(state["app"], main.app_version)

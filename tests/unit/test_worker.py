@@ -14,7 +14,7 @@ from typing import Any
 from swapd._worker_state import StateParts, TrackedEntry
 from swapd.channel import Channel, Message, socketpair
 from swapd.connection import Connection
-from swapd.handoff import TrackedDict
+from swapd.handoff import Snapshot, TrackedDict
 from swapd.worker import Worker
 
 
@@ -156,7 +156,7 @@ def test_quiesce_with_precopied_sends_only_the_changes() -> None:
         td = app.players
         successor = receiver("players")
         bulk = await sup.ask({"t": "precopy"})
-        successor.load_precopy(bulk.body["names"], bulk.take_fds())
+        successor.load_precopy(bulk.body["names"], bulk.take_fds(), range(0, 10))
         td["late"] = 1
         del td["p0"]
         reply = await sup.ask({"t": "quiesce", "deadline": 5, "precopied": True})
@@ -215,3 +215,49 @@ def test_successor_drained_before_commit_returns_from_ready_and_ends_normally() 
 
     drive(main, script, role="successor")
     assert seen == ["ready returned, draining=True"]
+
+
+# -- state versions ---------------------------------------------------------------------------
+
+
+async def send_snaps(sup: FakeSupervisor, body: dict[str, Any], snaps: list[Snapshot]) -> Message:
+    try:
+        return await sup.ask(body, [fd for snap in snaps for fd in snap.send_fds])
+    finally:
+        for snap in snaps:
+            snap.close()
+
+
+def test_a_refused_version_fails_the_precopy_load_before_migrate_runs() -> None:
+    migrated: list[Any] = []
+
+    async def main(w: Worker) -> None:
+        w.state_version = 1
+        w.tracked_dict("players", migrate=lambda value, version: migrated.append(value))
+        await w.serve("http", echo)
+
+    async def script(w: Worker, sup: FakeSupervisor) -> None:
+        await sup.expect("ready")
+        bulk = TrackedDict({"a": 1}).begin_precopy(app_version=2)  # newer than this code
+        reply = await send_snaps(sup, {"t": "precopy", "names": ["players"]}, [bulk])
+        assert not reply.body["ok"] and "VersionRefused" in reply.body["error"]
+        assert migrated == []
+        sup.drain()
+
+    drive(main, script, role="successor")
+
+
+def test_an_empty_accept_versions_refuses_every_version() -> None:
+    async def main(w: Worker) -> None:
+        w.accept_versions = set()
+        w.on_restore(lambda state, version: None)
+        await w.serve("http", echo)
+
+    async def script(w: Worker, sup: FakeSupervisor) -> None:
+        await sup.expect("ready")
+        snaps = StateParts(version=1).dump({"n": 1}, [])
+        reply = await send_snaps(sup, {"t": "restore", "envelope": None}, snaps)
+        assert not reply.body["ok"] and "VersionRefused" in reply.body["error"]
+        sup.drain()
+
+    drive(main, script, role="successor")
