@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,13 +108,18 @@ class StateParts:
                 _close_parts(parts[i + 1 :])
                 raise
 
-    def load(self, fds: list[int], accept: Container[int]) -> Restored:
-        """Restore a handoff; returns the main part (its state has app, conns, tracked)."""
+    def load(self, fds: list[int], accept: Container[int],
+             envelope: Mapping[str, object] | None = None) -> Restored:
+        """Restore a handoff; returns the main part (its state has app, conns, tracked).
+
+        `envelope` is the main part's, if it travelled beside the fds (not from the fd
+        store): it must then match the one in the memfd's header.
+        """
         parts = split(fds)
         if not parts:
             raise handoff.Truncated("the restore request carried no snapshot")
         try:
-            main = handoff.load(None, *parts[0], accept_versions=accept)
+            main = handoff.load(envelope, *parts[0], accept_versions=accept)
             names = main.state.get("tracked", []) if isinstance(main.state, dict) else None
             if not isinstance(names, list):
                 raise handoff.CorruptSnapshot("the main part is not a swapd.worker handoff")

@@ -445,7 +445,9 @@ class Worker:
         fds = msg.take_fds()
         hub = self._require_hub()
         try:
-            main = self._parts.load(fds, self._accepted())
+            # The envelope that travelled beside the fds (None from the fd store) must match
+            # the main part's header: a mixed-up fd fails here, not in restore().
+            main = self._parts.load(fds, self._accepted(), msg.body.get("envelope"))
             state = main.state
             if self._restore is not None:
                 result = self._restore(state["app"], main.app_version)

@@ -261,3 +261,33 @@ def test_an_empty_accept_versions_refuses_every_version() -> None:
         sup.drain()
 
     drive(main, script, role="successor")
+
+
+# -- the envelope beside the fds --------------------------------------------------------------
+
+
+def test_restore_checks_the_envelope_that_came_beside_the_fds() -> None:
+    restored: list[Any] = []
+
+    async def main(w: Worker) -> None:
+        w.on_restore(lambda state, version: restored.append(state))
+        await w.serve("http", echo)
+
+    async def script(w: Worker, sup: FakeSupervisor) -> None:
+        await sup.expect("ready")
+        other = StateParts().dump({"n": 2, "pad": "x" * 100}, [])
+        envelope = other[0].envelope.to_dict()
+        for snap in other:
+            snap.close()
+        snaps = StateParts().dump({"n": 1}, [])
+        reply = await send_snaps(sup, {"t": "restore", "envelope": envelope}, snaps)
+        assert not reply.body["ok"] and "CorruptSnapshot" in reply.body["error"]
+        assert restored == []
+        snaps = StateParts().dump({"n": 1}, [])
+        envelope = snaps[0].envelope.to_dict()
+        reply = await send_snaps(sup, {"t": "restore", "envelope": envelope}, snaps)
+        assert reply.body["ok"], reply.body
+        assert restored == [{"n": 1}]
+        sup.drain()
+
+    drive(main, script, role="successor")
