@@ -36,6 +36,7 @@ from swapd._patch_code import (
     is_target,
     kind,
     make_trampoline,
+    nested_codes,
     runner_code,
     same_but_positions,
     same_code,
@@ -97,6 +98,7 @@ class PlanData:
     lru_clear: list[Any] = field(default_factory=list)
     superseded: list[tuple[CodeType, CodeKey]] = field(default_factory=list)
     installed: list[tuple[CodeType, CodeKey]] = field(default_factory=list)
+    installed_new: list[CodeType] = field(default_factory=list)  # no base counterpart
     touched: set[int] = field(default_factory=set)
     base_index: CodeIndex | None = None
     lines: list[str] = field(default_factory=list)
@@ -956,12 +958,33 @@ class Planner:
         if id(cur.__code__) not in self.superseded_ids:
             self.superseded_ids.add(id(cur.__code__))
             self.out.superseded.append((cur.__code__, inst.key))
-        old_key = self.to_old.get(inst.key)
-        if old_key is not None and id(new) not in self.installed_ids:
-            self.installed_ids.add(id(new))
-            self.out.installed.append((new, old_key))
+        self.install(new, inst.key)
         if "<locals>" in inst.key[0]:
             self.closure_defaults_note(inst.key, cur.__code__, new)
+
+    def install(self, new: CodeType, key: CodeKey) -> None:
+        """Record the code objects the commit puts in place, and those nested in them (the
+        code of closures the new code will create), with the base key each replaces, so a
+        rollback can switch functions made from them since back to the old code.  A nested
+        code equal to the old one needs nothing; one without an old counterpart goes to
+        ``installed_new`` (the rollback reports the functions made from it)."""
+        if id(new) in self.installed_ids:
+            return
+        self.installed_ids.add(id(new))
+        old_key = self.to_old.get(key)
+        if old_key is not None:
+            self.out.installed.append((new, old_key))
+        for code in nested_codes(new):
+            nested_key = self.new_idx.key_of.get(id(code))
+            if nested_key is None or id(code) in self.installed_ids:
+                continue
+            self.installed_ids.add(id(code))
+            old_key = self.to_old.get(nested_key)
+            old = self.old_idx.by_key.get(old_key) if old_key is not None else None
+            if old_key is None or old is None:
+                self.out.installed_new.append(code)
+            elif not same_code(old, code):
+                self.out.installed.append((code, old_key))
 
     def closure_defaults_note(self, key: CodeKey, old: CodeType, new: CodeType) -> None:
         o = self.nodes(new=False).find(old.co_name, old.co_firstlineno)

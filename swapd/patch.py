@@ -609,6 +609,7 @@ class RollbackPlan:
 
         d = self._applied._data
         installed: dict[int, CodeKey] = {id(code): key for code, key in d.installed}
+        added = {id(code) for code in d.installed_new}
         moddict = d.module.__dict__
         kept = 0
         objects = gc.get_objects()
@@ -618,8 +619,11 @@ class RollbackPlan:
                     continue
                 if is_target(obj):
                     continue
+                if id(obj) in d.touched:
+                    continue
                 key = installed.get(id(obj.__code__))
-                if key is None or id(obj) in d.touched:
+                if key is None:
+                    kept += id(obj.__code__) in added
                     continue
                 old = base_index.by_key.get(key)
                 if old is not None and old.co_freevars == obj.__code__.co_freevars:
@@ -635,8 +639,8 @@ class RollbackPlan:
             )
         if kept:
             self.notes.append(
-                f"{d.display}: {kept} function(s) created by the patched code keep it (their "
-                "free variables differ from the old code)"
+                f"{d.display}: {kept} function(s) created by the patched code keep it (the old "
+                "code has no counterpart with the same free variables)"
             )
 
     def to_dict(self) -> dict[str, Any]:

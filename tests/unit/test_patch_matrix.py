@@ -546,6 +546,37 @@ def test_closures_created_by_patched_code_are_rolled_back_too(mods: Mods) -> Non
     assert made_after() == 111  # old code (+1) on the state it accumulated
 
 
+FACTORY = """
+def make(n):
+    def inner():
+        return ("v1", n)
+    return inner
+"""
+
+
+def test_closures_of_a_factory_with_no_live_closure_at_prepare_are_rolled_back(
+    mods: Mods,
+) -> None:
+    m = mods.load(FACTORY)
+    h = patch.apply(m, edit(FACTORY, ('"v1"', '"v2"')))
+    made = m.make(1)  # its code is nested in the new make(); no closure of it existed
+    assert made() == ("v2", 1)
+    notes = h.rollback()
+    assert any("1 function(s) created by the patched code" in n for n in notes), notes
+    assert made() == ("v1", 1) and m.make(2)() == ("v1", 2)
+
+
+def test_closures_of_a_function_the_patch_added_are_reported_at_rollback(mods: Mods) -> None:
+    m = mods.load(FACTORY)
+    extra = "    def extra():\n        return n\n    return extra"
+    new = edit(FACTORY, ("    return inner", extra))
+    h = patch.apply(m, new)
+    made = m.make(3)
+    notes = h.rollback()
+    assert any("1 function(s) created by the patched code keep it" in n for n in notes), notes
+    assert made() == 3 and m.make(4)() == ("v1", 4)
+
+
 def test_closures_made_by_old_code_after_prepare_are_caught_by_the_next_patch(
     mods: Mods,
 ) -> None:
