@@ -354,6 +354,7 @@ class Worker:
         self._quiesce_task = asyncio.current_task()
         hub = self._require_hub()
         t_stop = hub.stop_accepting()
+        keep = bool(msg.body.get("conns", True))
         try:
             for hook in self._on_quiesce:
                 await self._run_hook_async(hook)
@@ -361,9 +362,6 @@ class Worker:
             app_state = self._snapshot() if self._snapshot is not None else None
             if inspect.isawaitable(app_state):
                 app_state = await app_state
-            # Without conns (a snapshot for systemd's fd store) the detached connections
-            # stay here and are closed at their request boundary when the drain comes.
-            keep = bool(msg.body.get("conns", True))
             # Deltas only right after a pre-copy of this round: a pre-copy that failed (no
             # quiesce followed, or this is a later snapshot) must not leave us sending them.
             snaps = self._parts.dump(
@@ -379,6 +377,11 @@ class Worker:
             return
         finally:
             self._quiesce_task = None
+            if not keep:
+                # A snapshot for systemd's fd store: the connections stay here. Serve them
+                # again (not accepting) so the drain that follows answers what arrives on
+                # them and closes them at a request boundary, after the idle grace.
+                hub.resume()
         try:
             self._reply(msg, {"ok": True, "envelope": snaps[0].envelope.to_dict(),
                               "size": sum(s.envelope.size + s.envelope.buffers_size

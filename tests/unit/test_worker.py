@@ -291,3 +291,31 @@ def test_restore_checks_the_envelope_that_came_beside_the_fds() -> None:
         sup.drain()
 
     drive(main, script, role="successor")
+
+
+# -- a snapshot for systemd's fd store keeps the connections served ---------------------------
+
+
+def test_after_an_fd_store_snapshot_requests_are_still_answered_through_the_drain() -> None:
+    async def main(w: Worker) -> None:
+        w.on_snapshot(lambda: {"n": 1})
+        await w.serve("http", echo)
+
+    async def script(w: Worker, sup: FakeSupervisor) -> None:
+        await sup.expect("ready")
+        reader, writer = await asyncio.open_connection(*w.listener("http").getsockname())
+        writer.write(b"a\n")
+        assert await asyncio.wait_for(reader.readline(), 5) == b"a\n"
+        reply = await sup.ask({"t": "quiesce", "deadline": 5, "conns": False})
+        assert reply.body["ok"] and reply.body["conns"] == 0, reply.body
+        reply.close_fds()
+        assert w._hub is not None and not w._hub.accepting
+        writer.write(b"b\n")  # between the snapshot and the drain
+        await writer.drain()
+        sup.drain()
+        assert await asyncio.wait_for(reader.readline(), 5) == b"b\n"
+        writer.write(b"c\n")  # within the idle grace
+        assert await asyncio.wait_for(reader.readline(), 5) == b"c\n"
+        writer.close()
+
+    drive(main, script)
