@@ -469,7 +469,14 @@ class Worker:
     async def _handle_commit(self, msg: Message) -> None:
         msg.close_fds()
         hub = self._require_hub()
-        self._parts.commit()  # before accepting: its work is part of the pause, honestly
+        error = None
+        try:
+            self._parts.commit()  # before accepting: its work is part of the pause, honestly
+        except Exception as e:
+            # Past the point of no return: serve anyway (the predecessor is going away), and
+            # say so; SharedBuffers not committed stay read-only.
+            log.exception("event=commit.failed gen=%d slot=%d", self.generation, self.slot)
+            error = f"{type(e).__name__}: {e}"
         hub.start_accepting()
         t_start = time.monotonic()
         for conn in self._handed_over:
@@ -477,8 +484,10 @@ class Worker:
         self._handed_over = []
         if self._committed is not None and not self._committed.done():
             self._committed.set_result(None)
-        self._reply(msg, {"ok": True, "t_start": t_start})
-
+        if error is None:
+            self._reply(msg, {"ok": True, "t_start": t_start})
+        else:
+            self._reply(msg, {"ok": False, "error": error, "t_start": t_start})
 
     async def _handle_patch(self, msg: Message) -> None:
         msg.close_fds()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -319,3 +320,39 @@ def test_after_an_fd_store_snapshot_requests_are_still_answered_through_the_drai
         writer.close()
 
     drive(main, script)
+
+
+# -- commit ---------------------------------------------------------------------------------
+
+
+def test_a_failing_commit_still_serves_and_says_why() -> None:
+    seen: list[str] = []
+
+    async def main(w: Worker) -> None:
+        def broken_commit() -> None:
+            raise RuntimeError("boom")
+
+        w._parts.commit = broken_commit  # type: ignore[method-assign]
+        await w.serve("http", echo)
+        await w.ready()
+        seen.append("ready returned")
+
+    async def script(w: Worker, sup: FakeSupervisor) -> None:
+        await sup.expect("ready")
+        ours, handed = socket.socketpair()
+        snaps = StateParts().dump({"n": 1}, [("http", handed, {}, b"")])
+        handed.close()
+        reply = await send_snaps(sup, {"t": "restore", "envelope": None}, snaps)
+        assert reply.body["ok"], reply.body
+        reply = await sup.ask({"t": "commit"})
+        assert not reply.body["ok"] and "RuntimeError: boom" in reply.body["error"]
+        assert w._hub is not None and w._hub.accepting
+        ours.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(ours, b"x\n")
+        assert await asyncio.wait_for(loop.sock_recv(ours, 16), 5) == b"x\n"
+        ours.close()
+        sup.drain()
+
+    drive(main, script, role="successor")
+    assert seen == ["ready returned"]
