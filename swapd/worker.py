@@ -362,8 +362,8 @@ class Worker:
             app_state = self._snapshot() if self._snapshot is not None else None
             if inspect.isawaitable(app_state):
                 app_state = await app_state
-            # Deltas only right after a pre-copy of this round: a pre-copy that failed (no
-            # quiesce followed, or this is a later snapshot) must not leave us sending them.
+            # Deltas only when the successor has loaded a pre-copy of this round; otherwise
+            # (none, a failed one, a snapshot for the fd store) every tracked dict goes whole.
             snaps = self._parts.dump(
                 app_state, [(c.listener, c.sock, c.meta, bytes(c.buffer)) for c in conns if keep],
                 precopied=msg.body.get("precopied") is True,
