@@ -8,7 +8,10 @@ generation (`swapd/patching.py`); this is one worker's side of it:
         <- {ok: committable, plan: Plan.to_dict(), error?}
     patch.commit {pid}    -> commit on the event-loop thread, between callbacks
     patch.abort {pid}     -> discard the plan
-    patch.rollback {pid}  -> roll back that patch (the most recent one)
+    patch.rollback {pid}  -> roll back that patch (the most recent one); also ok when it is
+                             not in force here (never committed, or rolled back already), so
+                             the supervisor can send it to every worker and retry it; a plan
+                             prepared for it is discarded (a late commit cannot apply it)
 
 Patches committed here form a stack per worker, mirroring the supervisor's journal.
 """
@@ -85,12 +88,21 @@ class PatchHost:
 
     def rollback(self, body: dict[str, Any]) -> dict[str, Any]:
         pid = int(body["pid"])
-        if not self.stack or self.stack[-1].pid != pid:
-            top = self.stack[-1].pid if self.stack else None
-            return {"ok": False, "error": f"patch {pid} is not the last one here (last: {top})"}
+        entry = self.plans.pop(pid, None)
+        if entry is not None:
+            entry[0].discard()
+        if all(c.pid != pid for c in self.stack):
+            return {"ok": True, "notes": [f"patch {pid} is not in force in this worker "
+                                          "(never committed, or rolled back already)"]}
+        top = self.stack[-1]
+        if top.pid != pid:
+            return {"ok": False, "error": f"patch {pid} is not the last one here (last: "
+                                          f"{top.pid})"}
         try:
-            notes = self.stack[-1].applied.rollback()
+            notes = top.applied.rollback()
         except patch.PatchError as e:
+            if not top.applied.active:  # the code was rolled back; the error says what is left
+                self.stack.pop()
             return {"ok": False, "error": str(e)}
         done = self.stack.pop()
         log.info("event=patch.rolled_back patch=%d module=%s", pid, done.module)

@@ -2,9 +2,14 @@
 
     apply:    prepare on all ──all committable──▶ commit on all ──▶ journal += patch
                   │                                   │
-                  └─any error / refusal──▶ abort all  └─a commit fails──▶ roll back the
-                                                        workers that committed
+                  └─any error / refusal──▶ abort all  └─a commit fails or times out──▶
+                                                        roll back on all
     rollback: roll back the journal's last patch on all, then pop it
+
+A worker's rollback succeeds when the patch is not in force there (never committed, or
+rolled back already). So a commit that timed out is rolled back too (the worker may have
+committed after all, and a plan it has not committed yet is discarded), and a rollback that
+failed on some workers can simply be retried.
 
 The journal (module, source, sha256, time, who, in order) belongs to the active
 generation: a worker restarted after a crash re-applies it before it is ready
@@ -127,13 +132,15 @@ async def apply(sup: Supervisor, args: dict[str, Any], emit: Emit, peer: Peer
                             "patch commit")
     bad = [(w, r) for w, r in zip(workers, committed, strict=True) if not isinstance(r, Message)]
     if bad:
-        good = [w for w, r in zip(workers, committed, strict=True) if isinstance(r, Message)]
-        undone = await _each(good, {"t": "patch.rollback", "pid": pid}, COMMIT_TIMEOUT,
+        # Every worker, not only those that replied ok: one whose commit timed out may still
+        # commit, and the rollback discards its plan or undoes it.
+        undone = await _each(workers, {"t": "patch.rollback", "pid": pid}, COMMIT_TIMEOUT,
                              "patch rollback")
-        stuck = [w.tag for w, r in zip(good, undone, strict=True) if not isinstance(r, Message)]
+        stuck = [w.tag for w, r in zip(workers, undone, strict=True)
+                 if not isinstance(r, Message) and not w.exited.done()]  # the dead restart clean
         message = f"patch {pid} failed to commit on {bad[0][0].tag}: {bad[0][1]}; " + (
-            f"rolled back on the {len(good)} worker(s) that had committed" if not stuck else
-            f"ROLLBACK FAILED on {', '.join(stuck)}: workers now run different code")
+            "rolled back on every worker" if not stuck else
+            f"ROLLBACK FAILED on {', '.join(stuck)}: workers may now run different code")
         log.error("event=patch.failed patch=%d reason=%r", pid, message)
         raise ControlError(message, {"plans": plans})
     path = next((p["plan"].get("path") for p in plans if p.get("plan")), None)
@@ -208,7 +215,9 @@ async def rollback(sup: Supervisor, emit: Emit, peer: Peer) -> dict[str, Any]:
         log.error("event=patch.rollback_partial patch=%d failed=%d", record.id, len(failed))
     if failed:
         raise ControlError(f"rollback of patch {record.id} failed on worker "
-                           f"{failed[0]['worker']}: {failed[0]['error']}", {"workers": reports})
+                           f"{failed[0]['worker']}: {failed[0]['error']}; it stays in the "
+                           "journal: retry (workers that rolled it back already agree)",
+                           {"workers": reports})
     sup.journal.pop()
     log.info("event=patch.rolled_back patch=%d module=%s who=%r", record.id, record.module,
              str(peer))
