@@ -20,13 +20,13 @@ never run at the same time.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from swapd._patch_source import sha256_text
 from swapd.channel import Message
 from swapd.control import ControlError, Emit, Peer
 from swapd.generation import Worker
@@ -65,8 +65,12 @@ class PatchRecord:
         if not self.path:
             return None
         try:
-            with open(self.path, "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest() == self.sha256
+            # Read as `swapd patch` reads the fix (UTF-8 text, universal newlines), hashed
+            # with the same helper: a CRLF file holding the fix matches.
+            with open(self.path, encoding="utf-8") as f:
+                return sha256_text(f.read()) == self.sha256
+        except UnicodeDecodeError:
+            return False  # the fix is UTF-8 text
         except OSError:
             return None
 
@@ -107,7 +111,7 @@ async def apply(sup: Supervisor, args: dict[str, Any], emit: Emit, peer: Peer
     if not isinstance(module, str) or not module or not isinstance(source, str):
         raise ControlError("patch needs 'module' (a name) and 'source' (the new text)")
     workers = _targets(sup)
-    sha = hashlib.sha256(source.encode()).hexdigest()
+    sha = sha256_text(source)
     pid = sup.next_patch_id()
     name = str(args.get("name") or f"patch {pid}")
     accept_absent, prune = bool(args.get("accept_absent")), bool(args.get("prune"))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,21 @@ def test_a_commit_that_timed_out_is_rolled_back_too() -> None:
     workers = asyncio.run(scenario())
     for w in workers:  # the slow worker may commit later: it must hear the rollback too
         assert w.channel.sent == ["patch.prepare", "patch.commit", "patch.rollback"], w.tag
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_journal_knows_a_fix_is_on_disk_whatever_the_line_endings(
+    tmp_path: Path, newline: str
+) -> None:
+    fix = "def f():\n    return 2\n"
+    path = tmp_path / "rules.py"
+    path.write_bytes(fix.replace("\n", newline).encode())
+    with open(path, encoding="utf-8") as f:  # how `swapd patch` reads the fix it sends
+        sent = f.read()
+    sha = hashlib.sha256(sent.encode()).hexdigest()  # what the journal records
+    record = patching.PatchRecord(1, "rules", sent, sha, "fix.py", 0.0, "tester", path=str(path))
+    assert record.on_disk() is True and patching.warnings([record]) == []
+    path.write_text(fix.replace("2", "3"))
+    assert record.on_disk() is False and patching.warnings([record])
+    path.write_bytes(b"\xff\xfe not utf-8")
+    assert record.on_disk() is False
