@@ -524,6 +524,8 @@ class Planner:
                 )
 
     def aliases(self, name: str, live: object) -> None:
+        # Numbers, bools and None can be one object in unrelated modules (small-int cache,
+        # singletons): an identity match would prove no import.  docs/patching.md says so.
         if live is None or isinstance(live, bool | int | float):
             return
         holders = [
