@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from swapd.sockets import STATE_NAME, Address, AddressError, check_name, parse_address
+from swapd.sockets import RESERVED_PREFIX, Address, AddressError, check_name, parse_address
 
 Mode = Literal["stateless", "stateful"]
 Readiness = Literal["notify", "exec"]
@@ -162,9 +162,9 @@ def build(
     for name, addr in tables["bind"].items():
         if not isinstance(addr, str):
             raise ConfigError(f"{where}: bind.{name} must be a string address")
-        if STATE_NAME.match(name):
-            raise ConfigError(f"{where}: listener name {name!r} is reserved (swapd-state-*: "
-                              "snapshots in systemd's fd store)")
+        if name.startswith(RESERVED_PREFIX):
+            raise ConfigError(f"{where}: listener name {name!r} is reserved ({RESERVED_PREFIX}*: "
+                              "what swapd keeps in systemd's fd store)")
         try:
             binds.append((check_name(name), parse_address(addr)))
         except AddressError as e:

@@ -30,7 +30,9 @@ class Listener:
     name: str
     address: Address  # the address as configured (port 0 allowed)
     sock: socket.socket
-    source: str  # "bound" by swapd, or "systemd" (socket activation, fd store)
+    # "bound" by swapd; "stored": bound by an earlier swapd, back from the fd store;
+    # "systemd": from a socket unit (socket activation), which swapd never closes for good.
+    source: str
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "address": str(describe(self.sock)),
@@ -61,16 +63,34 @@ class Listeners:
 
     # -- start-up ----------------------------------------------------------------------
 
-    def adopt_inherited(self, inherited: Iterable[tuple[str, int]],
+    def adopt_inherited(self, activated: Iterable[tuple[str, int]],
+                        stored: Iterable[tuple[str, int]],
                         configured: dict[str, Address]) -> None:
-        """Sockets from systemd (socket activation or the fd store), matched by name."""
-        for name, fd in inherited:
+        """Sockets from systemd, matched by name: a socket unit's are used as they are;
+        those an earlier swapd stored are kept only while the configuration still names
+        them at the same address (else `bind_missing` binds what is configured now)."""
+        for name, fd in activated:
             sock = adopt(fd)
             actual = describe(sock)
             if name in configured and not same_address(configured[name], actual):
                 log.warning("event=listener.mismatch name=%s configured=%s inherited=%s",
                             name, configured[name], actual)
             self.add(Listener(name, configured.get(name) or actual, sock, "systemd"))
+        for name, fd in stored:
+            sock = adopt(fd)
+            actual = describe(sock)
+            if name in configured and name not in self.by_name and same_address(
+                    configured[name], actual):
+                self.add(Listener(name, configured[name], sock, "stored"))
+                continue
+            # Superseded by a socket unit's socket of that name (usually the very same
+            # socket), or no longer configured as it was: drop it from the store too.
+            why = ("socket unit" if name in self.by_name
+                   else "not configured" if name not in configured else "address changed")
+            log.info("event=listener.stored_dropped name=%s address=%s reason=%r", name,
+                     actual, why)
+            self.manager.forget_listener(name)
+            sock.close()
 
     def bind_missing(self, binds: Sequence[tuple[str, Address]], backlog: int) -> None:
         for name, address in binds:
@@ -97,8 +117,9 @@ class Listeners:
                 current = self.by_name.get(name)
                 if current is not None and same_address(address, describe(current.sock)):
                     continue
-                alias = next((lis for lis in self if same_address(address, describe(lis.sock))),
-                             None)
+                # Port 0 asks for a new port: it must not take over another name's socket.
+                alias = None if address.port == 0 and not address.is_unix else next(
+                    (lis for lis in self if same_address(address, describe(lis.sock))), None)
                 if alias is not None:
                     new = Listener(name, address, alias.sock, alias.source)
                 else:
@@ -145,14 +166,16 @@ class Listeners:
     def describe(self) -> list[dict[str, Any]]:
         return [lis.describe() for lis in self]
 
-    def close_all(self) -> None:
+    def close_all(self, *, unlink: bool = True) -> None:
+        """Close every listener. `unlink=False` keeps unix socket paths: when the fd store
+        holds the sockets, the next supervisor serves on them and needs the paths."""
         for lis in self:
             if lis.sock.fileno() >= 0:
-                _close(lis)
+                _close(lis, unlink=unlink)
         self.by_name.clear()
 
 
-def _close(lis: Listener) -> None:
-    if lis.source == "bound":
+def _close(lis: Listener, *, unlink: bool = True) -> None:
+    if unlink and lis.source != "systemd":  # a socket unit's path belongs to systemd
         unlink_unix(lis.address)
     lis.sock.close()

@@ -10,9 +10,10 @@ unconditionally. What it tells systemd:
     every WATCHDOG_USEC/2       WATCHDOG=1 (from the event loop: a blocked loop stops pinging)
 
 Fd store (needs FileDescriptorStoreMax= in the unit; systemd drops fds silently
-otherwise): every listener is stored under its own name, so after a crash or a
+otherwise): every listener is stored as `swapd-listener-<name>`, so after a crash or a
 `systemctl restart` the next supervisor gets the very same listening sockets back
-through LISTEN_FDS and no connection is refused meanwhile. In stateful mode a
+through LISTEN_FDS and no connection is refused meanwhile (the prefix tells them from a
+socket unit's, so a restart can rebind a listener whose address was changed). In stateful mode a
 graceful stop also stores each worker's snapshot, one fd per name
 `swapd-state-<slot>-<index>` (stored fds come back in no particular order, so the
 index restores it), and the next start hands it to its first generation, then
@@ -27,7 +28,7 @@ import logging
 import os
 from collections.abc import Iterable
 
-from swapd.sockets import STATE_NAME
+from swapd.sockets import STATE_NAME, STORED_LISTENER
 from swapd.systemd import Notifier, watchdog_usec
 
 log = logging.getLogger("swapd")
@@ -38,16 +39,27 @@ def state_fd_name(slot: int, index: int) -> str:
     return f"swapd-state-{slot}-{index}"
 
 
-def split_inherited(
-    inherited: Iterable[tuple[str, int]],
-) -> tuple[list[tuple[str, int]], dict[int, list[int]]]:
-    """Separate listeners from stored state: (listeners, {slot: [fd, ...] in index order})."""
-    listeners: list[tuple[str, int]] = []
+def listener_fd_name(name: str) -> str:
+    return STORED_LISTENER + name
+
+
+Named = list[tuple[str, int]]
+
+
+def split_inherited(inherited: Iterable[tuple[str, int]]
+                    ) -> tuple[Named, Named, dict[int, list[int]]]:
+    """Sort what LISTEN_FDS brought: (listeners of a socket unit, listeners swapd stored
+    itself (by listener name), {slot: [snapshot fd, ...] in index order})."""
+    activated: Named = []
+    stored: Named = []
     parts: dict[int, dict[int, int]] = {}
     for name, fd in inherited:
+        if name.startswith(STORED_LISTENER):
+            stored.append((name[len(STORED_LISTENER):], fd))
+            continue
         m = STATE_NAME.match(name)
         if not m:
-            listeners.append((name, fd))
+            activated.append((name, fd))
             continue
         slot, index = int(m.group(1)), int(m.group(2))
         old = parts.setdefault(slot, {}).get(index)
@@ -66,7 +78,7 @@ def split_inherited(
                 _close(fd)
             continue
         state[slot] = [fds[i] for i in range(len(fds))]
-    return listeners, state
+    return activated, stored, state
 
 
 def _close(fd: int) -> None:
@@ -79,7 +91,6 @@ class ServiceManager:
         self.notifier = notifier if notifier is not None else Notifier.from_env()
         self.fdstore = fdstore and self.notifier.enabled
         self._watchdog: asyncio.TimerHandle | None = None
-        self._stored_state: list[str] = []
 
     @property
     def enabled(self) -> bool:
@@ -137,11 +148,13 @@ class ServiceManager:
     def store_listener(self, name: str, fd: int) -> None:
         if self.fdstore:
             # FDPOLL stays on: systemd drops a listener that errors, which is right.
-            self.notifier.fdstore([fd], name)
+            self.notifier.fdstore([fd], listener_fd_name(name))
 
     def forget_listener(self, name: str) -> None:
-        if self.fdstore:
-            self.notifier.fdstore_remove(name)
+        # Removal does not depend on `fdstore`: what an earlier run stored must go even when
+        # this one stores nothing (--no-fdstore), or a later restart would bring it back.
+        if self.enabled:
+            self.notifier.fdstore_remove(listener_fd_name(name))
 
     def store_state(self, slot: int, fds: list[int]) -> None:
         """Keep one worker's snapshot fds in the store (FDPOLL=0: memfds never 'hang up')."""
@@ -150,19 +163,11 @@ class ServiceManager:
         for index, fd in enumerate(fds):
             name = state_fd_name(slot, index)
             self.notifier.fdstore([fd], name, poll=False)
-            self._stored_state.append(name)
         log.info("event=fdstore.state slot=%d fds=%d", slot, len(fds))
 
     def forget_names(self, names: Iterable[str]) -> None:
-        """Remove fds from the store by name (e.g. every stored snapshot part we inherited)."""
-        if self.fdstore:
+        """Remove fds from the store by name (e.g. every stored snapshot part we inherited),
+        whether or not this run stores anything itself (see `forget_listener`)."""
+        if self.enabled:
             for name in names:
                 self.notifier.fdstore_remove(name)
-
-    def forget_state(self, slots: dict[int, list[int]]) -> None:
-        """The stored snapshots were used (or refused): never restore them again."""
-        if not self.fdstore:
-            return
-        for slot, fds in slots.items():
-            for index in range(len(fds)):
-                self.notifier.fdstore_remove(state_fd_name(slot, index))

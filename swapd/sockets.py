@@ -29,8 +29,10 @@ from dataclasses import dataclass
 # forbids ':' and control characters; keep them identifier-like.
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 DEFAULT_BACKLOG = 1024
-# Names of snapshots swapd keeps in systemd's fd store, beside the listeners: reserved.
-STATE_NAME = re.compile(r"^swapd-state-(\d+)-(\d+)$")
+# What swapd keeps in systemd's fd store is named swapd-*: listener names may not start so.
+RESERVED_PREFIX = "swapd-"
+STATE_NAME = re.compile(r"^swapd-state-(\d+)-(\d+)$")  # snapshot parts
+STORED_LISTENER = "swapd-listener-"  # + the listener's name
 
 
 class AddressError(ValueError):

@@ -450,7 +450,7 @@ def test_restart_under_load_refuses_no_connection(swapd: Callable[[str], Swapd])
         "NRestarts": "0",  # a manual restart is not counted
     }
     new = s.status()
-    assert s.http_listener(new)["source"] == "systemd"  # from the fd store, via LISTEN_FDS
+    assert s.http_listener(new)["source"] == "stored"  # from the fd store, via LISTEN_FDS
     assert s.socket_inode(new_pid, s.http_listener(new)["fd"]) == old_inode  # the same socket
 
 
@@ -487,7 +487,7 @@ def test_crash_under_load_refuses_no_connection(swapd: Callable[[str], Swapd]) -
         assert re.search(rf"{s.unit}: Killing process {pid} \(.*\) with signal SIGKILL", journal)
     assert s.show("NFileDescriptorStore")["NFileDescriptorStore"] == "1"
     new = s.status()
-    assert s.http_listener(new)["source"] == "systemd"
+    assert s.http_listener(new)["source"] == "stored"
     assert s.socket_inode(new_pid, s.http_listener(new)["fd"]) == old_inode
 
 
@@ -588,7 +588,7 @@ def test_the_units_tested_are_the_units_shipped(units: BootedSystemd) -> None:
         "KillMode": "mixed",
         "TimeoutStopUSec": "1min",
         "TimeoutStartUSec": "1min 30s",
-        "FileDescriptorStoreMax": "16",
+        "FileDescriptorStoreMax": "256",
         "RuntimeDirectoryMode": "0750",
         "Restart": "on-failure",
         "RestartUSec": "1s",

@@ -181,7 +181,7 @@ def test_shipped_units_on_real_systemd(booted_systemd: BootedSystemd) -> None:
         "NotifyAccess": "all",
         "KillMode": "mixed",
         "TimeoutStopUSec": "1min",
-        "FileDescriptorStoreMax": "16",
+        "FileDescriptorStoreMax": "256",
         "RuntimeDirectory": "swapd/a",
         "Restart": "on-failure",
         "StatusText": "generation 1 config=/etc/swapd/a.toml",

@@ -345,9 +345,10 @@ def test_nul_bytes_are_refused_up_front(flags: dict[str, Any]) -> None:
         build({**CMD}, flags, environ=NO_ENV)
 
 
-def test_listener_names_in_the_state_namespace_are_refused() -> None:
-    with pytest.raises(ConfigError, match="swapd-state-0-0"):
-        build({**CMD, "bind": {"swapd-state-0-0": "127.0.0.1:0"}}, {}, environ=NO_ENV)
+@pytest.mark.parametrize("name", ["swapd-state-0-0", "swapd-listener-http", "swapd-x"])
+def test_listener_names_in_swapds_fd_store_namespace_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name}.*reserved"):
+        build({**CMD, "bind": {name: "127.0.0.1:0"}}, {}, environ=NO_ENV)
 
 
 # -- control socket location ------------------------------------------------------------

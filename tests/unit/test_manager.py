@@ -3,78 +3,17 @@ notify socket (readiness, reloads, stop, fd store, watchdog pings from a running
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from swapd.manager import STATE_NAME, ServiceManager, split_inherited, state_fd_name
 from swapd.systemd import Notifier, SystemdError, monotonic_usec
-
-DEADLINE = 10.0  # seconds; only reached when something is broken
-
-
-class FakeNotifySocket:
-    """The receiving end of sd_notify, on an abstract address (no file to clean up)."""
-
-    def __init__(self) -> None:
-        self.address = f"@swapd-test-{uuid.uuid4().hex}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.bind("\0" + self.address[1:])
-
-    def recv(self) -> tuple[bytes, list[int]]:
-        self.sock.settimeout(DEADLINE)
-        data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr)
-        return data, fds
-
-    def payload(self) -> bytes:
-        data, fds = self.recv()
-        assert fds == [], "unexpected fds"
-        return data
-
-    def fields(self) -> dict[str, str]:
-        return dict(line.split("=", 1) for line in self.payload().decode().split("\n"))
-
-    def pending(self) -> list[bytes]:
-        """Whatever arrived and was not read yet, without waiting."""
-        out: list[bytes] = []
-        self.sock.setblocking(False)  # a timeout would make Python wait despite MSG_DONTWAIT
-        while True:
-            try:
-                data, _ = self.sock.recvfrom(4096)
-            except BlockingIOError:
-                return out
-            out.append(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeNotifySocket]:
-    fake = FakeNotifySocket()
-    monkeypatch.setenv("NOTIFY_SOCKET", fake.address)
-    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    try:
-        yield fake
-    finally:
-        fake.close()
-
-
-def manager(fake: FakeNotifySocket, *, fdstore: bool = True) -> ServiceManager:
-    return ServiceManager(Notifier(fake.address), fdstore=fdstore)
+from tests.unit.notify_fake import DEADLINE, FakeNotifySocket, manager
 
 
 def same_file(a: int, b: int) -> bool:
@@ -97,18 +36,20 @@ def test_split_inherited_separates_and_orders_state() -> None:
         ("swapd-state-0-1", 4),
         ("admin", 5),
         ("swapd-state-1-1", 6),
+        ("swapd-listener-http", 10),
         ("swapd-state-0-0", 7),
         ("swapd-state-1-2", 8),
         ("swapd-state-1-0", 9),
     ]
-    listeners, state = split_inherited(inherited)
-    assert listeners == [("http", 3), ("admin", 5)]
+    activated, stored, state = split_inherited(inherited)
+    assert activated == [("http", 3), ("admin", 5)]
+    assert stored == [("http", 10)]
     assert state == {0: [7, 4], 1: [9, 6, 8]}
 
 
 def test_split_inherited_orders_indexes_numerically() -> None:
     names = [(f"swapd-state-0-{i}", 100 + i) for i in (10, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9)]
-    assert split_inherited(names)[1] == {0: [100 + i for i in range(11)]}  # 2 before 10
+    assert split_inherited(names)[2] == {0: [100 + i for i in range(11)]}  # 2 before 10
 
 
 def test_split_inherited_drops_incomplete_state_and_duplicates_without_leaking() -> None:
@@ -116,8 +57,8 @@ def test_split_inherited_drops_incomplete_state_and_duplicates_without_leaking()
     try:
         gap = [("swapd-state-1-0", pipes[0][0]), ("swapd-state-1-2", pipes[1][0])]
         dup = [("swapd-state-0-0", pipes[2][0]), ("swapd-state-0-0", pipes[3][0])]
-        listeners, state = split_inherited(gap + dup)
-        assert listeners == [] and state == {0: [pipes[3][0]]}
+        activated, stored, state = split_inherited(gap + dup)
+        assert activated == stored == [] and state == {0: [pipes[3][0]]}
         for fd in (pipes[0][0], pipes[1][0], pipes[2][0]):  # closed, not leaked
             with pytest.raises(OSError):
                 os.fstat(fd)
@@ -135,12 +76,12 @@ def test_split_inherited_drops_incomplete_state_and_duplicates_without_leaking()
      "xswapd-state-0-0", "swapd-state-0-", "unknown", "stored", "connection"],
 )
 def test_names_that_are_not_state_are_listeners(name: str) -> None:
-    assert split_inherited([(name, 3)]) == ([(name, 3)], {})
+    assert split_inherited([(name, 3)]) == ([(name, 3)], [], {})
 
 
 def test_split_nothing() -> None:
-    assert split_inherited([]) == ([], {})
-    assert split_inherited(iter([("http", 3)])) == ([("http", 3)], {})
+    assert split_inherited([]) == ([], [], {})
+    assert split_inherited(iter([("http", 3)])) == ([("http", 3)], [], {})
 
 
 # -- without a service manager ------------------------------------------------------------
@@ -163,7 +104,7 @@ def test_everything_is_a_no_op_without_notify_socket(monkeypatch: pytest.MonkeyP
         mgr.store_listener("http", r)
         mgr.forget_listener("http")
         mgr.store_state(0, [r, w])
-        mgr.forget_state({0: [r, w]})
+        mgr.forget_names(["swapd-state-0-0"])
         assert mgr.start_watchdog(loop) is None
         mgr.stop_watchdog()
     finally:
@@ -240,13 +181,13 @@ def test_store_listener_and_forget_it(notify: FakeNotifySocket) -> None:
         data, fds = notify.recv()
         try:
             # FDPOLL stays on for listeners: systemd should drop one that errors.
-            assert data == b"FDSTORE=1\nFDNAME=http"
+            assert data == b"FDSTORE=1\nFDNAME=swapd-listener-http"
             assert len(fds) == 1 and same_file(fds[0], listener.fileno())
         finally:
             for fd in fds:
                 os.close(fd)
         mgr.forget_listener("http")
-        assert notify.payload() == b"FDSTOREREMOVE=1\nFDNAME=http"
+        assert notify.payload() == b"FDSTOREREMOVE=1\nFDNAME=swapd-listener-http"
     finally:
         listener.close()
 
@@ -270,9 +211,9 @@ def test_store_state_one_fd_per_name_without_poll(notify: FakeNotifySocket) -> N
             os.close(fd)
 
 
-def test_forget_state_removes_every_stored_name(notify: FakeNotifySocket) -> None:
+def test_forget_names_removes_every_stored_name(notify: FakeNotifySocket) -> None:
     mgr = manager(notify)
-    mgr.forget_state({2: [10, 11], 0: [12]})
+    mgr.forget_names(["swapd-state-2-0", "swapd-state-2-1", "swapd-state-0-0"])
     removed = {notify.payload() for _ in range(3)}
     assert removed == {
         b"FDSTOREREMOVE=1\nFDNAME=swapd-state-2-0",
@@ -282,17 +223,21 @@ def test_forget_state_removes_every_stored_name(notify: FakeNotifySocket) -> Non
     assert notify.pending() == []
 
 
-def test_fdstore_off_sends_no_fd_store_message(notify: FakeNotifySocket) -> None:
+def test_fdstore_off_stores_nothing_but_still_removes(notify: FakeNotifySocket) -> None:
+    """--no-fdstore: nothing is stored, but what an earlier run stored is still removed
+    once used, or a later restart would restore it again."""
     mgr = manager(notify, fdstore=False)
     assert mgr.enabled and not mgr.fdstore
     r, w = os.pipe()
     try:
         mgr.store_listener("http", r)
-        mgr.forget_listener("http")
         mgr.store_state(0, [r])
-        mgr.forget_state({0: [r]})
+        mgr.forget_listener("http")
+        mgr.forget_names(["swapd-state-0-0"])
         mgr.ready("still talks")
-        assert notify.pending() == [b"READY=1\nSTATUS=still talks"]
+        assert notify.pending() == [b"FDSTOREREMOVE=1\nFDNAME=swapd-listener-http",
+                                    b"FDSTOREREMOVE=1\nFDNAME=swapd-state-0-0",
+                                    b"READY=1\nSTATUS=still talks"]
     finally:
         os.close(r)
         os.close(w)
