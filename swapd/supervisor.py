@@ -35,7 +35,7 @@ from swapd.lifecycle import GenEvent, GenState, SlotEvent, SlotState
 from swapd.listeners import Listener, ListenerError, Listeners
 from swapd.manager import ServiceManager, split_inherited
 from swapd.patching import PatchRecord
-from swapd.process import ExitStatus, OsProcesses, SpawnError
+from swapd.process import ExitStatus, OsProcesses
 from swapd.sockets import (
     STATE_NAME,
     AddressError,
@@ -81,7 +81,6 @@ class Supervisor:
         self.config = config
         self.overrides = overrides
         self.processes = processes or OsProcesses()
-        self.inherited = inherited or []
         self.generations: dict[int, Generation] = {}
         self.active: Generation | None = None
         self.swap: SwapJob | None = None
@@ -107,28 +106,30 @@ class Supervisor:
         self.manager = ServiceManager(fdstore=config.fdstore)
         self.listeners = Listeners(self.manager)
         # LISTEN_FDS may carry, besides listeners, snapshots a previous supervisor stored.
-        self._stored_names = [n for n, _ in self.inherited if STATE_NAME.match(n)]
-        self.inherited, self.stored_state = split_inherited(self.inherited)
+        inherited = inherited or []
+        self._stored_names = [n for n, _ in inherited if STATE_NAME.match(n)]
+        self.activated, self.stored_listeners, self.stored_state = split_inherited(inherited)
 
     # -- start-up (synchronous: errors here mean exit 2, nothing started) --------
 
     def prepare(self) -> None:
         """Bind listeners and the control socket; raise StartupError with one line."""
         try:
-            self.listeners.adopt_inherited(self.inherited, dict(self.config.binds))
+            self.listeners.adopt_inherited(self.activated, self.stored_listeners,
+                                           dict(self.config.binds))
             self.listeners.bind_missing(self.config.binds, self.config.backlog)
             if not self.listeners:
                 raise StartupError("no listeners: give --bind NAME=ADDR (or use socket activation)")
             self._control_sock = bind_control(self.config.control)
             self.listeners.store_all()
         except OSError as e:
-            self.listeners.close_all()
+            self._close_listeners()
             raise StartupError(e.strerror or str(e)) from e
         except AddressError as e:  # an inherited fd that is not a listening stream socket
-            self.listeners.close_all()
+            self._close_listeners()
             raise StartupError(f"socket activation: {e}") from e
         except StartupError:
-            self.listeners.close_all()
+            self._close_listeners()
             raise
 
     # -- main loop --------------------------------------------------------------
@@ -159,6 +160,9 @@ class Supervisor:
         except StartupError as e:
             code = e.code
             raise
+        except BaseException:
+            code = 1
+            raise
         finally:
             self._remove_signals()
             self.manager.stop_watchdog()
@@ -166,7 +170,7 @@ class Supervisor:
                 self._stopped.set_result(None)  # lets a waiting `swapd stop` get its answer
             await self._control.close()
             self._close_control()
-            self.listeners.close_all()
+            self._close_listeners()
             log.info("event=supervisor.exit code=%d", code)
         return code
 
@@ -201,7 +205,7 @@ class Supervisor:
             self._drop_stored_state()
         self.commit(first, None)
         if first.config.mode == "stateful":
-            await activate(first, self.config, SwapJob("start", "start"))
+            await activate(self, first, self.config, SwapJob("start", "start"))
         return first
 
     def _drop_stored_state(self) -> None:
@@ -235,8 +239,20 @@ class Supervisor:
         task.add_done_callback(self._drains.discard)
 
     async def _signal_swap(self) -> None:
-        with contextlib.suppress(ControlError, SwapFailed):
+        # Under Type=notify-reload (systemd >= 253) the SIGHUP comes from systemd, which then
+        # waits for a RELOADING=1 newer than its signal, and READY=1. A SIGHUP that joins the
+        # swap in flight, or is refused, would otherwise leave `systemctl reload` hanging.
+        busy = self.active is not None and not self._stopping() and (
+            self.swap is not None or self.patch_in_flight is not None)
+        if busy:
+            self.manager.reloading(f"reload requested; {self._status_line()}",
+                                   _swap_bound(self.config))
+        try:
             await self.request_swap("reload", "SIGHUP", None)
+        except ControlError as e:  # a signal has nobody to answer: the log must say it
+            log.warning("event=signal.refused name=SIGHUP reason=%r", str(e))
+            if busy and not self._stopping():
+                self.manager.ready(f"{self._status_line()}; SIGHUP reload refused: {e}")
 
     def request_stop(self, fast: bool = False) -> None:
         if self._stop_requested is not None and not self._stop_requested.done():
@@ -262,9 +278,9 @@ class Supervisor:
             spec = WorkerSpec(gen.id, slot, config, fds, names, role, self.base_env)
             try:
                 worker = self._spawn(spec)
-            except SpawnError as e:
+            except OSError as e:  # exec failed (SpawnError), or fork/pipe: EAGAIN, EMFILE
                 self._abandon(gen)
-                raise SwapFailed(f"gen={gen.id} worker={slot}: {e.strerror}") from e
+                raise SwapFailed(f"gen={gen.id} worker={slot}: {e.strerror or e}") from e
             gen.workers.append(worker)
         log.info("event=gen.start gen=%d workers=%d mode=%s command=%r", gen.id, config.workers,
                  config.mode, " ".join(config.command))
@@ -272,10 +288,22 @@ class Supervisor:
 
     def _abandon(self, gen: Generation) -> None:
         """A generation that could not even be spawned: kill what started, mark it failed."""
-        for w in gen.live():
-            w.transition(SlotEvent.DRAIN)
-            self.processes.signal_group(w.child, signal.SIGKILL)
+        self._kill_workers(gen)
         gen.transition(GenEvent.FAIL)
+
+    def _kill_workers(self, gen: Generation) -> None:
+        """SIGKILL every live worker of `gen`, marked as told to go first so that its exit
+        is logged as an exit, not as a crash (and never restarted)."""
+        for w in gen.workers:
+            if w is None:
+                continue
+            self._cancel_timer(gen.id, w.slot)
+            if w.state in (SlotState.STARTING, SlotState.READY, SlotState.BACKOFF):
+                w.transition(SlotEvent.DRAIN)
+            if w.child.status is None:
+                self.processes.signal_group(w.child, signal.SIGKILL)
+                # and the process itself, should it have left its group
+                self.processes.send_signal(w.child, signal.SIGKILL)
 
     def _spawn(self, spec: WorkerSpec) -> Worker:
         assert self._loop is not None
@@ -315,7 +343,8 @@ class Supervisor:
     def after_resume(self, gen: Generation) -> None:
         """A generation became active again after an aborted handoff: refill dead slots."""
         for w in gen.workers:
-            if w is not None and w.state == SlotState.BACKOFF:
+            if (w is not None and w.state == SlotState.BACKOFF
+                    and (gen.id, w.slot) not in self._timers):
                 self._schedule_respawn(gen, w.slot)
 
     def _drain(self, gen: Generation, timeout: float) -> None:
@@ -355,18 +384,10 @@ class Supervisor:
 
     async def kill_generation(self, gen: Generation) -> None:
         """Abort path: SIGKILL every worker of a generation that never committed."""
-        for w in gen.workers:
-            if w is not None and w.child.status is None:
-                self.processes.signal_group(w.child, signal.SIGKILL)
-                self.processes.send_signal(w.child, signal.SIGKILL)
+        self._kill_workers(gen)
         live = [w.exited for w in gen.live()]
         if live:
             await asyncio.wait(live, timeout=KILL_WAIT)
-        for w in gen.workers:
-            if w is not None:
-                self._cancel_timer(gen.id, w.slot)
-                if w.state in (SlotState.STARTING, SlotState.READY, SlotState.BACKOFF):
-                    w.transition(SlotEvent.DRAIN)
         if gen.state in (GenState.STARTING, GenState.STANDBY):
             gen.transition(GenEvent.FAIL)
 
@@ -407,6 +428,7 @@ class Supervisor:
             log.error("event=worker.crash_loop gen=%d worker=%d crashes=%d window=%gs "
                       "backoff=%gs", gen.id, slot, recent, CRASH_WINDOW, delay)
         log.info("event=worker.respawn_scheduled gen=%d worker=%d delay=%gs", gen.id, slot, delay)
+        self._cancel_timer(gen.id, slot)
         self._timers[(gen.id, slot)] = self._loop.call_later(delay, self._respawn, gen, slot)
 
     def _recent_crashes(self, slot: int) -> int:
@@ -429,22 +451,19 @@ class Supervisor:
         old = gen.workers[slot]
         if gen.state != GenState.ACTIVE or self._stopping():
             return
-        if old is not None:
-            if old.state != SlotState.BACKOFF:
-                return
-            old.transition(SlotEvent.RESPAWN)
+        if old is not None and old.state != SlotState.BACKOFF:
+            return
         fds, names = self.listeners.fds_for(gen.config.binds)
         spec = WorkerSpec(gen.id, slot, gen.config, fds, names, "fresh", self.base_env)
         try:
             worker = self._spawn(spec)
-        except SpawnError as e:
+        except OSError as e:  # the slot stays in backoff and is tried again later
             log.error("event=worker.respawn_failed gen=%d worker=%d error=%r", gen.id, slot,
-                      e.strerror)
-            gen.workers[slot] = old
-            if old is not None:
-                old.state = SlotState.BACKOFF
+                      e.strerror or str(e))
             self._schedule_respawn(gen, slot)
             return
+        if old is not None:
+            old.transition(SlotEvent.RESPAWN)
         gen.workers[slot] = worker
         gen.restarts[slot] += 1
         task = asyncio.ensure_future(self._watch_respawn(gen, worker))
@@ -457,20 +476,11 @@ class Supervisor:
                                      return_when=asyncio.FIRST_COMPLETED)
         if w.ready in done and not w.exited.done():
             w.transition_ready()
-            if w.standby:
-                # A restarted stateful worker has no predecessor: it must not wait for state.
-                await self._activate_one(w)
             log.info("event=worker.ready %s restarts=%d", w.tag, gen.restarts[w.slot])
         elif not done:
             log.error("event=worker.ready_timeout %s timeout=%gs action=SIGKILL", w.tag,
                       gen.config.timeouts.ready)
             self.processes.signal_group(w.child, signal.SIGKILL)
-
-    async def _activate_one(self, w: Worker) -> None:
-        if w.channel is not None and not w.channel.closed:
-            with contextlib.suppress(Exception):
-                reply = await w.channel.request({"t": "commit"}, timeout=10)
-                reply.close_fds()
 
     def _on_worker_message(self, w: Worker, msg: Message) -> None:
         if msg.type == "hello" and w.channel is not None:
@@ -504,7 +514,7 @@ class Supervisor:
         if self._stopping():
             raise ControlError("supervisor is stopping; no re-exec")
         if self.swap is not None or self.patch_in_flight is not None:
-            what = (f"a {self.swap.kind} (gen={self.swap.gen})" if self.swap is not None
+            what = (f"{_a(self.swap.kind)} (gen={self.swap.gen})" if self.swap is not None
                     else f"patch {self.patch_in_flight}")
             raise ControlError(f"{what} is in flight; retry when it finishes")
         reply_fd = os.dup(peer.fd)
@@ -595,7 +605,7 @@ class Supervisor:
         if job is not None:
             if job.kind != kind:
                 raise ControlError(
-                    f"a {job.kind} is in flight (gen={job.gen}, started "
+                    f"{_a(job.kind)} is in flight (gen={job.gen}, started "
                     f"{time.monotonic() - job.started:.1f}s ago); retry when it finishes"
                 )
             log.info("event=swap.join kind=%s origin=%s gen=%s", kind, origin, job.gen)
@@ -618,9 +628,8 @@ class Supervisor:
 
     async def _run_swap(self, job: SwapJob) -> None:
         log.info("event=swap.start kind=%s origin=%s", job.kind, job.origin)
-        t = self.config.timeouts
         self.manager.reloading(f"{job.kind} in progress; {self._status_line()}",
-                               t.ready + 2 * t.quiesce + t.restore + KILL_WAIT)
+                               _swap_bound(self.config))
         outcome: dict[str, Any]
         try:
             config = self.config
@@ -659,7 +668,10 @@ class Supervisor:
         # READY=1 ends the reload state whether the swap committed or not: sd_notify has no
         # "reload failed"; the status line and `swapd reload`'s exit code tell which.
         failed = "" if outcome["ok"] else f"; last {job.kind} FAILED: {outcome['error']}"
-        self.manager.ready(self._status_line() + failed)
+        if self._stopping():  # a swap cancelled by a stop: READY=1 after STOPPING=1 is wrong
+            self.manager.status(self._status_line() + failed)
+        else:
+            self.manager.ready(self._status_line() + failed)
         if not job.done.done():
             job.done.set_result(outcome)
 
@@ -670,7 +682,7 @@ class Supervisor:
             raise SwapFailed(f"configuration not reloaded: {e}") from e
         if new.control != self.config.control:
             log.warning("event=reload.ignored key=control reason='needs a restart'")
-            new = _replace_control(new, self.config.control)
+            new = replace(new, control=self.config.control)
         return new
 
     # -- control ------------------------------------------------------------------
@@ -706,7 +718,7 @@ class Supervisor:
         if self._stopping():
             raise ControlError("supervisor is stopping")
         if self.swap is not None:
-            raise ControlError(f"a {self.swap.kind} is in flight (gen={self.swap.gen}); "
+            raise ControlError(f"{_a(self.swap.kind)} is in flight (gen={self.swap.gen}); "
                                "patch the new generation once it is active")
         if self.patch_in_flight is not None:
             raise ControlError(f"patch {self.patch_in_flight} is in flight; retry when it "
@@ -763,8 +775,9 @@ class Supervisor:
     async def _shutdown(self, fast: bool) -> None:
         log.info("event=supervisor.stopping fast=%s", fast)
         t = self.config.timeouts
+        # the swap in flight cancelled, the state stored, the drain and its SIGKILLs
         self.manager.stopping("stopping" + (" (fast)" if fast else ", draining"),
-                              t.quiesce + t.drain + 3 * KILL_WAIT)
+                              t.quiesce + t.drain + 4 * KILL_WAIT)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -778,12 +791,12 @@ class Supervisor:
                 and active.state == GenState.ACTIVE and active.config.mode == "stateful"):
             await store_state(self, active)
         for gen in list(self.generations.values()):
-            if fast:
-                for w in gen.live():
-                    self.processes.signal_group(w.child, signal.SIGKILL)
-            elif gen.state in (GenState.ACTIVE, GenState.QUIESCED):
+            if gen.state in (GenState.ACTIVE, GenState.QUIESCED):
                 gen.transition(GenEvent.SUPERSEDE)
-                self._drain(gen, gen.config.timeouts.drain)
+                if not fast:
+                    self._drain(gen, gen.config.timeouts.drain)
+            if fast:
+                self._kill_workers(gen)
         waiting: list[asyncio.Future[Any]] = [t for t in self._drains if not t.done()]
         waiting += [w.exited for g in self.generations.values() for w in g.live()]
         if waiting:
@@ -793,12 +806,33 @@ class Supervisor:
             for w in gen.live():
                 log.error("event=worker.unkillable %s", w.tag)
 
+    def _close_listeners(self) -> None:
+        # With the fd store, the sockets live on for the next supervisor (restart, crash):
+        # their unix paths must stay.
+        self.listeners.close_all(unlink=not self.manager.fdstore)
+
     def _close_control(self) -> None:
         if self._control_sock is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.control)
             self._control_sock.close()
             self._control_sock = None
+
+
+def _a(kind: str) -> str:
+    return ("an " if kind[:1] in "aeiou" else "a ") + kind
+
+
+def _swap_bound(config: Config) -> float:
+    """The longest a swap can take with every deadline run out: what systemd is promised."""
+    t = config.timeouts
+    bound = t.ready + KILL_WAIT  # all ready, or the new generation killed
+    if config.mode == "stateful":
+        if config.precopy:
+            bound += t.ready + t.restore  # the bulk, shipped and loaded
+        bound += t.quiesce + t.restore  # the pause
+        bound += max(t.restore, t.quiesce + t.restore)  # commit acks, or the old one resumed
+    return bound
 
 
 def _answer(fd: int, data: dict[str, Any]) -> None:
@@ -817,10 +851,6 @@ def _base_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
     drop = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC",
             "WATCHDOG_PID")
     return {k: v for k, v in environ.items() if k not in drop and not k.startswith("SWAPD_")}
-
-
-def _replace_control(config: Config, control: str) -> Config:
-    return replace(config, control=control)
 
 
 def _usage(w: Worker) -> dict[str, Any]:

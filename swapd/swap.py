@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from swapd.channel import ChannelError, Message
 from swapd.config import Config
+from swapd.control import Emit
 from swapd.generation import Generation, Worker
 from swapd.lifecycle import GenEvent
 
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swapd")
 
-Progress = Callable[[str, str, dict[str, Any] | None], None]
 _EXIT_GRACE = 1.0  # seconds to wait for a pidfd after the channel of a dying worker closed
 
 
@@ -53,11 +53,11 @@ class SwapFailed(Exception):
 
 @dataclass
 class SwapJob:
-    kind: str  # "upgrade" or "reload"
+    kind: str  # "upgrade", "reload", or "start" (the first generation's activation)
     origin: str
     started: float = field(default_factory=time.monotonic)
     gen: int | None = None
-    subscribers: list[Progress] = field(default_factory=list)
+    subscribers: list[Emit] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     done: asyncio.Future[dict[str, Any]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -92,7 +92,7 @@ async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, A
     job.mark("spawned")
     job.emit("spawned", f"gen={new.id} started {len(new.workers)} worker(s): "
              + " ".join(f"pid={w.pid}" for w in new.workers if w is not None))
-    quiesced = False
+    precopying = quiesced = False
     handed: list[Message] = []
     try:
         await wait_ready(new, config.timeouts.ready)
@@ -102,10 +102,11 @@ async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, A
                  + (" and standing by for state" if stateful else ""))
         if stateful:
             if config.precopy:
+                precopying = True
                 await _precopy(sup, old, new, config, job)
             old.transition(GenEvent.QUIESCE)
             quiesced = True
-            handed = await _handoff(sup, old, new, config, job)
+            handed = await _handoff(sup, old, new, config, job, precopied=precopying)
     except BaseException as e:
         reason = e.reason if isinstance(e, SwapFailed) else f"swap aborted: {e!r}"
         if isinstance(e, asyncio.CancelledError):
@@ -115,6 +116,8 @@ async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, A
         await sup.kill_generation(new)
         if quiesced:
             await _resume(sup, old, job)
+        elif precopying:
+            await _tell_resume(old)  # ends the pre-copy round the old workers had begun
         if isinstance(e, SwapFailed):
             raise
         if isinstance(e, asyncio.CancelledError):
@@ -127,7 +130,7 @@ async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, A
     job.mark("committed")
     try:
         if stateful:
-            await activate(new, config, job)
+            await activate(sup, new, config, job)
     finally:
         if stateful:
             sup.retire(old)
@@ -206,9 +209,13 @@ async def _precopy(
 
 
 async def _handoff(
-    sup: Supervisor, old: Generation, new: Generation, config: Config, job: SwapJob
+    sup: Supervisor, old: Generation, new: Generation, config: Config, job: SwapJob, *,
+    precopied: bool
 ) -> list[Message]:
     """The pause: quiesce and snapshot each old worker, restore into its successor.
+
+    `precopied`: the bulk of tracked state has just been shipped, so the snapshots carry
+    only what changed since (without it a worker ships its whole state).
 
     Returns the snapshot messages still holding our copies of their fds: closing the
     last reference to a large memfd frees its memory (15 ms at 100 MB), so the caller
@@ -217,7 +224,8 @@ async def _handoff(
     job.mark("quiesce")
     pairs = _pairs(old, new)
     snaps = await asyncio.gather(
-        *(_ask(src, {"t": "quiesce", "deadline": config.timeouts.quiesce},
+        *(_ask(src, {"t": "quiesce", "deadline": config.timeouts.quiesce,
+                     "precopied": precopied},
                config.timeouts.quiesce, "quiesce and snapshot") for src, _ in pairs),
         return_exceptions=True,
     )
@@ -246,19 +254,23 @@ async def _handoff(
     return _msgs(snaps)
 
 
-async def activate(new: Generation, config: Config, job: SwapJob) -> None:
-    """After commit: tell successors to start accepting. Failures here are crashes, not aborts."""
+async def activate(sup: Supervisor, new: Generation, config: Config, job: SwapJob) -> None:
+    """After commit: tell successors to start accepting. Failures here are crashes, not aborts:
+    a worker that does not confirm is killed, and restarted in its slot like any crash (its
+    share of the state is lost; the log says so)."""
+    workers = [w for w in new.workers if w is not None and w.child.status is None]
     replies = await asyncio.gather(
-        *(_ask(w, {"t": "commit"}, config.timeouts.restore, "commit")
-          for w in new.workers if w is not None and w.child.status is None),
+        *(_ask(w, {"t": "commit"}, config.timeouts.restore, "commit") for w in workers),
         return_exceptions=True,
     )
     starts = [float(r.body.get("t_start", 0)) for r in replies if isinstance(r, Message)]
-    for r in replies:
+    for w, r in zip(workers, replies, strict=True):
         if isinstance(r, Message):
             r.close_fds()
         else:
-            log.error("event=commit.ack_failed gen=%d error=%r", new.id, str(r))
+            log.error("event=commit.ack_failed %s error=%r action='SIGKILL and restart; the "
+                      "state of this slot is lost'", w.tag, str(r))
+            sup.processes.signal_group(w.child, signal.SIGKILL)
     job.mark("activated")
     t_stop = job.timings.pop("t_stop_accept", None)
     if t_stop is not None and starts:
@@ -267,6 +279,14 @@ async def activate(new: Generation, config: Config, job: SwapJob) -> None:
 
 async def _resume(sup: Supervisor, old: Generation, job: SwapJob) -> None:
     """Abort path: the quiesced old generation serves again with its own state."""
+    await _tell_resume(old)
+    old.transition(GenEvent.RESUME)
+    sup.after_resume(old)
+    job.emit("resumed", f"gen={old.id} serving again with its state")
+
+
+async def _tell_resume(old: Generation) -> None:
+    """Ask every old worker to resume: serve again if quiesced, end any pre-copy round."""
     # Generous: a worker whose snapshot blocked its loop answers once the snapshot returns.
     timeout = old.config.timeouts.quiesce + old.config.timeouts.restore
     results = await asyncio.gather(
@@ -278,9 +298,6 @@ async def _resume(sup: Supervisor, old: Generation, job: SwapJob) -> None:
             r.close_fds()
         else:
             log.error("event=resume.failed gen=%d error=%r", old.id, str(r))
-    old.transition(GenEvent.RESUME)
-    sup.after_resume(old)
-    job.emit("resumed", f"gen={old.id} serving again with its state")
 
 
 def _pairs(old: Generation, new: Generation) -> list[tuple[Worker, Worker]]:
@@ -348,12 +365,18 @@ async def store_state(sup: Supervisor, gen: Generation) -> None:
     """
     gen.transition(GenEvent.QUIESCE)
     timeout = gen.config.timeouts.quiesce
-    for w in gen.live():
-        try:
-            reply = await _ask(w, {"t": "quiesce", "deadline": timeout, "conns": False},
-                               timeout, "snapshot for the fd store")
-        except SwapFailed as e:
-            log.error("event=state.store_failed %s reason=%r", w.tag, e.reason)
+    workers = gen.live()
+    # All at once, as in a swap: the stop then takes one quiesce timeout at most, which is
+    # what the supervisor promised systemd (EXTEND_TIMEOUT_USEC), whatever the worker count.
+    replies = await asyncio.gather(
+        *(_ask(w, {"t": "quiesce", "deadline": timeout, "conns": False}, timeout,
+               "snapshot for the fd store") for w in workers),
+        return_exceptions=True,
+    )
+    for w, reply in zip(workers, replies, strict=True):
+        if not isinstance(reply, Message):
+            reason = reply.reason if isinstance(reply, SwapFailed) else repr(reply)
+            log.error("event=state.store_failed %s reason=%r", w.tag, reason)
             continue
         try:
             sup.manager.store_state(w.slot, reply.fds)

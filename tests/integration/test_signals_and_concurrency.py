@@ -115,7 +115,16 @@ def test_second_upgrade_joins_and_reload_is_refused(gated) -> None:  # type: ign
 
     refused = s.cli("reload")
     assert refused.returncode == 1
-    assert "a upgrade is in flight (gen=2" in refused.stderr
+    assert "an upgrade is in flight (gen=2" in refused.stderr
+
+    # A SIGHUP is refused the same way; with nobody to answer, the log and the service
+    # manager are told (RELOADING=1 then READY=1: systemd >= 253 waits for both).
+    mark = s.log_mark()
+    os.kill(s.pid, signal.SIGHUP)
+    s.wait_log(r"event=signal.refused name=SIGHUP reason='an upgrade is in flight", start=mark)
+    s.notify.wait_for("RELOADING", "1")
+    ready = s.notify.wait_for("READY", "1")
+    assert "SIGHUP reload refused: an upgrade is in flight" in ready["STATUS"]
 
     _open_gate(gate, 2)
     out1, _ = first.communicate(timeout=60)
