@@ -376,7 +376,7 @@ def discover(module: ModuleType, filename: str, scan_heap: bool) -> Discovery:
                 if obj.__globals__ is moddict and not known and not is_target(obj):
                     found.functions[id(obj)] = LiveFunction(obj, reachable=False)
             elif t in runner_types:
-                code = _runner_code(obj)
+                code = runner_code(obj)
                 if code is not None and code.co_filename == filename:
                     found.runners.append(obj)
             elif t is LruWrapper:
@@ -389,7 +389,7 @@ def discover(module: ModuleType, filename: str, scan_heap: bool) -> Discovery:
     return found
 
 
-def _runner_code(obj: object) -> CodeType | None:
+def runner_code(obj: object) -> CodeType | None:
     if isinstance(obj, GeneratorType):
         return obj.gi_code if obj.gi_frame is not None else None
     if isinstance(obj, CoroutineType):
@@ -397,10 +397,6 @@ def _runner_code(obj: object) -> CodeType | None:
     if isinstance(obj, AsyncGeneratorType):
         return obj.ag_code if obj.ag_frame is not None else None
     return None
-
-
-def runner_code(obj: object) -> CodeType | None:
-    return _runner_code(obj)
 
 
 def threads_running(codes: dict[int, str]) -> list[str]:

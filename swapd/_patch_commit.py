@@ -218,9 +218,6 @@ class ModuleState:
             return entry[1]
         return None
 
-    def supersede(self, pairs: list[tuple[CodeType, CodeKey]]) -> None:
-        self.superseded.update(self.entries(pairs))
-
     def entries(
         self, pairs: list[tuple[CodeType, CodeKey]]
     ) -> dict[int, tuple[weakref.ref[CodeType], CodeKey]]:

@@ -899,10 +899,10 @@ class Planner:
         return "EMPTY", None
 
     def build(self, inst: _Instance) -> None:
-        if any(c is None for c in inst.cells):
+        cells = tuple(c for c in inst.cells if c is not None)
+        if len(cells) != len(inst.cells):
             return  # refused above
         fn, cur, new = inst.lf.fn, inst.lf.current(), inst.code
-        cells = tuple(c for c in inst.cells if c is not None)
         sig = inst.sig
         defaults = sig.get("__defaults__", cur.__defaults__)
         kwdefaults = sig.get("__kwdefaults__", cur.__kwdefaults__)
