@@ -73,9 +73,6 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     config_file: str | None = None
 
-    def bind_names(self) -> list[str]:
-        return [name for name, _ in self.binds]
-
 
 _TOP_KEYS = {
     "command", "workers", "mode", "control", "cwd", "readiness", "backlog", "precopy",

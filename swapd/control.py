@@ -9,8 +9,9 @@ Protocol version 1. One request per line, answered by zero or more progress line
 and exactly one result line; a connection may carry several requests in turn.
 
     → {"v": 1, "cmd": "upgrade", "args": {}}
-    ← {"v": 1, "type": "progress", "event": "spawned", "message": "gen=4 worker=0 pid=812"}
-    ← {"v": 1, "type": "progress", "event": "ready", "message": "gen=4 all 2 workers ready"}
+    ← {"v": 1, "type": "progress", "event": "spawned",
+       "message": "gen=4 started 2 worker(s): pid=812 pid=813"}
+    ← {"v": 1, "type": "progress", "event": "ready", "message": "gen=4 all 2 worker(s) ready"}
     ← {"v": 1, "type": "result", "ok": true, "data": {...}}
     ← {"v": 1, "type": "result", "ok": false, "error": "gen=4 worker=0 ...", "data": {...}}
 

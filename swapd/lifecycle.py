@@ -55,7 +55,6 @@ TRANSITIONS: dict[tuple[GenState, GenEvent], GenState] = {
     (GenState.QUIESCED, GenEvent.RESUME): GenState.ACTIVE,
     (GenState.QUIESCED, GenEvent.SUPERSEDE): GenState.DRAINING,
     (GenState.DRAINING, GenEvent.EXITED): GenState.EXITED,
-    (GenState.FAILED, GenEvent.EXITED): GenState.FAILED,
 }
 
 # States in which a generation's workers may be accepting connections.

@@ -322,19 +322,19 @@ class Supervisor:
         new.committed = time.monotonic()
         self.active = new
         self.config = new.config
-        if old is not None:
-            # Crash history belongs to the code that crashed: a new generation starts clean.
-            self.crashes.clear()
-            self.crash_loop.clear()
-        if old is not None and self.journal:
+        if old is None:
+            return
+        # Crash history belongs to the code that crashed: a new generation starts clean.
+        self.crashes.clear()
+        self.crash_loop.clear()
+        if self.journal:
             # New code from disk: the patches of the old generation do not apply to it.
             log.warning("event=patch.journal_cleared gen=%d patches=%s", new.id,
                         ",".join(str(r.id) for r in self.journal))
             self.journal.clear()
-        if old is not None:
-            old.transition(GenEvent.SUPERSEDE)
-            if drain_old:
-                self.retire(old)
+        old.transition(GenEvent.SUPERSEDE)
+        if drain_old:
+            self.retire(old)
 
     def retire(self, old: Generation) -> None:
         """Tell a superseded generation to drain."""

@@ -110,7 +110,7 @@ def test_every_file_setting_is_read(tmp_path: Path) -> None:
         ("http", Address(socket.AF_INET, host="127.0.0.1", port=8000)),
         ("admin", Address(socket.AF_UNIX, path="/run/app/admin.sock")),
     )
-    assert cfg.bind_names() == ["http", "admin"]
+    assert [name for name, _ in cfg.binds] == ["http", "admin"]
     assert cfg.timeouts == Timeouts(ready=5.0, drain=7.5, quiesce=10.0, restore=30.0,
                                     idle_grace=0.25)
     assert all(isinstance(getattr(cfg.timeouts, f.name), float)
@@ -145,7 +145,7 @@ def test_flags_win_and_tables_merge_key_by_key(tmp_path: Path) -> None:
 def test_none_tables_in_flags_leave_the_file_alone() -> None:
     cfg = build({**CMD, "bind": {"http": "127.0.0.1:1"}}, {"bind": None, "env": None},
                 environ=NO_ENV)
-    assert cfg.bind_names() == ["http"]
+    assert [name for name, _ in cfg.binds] == ["http"]
 
 
 def test_load_without_a_file_uses_flags_only() -> None:

@@ -37,7 +37,6 @@ GEN_ALLOWED: dict[tuple[GenState, GenEvent], GenState] = {
     (G.QUIESCED, E.RESUME): G.ACTIVE,
     (G.QUIESCED, E.SUPERSEDE): G.DRAINING,
     (G.DRAINING, E.EXITED): G.EXITED,
-    (G.FAILED, E.EXITED): G.FAILED,
 }
 
 SLOT_ALLOWED: dict[tuple[SlotState, SlotEvent], SlotState] = {
