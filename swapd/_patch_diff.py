@@ -161,7 +161,8 @@ def _is_main_guard(node: ast.stmt) -> bool:
     )
 
 
-def _import_names(node: ast.Import | ast.ImportFrom) -> tuple[str, ...]:
+def import_names(node: ast.Import | ast.ImportFrom) -> tuple[str, ...]:
+    """The names an import statement binds (``import a.b`` binds ``a``; ``*`` none we know)."""
     out = []
     for alias in node.names:
         if alias.name == "*":
@@ -178,7 +179,7 @@ def _classify(node: ast.stmt, first: bool) -> _Stmt:
     if isinstance(node, ast.ImportFrom) and node.module == "__future__":
         return _Stmt(node, "future", dump(node))
     if isinstance(node, ast.Import | ast.ImportFrom):
-        return _Stmt(node, "import", dump(node), _import_names(node))
+        return _Stmt(node, "import", dump(node), import_names(node))
     if isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets):
         names = tuple(t.id for t in node.targets if isinstance(t, ast.Name))
         return _Stmt(node, "assign", ",".join(names), names)
@@ -476,12 +477,8 @@ class Differ:
             assert isinstance(o.node, ast.Assign | ast.AnnAssign)
             if shape(o.node) == shape(node):
                 continue  # identical, or only lambda bodies changed (a code change)
-            if s.kind == "annot" or o.kind == "annot":
-                self.out.notes.append(
-                    f"{self.where(node.lineno)}: annotation of {what} changed; not re-evaluated"
-                )
-                continue
-            if dump(o.node.value) == dump(node.value):
+            # Shapes differ, so with a bare annotation or the same value it is the annotation.
+            if s.kind == "annot" or o.kind == "annot" or dump(o.node.value) == dump(node.value):
                 self.out.notes.append(
                     f"{self.where(node.lineno)}: annotation of {what} changed; not re-evaluated"
                 )
@@ -634,7 +631,7 @@ def literal_initializer(
             continue
         if (
             (isinstance(node, ast.Name) and node.id == var and not isinstance(node.ctx, ast.Load))
-            or (isinstance(node, ast.Import | ast.ImportFrom) and var in _import_names(node))
+            or (isinstance(node, ast.Import | ast.ImportFrom) and var in import_names(node))
             or (isinstance(node, ast.ExceptHandler) and node.name == var)
         ):
             bindings += 1

@@ -50,6 +50,7 @@ from swapd._patch_diff import (
     FunctionNodes,
     ModuleDiff,
     future_flags,
+    import_names,
     literal_initializer,
 )
 from swapd._patch_model import (
@@ -219,9 +220,7 @@ def module_imports(stmts: list[ast.stmt]) -> Iterator[str]:
     """Names bound by import statements in module scope (compound statements included)."""
     for node in stmts:
         if isinstance(node, ast.Import | ast.ImportFrom):
-            for alias in node.names:
-                if alias.name != "*":
-                    yield alias.asname or alias.name.split(".")[0]
+            yield from import_names(node)
         elif not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             for field in ("body", "orelse", "finalbody", "handlers", "cases"):
                 for child in getattr(node, field, ()):

@@ -139,6 +139,7 @@ from swapd._patch_commit import (
     MISSING,
     MigrationContext,
     ModuleState,
+    Op,
     Store,
     UndoFailed,
     apply_or_undo,
@@ -585,8 +586,7 @@ class RollbackPlan:
         self._reads = [s.read_op() for s in stores + strays]
         self._expected = [MISSING if s.new is DELETE else s.new for s in stores]
         self._expected += [s.old for s in strays]
-        self._ops = list(reversed(undo_ops(stores))) + forward_ops(strays)
-        self._inverse = list(reversed(forward_ops(stores))) + undo_ops(strays)
+        self._ops, self._inverse = _rollback_ops(stores, strays)
         self._installed = d.state.entries(d.installed)
         plan = applied.to_dict() if d.rollback_hook is not None else {}
         self._ctx = MigrationContext(d.module, "rollback", plan)
@@ -721,7 +721,7 @@ class RollbackPlan:
             ) from error
         raise RollbackError(f"{d.display}: {what}; nothing was rolled back") from error
 
-    def _without(self, stale: list[int], notes: list[str]) -> tuple[list[Any], list[Any]]:
+    def _without(self, stale: list[int], notes: list[str]) -> tuple[list[Op], list[Op]]:
         """Ops for a rollback where some values changed since the commit."""
         d = self._applied._data
         count = len(self._stores)
@@ -736,9 +736,15 @@ class RollbackPlan:
         skip = set(stale)
         keep = [s for i, s in enumerate(self._stores) if i not in skip]
         strays = [s for i, s in enumerate(self._strays) if i + count not in skip]
-        ops = list(reversed(undo_ops(keep))) + forward_ops(strays)
-        inverse = list(reversed(forward_ops(keep))) + undo_ops(strays)
-        return ops, inverse
+        return _rollback_ops(keep, strays)
+
+
+def _rollback_ops(stores: list[Store], strays: list[Store]) -> tuple[list[Op], list[Op]]:
+    """A rollback's batch (the patch's stores undone, newest first, and the stray closures
+    switched back) and its inverse, for `apply_or_undo`."""
+    ops = list(reversed(undo_ops(stores))) + forward_ops(strays)
+    inverse = list(reversed(forward_ops(stores))) + undo_ops(strays)
+    return ops, inverse
 
 
 # ---------------------------------------------------------------- module helpers
