@@ -138,6 +138,11 @@ class ServiceManager:
         self.notifier.watchdog()
         self._watchdog = loop.call_later(interval, self._ping, loop, interval)
 
+    def ping_watchdog(self) -> None:
+        """An extra ping now (before a long gap such as a re-exec), if the watchdog is on."""
+        if self._watchdog is not None:
+            self.notifier.watchdog()
+
     def stop_watchdog(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()

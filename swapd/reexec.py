@@ -18,11 +18,15 @@ in a memfd:
                       "ready_at", "hello", "status", "tail"} | null]}]}
 
 Order of operations, each step undoable until the exec:
-1. refuse if a swap (or anything else) is in flight;
-2. write the state, make exactly the fds it names inheritable;
-3. pre-flight: run the *new* code from disk (`python -m swapd _reexec-check`) on
-   a copy of that state; if it cannot parse it, nothing happens and the old
-   supervisor keeps running (failure reported with the check's output);
+1. refuse if a swap (or anything else) is in flight, and refuse new ones meanwhile;
+2. pre-flight: run the *new* code from disk (`python -m swapd _reexec-check`) on
+   a state of this supervisor, in a thread so that the event loop keeps serving
+   (watchdog pings, pidfds, control); if it cannot take the state over, nothing
+   happens and the old supervisor keeps running (failure reported with the
+   check's output);
+3. capture the state again (what changed during the check, e.g. a restarted
+   worker, is in it), write it, make exactly the fds it names inheritable, ping
+   the watchdog;
 4. block HUP/TERM/INT/QUIT (the new image unblocks them once its handlers are
    installed: a signal in between would otherwise take the default action and
    kill the service) and `execve`. If execve itself fails, every fd goes back to
@@ -130,8 +134,8 @@ def capture(sup: Supervisor, reply_fd: int | None) -> Captured:
 
 
 def write_state(state: dict[str, Any]) -> int:
+    data = json.dumps(state).encode()  # first: a state that does not serialise leaks no fd
     fd = os.memfd_create("swapd-reexec-state", os.MFD_ALLOW_SEALING)  # inheritable on purpose
-    data = json.dumps(state).encode()
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -161,19 +165,63 @@ def check(fd: int) -> None:
     import swapd.worker  # an import error anywhere must stop the re-exec
 
     _ = swapd.cli.main, swapd.supervisor.Supervisor.from_reexec
-    state = read_state(fd)
+    validate(read_state(fd))
+
+
+def validate(state: dict[str, Any]) -> None:
+    """Build, from `state`, every value the new image builds in `Supervisor.from_reexec`,
+    `_resume` and `Worker.resume`, with the same constructors but touching no fd: a state
+    this code cannot take over fails here, in the pre-flight, not after the exec."""
+    from swapd.lifecycle import GenState, SlotState
+    from swapd.patching import PatchRecord
+    from swapd.sockets import parse_address
+
     config_of(state["config"], state["config_file"])
-    for gen in state["generations"]:
-        config_of(gen["config"], gen["config_file"])
-        for w in gen["workers"]:
-            if w is not None and not w.get("dead"):
-                for key in ("slot", "pid", "pidfd", "state", "started"):
-                    if key not in w:
-                        raise ReexecError(f"worker entry without {key!r}")
+    _need(state, "overrides", dict)
+    _need(state, "swaps", dict)
+    for key in ("version", "started", "next_gen", "active", "last_swap", "control_fd"):
+        _need(state, key)
+    _ = {int(k): [float(t) for t in v] for k, v in state["crashes"].items()}
+    _ = [PatchRecord(**r) for r in state.get("journal", [])]
+    for item in state["listeners"]:
+        parse_address(item["address"])
+        _need(item, "name", str)
+        _need(item, "source", str)
+        _need(item, "fd", int)
+    for g in state["generations"]:
+        config_of(g["config"], g["config_file"])
+        GenState(g["state"])
+        for key in ("id", "created", "committed", "restarts", "drain_deadline"):
+            _need(g, key)
+        for w in g["workers"]:
+            if w is None or w.get("dead"):
+                continue
+            for key in ("slot", "pid", "pidfd"):
+                _need(w, key, int)
+            _need(w, "started", (int, float))
+            _need(w, "role", str)
+            _need(w, "state", str)
+            SlotState(w["state"])
+
+
+def _need(obj: dict[str, Any], key: str, kind: type | tuple[type, ...] | None = None) -> None:
+    if key not in obj:
+        raise ReexecError(f"re-exec state: an entry without {key!r}")
+    if kind is not None and not isinstance(obj[key], kind):
+        raise ReexecError(f"re-exec state: {key!r} is {obj[key]!r}, of the wrong type")
 
 
 def config_of(data: dict[str, Any], config_file: str | None) -> Config:
     return from_overrides(data, config_file)
+
+
+def check_state(state: dict[str, Any]) -> None:
+    """The pre-flight on a state of this supervisor (blocking: run it off the event loop)."""
+    fd = write_state(state)
+    try:
+        preflight(fd)
+    finally:
+        os.close(fd)
 
 
 def preflight(state_fd: int) -> None:
@@ -201,10 +249,13 @@ def exec_argv() -> list[str]:
 
 
 def execute(captured: Captured) -> None:
-    """Exec the new image. Returns only if execve failed (everything restored)."""
+    """Exec the new image. Returns only if execve failed (everything restored).
+
+    No pre-flight here: `check_state` ran it (off the loop) on an earlier capture, and
+    `captured` must be taken right before this call, with no await in between, so that
+    it describes exactly what the supervisor owns at the exec."""
     state_fd = write_state(captured.state)
     try:
-        preflight(state_fd)
         for fd in captured.fds:
             os.set_inheritable(fd, True)
         env = {**os.environ, ENV: str(state_fd)}

@@ -88,6 +88,7 @@ class Supervisor:
         self.swap_counts = {"ok": 0, "failed": 0}
         self.journal: list[PatchRecord] = []  # patches in force in the active generation
         self.patch_in_flight: int | None = None
+        self.reexec_in_flight = False
         self._patch_serial = 0
         self.started = time.monotonic()
         self.crashes: dict[int, deque[float]] = {}
@@ -243,7 +244,7 @@ class Supervisor:
         # waits for a RELOADING=1 newer than its signal, and READY=1. A SIGHUP that joins the
         # swap in flight, or is refused, would otherwise leave `systemctl reload` hanging.
         busy = self.active is not None and not self._stopping() and (
-            self.swap is not None or self.patch_in_flight is not None)
+            self.swap is not None or self.patch_in_flight is not None or self.reexec_in_flight)
         if busy:
             self.manager.reloading(f"reload requested; {self._status_line()}",
                                    _swap_bound(self.config))
@@ -511,26 +512,50 @@ class Supervisor:
     # -- re-exec (upgrade --self) ----------------------------------------------------
 
     async def _reexec(self, emit: Emit, peer: Peer) -> dict[str, Any]:
-        if self._stopping():
-            raise ControlError("supervisor is stopping; no re-exec")
-        if self.swap is not None or self.patch_in_flight is not None:
-            what = (f"{_a(self.swap.kind)} (gen={self.swap.gen})" if self.swap is not None
-                    else f"patch {self.patch_in_flight}")
-            raise ControlError(f"{what} is in flight; retry when it finishes")
-        reply_fd = os.dup(peer.fd)
-        captured = reexec.capture(self, reply_fd)
-        emit("reexec", f"checking that the new code on disk takes over {len(captured.fds)} fd(s) "
-             f"and {len(self.generations)} generation(s), then exec'ing in place", None)
-        log.info("event=reexec.begin version=%s argv=%r", __version__, reexec.exec_argv())
+        self._refuse_if_busy("re-exec")
+        self.reexec_in_flight = True
         try:
-            reexec.execute(captured)
-        except reexec.ReexecError as e:
-            log.error("event=reexec.failed reason=%r", str(e))
-            raise ControlError(str(e), data={"tail": e.tail, "worker": "pre-flight check"}
-                               ) from e
+            state = reexec.capture(self, None).state
+            emit("reexec", f"checking that the new code on disk takes over "
+                 f"{len(self.generations)} generation(s), then exec'ing in place", None)
+            log.info("event=reexec.begin version=%s argv=%r", __version__, reexec.exec_argv())
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(None, reexec.check_state, state)
+                if self._stopping():
+                    raise reexec.ReexecError("supervisor is stopping; no re-exec")
+                reply_fd = os.dup(peer.fd)
+                try:
+                    # No await from here to the exec: the capture is what we own at the exec.
+                    captured = reexec.capture(self, reply_fd)
+                    self.manager.ping_watchdog()  # the new image's start-up is a long gap
+                    reexec.execute(captured)
+                finally:
+                    os.close(reply_fd)
+            except (reexec.ReexecError, OSError) as e:
+                tail = e.tail if isinstance(e, reexec.ReexecError) else ""
+                log.error("event=reexec.failed reason=%r", str(e))
+                raise ControlError(str(e), data={"tail": tail, "worker": "pre-flight check"}
+                                   ) from e
         finally:
-            os.close(reply_fd)
+            self.reexec_in_flight = False
         raise ControlError("re-exec returned without an error")  # not reached
+
+    def _refuse_if_busy(self, what: str) -> None:
+        """One change at a time: a swap, a patch or a re-exec."""
+        if self._stopping():
+            raise ControlError(f"supervisor is stopping; no {what}")
+        if self.active is None:
+            raise ControlError(f"supervisor is still starting; no {what}")
+        if self.reexec_in_flight:
+            raise ControlError("a re-exec (upgrade --self) is in flight; retry when it finishes")
+        if self.swap is not None:
+            raise ControlError(f"{_a(self.swap.kind)} is in flight (gen={self.swap.gen}, "
+                               f"started {time.monotonic() - self.swap.started:.1f}s ago); "
+                               "retry when it finishes")
+        if self.patch_in_flight is not None:
+            raise ControlError(f"patch {self.patch_in_flight} is in flight; retry when it "
+                               "finishes")
 
     @classmethod
     def from_reexec(cls, state: dict[str, Any]) -> Supervisor:
@@ -594,20 +619,10 @@ class Supervisor:
 
     async def request_swap(self, kind: str, origin: str, emit: Emit | None) -> dict[str, Any]:
         """Start a swap, or join the one in flight if it is the same kind."""
-        if self._stopping():
-            raise ControlError("supervisor is stopping; no swap started")
-        if self.active is None:
-            raise ControlError("supervisor is still starting; no swap started")
-        if self.patch_in_flight is not None:
-            raise ControlError(f"patch {self.patch_in_flight} is in flight; retry when it "
-                               "finishes")
         job = self.swap
+        if job is None or job.kind != kind or self._stopping():
+            self._refuse_if_busy("swap started")
         if job is not None:
-            if job.kind != kind:
-                raise ControlError(
-                    f"{_a(job.kind)} is in flight (gen={job.gen}, started "
-                    f"{time.monotonic() - job.started:.1f}s ago); retry when it finishes"
-                )
             log.info("event=swap.join kind=%s origin=%s gen=%s", kind, origin, job.gen)
             if emit is not None:
                 job.subscribers.append(emit)
@@ -715,14 +730,7 @@ class Supervisor:
                     "gen": self.active.id if self.active else None}
         if action not in ("apply", "rollback"):
             raise ControlError(f"unknown patch action {action!r} (apply, rollback, list)")
-        if self._stopping():
-            raise ControlError("supervisor is stopping")
-        if self.swap is not None:
-            raise ControlError(f"{_a(self.swap.kind)} is in flight (gen={self.swap.gen}); "
-                               "patch the new generation once it is active")
-        if self.patch_in_flight is not None:
-            raise ControlError(f"patch {self.patch_in_flight} is in flight; retry when it "
-                               "finishes")
+        self._refuse_if_busy("patch")
         rolling = action == "rollback" and self.journal
         self.patch_in_flight = self.journal[-1].id if rolling else self._patch_serial + 1
         try:

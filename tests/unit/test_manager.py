@@ -294,8 +294,11 @@ def test_watchdog_pings_only_from_a_running_loop(
         assert notify.pending() == [b"WATCHDOG=1"]  # the first ping is immediate
         mgr.extend(5)  # an extension stretches the watchdog too: ping right after it
         assert notify.pending() == [b"EXTEND_TIMEOUT_USEC=5000000", b"WATCHDOG=1"]
+        mgr.ping_watchdog()  # e.g. right before a re-exec
+        assert notify.pending() == [b"WATCHDOG=1"]
         mgr.stop_watchdog()
         mgr.extend(5)
+        mgr.ping_watchdog()
         assert notify.pending() == [b"EXTEND_TIMEOUT_USEC=5000000"]
     finally:
         mgr.stop_watchdog()

@@ -142,7 +142,7 @@ def test_check_accepts_a_valid_state(fds: list[int]) -> None:
     check(fd)  # no exception: the new code can take over
 
 
-@pytest.mark.parametrize("missing", ["slot", "pid", "pidfd", "state", "started"])
+@pytest.mark.parametrize("missing", ["slot", "pid", "pidfd", "state", "started", "role"])
 def test_check_refuses_a_worker_without_a_key(fds: list[int], missing: str) -> None:
     state = valid_state()
     del state["generations"][0]["workers"][0][missing]
@@ -150,7 +150,43 @@ def test_check_refuses_a_worker_without_a_key(fds: list[int], missing: str) -> N
     fds.append(fd)
     with pytest.raises(ReexecError) as info:
         check(fd)
-    assert str(info.value) == f"worker entry without {missing!r}"
+    assert str(info.value) == f"re-exec state: an entry without {missing!r}"
+
+
+def _set(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    state = valid_state()
+    target: Any = state
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "error"),
+    [
+        (("generations", 0, "state"), "hibernating", ValueError),
+        (("generations", 0, "workers", 0, "state"), "asleep", ValueError),
+        (("generations", 0, "workers", 0, "pidfd"), "7", ReexecError),
+        (("generations", 0, "created"), None, None),  # present, any value: accepted
+        (("listeners", 0, "address"), "nowhere", Exception),
+        (("journal",), [{"id": 1, "module": "m", "renamed_field": 1}], TypeError),
+        (("crashes",), {"zero": [1.0]}, ValueError),
+    ],
+    ids=["gen-state", "slot-state", "pidfd-type", "created-null", "address", "journal",
+         "crashes"],
+)
+def test_check_builds_what_the_new_image_builds(
+    fds: list[int], path: tuple[Any, ...], value: Any, error: type[Exception] | None
+) -> None:
+    """What from_reexec/_resume/Worker.resume would choke on after the exec fails here."""
+    fd = write_state(_set(path, value))
+    fds.append(fd)
+    if error is None:
+        check(fd)
+    else:
+        with pytest.raises(error):
+            check(fd)
 
 
 def test_check_refuses_a_config_the_new_code_rejects(fds: list[int]) -> None:
@@ -226,7 +262,8 @@ def test_preflight_reports_the_refusal_with_the_tail(fds: list[int]) -> None:
         preflight(fd)
     assert str(info.value) == "the new code refused the supervisor state (exit 1)"
     assert info.value.tail.splitlines()[-1] == (
-        "swapd: cannot take over this supervisor state: ReexecError: worker entry without 'pid'"
+        "swapd: cannot take over this supervisor state: ReexecError: re-exec state: an entry "
+        "without 'pid'"
     )
 
 
