@@ -39,7 +39,7 @@ class Committed:
 
 class PatchHost:
     def __init__(self) -> None:
-        self.plans: dict[int, tuple[patch.Plan, bool]] = {}
+        self.plans: dict[int, patch.Plan] = {}  # prepared, by patch id
         self.stack: list[Committed] = []
 
     async def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +55,7 @@ class PatchHost:
                 prune=bool(body.get("prune")), source_name=body.get("name")))
         except patch.PatchError as e:
             return {"ok": False, "error": str(e)}
-        self.plans[pid] = (plan, accept_absent)
+        self.plans[pid] = plan  # remembers accept_absent itself
         report = plan.to_dict()
         report["path"] = getattr(sys.modules[module], "__file__", None)
         reply: dict[str, Any] = {"ok": plan.committable, "plan": report}
@@ -68,29 +68,28 @@ class PatchHost:
     def commit(self, body: dict[str, Any]) -> dict[str, Any]:
         """Runs on the event-loop thread: no other callback runs during the commit."""
         pid = int(body["pid"])
-        entry = self.plans.pop(pid, None)
-        if entry is None:
+        plan = self.plans.pop(pid, None)
+        if plan is None:
             return {"ok": False, "error": f"no prepared plan for patch {pid}"}
-        plan, accept_absent = entry
         try:
-            applied = plan.commit(accept_absent=accept_absent)
+            applied = plan.commit()
         except patch.PatchError as e:
             return {"ok": False, "error": str(e)}
-        self.stack.append(Committed(pid, plan.to_dict()["module"], applied))
+        self.stack.append(Committed(pid, plan.module_name, applied))
         log.info("event=patch.committed patch=%d module=%s", pid, self.stack[-1].module)
         return {"ok": True, "applied": applied.to_dict()}
 
     def abort(self, body: dict[str, Any]) -> dict[str, Any]:
-        entry = self.plans.pop(int(body["pid"]), None)
-        if entry is not None:
-            entry[0].discard()
+        plan = self.plans.pop(int(body["pid"]), None)
+        if plan is not None:
+            plan.discard()
         return {"ok": True}
 
     def rollback(self, body: dict[str, Any]) -> dict[str, Any]:
         pid = int(body["pid"])
-        entry = self.plans.pop(pid, None)
-        if entry is not None:
-            entry[0].discard()
+        plan = self.plans.pop(pid, None)
+        if plan is not None:
+            plan.discard()
         if all(c.pid != pid for c in self.stack):
             return {"ok": True, "notes": [f"patch {pid} is not in force in this worker "
                                           "(never committed, or rolled back already)"]}
