@@ -51,6 +51,7 @@ from swapd.swap import (
     store_state,
     wait_ready,
 )
+from swapd.systemd import LISTEN_ENV
 
 log = logging.getLogger("swapd")
 
@@ -856,8 +857,7 @@ def _answer(fd: int, data: dict[str, Any]) -> None:
 
 def _base_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
     """The environment every worker starts from: ours minus what only we may use."""
-    drop = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC",
-            "WATCHDOG_PID")
+    drop = (*LISTEN_ENV, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
     return {k: v for k, v in environ.items() if k not in drop and not k.startswith("SWAPD_")}
 
 
