@@ -44,9 +44,11 @@ _EXIT_GRACE = 1.0  # seconds to wait for a pidfd after the channel of a dying wo
 class SwapFailed(Exception):
     """A swap that did not commit; the service is as it was before."""
 
-    def __init__(self, reason: str, *, worker: Worker | None = None) -> None:
+    def __init__(self, reason: str, *, worker: Worker | None = None,
+                 answered: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.answered = answered  # the worker replied, with ok: false
         self.tail = worker.tail_text() if worker is not None else ""
         self.worker = worker.tag if worker is not None else None
 
@@ -255,9 +257,10 @@ async def _handoff(
 
 
 async def activate(sup: Supervisor, new: Generation, config: Config, job: SwapJob) -> None:
-    """After commit: tell successors to start accepting. Failures here are crashes, not aborts:
-    a worker that does not confirm is killed, and restarted in its slot like any crash (its
-    share of the state is lost; the log says so)."""
+    """After commit: tell successors to start accepting. Failures here are crashes, not aborts.
+    A worker that answers ok: false serves anyway (swapd.worker accepts even when finishing
+    its state failed): logged. One that does not answer is killed and restarted in its slot
+    like any crash (its share of the state is lost; the log says so)."""
     workers = [w for w in new.workers if w is not None and w.child.status is None]
     replies = await asyncio.gather(
         *(_ask(w, {"t": "commit"}, config.timeouts.restore, "commit") for w in workers),
@@ -267,6 +270,9 @@ async def activate(sup: Supervisor, new: Generation, config: Config, job: SwapJo
     for w, r in zip(workers, replies, strict=True):
         if isinstance(r, Message):
             r.close_fds()
+        elif isinstance(r, SwapFailed) and r.answered:
+            log.error("event=commit.failed_in_worker %s error=%r action='serving anyway'",
+                      w.tag, r.reason)
         else:
             log.error("event=commit.ack_failed %s error=%r action='SIGKILL and restart; the "
                       "state of this slot is lost'", w.tag, str(r))
@@ -340,7 +346,7 @@ async def _ask(
     if not reply.body.get("ok", False):
         reply.close_fds()
         raise SwapFailed(f"{w.tag} {what} failed: {reply.body.get('error', 'no reason given')}",
-                         worker=w)
+                         worker=w, answered=True)
     return reply
 
 
