@@ -8,8 +8,16 @@ import socket
 from swapd.connection import Connection, ConnectionHub, HandedOff
 
 
-async def echo_server(hub: ConnectionHub, cleanup: float = 0.0) -> socket.socket:
-    """A line echo handler; after HandedOff it spends `cleanup` seconds before returning."""
+class Cleanup:
+    """Holds a handler in its HandedOff cleanup until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.done = asyncio.Event()
+
+
+async def echo_server(hub: ConnectionHub, cleanup: Cleanup) -> socket.socket:
+    """A line echo handler that, after HandedOff, awaits `cleanup.release` before returning."""
     async def handler(conn: Connection) -> None:
         try:
             while True:
@@ -18,7 +26,8 @@ async def echo_server(hub: ConnectionHub, cleanup: float = 0.0) -> socket.socket
                     return
                 await conn.send(line)
         except HandedOff:
-            await asyncio.sleep(cleanup)
+            await cleanup.release.wait()
+            cleanup.done.set()
             raise
 
     lsock = socket.create_server(("127.0.0.1", 0))
@@ -36,14 +45,17 @@ async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: 
 def test_a_handler_still_cleaning_up_after_resume_does_not_close_the_connection() -> None:
     async def main() -> None:
         hub = ConnectionHub(asyncio.get_running_loop(), idle_grace=1.0)
-        lsock = await echo_server(hub, cleanup=0.05)
+        cleanup = Cleanup()
+        lsock = await echo_server(hub, cleanup)
         reader, writer = await asyncio.open_connection(*lsock.getsockname())
         assert await ask(reader, writer, b"a\n") == b"a\n"
         hub.stop_accepting()
         assert len(await hub.quiesce(5)) == 1
         hub.resume()  # a new handler call starts while the first one is still cleaning up
         hub.start_accepting()
-        await asyncio.sleep(0.2)  # the first call has ended
+        cleanup.release.set()  # now the first call ends, after the second one began
+        await asyncio.wait_for(cleanup.done.wait(), 5)
+        await asyncio.sleep(0)  # let the first call's task finish past its except clause
         assert await ask(reader, writer, b"b\n") == b"b\n"
         assert len(hub.conns) == 1
         writer.close()
