@@ -30,12 +30,18 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+sys.path.insert(0, str(ROOT))
+from swapd.control import Client, ClientError  # noqa: E402  (swapd from this checkout)
+
+# What our own environment may carry from a service manager or a supervisor: never passed on.
+FOREIGN_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
+               "SWAPD_CHANNEL_FD", "SWAPD_BIND", "SWAPD_CONTROL", "WATCHDOG_USEC")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -298,3 +304,75 @@ def median(values: Sequence[float]) -> float:
         raise ValueError("median of nothing")
     mid = n // 2
     return ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
+    env.update(extra)
+    return env
+
+
+class SwapdProcess:
+    """One `swapd run` in `workdir`, ready-gated on a notify socket, driven through its
+    control socket; its log goes to `workdir/swapd.log`."""
+
+    def __init__(self, workdir: Path, run_args: Sequence[str], *, ready_timeout: float,
+                 stop_timeout: float) -> None:
+        self.workdir = workdir
+        self.control = str(workdir / "control.sock")
+        self.log_path = workdir / "swapd.log"
+        self.argv = [PYTHON, "-P", "-m", "swapd", "run", "--control", self.control, *run_args]
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.group = ProcessGroup()
+        self.notify: NotifySocket | None = None
+        self.sup: subprocess.Popen[bytes] | None = None
+        self.address = ("127.0.0.1", 0)  # the first listener's, once started
+
+    def start(self) -> None:
+        self.notify = NotifySocket(self.workdir / "notify")
+        with open(self.log_path, "wb") as log:
+            self.sup = self.group.spawn(
+                self.argv, cwd=ROOT, env=clean_env(NOTIFY_SOCKET=str(self.notify.path)),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        self.notify.wait_ready(1, self.ready_timeout, [self.sup], "swapd run")
+        status = self.call("status", 10.0)["data"]
+        host, _, port = status["listeners"][0]["address"].rpartition(":")
+        self.address = (host.strip("[]"), int(port))
+
+    def call(self, cmd: str, timeout: float) -> dict[str, Any]:
+        """One control request; returns the result line with the progress lines under
+        `progress` (the result of a failed upgrade too: it says why)."""
+        progress: list[dict[str, Any]] = []
+        try:
+            for msg in Client(self.control, timeout=timeout).call(cmd, {}):
+                if msg.get("type") == "result":
+                    msg["progress"] = progress
+                    return msg
+                progress.append(msg)
+        except ClientError as e:
+            raise BenchError(f"swapd {cmd}: {e}") from e
+        raise BenchError(f"swapd {cmd}: no result line")
+
+    def log_problems(self) -> list[str]:
+        if not self.log_path.exists():
+            return []
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [ln for ln in lines if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
+
+    def close(self) -> list[str]:
+        notes: list[str] = []
+        try:
+            if self.sup is not None and self.sup.poll() is None:
+                self.group.remember_descendants()
+                try:
+                    self.call("stop", self.stop_timeout)
+                    self.sup.wait(self.stop_timeout)
+                except (BenchError, subprocess.TimeoutExpired) as e:
+                    notes.append(f"swapd stop: {e}")
+        finally:
+            notes += self.group.end()
+            if self.notify is not None:
+                self.notify.close()
+        return notes

@@ -53,7 +53,6 @@ import select
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,16 +69,12 @@ from _common import (
     PYTHON,
     ROOT,
     BenchError,
-    NotifySocket,
-    ProcessGroup,
+    SwapdProcess,
     machine_info,
     md_table,
     median,
     wait_quiet,
 )
-
-sys.path.insert(0, str(ROOT))
-from swapd.control import Client, ClientError
 
 APP = ROOT / "bench" / "apps" / "stateful_state.py"
 MB = 1_000_000
@@ -92,8 +87,6 @@ REQUEST_TIMEOUT = 120.0  # info / verify (the first info pickles the state once)
 SWAPD_TIMEOUTS = ("--ready-timeout", "120", "--quiesce-timeout", "120",
                   "--restore-timeout", "300", "--drain-timeout", "120")
 QUIET_LIMIT = 0.3  # cores used by others before a swap starts
-_FOREIGN_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
-                "SWAPD_CHANNEL_FD", "SWAPD_BIND", "SWAPD_CONTROL", "WATCHDOG_USEC")
 _BYTES = re.compile(r"\((\d+) bytes\)|(\d+) bytes")
 
 TARGETS = (
@@ -173,58 +166,20 @@ class Row:
 # -- the service -------------------------------------------------------------------------------
 
 
-def _clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
-
-
-class Service:
+class Service(SwapdProcess):
     """`swapd run --mode stateful` with the bench app, driven through its control socket."""
 
     def __init__(self, workdir: Path, setup: Setup, nominal_mb: int) -> None:
-        self.workdir = workdir
-        self.control = str(workdir / "control.sock")
-        self.log_path = workdir / "swapd.log"
         app_env = {"BENCH_SHAPE": setup.app_shape, "BENCH_MB": str(nominal_mb),
                    "BENCH_TRACKED": "1" if setup.precopy else "0",
                    "BENCH_DIRTY": str(setup.dirty), "BENCH_WRITE_RATE": str(setup.write_rate),
                    "BENCH_CODEC": setup.codec}
-        self.argv = [
-            PYTHON, "-P", "-m", "swapd", "run", "--mode", "stateful",
-            *(["--precopy"] if setup.precopy else []),
-            "--bind", "ctl=127.0.0.1:0", "--control", self.control, *SWAPD_TIMEOUTS,
+        super().__init__(workdir, [
+            "--mode", "stateful", *(["--precopy"] if setup.precopy else []),
+            "--bind", "ctl=127.0.0.1:0", *SWAPD_TIMEOUTS,
             *(a for k, v in app_env.items() for a in ("--env", f"{k}={v}")),
             "--", PYTHON, str(APP),
-        ]
-        self.group = ProcessGroup()
-        self.notify: NotifySocket | None = None
-        self.sup: subprocess.Popen[bytes] | None = None
-        self.address = ("127.0.0.1", 0)
-
-    def start(self) -> None:
-        self.notify = NotifySocket(self.workdir / "notify")
-        env = _clean_env()
-        env["NOTIFY_SOCKET"] = str(self.notify.path)
-        with open(self.log_path, "wb") as log:
-            self.sup = self.group.spawn(self.argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=log, stderr=subprocess.STDOUT)
-        self.notify.wait_ready(1, READY_TIMEOUT, [self.sup], "swapd run")
-        status = self.call("status", 10.0)["data"]
-        host, _, port = status["listeners"][0]["address"].rpartition(":")
-        self.address = (host.strip("[]"), int(port))
-
-    def call(self, cmd: str, timeout: float) -> dict[str, Any]:
-        """One control request; returns the result line with the progress lines under
-        `progress` (the result of a failed upgrade too: it says why)."""
-        progress: list[dict[str, Any]] = []
-        try:
-            for msg in Client(self.control, timeout=timeout).call(cmd, {}):
-                if msg.get("type") == "result":
-                    msg["progress"] = progress
-                    return msg
-                progress.append(msg)
-        except ClientError as e:
-            raise BenchError(f"swapd {cmd}: {e}") from e
-        raise BenchError(f"swapd {cmd}: no result line")
+        ], ready_timeout=READY_TIMEOUT, stop_timeout=STOP_TIMEOUT)
 
     def ask(self, request: str) -> dict[str, Any]:
         """One request to the app (whichever worker accepts), one JSON line back."""
@@ -242,28 +197,6 @@ class Service:
     def worker_pids(self) -> list[int]:
         assert self.sup is not None
         return [c.pid for c in psutil.Process(self.sup.pid).children()]
-
-    def log_problems(self) -> list[str]:
-        if not self.log_path.exists():
-            return []
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return [ln for ln in lines if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
-
-    def close(self) -> list[str]:
-        notes: list[str] = []
-        try:
-            if self.sup is not None and self.sup.poll() is None:
-                self.group.remember_descendants()
-                try:
-                    self.call("stop", STOP_TIMEOUT)
-                    self.sup.wait(STOP_TIMEOUT)
-                except (BenchError, subprocess.TimeoutExpired) as e:
-                    notes.append(f"swapd stop: {e}")
-        finally:
-            notes += self.group.end()
-            if self.notify is not None:
-                self.notify.close()
-        return notes
 
 
 @contextlib.contextmanager

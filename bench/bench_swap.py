@@ -68,11 +68,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     PYTHON,
     ROOT,
-    BenchError,
     CpuMeter,
     CpuUse,
     NotifySocket,
     ProcessGroup,
+    SwapdProcess,
+    clean_env,
     cpu_seconds,
     listening_port,
     machine_info,
@@ -82,7 +83,6 @@ from _common import (
     wait_quiet,
 )
 
-from swapd.control import Client, ClientError
 from swapd.loadgen import (
     AttemptLog,
     BackgroundLoad,
@@ -119,10 +119,6 @@ os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="h
 os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
 
-# Variables that would make a bare app think it runs under swapd or systemd.
-_FOREIGN_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET",
-                "SWAPD_CHANNEL_FD", "SWAPD_BIND", "SWAPD_CONTROL", "WATCHDOG_USEC")
-
 
 @dataclass(frozen=True)
 class Profile:
@@ -135,12 +131,6 @@ class Profile:
 
 FULL = Profile(20.0, (2.0, 5.5, 9.0, 12.5, 16.0), 2, 10.0, 5)
 QUICK = Profile(7.0, (2.0, 4.5), 1, 3.0, 1)
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
-    env.update(extra)
-    return env
 
 
 # --- services ------------------------------------------------------------------------------
@@ -166,54 +156,25 @@ class Service(Protocol):
     def close(self) -> list[str]: ...
 
 
-class SwapdService:
+class SwapdService(SwapdProcess):
     """``swapd run`` with one listener on a kernel-chosen port; swaps via the control socket."""
 
     def __init__(self, workdir: Path, app: str, workers: int, mode: str) -> None:
-        self.workdir = workdir
-        self.argv = [
-            PYTHON, "-m", "swapd", "run", "--bind", "http=127.0.0.1:0",
-            "--workers", str(workers), "--mode", mode,
-            "--control", str(workdir / "control.sock"),
+        super().__init__(workdir, [
+            "--bind", "http=127.0.0.1:0", "--workers", str(workers), "--mode", mode,
             "--", PYTHON, str(ROOT / "examples" / app),
-        ]
-        self.control = str(workdir / "control.sock")
-        self.log_path = workdir / "swapd.log"
-        self.group = ProcessGroup()
-        self.notify: NotifySocket | None = None
-        self.sup: subprocess.Popen[bytes] | None = None
-        self.address = ("127.0.0.1", 0)
+        ], ready_timeout=READY_TIMEOUT, stop_timeout=STOP_TIMEOUT)
         self._cpu0 = 0.0
 
-    def _call(self, cmd: str, timeout: float) -> dict[str, Any]:
-        result: dict[str, Any] | None = None
-        try:
-            for msg in Client(self.control, timeout=timeout).call(cmd, {}):
-                if msg.get("type") == "result":
-                    result = msg
-        except ClientError as e:
-            raise BenchError(f"swapd {cmd}: {e}") from e
-        if result is None:
-            raise BenchError(f"swapd {cmd}: no result")
-        return result
-
     def start(self) -> None:
-        self.notify = NotifySocket(self.workdir / "notify")
-        with open(self.log_path, "wb") as log:
-            self.sup = self.group.spawn(
-                self.argv, cwd=ROOT, env=_clean_env(NOTIFY_SOCKET=str(self.notify.path)),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        self.notify.wait_ready(1, READY_TIMEOUT, [self.sup], "swapd run")
-        status = self._call("status", 10.0)["data"]
-        host, _, port = status["listeners"][0]["address"].rpartition(":")
-        self.address = (host, int(port))
+        super().start()
+        assert self.sup is not None
         self._cpu0 = cpu_seconds(self.sup.pid)
 
     def swap(self) -> SwapOutcome:
         assert self.notify is not None
         t0 = time.monotonic()
-        result = self._call("upgrade", SWAP_TIMEOUT)
+        result = self.call("upgrade", SWAP_TIMEOUT)
         seconds = time.monotonic() - t0
         self.notify.drain()  # RELOADING=1 and READY=1: keep the datagram queue empty
         data = result.get("data") or {}
@@ -233,34 +194,12 @@ class SwapdService:
 
     def summary(self) -> dict[str, Any]:
         """Swap counts and worker restarts from `status`; warnings and errors from the log."""
-        data = self._call("status", 10.0)["data"]
+        data = self.call("status", 10.0)["data"]
         restarts = sum(sum(g.get("restarts", [])) for g in data.get("generations", []))
         assert self.sup is not None
         cpu_ms = (cpu_seconds(self.sup.pid) - self._cpu0) * 1000
         return {"swaps": data.get("swaps"), "worker_restarts": restarts,
                 "supervisor_cpu_ms": round(cpu_ms, 1), "log_problems": self.log_problems()}
-
-    def log_problems(self) -> list[str]:
-        if not self.log_path.exists():
-            return []
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return [ln for ln in lines if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
-
-    def close(self) -> list[str]:
-        notes: list[str] = []
-        try:
-            if self.sup is not None and self.sup.poll() is None:
-                self.group.remember_descendants()
-                try:
-                    self._call("stop", STOP_TIMEOUT)
-                    self.sup.wait(STOP_TIMEOUT)
-                except (BenchError, subprocess.TimeoutExpired) as e:
-                    notes.append(f"swapd stop: {e}")
-        finally:
-            notes += self.group.end()
-            if self.notify is not None:
-                self.notify.close()
-        return notes
 
 
 class BareService:
@@ -294,7 +233,7 @@ class BareService:
                 procs = [
                     self.group.spawn(
                         [PYTHON, "-c", LAUNCHER, str(fd), self.app], cwd=ROOT, pass_fds=(fd,),
-                        env=_clean_env(NOTIFY_SOCKET=str(self.notify.path)),
+                        env=clean_env(NOTIFY_SOCKET=str(self.notify.path)),
                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     )
                     for _ in range(self.workers)
@@ -304,7 +243,7 @@ class BareService:
                 procs = [
                     self.group.spawn(
                         [PYTHON, self.app], cwd=ROOT,
-                        env=_clean_env(NOTIFY_SOCKET=str(self.notify.path), SWAPD_BIND=bind_to),
+                        env=clean_env(NOTIFY_SOCKET=str(self.notify.path), SWAPD_BIND=bind_to),
                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     )
                 ]
