@@ -159,7 +159,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _reexec_check(argv: list[str]) -> int:
     """Hidden: the pre-flight of `upgrade --self`, run by the *new* code on the state."""
-    from swapd import reexec
+    from swapd.supervisor import reexec
 
     try:
         reexec.check(int(argv[0]))
@@ -171,8 +171,8 @@ def _reexec_check(argv: list[str]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from swapd import reexec
-    from swapd.supervisor import StartupError, Supervisor
+    from swapd.supervisor import reexec
+    from swapd.supervisor.core import StartupError, Supervisor
 
     setup_logging(args.log_level)
     _raise_nofile()

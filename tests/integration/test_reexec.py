@@ -88,7 +88,7 @@ def test_failed_reexec_leaves_old_supervisor_running(tmp_path: Path, code: Path)
     try:
         before = s.status()
         # the new code on disk cannot even be imported
-        (code / "swapd" / "supervisor.py").write_text("def broken(:\n")
+        (code / "swapd" / "supervisor" / "core.py").write_text("def broken(:\n")
         proc = s.cli("upgrade", "--self")
         assert proc.returncode == 1
         assert "the new code refused the supervisor state" in proc.stderr

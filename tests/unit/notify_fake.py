@@ -6,7 +6,7 @@ import array
 import socket
 import uuid
 
-from swapd.manager import ServiceManager
+from swapd.supervisor.manager import ServiceManager
 from swapd.systemd import Notifier
 
 DEADLINE = 10.0  # seconds; only reached when something is broken

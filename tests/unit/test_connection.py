@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from swapd.connection import Connection, ConnectionHub, HandedOff
+from swapd.worker.connection import Connection, ConnectionHub, HandedOff
 
 
 class Cleanup:

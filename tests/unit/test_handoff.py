@@ -22,8 +22,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from swapd import _handoff_codecs, _handoff_memfd
-from swapd._handoff_envelope import HEADER, HEADER_SIZE, MAGIC
 from swapd.handoff import (
     CHECKSUM_BUFFERS_LIMIT,
     ChecksumMismatch,
@@ -50,6 +48,9 @@ from swapd.handoff import (
     read_envelope,
     register_codec,
 )
+from swapd.handoff import codecs as _handoff_codecs
+from swapd.handoff import memfd as _handoff_memfd
+from swapd.handoff.envelope import HEADER, HEADER_SIZE, MAGIC
 
 DEADLINE = 10.0  # seconds, for every wait on another process or socket
 

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import pytest
 
-from swapd.lifecycle import (
+from swapd.supervisor.lifecycle import (
     FINAL,
     SERVING,
     SLOT_TRANSITIONS,

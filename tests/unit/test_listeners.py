@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from swapd.listeners import Listeners
 from swapd.sockets import Address, bind, parse_address
+from swapd.supervisor.listeners import Listeners
 from tests.unit.notify_fake import FakeNotifySocket, manager
 
 

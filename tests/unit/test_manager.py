@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from swapd.manager import STATE_NAME, ServiceManager, split_inherited, state_fd_name
+from swapd.supervisor.manager import STATE_NAME, ServiceManager, split_inherited, state_fd_name
 from swapd.systemd import Notifier, SystemdError, monotonic_usec
 from tests.unit.notify_fake import DEADLINE, FakeNotifySocket, manager
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from swapd import patch
-from swapd._patch_commit import ModuleState, state_for
+from swapd.patch.commit import ModuleState, state_for
 from tests.unit.test_patch_support import Mods
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from swapd import patch
-from swapd._patch_commit import apply_or_undo
+from swapd.patch.commit import apply_or_undo
 from tests.unit.test_patch_support import Mods, edit
 
 

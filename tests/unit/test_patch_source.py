@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from swapd import patch
-from swapd._patch_source import sha256_text
+from swapd.patch.source import sha256_text
 from tests.unit.test_patch_support import Mods
 
 
@@ -153,8 +153,8 @@ async def g():
 
 
 def test_piecewise_compile_equals_a_whole_compile() -> None:
-    from swapd._patch_code import nested_codes
-    from swapd._patch_plan import _compile_in_pieces
+    from swapd.patch.code import nested_codes
+    from swapd.patch.plan import _compile_in_pieces
 
     pieces = _compile_in_pieces(PIECES, "f.py")
     assert pieces is not None
@@ -178,8 +178,8 @@ def test_piecewise_compile_matches_on_real_modules() -> None:
     import sysconfig
     import warnings
 
-    from swapd._patch_code import nested_codes
-    from swapd._patch_plan import _compile_in_pieces
+    from swapd.patch.code import nested_codes
+    from swapd.patch.plan import _compile_in_pieces
 
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(root.glob("*.py"), key=lambda p: p.stat().st_size, reverse=True)[:40]

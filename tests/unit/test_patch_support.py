@@ -58,7 +58,7 @@ class Mods:
         self.names.append(name)
         self.paths.append(str(path))
         spec.loader.exec_module(module)
-        from swapd._patch_source import record
+        from swapd.patch.source import record
 
         record(name, path.read_text(), str(path))
         return module

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from swapd import patch
-from swapd._patch_commit import run_atomic
+from swapd.patch.commit import run_atomic
 from tests.unit.test_patch_support import Mods
 
 DEADLINE = 30.0

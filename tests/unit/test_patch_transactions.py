@@ -1,5 +1,5 @@
 """Patches as transactions: one worker's side (`PatchHost`) and the supervisor's
-(`swapd.patching`), with fake workers whose channel replies from a script."""
+(`swapd.supervisor.patching`), with fake workers whose channel replies from a script."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from swapd import patching
-from swapd._worker_patch import PatchHost
 from swapd.channel import Message, RequestTimeout
 from swapd.control import ControlError
-from swapd.lifecycle import SlotState
+from swapd.supervisor import patching
+from swapd.supervisor.lifecycle import SlotState
+from swapd.worker.patches import PatchHost
 from tests.unit.test_patch_support import Mods
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from swapd.process import Child, ExitStatus, OsProcesses, SpawnError, SpawnSpec
+from swapd.supervisor.process import Child, ExitStatus, OsProcesses, SpawnError, SpawnSpec
 
 DEADLINE = 10.0  # seconds; only reached when something is broken
 PY = [sys.executable, "-I", "-S", "-c"]

@@ -16,7 +16,7 @@ import pytest
 
 from swapd import __version__
 from swapd.config import ConfigError, build, to_overrides
-from swapd.reexec import (
+from swapd.supervisor.reexec import (
     CHECK_TIMEOUT,
     FORMAT,
     ReexecError,

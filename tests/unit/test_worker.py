@@ -12,11 +12,11 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from swapd._worker_state import StateParts, TrackedEntry
 from swapd.channel import Channel, Message, socketpair
-from swapd.connection import Connection
 from swapd.handoff import Snapshot, TrackedDict
 from swapd.worker import Worker
+from swapd.worker.connection import Connection
+from swapd.worker.state import StateParts, TrackedEntry
 
 
 def open_fds() -> int:

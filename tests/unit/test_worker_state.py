@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from swapd import handoff
-from swapd._worker_state import StateParts, TrackedEntry
 from swapd.handoff import Snapshot, TrackedDict
+from swapd.worker.state import StateParts, TrackedEntry
 
 
 def open_fds() -> set[int]:

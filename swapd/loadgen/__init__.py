@@ -1557,6 +1557,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 1 if args.fail_on_error and report.failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any
 from swapd.channel import ChannelError, Message
 from swapd.config import Config
 from swapd.control import Emit
-from swapd.generation import Generation, Worker
-from swapd.lifecycle import GenEvent
+from swapd.supervisor.generation import Generation, WorkerProcess
+from swapd.supervisor.lifecycle import GenEvent
 
 if TYPE_CHECKING:
-    from swapd.supervisor import Supervisor
+    from swapd.supervisor.core import Supervisor
 
 log = logging.getLogger("swapd")
 
@@ -44,7 +44,7 @@ _EXIT_GRACE = 1.0  # seconds to wait for a pidfd after the channel of a dying wo
 class SwapFailed(Exception):
     """A swap that did not commit; the service is as it was before."""
 
-    def __init__(self, reason: str, *, worker: Worker | None = None,
+    def __init__(self, reason: str, *, worker: WorkerProcess | None = None,
                  answered: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -192,7 +192,7 @@ async def _precopy(
     sup: Supervisor, old: Generation, new: Generation, config: Config, job: SwapJob
 ) -> None:
     """Ship bulk state while the old generation still serves (outside the pause)."""
-    async def one(src: Worker, dst: Worker) -> int:
+    async def one(src: WorkerProcess, dst: WorkerProcess) -> int:
         # Bounded like the rest of a swap, but generously: a bulk is large by definition.
         bound = config.timeouts.ready + config.timeouts.restore
         bulk = await _ask(src, {"t": "precopy"}, bound, "pre-copy")
@@ -306,7 +306,7 @@ async def _tell_resume(old: Generation) -> None:
             log.error("event=resume.failed gen=%d error=%r", old.id, str(r))
 
 
-def _pairs(old: Generation, new: Generation) -> list[tuple[Worker, Worker]]:
+def _pairs(old: Generation, new: Generation) -> list[tuple[WorkerProcess, WorkerProcess]]:
     pairs = []
     for w in new.workers:
         if w is None or w.role != "successor":
@@ -323,7 +323,7 @@ def _msgs(results: list[Message | BaseException]) -> list[Message]:
 
 
 async def _ask(
-    w: Worker, body: dict[str, Any], timeout: float, what: str, fds: list[int] | None = None
+    w: WorkerProcess, body: dict[str, Any], timeout: float, what: str, fds: list[int] | None = None
 ) -> Message:
     """A request to a worker that fails the swap with a clear reason on any problem."""
     if w.channel is None or w.channel.closed:
@@ -352,7 +352,7 @@ async def _ask(
 
 async def restore_stored(gen: Generation, stored: dict[int, list[int]], config: Config) -> None:
     """First start under systemd: give each successor slot the snapshot the fd store kept."""
-    async def one(w: Worker) -> None:
+    async def one(w: WorkerProcess) -> None:
         reply = await _ask(w, {"t": "restore", "envelope": None, "from_gen": "fd store"},
                            config.timeouts.restore, "restore of the stored state",
                            fds=stored[w.slot])

@@ -31,9 +31,9 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol
 
-from ._handoff_errors import DecodeError, EncodeError, FdMismatch, UnknownCodec
-from ._handoff_memfd import BytesLike
-from ._handoff_shared import SharedBuffer
+from .errors import DecodeError, EncodeError, FdMismatch, UnknownCodec
+from .memfd import BytesLike
+from .shared import SharedBuffer
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 # memoryview.cast() accepts only native single-character formats.

@@ -28,8 +28,8 @@ from itertools import starmap
 from types import CodeType, ModuleType
 from typing import Any, NamedTuple
 
-from swapd._patch_code import CodeKey
-from swapd._patch_source import recorded
+from swapd.patch.code import CodeKey
+from swapd.patch.source import recorded
 
 
 class _Sentinel:

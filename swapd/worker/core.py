@@ -1,30 +1,5 @@
-"""swapd.worker: the library a Python application imports to run under swapd.
-
-A guest in the application's process: it never calls `sys.exit`, never configures
-logging (it logs to the `swapd.worker` logger), and removes the signal handlers
-it installed when it returns. Without swapd it still works: under systemd socket
-activation (LISTEN_FDS + NOTIFY_SOCKET), or standalone, binding `default_binds`
-(or `$SWAPD_BIND`, e.g. `http=127.0.0.1:8000`) itself.
-
-    from swapd import worker
-
-    async def main(w: worker.Worker) -> None:
-        w.on_snapshot(lambda: {"count": counter.value})      # stateful apps only
-        w.on_restore(lambda state, version: counter.load(state))
-        await w.serve("http", handle)        # handler(conn) per connection
-        await w.ready()                      # serving from here on
-
-    worker.run(main)
-
-Lifecycle inside the worker (driven by the supervisor over the channel):
-
-    fresh:      serve() registered → ready() → accepting … drain → exit
-    successor:  serve() registered → ready() sends "standby" → restore(state)
-                → commit → accepting (handed-over connections resume) … → exit
-    old worker in a stateful swap: quiesce (stop accepting, wait for every
-                connection to reach a request boundary, detach them, snapshot)
-                → drain (commit: exit) or resume (abort: serve again, same state)
-"""
+"""The `Worker` class: one application process's lifecycle under swapd (see `swapd.worker`
+for the picture and the public names)."""
 
 from __future__ import annotations
 
@@ -41,16 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 # Imported here, not at first use: its import cost must stay outside the handoff pause.
 from swapd import __version__, handoff
-from swapd._patch_source import record_sources
-from swapd._worker_state import Migrate, StateParts, TrackedEntry
 from swapd.channel import Channel, ChannelError, Message
-from swapd.connection import Connection, ConnectionHub, HandedOff, Handler
 from swapd.handoff import SharedBuffer, TrackedDict
+from swapd.patch.source import record_sources
 from swapd.sockets import bind, parse_bind
 from swapd.systemd import Notifier
+from swapd.worker.connection import Connection, ConnectionHub, HandedOff, Handler
+from swapd.worker.state import Migrate, StateParts, TrackedEntry
 
 if TYPE_CHECKING:
-    from swapd._worker_patch import PatchHost
+    from swapd.worker.patches import PatchHost
 
 # Remember the source of every module imported from now on, so that a patch is diffed
 # against what the process really runs even if a deploy has replaced the files since.
@@ -279,7 +254,7 @@ class Worker:
     def _patches(self) -> PatchHost:
         # Imported on first use: the patch engine stays out of every worker's start-up.
         if self._patch_host is None:
-            from swapd._worker_patch import PatchHost
+            from swapd.worker.patches import PatchHost
 
             self._patch_host = PatchHost()
         return self._patch_host

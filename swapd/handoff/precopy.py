@@ -47,9 +47,9 @@ from collections.abc import (
 )
 from typing import Any, Final, TypeVar, overload
 
-from ._handoff_codecs import DEFAULT_CODEC
-from ._handoff_errors import PrecopyError
-from ._handoff_snapshot import Restored, Snapshot, dump
+from .codecs import DEFAULT_CODEC
+from .errors import PrecopyError
+from .snapshot import Restored, Snapshot, dump
 
 K = TypeVar("K")
 V = TypeVar("V")

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Final
 
-from ._handoff_errors import CorruptSnapshot, FormatRefused, MalformedEnvelope
+from .errors import CorruptSnapshot, FormatRefused, MalformedEnvelope
 
 FORMAT_VERSION: Final = 1
 SUPPORTED_FORMATS: Final = frozenset({FORMAT_VERSION})

@@ -51,7 +51,7 @@ async def _demo(args: argparse.Namespace) -> int:
         notify.setblocking(False)
         argv = [sys.executable, "-m", "swapd", "run", "--bind", "demo=127.0.0.1:0",
                 "--workers", str(args.workers), "--mode", args.mode, "--control", control,
-                "--log-level", "warning", "--", sys.executable, "-m", "swapd.demo_service"]
+                "--log-level", "warning", "--", sys.executable, "-m", "swapd.demo.service"]
         env = {**os.environ, "NOTIFY_SOCKET": notify.getsockname()}
         say = _printer(args.json)
         say(f"starting swapd: {args.workers} worker(s), {args.mode} mode, "

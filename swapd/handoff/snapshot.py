@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
 
-from . import _handoff_memfd as mfd
-from ._handoff_codecs import DEFAULT_CODEC, get_codec
-from ._handoff_envelope import (
+from . import memfd as mfd
+from .codecs import DEFAULT_CODEC, get_codec
+from .envelope import (
     FORMAT_VERSION,
     HEADER_SIZE,
     SCOPE_ALL,
@@ -33,7 +33,7 @@ from ._handoff_envelope import (
     unpack_header,
     unpack_table,
 )
-from ._handoff_errors import (
+from .errors import (
     ChecksumMismatch,
     CorruptSnapshot,
     DecodeError,
@@ -43,8 +43,8 @@ from ._handoff_errors import (
     Truncated,
     VersionRefused,
 )
-from ._handoff_memfd import BytesLike
-from ._handoff_shared import SharedBuffer
+from .memfd import BytesLike
+from .shared import SharedBuffer
 
 # Out-of-band buffers are checksummed while that costs < ~1 ms per side (crc32: 5.9 GB/s);
 # above, their integrity rests on the seals and size checks (see docs/state-handoff.md).

@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable
 from typing import Final, Protocol
 
-from ._handoff_errors import CorruptSnapshot, FormatRefused, Truncated
+from .errors import CorruptSnapshot, FormatRefused, Truncated
 
 BytesLike = bytes | bytearray | memoryview
 

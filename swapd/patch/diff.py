@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from swapd._patch_model import Refusal, Removed
+from swapd.patch.model import Refusal, Removed
 
 HOOKS = ("__swapd_migrate__", "__swapd_rollback__", "__swapd_cells__")
 FuncNode = ast.FunctionDef | ast.AsyncFunctionDef

@@ -133,8 +133,8 @@ from collections.abc import Callable
 from types import FunctionType, ModuleType
 from typing import Any, NoReturn, TypeVar
 
-from swapd._patch_code import CodeIndex, CodeKey, is_target
-from swapd._patch_commit import (
+from swapd.patch.code import CodeIndex, CodeKey, is_target
+from swapd.patch.commit import (
     DELETE,
     MISSING,
     MigrationContext,
@@ -151,7 +151,7 @@ from swapd._patch_commit import (
     state_for,
     undo_ops,
 )
-from swapd._patch_model import (
+from swapd.patch.model import (
     NEEDS_SWAP,
     AbsentCell,
     AbsentCells,
@@ -172,18 +172,18 @@ from swapd._patch_model import (
     RollbackError,
     SourceUnavailable,
 )
-from swapd._patch_plan import PlanData, Planner, linecache_entry, set_linecache
-from swapd._patch_source import (
+from swapd.patch.plan import PlanData, Planner, linecache_entry, set_linecache
+from swapd.patch.source import (
     base_source as _base_source,
 )
-from swapd._patch_source import (
+from swapd.patch.source import (
     decode,
     module_filename,
     record_sources,
     sha256_text,
     stop_recording,
 )
-from swapd._patch_source import (
+from swapd.patch.source import (
     forget as _forget_record,
 )
 

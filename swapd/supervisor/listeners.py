@@ -15,8 +15,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from swapd.manager import ServiceManager
 from swapd.sockets import Address, adopt, bind, describe, same_address, unlink_unix
+from swapd.supervisor.manager import ServiceManager
 
 log = logging.getLogger("swapd")
 

@@ -1,6 +1,6 @@
 """Generations and their workers: what the supervisor knows about each child.
 
-A `Worker` bundles one child process with its three pipes to the supervisor:
+A `WorkerProcess` bundles one child process with its three pipes to the supervisor:
 the channel (SEQPACKET, for swapd.worker apps), a notify socket (a datagram
 socket of its own, given as NOTIFY_SOCKET, for any sd_notify-speaking program)
 and its output pipe (stdout and stderr, forwarded to the supervisor's log with
@@ -24,8 +24,15 @@ from typing import Any
 
 from swapd.channel import Channel, ChannelError, Message, socketpair
 from swapd.config import Config
-from swapd.lifecycle import GenEvent, GenState, SlotEvent, SlotState, next_slot_state, next_state
-from swapd.process import Child, ExitStatus, OsProcesses, SpawnSpec
+from swapd.supervisor.lifecycle import (
+    GenEvent,
+    GenState,
+    SlotEvent,
+    SlotState,
+    next_slot_state,
+    next_state,
+)
+from swapd.supervisor.process import Child, ExitStatus, OsProcesses, SpawnSpec
 
 log = logging.getLogger("swapd")
 out_log = logging.getLogger("swapd.output")
@@ -47,7 +54,7 @@ class WorkerSpec:
     base_env: dict[str, str]
 
 
-class Worker:
+class WorkerProcess:
     """One worker process and its pipes."""
 
     def __init__(self, gen: int, slot: int, role: str, child: Child,
@@ -65,7 +72,7 @@ class Worker:
         self.channel: Channel | None = None
         self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.exited: asyncio.Future[ExitStatus] = loop.create_future()
-        self.on_message: Callable[[Worker, Message], None] = lambda w, m: m.close_fds()
+        self.on_message: Callable[[WorkerProcess, Message], None] = lambda w, m: m.close_fds()
         self._loop = loop
         self._notify: socket.socket | None = None
         self._output_fd = -1
@@ -120,7 +127,8 @@ class Worker:
         return channel, notify, self._output_fd if self._output_fd >= 0 else None
 
     @classmethod
-    def resume(cls, gen: int, info: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Worker:
+    def resume(cls, gen: int, info: dict[str, Any], loop: asyncio.AbstractEventLoop
+               ) -> WorkerProcess:
         """Rebuild a worker described by a re-exec state (its fds were inherited)."""
         child = Child(pid=info["pid"], pidfd=info["pidfd"], started=info["started"])
         w = cls(gen, info["slot"], info["role"], child, loop)
@@ -266,7 +274,7 @@ class Generation:
     id: int
     config: Config
     state: GenState = GenState.STARTING
-    workers: list[Worker | None] = field(default_factory=list)
+    workers: list[WorkerProcess | None] = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
     committed: float | None = None
     restarts: list[int] = field(default_factory=list)  # per slot
@@ -276,7 +284,7 @@ class Generation:
         self.state = next_state(self.state, event)
         log.info("event=gen.state gen=%d from=%s to=%s", self.id, old.value, self.state.value)
 
-    def live(self) -> list[Worker]:
+    def live(self) -> list[WorkerProcess]:
         return [w for w in self.workers if w is not None and w.child.status is None]
 
     def describe(self) -> dict[str, Any]:
@@ -313,7 +321,7 @@ def notify_socket(gen: int, slot: int) -> tuple[socket.socket, str]:
 
 def spawn_worker(
     spec: WorkerSpec, processes: OsProcesses, loop: asyncio.AbstractEventLoop
-) -> Worker:
+) -> WorkerProcess:
     """Start one worker with its channel, notify socket and output pipe."""
     parent_end, child_end = socketpair()
     notify, notify_addr = notify_socket(spec.gen, spec.slot)
@@ -351,6 +359,6 @@ def spawn_worker(
     finally:
         child_end.close()
         os.close(out_w)
-    worker = Worker(spec.gen, spec.slot, spec.role, child, loop)
+    worker = WorkerProcess(spec.gen, spec.slot, spec.role, child, loop)
     worker.attach(parent_end, notify, out_r)
     return worker

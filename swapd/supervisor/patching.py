@@ -26,15 +26,15 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from swapd._patch_source import sha256_text
 from swapd.channel import Message
 from swapd.control import ControlError, Emit, Peer
-from swapd.generation import Worker
-from swapd.lifecycle import SlotState
-from swapd.swap import SwapFailed, _ask
+from swapd.patch.source import sha256_text
+from swapd.supervisor.generation import WorkerProcess
+from swapd.supervisor.lifecycle import SlotState
+from swapd.supervisor.swap import SwapFailed, _ask
 
 if TYPE_CHECKING:
-    from swapd.supervisor import Supervisor
+    from swapd.supervisor.core import Supervisor
 
 log = logging.getLogger("swapd")
 
@@ -75,7 +75,7 @@ class PatchRecord:
             return None
 
 
-def _targets(sup: Supervisor) -> list[Worker]:
+def _targets(sup: Supervisor) -> list[WorkerProcess]:
     gen = sup.active
     if gen is None:
         raise ControlError("no active generation")
@@ -88,10 +88,10 @@ def _targets(sup: Supervisor) -> list[Worker]:
     return workers
 
 
-async def _each(workers: list[Worker], body: dict[str, Any], timeout: float, what: str
+async def _each(workers: list[WorkerProcess], body: dict[str, Any], timeout: float, what: str
                 ) -> list[Message | BaseException]:
     """Ask every worker; a failure is returned (with its reason), never raised."""
-    async def one(w: Worker) -> Message:
+    async def one(w: WorkerProcess) -> Message:
         try:
             return await _ask(w, body, timeout, what)
         except SwapFailed as e:  # _ask reports ok:false replies and deaths this way
@@ -99,7 +99,7 @@ async def _each(workers: list[Worker], body: dict[str, Any], timeout: float, wha
     return await asyncio.gather(*(one(w) for w in workers), return_exceptions=True)
 
 
-def _report(w: Worker, result: Message | BaseException, key: str) -> dict[str, Any]:
+def _report(w: WorkerProcess, result: Message | BaseException, key: str) -> dict[str, Any]:
     if isinstance(result, Message):
         return {"worker": w.slot, "pid": w.pid, "ok": True, key: result.body.get(key)}
     return {"worker": w.slot, "pid": w.pid, "ok": False, "error": str(result)}
@@ -159,15 +159,16 @@ async def apply(sup: Supervisor, args: dict[str, Any], emit: Emit, peer: Peer
                                                                          strict=True)]}
 
 
-async def _prepare(workers: list[Worker], body: dict[str, Any]) -> list[Message | BaseException]:
-    async def one(w: Worker) -> Message:
+async def _prepare(workers: list[WorkerProcess], body: dict[str, Any]
+                   ) -> list[Message | BaseException]:
+    async def one(w: WorkerProcess) -> Message:
         if w.channel is None or w.channel.closed:
             raise ControlError(f"{w.tag} has no channel")
         return await w.channel.request({"t": "patch.prepare", **body}, timeout=PREPARE_TIMEOUT)
     return await asyncio.gather(*(one(w) for w in workers), return_exceptions=True)
 
 
-def _plan_report(w: Worker, result: Message | BaseException) -> dict[str, Any]:
+def _plan_report(w: WorkerProcess, result: Message | BaseException) -> dict[str, Any]:
     if isinstance(result, BaseException):
         return {"worker": w.slot, "pid": w.pid, "ok": False, "error": str(result)}
     ok = bool(result.body.get("ok"))

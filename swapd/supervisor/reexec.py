@@ -51,7 +51,7 @@ from swapd import __version__
 from swapd.config import Config, from_overrides, to_overrides
 
 if TYPE_CHECKING:
-    from swapd.supervisor import Supervisor
+    from swapd.supervisor.core import Supervisor
 
 FORMAT = 1
 ENV = "SWAPD_REEXEC_STATE"
@@ -75,7 +75,7 @@ class Captured:
 
 def capture(sup: Supervisor, reply_fd: int | None) -> Captured:
     """Describe everything the supervisor owns, and list the fds that must survive exec."""
-    from swapd.lifecycle import FINAL
+    from swapd.supervisor.lifecycle import FINAL
 
     fds: list[int] = []
 
@@ -161,20 +161,20 @@ def read_state(fd: int) -> dict[str, Any]:
 def check(fd: int) -> None:
     """What the pre-flight runs in the new code: import all of it, parse the state fully."""
     import swapd.cli
-    import swapd.supervisor
+    import swapd.supervisor.core
     import swapd.worker  # an import error anywhere must stop the re-exec
 
-    _ = swapd.cli.main, swapd.supervisor.Supervisor.from_reexec
+    _ = swapd.cli.main, swapd.supervisor.core.Supervisor.from_reexec
     validate(read_state(fd))
 
 
 def validate(state: dict[str, Any]) -> None:
     """Build, from `state`, every value the new image builds in `Supervisor.from_reexec`,
-    `_resume` and `Worker.resume`, with the same constructors but touching no fd: a state
-    this code cannot take over fails here, in the pre-flight, not after the exec."""
-    from swapd.lifecycle import GenState, SlotState
-    from swapd.patching import PatchRecord
+    `_resume` and `WorkerProcess.resume`, with the same constructors but touching no fd:
+    a state this code cannot take over fails here, in the pre-flight, not after the exec."""
     from swapd.sockets import parse_address
+    from swapd.supervisor.lifecycle import GenState, SlotState
+    from swapd.supervisor.patching import PatchRecord
 
     config_of(state["config"], state["config_file"])
     _need(state, "overrides", dict)

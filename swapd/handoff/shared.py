@@ -30,7 +30,7 @@ import weakref
 from types import TracebackType
 from typing import NoReturn
 
-from . import _handoff_memfd as memfd
+from . import memfd
 
 
 class SharedBuffer:

@@ -1,7 +1,7 @@
 """The patch half of `swapd.worker`: prepare, commit, abort, roll back, replay a journal.
 
 The supervisor runs each patch as a transaction over every worker of the active
-generation (`swapd/patching.py`); this is one worker's side of it:
+generation (`swapd/supervisor/patching.py`); this is one worker's side of it:
 
     patch.prepare {pid, module, source, name, accept_absent, prune}
         -> plan on a thread (planning may scan the heap; the loop keeps serving)

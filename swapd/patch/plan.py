@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from types import CellType, CodeType, FunctionType, ModuleType
 from typing import Any, TypeVar
 
-from swapd._patch_code import (
+from swapd.patch.code import (
     CodeIndex,
     CodeKey,
     LiveFunction,
@@ -42,8 +42,8 @@ from swapd._patch_code import (
     same_code,
     threads_running,
 )
-from swapd._patch_commit import DELETE, MISSING, ModuleState, Store, read_value
-from swapd._patch_diff import (
+from swapd.patch.commit import DELETE, MISSING, ModuleState, Store, read_value
+from swapd.patch.diff import (
     HOOKS,
     ClassWork,
     Differ,
@@ -53,7 +53,7 @@ from swapd._patch_diff import (
     import_names,
     literal_initializer,
 )
-from swapd._patch_model import (
+from swapd.patch.model import (
     AbsentCell,
     Added,
     BaseSourceMismatch,
@@ -64,7 +64,7 @@ from swapd._patch_model import (
     Refusal,
     Removed,
 )
-from swapd._patch_source import BaseSource
+from swapd.patch.source import BaseSource
 
 
 def short(value: object, limit: int = 40) -> str:

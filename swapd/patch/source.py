@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from types import FunctionType, ModuleType
 from typing import NamedTuple
 
-from swapd._patch_model import SourceUnavailable
+from swapd.patch.model import SourceUnavailable
 
 
 class SourceRecord(NamedTuple):

@@ -26,23 +26,24 @@ from typing import Any
 
 import psutil
 
-from swapd import __version__, patching, reexec
+from swapd import __version__
 from swapd.channel import Message
 from swapd.config import Config, ConfigError, load
 from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
-from swapd.generation import Generation, Worker, WorkerSpec, spawn_worker
-from swapd.lifecycle import GenEvent, GenState, SlotEvent, SlotState
-from swapd.listeners import Listener, ListenerError, Listeners
-from swapd.manager import ServiceManager, split_inherited
-from swapd.patching import PatchRecord
-from swapd.process import ExitStatus, OsProcesses
 from swapd.sockets import (
     STATE_NAME,
     AddressError,
     describe,
     parse_address,
 )
-from swapd.swap import (
+from swapd.supervisor import patching, reexec
+from swapd.supervisor.generation import Generation, WorkerProcess, WorkerSpec, spawn_worker
+from swapd.supervisor.lifecycle import GenEvent, GenState, SlotEvent, SlotState
+from swapd.supervisor.listeners import Listener, ListenerError, Listeners
+from swapd.supervisor.manager import ServiceManager, split_inherited
+from swapd.supervisor.patching import PatchRecord
+from swapd.supervisor.process import ExitStatus, OsProcesses
+from swapd.supervisor.swap import (
     SwapFailed,
     SwapJob,
     activate,
@@ -307,7 +308,7 @@ class Supervisor:
                 # and the process itself, should it have left its group
                 self.processes.send_signal(w.child, signal.SIGKILL)
 
-    def _spawn(self, spec: WorkerSpec) -> Worker:
+    def _spawn(self, spec: WorkerSpec) -> WorkerProcess:
         assert self._loop is not None
         worker = spawn_worker(spec, self.processes, self._loop)
         worker.on_message = self._on_worker_message
@@ -395,7 +396,7 @@ class Supervisor:
 
     # -- child events -----------------------------------------------------------
 
-    def _on_pidfd(self, worker: Worker) -> None:
+    def _on_pidfd(self, worker: WorkerProcess) -> None:
         assert self._loop is not None
         status = self.processes.reap(worker.child)
         if status is None:
@@ -405,7 +406,7 @@ class Supervisor:
         worker.on_exit(status)
         self._after_exit(worker, status)
 
-    def _after_exit(self, w: Worker, status: ExitStatus) -> None:
+    def _after_exit(self, w: WorkerProcess, status: ExitStatus) -> None:
         gen = self.generations[w.gen]
         if w.state == SlotState.DRAINING:
             w.transition(SlotEvent.EXITED)
@@ -472,7 +473,7 @@ class Supervisor:
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
 
-    async def _watch_respawn(self, gen: Generation, w: Worker) -> None:
+    async def _watch_respawn(self, gen: Generation, w: WorkerProcess) -> None:
         waiting: set[asyncio.Future[Any]] = {w.ready, w.exited}
         done, _ = await asyncio.wait(waiting, timeout=gen.config.timeouts.ready,
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -484,7 +485,7 @@ class Supervisor:
                       gen.config.timeouts.ready)
             self.processes.signal_group(w.child, signal.SIGKILL)
 
-    def _on_worker_message(self, w: Worker, msg: Message) -> None:
+    def _on_worker_message(self, w: WorkerProcess, msg: Message) -> None:
         if msg.type == "hello" and w.channel is not None:
             w.hello = {k: msg.body.get(k) for k in ("proto", "pid", "features", "lib")}
             w.channel.reply(msg, {"ok": True, "journal": self.journal_for(w)})
@@ -493,7 +494,7 @@ class Supervisor:
             log.warning("event=channel.unexpected %s type=%r", w.tag, msg.type)
         msg.close_fds()
 
-    def journal_for(self, w: Worker) -> list[dict[str, Any]]:
+    def journal_for(self, w: WorkerProcess) -> list[dict[str, Any]]:
         """What a (re)started worker must re-apply: its generation's patches, in order."""
         if self.active is None or w.gen != self.active.id:
             return []
@@ -592,7 +593,7 @@ class Supervisor:
                 if info is None or info.get("dead"):
                     gen.workers.append(None)
                     continue
-                w = Worker.resume(gen.id, info, self._loop)
+                w = WorkerProcess.resume(gen.id, info, self._loop)
                 w.on_message = self._on_worker_message
                 self._loop.add_reader(w.child.pidfd, self._on_pidfd, w)
                 gen.workers.append(w)
@@ -861,7 +862,7 @@ def _base_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k not in drop and not k.startswith("SWAPD_")}
 
 
-def _usage(w: Worker) -> dict[str, Any]:
+def _usage(w: WorkerProcess) -> dict[str, Any]:
     if w.child.status is not None:
         return {}
     try:

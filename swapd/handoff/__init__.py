@@ -65,7 +65,7 @@ See docs/state-handoff.md for codecs, sockets, SharedBuffer's abort rule and pre
 
 from __future__ import annotations
 
-from ._handoff_codecs import (
+from .codecs import (
     DEFAULT_CODEC,
     Codec,
     DecodeSource,
@@ -80,8 +80,8 @@ from ._handoff_codecs import (
     get_codec,
     register_codec,
 )
-from ._handoff_envelope import FORMAT_VERSION, SUPPORTED_FORMATS, BufferSpec, Envelope
-from ._handoff_errors import (
+from .envelope import FORMAT_VERSION, SUPPORTED_FORMATS, BufferSpec, Envelope
+from .errors import (
     ChecksumMismatch,
     CorruptSnapshot,
     DecodeError,
@@ -95,10 +95,10 @@ from ._handoff_errors import (
     UnknownCodec,
     VersionRefused,
 )
-from ._handoff_memfd import CHECKSUMS, DEFAULT_CHECKSUM
-from ._handoff_precopy import TrackedDict
-from ._handoff_shared import SharedBuffer
-from ._handoff_snapshot import (
+from .memfd import CHECKSUMS, DEFAULT_CHECKSUM
+from .precopy import TrackedDict
+from .shared import SharedBuffer
+from .snapshot import (
     CHECKSUM_BUFFERS_LIMIT,
     Restored,
     Snapshot,

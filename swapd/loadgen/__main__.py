@@ -1,0 +1,7 @@
+"""`python -m swapd.loadgen`: the load generator's command line."""
+
+import sys
+
+from swapd.loadgen import main
+
+sys.exit(main())
