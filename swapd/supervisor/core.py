@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from swapd import __version__
+from swapd import __version__, messages
 from swapd.channel import Message
 from swapd.config import Config, ConfigError, load
 from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
@@ -362,7 +362,7 @@ class Supervisor:
             self._cancel_timer(gen.id, w.slot)
             if w.channel is not None and not w.channel.closed and w.speaks_channel:
                 try:
-                    w.channel.send({"t": "drain", "deadline": timeout})
+                    w.channel.send(messages.Drain(timeout).body())
                     continue
                 except Exception as e:  # fall back to the signal every worker understands
                     log.warning("event=drain.channel_failed %s error=%r", w.tag, str(e))
@@ -486,13 +486,20 @@ class Supervisor:
             self.processes.signal_group(w.child, signal.SIGKILL)
 
     def _on_worker_message(self, w: WorkerProcess, msg: Message) -> None:
-        if msg.type == "hello" and w.channel is not None:
-            w.hello = {k: msg.body.get(k) for k in ("proto", "pid", "features", "lib")}
-            w.channel.reply(msg, {"ok": True, "journal": self.journal_for(w)})
-            log.debug("event=worker.hello %s features=%s", w.tag, w.hello.get("features"))
-        else:
-            log.warning("event=channel.unexpected %s type=%r", w.tag, msg.type)
-        msg.close_fds()
+        msg.close_fds()  # no message a worker sends unasked carries descriptors
+        if msg.type != messages.Hello.T or w.channel is None:
+            log.warning("event=channel.unexpected %s type=%r", w.tag, msg.type[:64])
+            return
+        try:
+            hello = messages.Hello.parse(msg.body)
+        except messages.MessageError as e:
+            log.warning("event=channel.malformed %s error=%r", w.tag, str(e))
+            w.channel.reply(msg, messages.failed(f"malformed hello: {e}"))
+            return
+        w.hello = {"proto": hello.proto, "pid": hello.pid, "features": list(hello.features),
+                   "lib": hello.lib}
+        w.channel.reply(msg, messages.ok(messages.HelloReply(self.journal_for(w))))
+        log.debug("event=worker.hello %s features=%s", w.tag, ",".join(hello.features))
 
     def journal_for(self, w: WorkerProcess) -> list[dict[str, Any]]:
         """What a (re)started worker must re-apply: its generation's patches, in order."""

@@ -20,8 +20,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from swapd import messages
 from swapd.channel import Channel, ChannelError, Message, socketpair
 from swapd.config import Config
 from swapd.supervisor.lifecycle import (
@@ -39,6 +40,33 @@ out_log = logging.getLogger("swapd.output")
 
 TAIL_LINES = 40
 _MAX_LINE = 4096
+_EXIT_GRACE = 1.0  # seconds to wait for a pidfd after the channel of a dying worker closed
+
+R = TypeVar("R", bound=messages.Body)
+
+
+class RequestFailed(Exception):
+    """A request to one worker failed: it died, broke the protocol, timed out, or answered
+    `ok: false` (`answered`). The reason names the worker; `tail` is its last output."""
+
+    def __init__(self, reason: str, worker: WorkerProcess, *, answered: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.answered = answered
+        self.worker = worker.tag
+        self.tail = worker.tail_text()
+
+
+@dataclass
+class Answer(Generic[R]):
+    """A typed reply and the descriptors that came with it (the caller closes them)."""
+
+    reply: R
+    fds: list[int]
+
+    def close_fds(self) -> None:
+        Message({}, self.fds).close_fds()
+        self.fds = []
 
 
 @dataclass
@@ -156,15 +184,58 @@ class WorkerProcess:
             loop.add_reader(w._output_fd, w._on_output)
         return w
 
+    # -- requests -----------------------------------------------------------
+
+    async def ask(self, request: messages.Body, reply: type[R], timeout: float, what: str,
+                  fds: list[int] | None = None) -> Answer[R]:
+        """Send `request`, return its typed reply; RequestFailed on any problem."""
+        msg = await self.ask_raw(request.body(), timeout, what, fds)
+        try:
+            parsed = messages.parse_reply(reply, msg.body)
+        except messages.MessageError as e:
+            msg.close_fds()
+            raise RequestFailed(f"{self.tag} {what}: malformed reply: {e}", self) from e
+        if isinstance(parsed, messages.Failure):
+            msg.close_fds()
+            raise RequestFailed(f"{self.tag} {what} failed: {parsed.error}", self,
+                                answered=True)
+        return Answer(parsed, msg.take_fds())
+
+    async def ask_raw(self, body: dict[str, Any], timeout: float, what: str,
+                      fds: list[int] | None = None) -> Message:
+        """Send a request body; the reply message as it came (RequestFailed if none)."""
+        if self.channel is None or self.channel.closed:
+            raise RequestFailed(f"{self.tag} has no open channel for {what}", self)
+        req = asyncio.ensure_future(self.channel.request(body, fds or [], timeout=timeout))
+        waiting: set[asyncio.Future[Any]] = {req, self.exited}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if req not in done:
+            req.cancel()
+            raise RequestFailed(f"{self.tag} {self.exited.result()} during {what}", self)
+        try:
+            return req.result()
+        except ChannelError as e:
+            # EOF on the channel usually means the process died; its pidfd reports that a
+            # moment later. Wait for it briefly so the reason names the exit, not the symptom.
+            await asyncio.wait([self.exited], timeout=_EXIT_GRACE)
+            if self.exited.done():
+                raise RequestFailed(f"{self.tag} {self.exited.result()} during {what}",
+                                    self) from e
+            raise RequestFailed(f"{self.tag} {what} failed: {e}", self) from e
+
     def _on_channel_message(self, msg: Message) -> None:
-        if msg.type == "ready":
-            self.mark_ready({"standby": bool(msg.body.get("standby")), "via": "channel"})
-            msg.close_fds()
-        elif msg.type == "status":
-            self.status_text = str(msg.body.get("text", ""))[:200]
-            msg.close_fds()
-        else:
-            self.on_message(self, msg)
+        try:
+            if msg.type == messages.Ready.T:
+                ready = messages.Ready.parse(msg.body)
+                self.mark_ready({"standby": ready.standby, "via": "channel"})
+            elif msg.type == messages.Status.T:
+                self.status_text = messages.Status.parse(msg.body).text[:200]
+            else:
+                self.on_message(self, msg)
+                return
+        except messages.MessageError as e:
+            log.warning("event=channel.malformed %s error=%r", self.tag, str(e))
+        msg.close_fds()
 
     def _on_channel_close(self, error: ChannelError) -> None:
         log.debug("event=channel.closed %s reason=%r", self.tag, str(error))

@@ -29,9 +29,8 @@ from typing import TYPE_CHECKING, Any
 from swapd.channel import Message
 from swapd.control import ControlError, Emit, Peer
 from swapd.patch.source import sha256_text
-from swapd.supervisor.generation import WorkerProcess
+from swapd.supervisor.generation import RequestFailed, WorkerProcess
 from swapd.supervisor.lifecycle import SlotState
-from swapd.supervisor.swap import SwapFailed, _ask
 
 if TYPE_CHECKING:
     from swapd.supervisor.core import Supervisor
@@ -93,9 +92,14 @@ async def _each(workers: list[WorkerProcess], body: dict[str, Any], timeout: flo
     """Ask every worker; a failure is returned (with its reason), never raised."""
     async def one(w: WorkerProcess) -> Message:
         try:
-            return await _ask(w, body, timeout, what)
-        except SwapFailed as e:  # _ask reports ok:false replies and deaths this way
+            reply = await w.ask_raw(body, timeout, what)
+        except RequestFailed as e:
             raise ControlError(e.reason) from e
+        if reply.body.get("ok") is not True:
+            reply.close_fds()
+            raise ControlError(f"{w.tag} {what} failed: "
+                               f"{reply.body.get('error', 'no reason given')}")
+        return reply
     return await asyncio.gather(*(one(w) for w in workers), return_exceptions=True)
 
 

@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from swapd.channel import ChannelError, Message
+from swapd import messages as m
 from swapd.config import Config
 from swapd.control import Emit
-from swapd.supervisor.generation import Generation, WorkerProcess
+from swapd.supervisor.generation import Answer, Generation, RequestFailed, WorkerProcess
 from swapd.supervisor.lifecycle import GenEvent
 
 if TYPE_CHECKING:
@@ -38,19 +38,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swapd")
 
-_EXIT_GRACE = 1.0  # seconds to wait for a pidfd after the channel of a dying worker closed
-
 
 class SwapFailed(Exception):
     """A swap that did not commit; the service is as it was before."""
 
-    def __init__(self, reason: str, *, worker: WorkerProcess | None = None,
-                 answered: bool = False) -> None:
+    def __init__(self, reason: str, *, worker: WorkerProcess | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.answered = answered  # the worker replied, with ok: false
         self.tail = worker.tail_text() if worker is not None else ""
         self.worker = worker.tag if worker is not None else None
+
+    @classmethod
+    def from_request(cls, e: RequestFailed) -> SwapFailed:
+        failed = cls(e.reason)
+        failed.tail, failed.worker = e.tail, e.worker
+        return failed
 
 
 @dataclass
@@ -95,7 +97,7 @@ async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, A
     job.emit("spawned", f"gen={new.id} started {len(new.workers)} worker(s): "
              + " ".join(f"pid={w.pid}" for w in new.workers if w is not None))
     precopying = quiesced = False
-    handed: list[Message] = []
+    handed: list[Answer[m.QuiesceReply]] = []
     try:
         await wait_ready(new, config.timeouts.ready)
         new.transition(GenEvent.READY)
@@ -110,6 +112,8 @@ async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, A
             quiesced = True
             handed = await _handoff(sup, old, new, config, job, precopied=precopying)
     except BaseException as e:
+        if isinstance(e, RequestFailed):
+            e = SwapFailed.from_request(e)
         reason = e.reason if isinstance(e, SwapFailed) else f"swap aborted: {e!r}"
         if isinstance(e, asyncio.CancelledError):
             reason = "swap cancelled (supervisor stopping)"
@@ -120,10 +124,8 @@ async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, A
             await _resume(sup, old, job)
         elif precopying:
             await _tell_resume(old)  # ends the pre-copy round the old workers had begun
-        if isinstance(e, SwapFailed):
-            raise
-        if isinstance(e, asyncio.CancelledError):
-            raise
+        if isinstance(e, SwapFailed | asyncio.CancelledError):
+            raise e
         raise SwapFailed(reason) from e
     # Committed: from here on nothing is undone; a failure is a crash of a worker. In a
     # handoff the old generation is told to go only once the new one accepts: its exit
@@ -136,8 +138,8 @@ async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, A
     finally:
         if stateful:
             sup.retire(old)
-        for msg in handed:
-            msg.close_fds()
+        for answer in handed:
+            answer.close_fds()
     job.emit("committed", f"gen={new.id} active; gen={old.id} draining")
     return {"gen": new.id, "previous": old.id, "timings_ms": dict(job.timings)}
 
@@ -195,12 +197,12 @@ async def _precopy(
     async def one(src: WorkerProcess, dst: WorkerProcess) -> int:
         # Bounded like the rest of a swap, but generously: a bulk is large by definition.
         bound = config.timeouts.ready + config.timeouts.restore
-        bulk = await _ask(src, {"t": "precopy"}, bound, "pre-copy")
+        bulk = await src.ask(m.PrecopyOut(), m.PrecopyOutReply, bound, "pre-copy")
         try:
-            reply = await _ask(dst, {"t": "precopy", "names": bulk.body.get("names", [])},
-                               bound, "pre-copy load", fds=bulk.fds)
-            reply.close_fds()
-            return int(bulk.body.get("size", 0))
+            loaded = await dst.ask(m.PrecopyIn(bulk.reply.names), m.Empty, bound,
+                                   "pre-copy load", fds=bulk.fds)
+            loaded.close_fds()
+            return bulk.reply.size
         finally:
             bulk.close_fds()
 
@@ -213,7 +215,7 @@ async def _precopy(
 async def _handoff(
     sup: Supervisor, old: Generation, new: Generation, config: Config, job: SwapJob, *,
     precopied: bool
-) -> list[Message]:
+) -> list[Answer[m.QuiesceReply]]:
     """The pause: quiesce and snapshot each old worker, restore into its successor.
 
     `precopied`: the bulk of tracked state has just been shipped, so the snapshots carry
@@ -225,35 +227,36 @@ async def _handoff(
     """
     job.mark("quiesce")
     pairs = _pairs(old, new)
-    snaps = await asyncio.gather(
-        *(_ask(src, {"t": "quiesce", "deadline": config.timeouts.quiesce,
-                     "precopied": precopied},
-               config.timeouts.quiesce, "quiesce and snapshot") for src, _ in pairs),
+    quiesce = m.Quiesce(deadline=config.timeouts.quiesce, precopied=precopied)
+    results = await asyncio.gather(
+        *(src.ask(quiesce, m.QuiesceReply, config.timeouts.quiesce, "quiesce and snapshot")
+          for src, _ in pairs),
         return_exceptions=True,
     )
+    snaps = [r for r in results if isinstance(r, Answer)]
     try:
-        for result in snaps:
+        for result in results:
             if isinstance(result, BaseException):
                 raise result
         job.mark("snapshotted")
-        sizes = [int(m.body.get("size", 0)) for m in _msgs(snaps)]
+        sizes = [a.reply.size for a in snaps]
         job.emit("snapshot", f"gen={old.id} quiesced; {len(sizes)} snapshot(s), "
                  f"{sum(sizes)} bytes")
-        stops = [float(m.body.get("t_stop", 0)) for m in _msgs(snaps)]
-        if stops:
-            job.timings["t_stop_accept"] = min(stops)
-        await asyncio.gather(*(
-            _ask(dst, {"t": "restore", "envelope": snap.body.get("envelope"),
-                       "from_gen": old.id, "conns": snap.body.get("conns", 0)},
-                 config.timeouts.restore, "restore", fds=snap.fds)
-            for (_, dst), snap in zip(pairs, _msgs(snaps), strict=True)
+        if snaps:
+            job.timings["t_stop_accept"] = min(a.reply.t_stop for a in snaps)
+        restored = await asyncio.gather(*(
+            dst.ask(m.Restore(snap.reply.envelope, from_gen=old.id, conns=snap.reply.conns),
+                    m.Empty, config.timeouts.restore, "restore", fds=snap.fds)
+            for (_, dst), snap in zip(pairs, snaps, strict=True)
         ))
+        for ack in restored:
+            ack.close_fds()
         job.mark("restored")
     except BaseException:
-        for m in _msgs(snaps):
-            m.close_fds()
+        for answer in snaps:
+            answer.close_fds()
         raise
-    return _msgs(snaps)
+    return snaps
 
 
 async def activate(sup: Supervisor, new: Generation, config: Config, job: SwapJob) -> None:
@@ -263,14 +266,15 @@ async def activate(sup: Supervisor, new: Generation, config: Config, job: SwapJo
     like any crash (its share of the state is lost; the log says so)."""
     workers = [w for w in new.workers if w is not None and w.child.status is None]
     replies = await asyncio.gather(
-        *(_ask(w, {"t": "commit"}, config.timeouts.restore, "commit") for w in workers),
+        *(w.ask(m.Commit(), m.CommitReply, config.timeouts.restore, "commit")
+          for w in workers),
         return_exceptions=True,
     )
-    starts = [float(r.body.get("t_start", 0)) for r in replies if isinstance(r, Message)]
+    starts = [r.reply.t_start for r in replies if isinstance(r, Answer)]
     for w, r in zip(workers, replies, strict=True):
-        if isinstance(r, Message):
+        if isinstance(r, Answer):
             r.close_fds()
-        elif isinstance(r, SwapFailed) and r.answered:
+        elif isinstance(r, RequestFailed) and r.answered:
             log.error("event=commit.failed_in_worker %s error=%r action='serving anyway'",
                       w.tag, r.reason)
         else:
@@ -296,11 +300,11 @@ async def _tell_resume(old: Generation) -> None:
     # Generous: a worker whose snapshot blocked its loop answers once the snapshot returns.
     timeout = old.config.timeouts.quiesce + old.config.timeouts.restore
     results = await asyncio.gather(
-        *(_ask(w, {"t": "resume"}, timeout, "resume") for w in old.live()),
+        *(w.ask(m.Resume(), m.Empty, timeout, "resume") for w in old.live()),
         return_exceptions=True,
     )
     for r in results:
-        if isinstance(r, Message):
+        if isinstance(r, Answer):
             r.close_fds()
         else:
             log.error("event=resume.failed gen=%d error=%r", old.id, str(r))
@@ -318,45 +322,16 @@ def _pairs(old: Generation, new: Generation) -> list[tuple[WorkerProcess, Worker
     return pairs
 
 
-def _msgs(results: list[Message | BaseException]) -> list[Message]:
-    return [r for r in results if isinstance(r, Message)]
-
-
-async def _ask(
-    w: WorkerProcess, body: dict[str, Any], timeout: float, what: str, fds: list[int] | None = None
-) -> Message:
-    """A request to a worker that fails the swap with a clear reason on any problem."""
-    if w.channel is None or w.channel.closed:
-        raise SwapFailed(f"{w.tag} has no open channel for {what}", worker=w)
-    req = asyncio.ensure_future(w.channel.request(body, fds or [], timeout=timeout))
-    waiting: set[asyncio.Future[Any]] = {req, w.exited}
-    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-    if req not in done:
-        req.cancel()
-        raise SwapFailed(f"{w.tag} {w.exited.result()} during {what}", worker=w)
-    try:
-        reply = req.result()
-    except ChannelError as e:
-        # EOF on the channel usually means the process died; its pidfd reports that a
-        # moment later. Wait for it briefly so the reason names the exit, not the symptom.
-        await asyncio.wait([w.exited], timeout=_EXIT_GRACE)
-        if w.exited.done():
-            raise SwapFailed(f"{w.tag} {w.exited.result()} during {what}", worker=w) from e
-        raise SwapFailed(f"{w.tag} {what} failed: {e}", worker=w) from e
-    if not reply.body.get("ok", False):
-        reply.close_fds()
-        raise SwapFailed(f"{w.tag} {what} failed: {reply.body.get('error', 'no reason given')}",
-                         worker=w, answered=True)
-    return reply
-
-
 async def restore_stored(gen: Generation, stored: dict[int, list[int]], config: Config) -> None:
     """First start under systemd: give each successor slot the snapshot the fd store kept."""
     async def one(w: WorkerProcess) -> None:
-        reply = await _ask(w, {"t": "restore", "envelope": None, "from_gen": "fd store"},
-                           config.timeouts.restore, "restore of the stored state",
-                           fds=stored[w.slot])
-        reply.close_fds()
+        try:
+            answer = await w.ask(m.Restore(None, from_gen="fd store"), m.Empty,
+                                 config.timeouts.restore, "restore of the stored state",
+                                 fds=stored[w.slot])
+        except RequestFailed as e:
+            raise SwapFailed.from_request(e) from e
+        answer.close_fds()
 
     await asyncio.gather(*(one(w) for w in gen.workers
                            if w is not None and w.slot in stored and w.role == "successor"))
@@ -375,13 +350,13 @@ async def store_state(sup: Supervisor, gen: Generation) -> None:
     # All at once, as in a swap: the stop then takes one quiesce timeout at most, which is
     # what the supervisor promised systemd (EXTEND_TIMEOUT_USEC), whatever the worker count.
     replies = await asyncio.gather(
-        *(_ask(w, {"t": "quiesce", "deadline": timeout, "conns": False}, timeout,
-               "snapshot for the fd store") for w in workers),
+        *(w.ask(m.Quiesce(deadline=timeout, conns=False), m.QuiesceReply, timeout,
+                "snapshot for the fd store") for w in workers),
         return_exceptions=True,
     )
     for w, reply in zip(workers, replies, strict=True):
-        if not isinstance(reply, Message):
-            reason = reply.reason if isinstance(reply, SwapFailed) else repr(reply)
+        if not isinstance(reply, Answer):
+            reason = reply.reason if isinstance(reply, RequestFailed) else repr(reply)
             log.error("event=state.store_failed %s reason=%r", w.tag, reason)
             continue
         try:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 # Imported here, not at first use: its import cost must stay outside the handoff pause.
 from swapd import __version__, handoff
+from swapd import messages as m
 from swapd.channel import Channel, ChannelError, Message
 from swapd.handoff import SharedBuffer, TrackedDict
 from swapd.patch.source import record_sources
@@ -187,12 +188,12 @@ class Worker:
         if self._channel is not None:
             await self._hello()
             if self.role == "successor":
-                self._channel.send({"t": "ready", "standby": True})
+                self._channel.send(m.Ready(standby=True).body())
                 assert self._committed is not None
                 await self._committed
                 return
             hub.start_accepting()
-            self._channel.send({"t": "ready", "standby": False})
+            self._channel.send(m.Ready(standby=False).body())
             return
         hub.start_accepting()
         if self._notify_addr:
@@ -239,14 +240,14 @@ class Worker:
 
     async def _hello(self) -> None:
         assert self._channel is not None
-        features = ["drain", "state", "conns", "patch"]
-        reply = await self._channel.request(
-            {"t": "hello", "proto": 1, "pid": os.getpid(), "lib": f"swapd.worker {__version__}",
-             "features": features},
-            timeout=30,
-        )
+        hello = m.Hello(proto=1, pid=os.getpid(), lib=f"swapd.worker {__version__}",
+                        features=("drain", "state", "conns", "patch"))
+        reply = await self._channel.request(hello.body(), timeout=30)
         reply.close_fds()
-        journal = reply.body.get("journal") or []
+        answer = m.parse_reply(m.HelloReply, reply.body)
+        if isinstance(answer, m.Failure):
+            raise WorkerError(f"the supervisor refused this worker: {answer.error}")
+        journal = answer.journal
         if journal:
             # A restarted worker runs what its siblings run: the generation's patches first.
             self._patches().replay(journal)
@@ -266,13 +267,21 @@ class Worker:
 
     def _on_message(self, msg: Message) -> None:
         handler = _HANDLERS.get(msg.type)
-        if handler is None:
-            log.warning("event=channel.unknown type=%r", msg.type)
+        req: m.Body | None = None
+        error = f"unknown request {msg.type[:64]!r}" if handler is None else None
+        if handler is not None and not msg.type.startswith("patch."):
+            try:
+                req = (m.precopy_request(msg.body) if msg.type == "precopy"
+                       else m.WORKER_REQUESTS[msg.type].parse(msg.body))
+            except m.MessageError as e:
+                error = f"malformed {msg.type} request: {e}"
+        if handler is None or error is not None:
+            log.warning("event=channel.refused type=%r error=%r", msg.type[:64], error)
             if "id" in msg.body and self._channel is not None:
-                self._channel.reply(msg, {"ok": False, "error": f"unknown request {msg.type!r}"})
+                self._channel.reply(msg, m.failed(str(error)))
             msg.close_fds()
             return
-        task = asyncio.ensure_future(handler(self, msg))
+        task = asyncio.ensure_future(handler(self, msg, req))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -319,21 +328,21 @@ class Worker:
 
     # -- channel requests -----------------------------------------------------------
 
-    async def _handle_drain(self, msg: Message) -> None:
+    async def _handle_drain(self, msg: Message, req: m.Drain) -> None:
         msg.close_fds()
         self._begin_drain()
 
-    async def _handle_quiesce(self, msg: Message) -> None:
+    async def _handle_quiesce(self, msg: Message, req: m.Quiesce) -> None:
         msg.close_fds()
         self._quiesced = True
         self._quiesce_task = asyncio.current_task()
         hub = self._require_hub()
         t_stop = hub.stop_accepting()
-        keep = bool(msg.body.get("conns", True))
+        keep = req.conns
         try:
             for hook in self._on_quiesce:
                 await self._run_hook_async(hook)
-            conns = await hub.quiesce(float(msg.body.get("deadline", 10)))
+            conns = await hub.quiesce(req.deadline)
             app_state = self._snapshot() if self._snapshot is not None else None
             if inspect.isawaitable(app_state):
                 app_state = await app_state
@@ -341,14 +350,14 @@ class Worker:
             # (none, a failed one, a snapshot for the fd store) every tracked dict goes whole.
             snaps = self._parts.dump(
                 app_state, [(c.listener, c.sock, c.meta, bytes(c.buffer)) for c in conns if keep],
-                precopied=msg.body.get("precopied") is True,
+                precopied=req.precopied,
             )
         except asyncio.CancelledError:
             log.warning("event=quiesce.cancelled reason='resumed before the snapshot was taken'")
             raise
         except Exception as e:
             log.exception("event=quiesce.failed")
-            self._reply(msg, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+            self._reply(msg, m.failed(f"{type(e).__name__}: {e}"))
             return
         finally:
             self._quiesce_task = None
@@ -358,21 +367,21 @@ class Worker:
                 # them and closes them at a request boundary, after the idle grace.
                 hub.resume()
         try:
-            self._reply(msg, {"ok": True, "envelope": snaps[0].envelope.to_dict(),
-                              "size": sum(s.envelope.size + s.envelope.buffers_size
-                                          for s in snaps),
-                              "t_stop": t_stop, "conns": len(conns) if keep else 0},
-                        [fd for snap in snaps for fd in snap.send_fds])
+            reply = m.QuiesceReply(
+                envelope=snaps[0].envelope.to_dict(),
+                size=sum(s.envelope.size + s.envelope.buffers_size for s in snaps),
+                t_stop=t_stop, conns=len(conns) if keep else 0)
+            self._reply(msg, m.ok(reply), [fd for snap in snaps for fd in snap.send_fds])
         finally:
             for snap in snaps:
                 snap.close()
 
-    async def _handle_precopy(self, msg: Message) -> None:
+    async def _handle_precopy(self, msg: Message, req: m.PrecopyIn | m.PrecopyOut) -> None:
         fds = msg.take_fds()
         try:
-            if "names" in msg.body:  # the new worker: load the bulk, outside the pause
-                self._parts.load_precopy(list(msg.body["names"]), fds, self._accepted())
-                self._reply(msg, {"ok": True})
+            if isinstance(req, m.PrecopyIn):  # the new worker: load the bulk, outside the pause
+                self._parts.load_precopy(req.names, fds, self._accepted())
+                self._reply(msg, m.ok())
                 return
             names: list[str] = []
             snaps: list[handoff.Snapshot] = []
@@ -382,27 +391,26 @@ class Worker:
                 await asyncio.sleep(0)  # let requests run between chunks
         except Exception as e:
             log.exception("event=precopy.failed")
-            if "names" not in msg.body:
+            if isinstance(req, m.PrecopyOut):
                 self._parts.end_rounds()  # a half-produced bulk starts no round
-            self._reply(msg, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+            self._reply(msg, m.failed(f"{type(e).__name__}: {e}"))
             return
         try:
-            self._reply(msg, {"ok": True, "names": names,
-                              "size": sum(s.envelope.size for s in snaps)},
-                        [fd for snap in snaps for fd in snap.send_fds])
+            reply = m.PrecopyOutReply(names, size=sum(s.envelope.size for s in snaps))
+            self._reply(msg, m.ok(reply), [fd for snap in snaps for fd in snap.send_fds])
         finally:
             for snap in snaps:
                 snap.close()
         for hook in self._on_precopied:
             self._run_hook(hook)
 
-    async def _handle_resume(self, msg: Message) -> None:
+    async def _handle_resume(self, msg: Message, req: m.Resume) -> None:
         msg.close_fds()
         if not self._quiesced:
             # After a failed pre-copy: the worker kept serving, only the round it began ends.
             self._parts.end_rounds()
             log.info("event=resume gen=%d slot=%d quiesced=no", self.generation, self.slot)
-            self._reply(msg, {"ok": True})
+            self._reply(msg, m.ok())
             return
         self._quiesced = False
         task = self._quiesce_task
@@ -417,15 +425,15 @@ class Worker:
         for hook in self._on_resume:
             self._run_hook(hook)
         log.info("event=resume gen=%d slot=%d", self.generation, self.slot)
-        self._reply(msg, {"ok": True})
+        self._reply(msg, m.ok())
 
-    async def _handle_restore(self, msg: Message) -> None:
+    async def _handle_restore(self, msg: Message, req: m.Restore) -> None:
         fds = msg.take_fds()
         hub = self._require_hub()
         try:
             # The envelope that travelled beside the fds (None from the fd store) must match
             # the main part's header: a mixed-up fd fails here, not in restore().
-            main = self._parts.load(fds, self._accepted(), msg.body.get("envelope"))
+            main = self._parts.load(fds, self._accepted(), req.envelope)
             state = main.state
             if self._restore is not None:
                 result = self._restore(state["app"], main.app_version)
@@ -437,11 +445,11 @@ class Worker:
             ]
         except Exception as e:
             log.exception("event=restore.failed")
-            self._reply(msg, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+            self._reply(msg, m.failed(f"{type(e).__name__}: {e}"))
             return
-        self._reply(msg, {"ok": True})
+        self._reply(msg, m.ok())
 
-    async def _handle_commit(self, msg: Message) -> None:
+    async def _handle_commit(self, msg: Message, req: m.Commit) -> None:
         msg.close_fds()
         hub = self._require_hub()
         error = None
@@ -460,11 +468,11 @@ class Worker:
         if self._committed is not None and not self._committed.done():
             self._committed.set_result(None)
         if error is None:
-            self._reply(msg, {"ok": True, "t_start": t_start})
+            self._reply(msg, m.ok(m.CommitReply(t_start)))
         else:
-            self._reply(msg, {"ok": False, "error": error, "t_start": t_start})
+            self._reply(msg, m.failed(error, t_start=t_start))
 
-    async def _handle_patch(self, msg: Message) -> None:
+    async def _handle_patch(self, msg: Message, req: None) -> None:
         msg.close_fds()
         host = self._patches()
         kind = msg.type.removeprefix("patch.")
@@ -485,7 +493,9 @@ class Worker:
         self._reply(msg, reply)
 
 
-_HANDLERS: dict[str, Callable[[Worker, Message], Awaitable[None]]] = {
+# Each handler gets the request already parsed by its type in swapd.messages (patch requests,
+# whose bodies the patch host reads, get None).
+_HANDLERS: dict[str, Callable[[Worker, Message, Any], Awaitable[None]]] = {
     "drain": Worker._handle_drain,
     "quiesce": Worker._handle_quiesce,
     "resume": Worker._handle_resume,

@@ -14,6 +14,7 @@ import pytest
 from swapd.channel import Message, RequestTimeout
 from swapd.control import ControlError
 from swapd.supervisor import patching
+from swapd.supervisor.generation import WorkerProcess
 from swapd.supervisor.lifecycle import SlotState
 from swapd.worker.patches import PatchHost
 from tests.unit.test_patch_support import Mods
@@ -86,6 +87,8 @@ class FakeWorker:
 
     def tail_text(self) -> str:
         return ""
+
+    ask_raw = WorkerProcess.ask_raw  # the real request path, over the scripted channel
 
 
 class FakeGeneration:

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from swapd import messages as m
 from swapd.channel import Channel, Message, socketpair
 from swapd.handoff import Snapshot, TrackedDict
 from swapd.worker import Worker
@@ -55,7 +56,7 @@ class FakeSupervisor:
 
     def drain(self) -> None:
         assert self.chan is not None
-        self.chan.send({"t": "drain"})
+        self.chan.send(m.Drain(deadline=5).body())
 
 
 Main = Callable[[Worker], Awaitable[None]]
@@ -136,11 +137,11 @@ def test_quiesce_without_precopied_sends_full_state_after_a_failed_precopy() -> 
     async def script(w: Worker, sup: FakeSupervisor) -> None:
         await sup.expect("ready")
         td = app.players
-        (await sup.ask({"t": "precopy"})).close_fds()  # the successor never loaded it
+        (await sup.ask(m.PrecopyOut().body())).close_fds()  # the successor never loaded it
         assert td.tracking
         td["late"] = 1
         # e.g. a snapshot for systemd's fd store, with no resume and no pre-copy before it
-        reply = await sup.ask({"t": "quiesce", "deadline": 5, "conns": False})
+        reply = await sup.ask(m.Quiesce(deadline=5, conns=False).body())
         assert reply.body["ok"], reply.body
         assert dict(load_handoff(reply, "players").tracked["players"].td) == dict(td)
         assert not td.tracking, "a whole copy leaves no round open"
@@ -156,16 +157,16 @@ def test_quiesce_with_precopied_sends_only_the_changes() -> None:
         await sup.expect("ready")
         td = app.players
         successor = receiver("players")
-        bulk = await sup.ask({"t": "precopy"})
+        bulk = await sup.ask(m.PrecopyOut().body())
         successor.load_precopy(bulk.body["names"], bulk.take_fds(), range(0, 10))
         td["late"] = 1
         del td["p0"]
-        reply = await sup.ask({"t": "quiesce", "deadline": 5, "precopied": True})
+        reply = await sup.ask(m.Quiesce(deadline=5, precopied=True).body())
         assert reply.body["ok"], reply.body
         successor.load(reply.take_fds(), range(0, 10))
         assert dict(successor.tracked["players"].td) == dict(td)
         assert td.tracking  # until resume (abort) or exit (commit)
-        assert (await sup.ask({"t": "resume"})).body["ok"]
+        assert (await sup.ask(m.Resume().body())).body["ok"]
         assert not td.tracking
         sup.drain()
 
@@ -178,19 +179,19 @@ def test_resume_when_not_quiesced_only_ends_the_precopy_round() -> None:
     async def script(w: Worker, sup: FakeSupervisor) -> None:
         await sup.expect("ready")
         td = app.players
-        (await sup.ask({"t": "precopy"})).close_fds()
+        (await sup.ask(m.PrecopyOut().body())).close_fds()
         assert td.tracking
         for _ in range(2):  # idempotent
-            reply = await sup.ask({"t": "resume"})
+            reply = await sup.ask(m.Resume().body())
             assert reply.body["ok"], reply.body
         assert not td.tracking
         assert app.hooks == [], "on_resume is for a worker that was quiesced"
         assert w._hub is not None and w._hub.accepting
         # the next handoff is a whole one; resume after a quiesce is unchanged
-        reply = await sup.ask({"t": "quiesce", "deadline": 5})
+        reply = await sup.ask(m.Quiesce(deadline=5).body())
         assert dict(load_handoff(reply, "players").tracked["players"].td) == dict(td)
         assert not w._hub.accepting
-        assert (await sup.ask({"t": "resume"})).body["ok"]
+        assert (await sup.ask(m.Resume().body())).body["ok"]
         assert app.hooks == ["resume"]
         assert w._hub.accepting
         sup.drain()
@@ -240,7 +241,7 @@ def test_a_refused_version_fails_the_precopy_load_before_migrate_runs() -> None:
     async def script(w: Worker, sup: FakeSupervisor) -> None:
         await sup.expect("ready")
         bulk = TrackedDict({"a": 1}).begin_precopy(app_version=2)  # newer than this code
-        reply = await send_snaps(sup, {"t": "precopy", "names": ["players"]}, [bulk])
+        reply = await send_snaps(sup, m.PrecopyIn(["players"]).body(), [bulk])
         assert not reply.body["ok"] and "VersionRefused" in reply.body["error"]
         assert migrated == []
         sup.drain()
@@ -257,7 +258,7 @@ def test_an_empty_accept_versions_refuses_every_version() -> None:
     async def script(w: Worker, sup: FakeSupervisor) -> None:
         await sup.expect("ready")
         snaps = StateParts(version=1).dump({"n": 1}, [])
-        reply = await send_snaps(sup, {"t": "restore", "envelope": None}, snaps)
+        reply = await send_snaps(sup, m.Restore(None, from_gen=1).body(), snaps)
         assert not reply.body["ok"] and "VersionRefused" in reply.body["error"]
         sup.drain()
 
@@ -281,12 +282,12 @@ def test_restore_checks_the_envelope_that_came_beside_the_fds() -> None:
         for snap in other:
             snap.close()
         snaps = StateParts().dump({"n": 1}, [])
-        reply = await send_snaps(sup, {"t": "restore", "envelope": envelope}, snaps)
+        reply = await send_snaps(sup, m.Restore(envelope, from_gen=1).body(), snaps)
         assert not reply.body["ok"] and "CorruptSnapshot" in reply.body["error"]
         assert restored == []
         snaps = StateParts().dump({"n": 1}, [])
         envelope = snaps[0].envelope.to_dict()
-        reply = await send_snaps(sup, {"t": "restore", "envelope": envelope}, snaps)
+        reply = await send_snaps(sup, m.Restore(envelope, from_gen=1).body(), snaps)
         assert reply.body["ok"], reply.body
         assert restored == [{"n": 1}]
         sup.drain()
@@ -307,7 +308,7 @@ def test_after_an_fd_store_snapshot_requests_are_still_answered_through_the_drai
         reader, writer = await asyncio.open_connection(*w.listener("http").getsockname())
         writer.write(b"a\n")
         assert await asyncio.wait_for(reader.readline(), 5) == b"a\n"
-        reply = await sup.ask({"t": "quiesce", "deadline": 5, "conns": False})
+        reply = await sup.ask(m.Quiesce(deadline=5, conns=False).body())
         assert reply.body["ok"] and reply.body["conns"] == 0, reply.body
         reply.close_fds()
         assert w._hub is not None and not w._hub.accepting
@@ -342,9 +343,9 @@ def test_a_failing_commit_still_serves_and_says_why() -> None:
         ours, handed = socket.socketpair()
         snaps = StateParts().dump({"n": 1}, [("http", handed, {}, b"")])
         handed.close()
-        reply = await send_snaps(sup, {"t": "restore", "envelope": None}, snaps)
+        reply = await send_snaps(sup, m.Restore(None, from_gen=1).body(), snaps)
         assert reply.body["ok"], reply.body
-        reply = await sup.ask({"t": "commit"})
+        reply = await sup.ask(m.Commit().body())
         assert not reply.body["ok"] and "RuntimeError: boom" in reply.body["error"]
         assert w._hub is not None and w._hub.accepting
         ours.setblocking(False)

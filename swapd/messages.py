@@ -1,0 +1,274 @@
+"""Channel messages: every type, in both directions, defined once for both ends.
+
+The frame around a body is `swapd.channel`'s; the table of types and who sends them is in
+docs/architecture.md. Here each type is a frozen dataclass: the sender builds it and calls
+`body()`, the receiver calls `parse(body)`, which checks every field's JSON type strictly
+(an int is not a bool, a bool is not the string "false") and raises `MessageError` with
+one line saying which field is wrong. Unknown keys are ignored, so a newer peer may add
+fields; a missing field takes its default, or is an error if it has none.
+
+A request's reply is `ok: true` plus the fields of the request's `Reply` type, or
+`ok: false` plus `error` (see `parse_reply`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar, Union
+
+MAX_TEXT = 64 * 1024  # any one string field from a peer; larger ones are refused
+
+M = TypeVar("M", bound="Body")
+
+
+class MessageError(ValueError):
+    """A body that does not match its message type."""
+
+
+class Body:
+    """Base of every message and reply type (all are frozen dataclasses)."""
+
+    T: ClassVar[str] = ""  # the wire type `t`; empty for replies (they carry `re`)
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"t": self.T} if self.T else {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            out[f.name] = getattr(self, f.name)
+        return out
+
+    @classmethod
+    def parse(cls: type[M], body: Mapping[str, Any]) -> M:
+        hints = _hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name not in body:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise MessageError(f"{cls.__name__}: missing field {f.name!r}")
+                continue
+            values[f.name] = _check(f"{cls.__name__}.{f.name}", hints[f.name], body[f.name])
+        return cls(**values)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _check(where: str, hint: Any, value: Any) -> Any:
+    """`value` if it is a JSON value of type `hint`, else MessageError."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check(where, option, value)
+            except MessageError:
+                continue
+        raise MessageError(f"{where}: {_kind(value)} is not {_name(hint)}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if type(value) is bool:
+            return value
+    elif hint is int:
+        if type(value) is int:
+            return value
+    elif hint is float:
+        if type(value) in (int, float) and math.isfinite(value):
+            return float(value)
+    elif hint is str:
+        if type(value) is str:
+            if len(value) > MAX_TEXT:
+                raise MessageError(f"{where}: string of {len(value)} characters (limit "
+                                   f"{MAX_TEXT})")
+            return value
+    elif origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1]
+        if type(value) is list:
+            checked = [_check(f"{where}[{i}]", item, v) for i, v in enumerate(value)]
+            return tuple(checked) if origin is tuple else checked
+    elif origin is dict or hint is dict:
+        if type(value) is dict and all(type(k) is str for k in value):
+            return value
+    else:
+        raise TypeError(f"{where}: no check for {hint!r}")  # a bug in this module
+    raise MessageError(f"{where}: {_kind(value)} is not {_name(hint)}")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+# -- worker → supervisor ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello(Body):
+    """A swapd.worker process introduces itself (request; the reply carries the journal)."""
+
+    T = "hello"
+    proto: int
+    pid: int
+    lib: str = ""
+    features: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class HelloReply(Body):
+    journal: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ready(Body):
+    """Ready; `standby`: a successor that waits for state and commit before it accepts."""
+
+    T = "ready"
+    standby: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Status(Body):
+    T = "status"
+    text: str = ""
+
+
+# -- supervisor → worker ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Drain(Body):
+    """Stop accepting, finish, exit within `deadline` seconds."""
+
+    T = "drain"
+    deadline: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Quiesce(Body):
+    """Stop accepting, reach request boundaries, snapshot (the reply carries the fds).
+
+    `precopied`: a pre-copy of this round was just loaded by the successor, so tracked
+    dicts send only what changed since. `conns`: False for a snapshot for systemd's fd store
+    (connections stay and drain here).
+    """
+
+    T = "quiesce"
+    deadline: float
+    precopied: bool = False
+    conns: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class QuiesceReply(Body):
+    envelope: dict[str, Any]
+    size: int = 0
+    t_stop: float = 0.0  # CLOCK_MONOTONIC when it stopped accepting
+    conns: int = 0  # connections in the snapshot
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume(Body):
+    """The handoff aborted: serve again; to a worker not quiesced, end the pre-copy round."""
+
+    T = "resume"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecopyOut(Body):
+    """To the old worker, still serving: ship the bulk of tracked state (reply with fds)."""
+
+    T = "precopy"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecopyOutReply(Body):
+    names: list[str] = dataclasses.field(default_factory=list)
+    size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecopyIn(Body):
+    """To the new worker: load these bulk parts (the fds, in the order of `names`)."""
+
+    T = "precopy"
+    names: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Restore(Body):
+    """Restore the snapshot in the fds; `envelope` is the main part's (None: fd store)."""
+
+    T = "restore"
+    envelope: dict[str, Any] | None
+    from_gen: int | str
+    conns: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Commit(Body):
+    """The swap committed: start accepting, adopt the handed-over connections."""
+
+    T = "commit"
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitReply(Body):
+    t_start: float = 0.0  # CLOCK_MONOTONIC when it started accepting
+
+
+@dataclasses.dataclass(frozen=True)
+class Empty(Body):
+    """A reply with nothing but `ok`."""
+
+
+# Requests the worker handles, by wire type; `precopy` is told apart by its `names`.
+WORKER_REQUESTS: dict[str, type[Body]] = {
+    m.T: m for m in (Drain, Quiesce, Resume, Restore, Commit)
+}
+
+
+def precopy_request(body: Mapping[str, Any]) -> PrecopyOut | PrecopyIn:
+    return PrecopyIn.parse(body) if "names" in body else PrecopyOut.parse(body)
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """A reply with `ok: false`: the peer's reason, one line."""
+
+    error: str
+
+
+def parse_reply(cls: type[M], body: Mapping[str, Any]) -> M | Failure:
+    """The typed reply, or the peer's Failure; MessageError if it is neither."""
+    ok = body.get("ok")
+    if ok is True:
+        return cls.parse(body)
+    if ok is False:
+        error = body.get("error", "no reason given")
+        return Failure(error[:MAX_TEXT] if isinstance(error, str) else repr(error)[:200])
+    raise MessageError(f"reply without a boolean 'ok' (got {_kind(ok)})")
+
+
+def ok(reply: Body | None = None) -> dict[str, Any]:
+    """The body of a successful reply."""
+    return {"ok": True, **(reply.body() if reply is not None else {})}
+
+
+def failed(error: str, **extra: Any) -> dict[str, Any]:
+    """The body of a failed reply."""
+    return {"ok": False, "error": error, **extra}
