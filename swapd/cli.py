@@ -159,8 +159,12 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _reexec_check(argv: list[str]) -> int:
     """Hidden: the pre-flight of `upgrade --self`, run by the *new* code on the state."""
+    # Import all of the new code first: an import error anywhere must stop the re-exec.
+    import swapd.supervisor.core
+    import swapd.worker
     from swapd.supervisor import reexec
 
+    _ = swapd.supervisor.core.Supervisor.from_reexec, swapd.worker.run
     try:
         reexec.check(int(argv[0]))
     except Exception as e:
@@ -180,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if state_fd is not None:
         # We are the new image of `swapd upgrade --self`: adopt, don't start.
         fd = int(state_fd)
-        state = reexec.read_state(fd)
+        state = reexec.parse(reexec.read_state(fd))  # the pre-flight parsed it already
         os.close(fd)
         return asyncio.run(Supervisor.from_reexec(state).run())
     try:

@@ -20,29 +20,27 @@ import os
 import signal
 import socket
 import time
-from collections import deque
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import psutil
 
-from swapd import __version__, messages
-from swapd.channel import Message
+from swapd import __version__
 from swapd.config import Config, ConfigError, load
 from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
 from swapd.sockets import (
     STATE_NAME,
     AddressError,
     describe,
-    parse_address,
 )
 from swapd.supervisor import patching, reexec
-from swapd.supervisor.generation import Generation, WorkerProcess, WorkerSpec, spawn_worker
-from swapd.supervisor.lifecycle import GenEvent, GenState, SlotEvent, SlotState
+from swapd.supervisor.fleet import CRASH_WINDOW, KILL_WAIT, Fleet, SpawnFailed
+from swapd.supervisor.generation import Generation, WorkerProcess
+from swapd.supervisor.journal import Journal
+from swapd.supervisor.lifecycle import GenEvent, GenState
 from swapd.supervisor.listeners import Listener, ListenerError, Listeners
 from swapd.supervisor.manager import ServiceManager, split_inherited
-from swapd.supervisor.patching import PatchRecord
-from swapd.supervisor.process import ExitStatus, OsProcesses
+from swapd.supervisor.process import OsProcesses
 from swapd.supervisor.swap import (
     SwapFailed,
     SwapJob,
@@ -57,10 +55,6 @@ from swapd.systemd import LISTEN_ENV
 log = logging.getLogger("swapd")
 
 COMMANDS = frozenset({"status", "upgrade", "reload", "stop", "patch"})
-CRASH_WINDOW = 60.0  # seconds over which crashes of one slot are counted
-CRASH_LOOP = 5  # crashes in the window that make a crash loop
-BACKOFF_MAX = 30.0
-KILL_WAIT = 5.0  # after SIGKILL, how long to wait for the kernel to report the exit
 
 
 class StartupError(Exception):
@@ -80,34 +74,25 @@ class Supervisor:
         processes: OsProcesses | None = None,
         inherited: list[tuple[str, int]] | None = None,
     ) -> None:
-        self.config = config
+        self._config = config  # until a generation is active; then its config
         self.overrides = overrides
-        self.processes = processes or OsProcesses()
-        self.generations: dict[int, Generation] = {}
-        self.active: Generation | None = None
         self.swap: SwapJob | None = None
         self.last_swap: dict[str, Any] | None = None
         self.swap_counts = {"ok": 0, "failed": 0}
-        self.journal: list[PatchRecord] = []  # patches in force in the active generation
+        self.journal = Journal()  # patches in force in the active generation
         self.patch_in_flight: int | None = None
         self.reexec_in_flight = False
-        self._patch_serial = 0
         self.started = time.monotonic()
-        self.crashes: dict[int, deque[float]] = {}
-        self.crash_loop: set[int] = set()
-        self.next_gen = 1
         self._control_sock: socket.socket | None = None
         self._control: ControlServer | None = None
         self._stop_requested: asyncio.Future[bool] | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._drains: set[asyncio.Task[None]] = set()
-        self.drain_deadlines: dict[int, float] = {}  # generation id -> monotonic deadline
-        self._resumed: dict[str, Any] | None = None  # re-exec state, when we are the new image
-        self._timers: dict[tuple[int, int], asyncio.TimerHandle] = {}
-        self.base_env = _base_env(os.environ)
+        self._resumed: reexec.State | None = None  # when we are the new image of a re-exec
         self.manager = ServiceManager(fdstore=config.fdstore)
         self.listeners = Listeners(self.manager)
+        self.fleet = Fleet(processes or OsProcesses(), self.listeners, self.journal,
+                           _base_env(os.environ), self._stopping)
         # LISTEN_FDS may carry, besides listeners, snapshots a previous supervisor stored.
         inherited = inherited or []
         self._stored_names = [n for n, _ in inherited if STATE_NAME.match(n)]
@@ -135,11 +120,18 @@ class Supervisor:
             self._close_listeners()
             raise
 
+    @property
+    def config(self) -> Config:
+        """The configuration in force: the active generation's."""
+        active = self.fleet.active
+        return active.config if active is not None else self._config
+
     # -- main loop --------------------------------------------------------------
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self.fleet.attach(loop)
         self._stop_requested = loop.create_future()
         self._stopped = loop.create_future()
         assert self._control_sock is not None
@@ -186,17 +178,17 @@ class Supervisor:
             log.warning("event=state.ignored reason='stored state but mode is stateless'")
         try:
             try:
-                first = self.start_generation(self.config, successor_of=None,
-                                              restore_slots=set(stored))
-            except SwapFailed as e:
-                raise StartupError(e.reason, code=2) from e
+                first = self.fleet.start_generation(self.config, successor_of=None,
+                                                    restore_slots=set(stored))
+            except SpawnFailed as e:
+                raise StartupError(str(e), code=2) from e
             try:
                 await wait_ready(first, first.config.timeouts.ready)
                 first.transition(GenEvent.READY)
                 if stored:
                     await restore_stored(first, stored, self.config)
             except SwapFailed as e:
-                await self.kill_generation(first)
+                await self.fleet.kill_generation(first)
                 _report_failure("event=start.failed", e)
                 if not stored:
                     raise StartupError(e.reason, code=1, tail=e.tail) from e
@@ -206,9 +198,9 @@ class Supervisor:
                 return await self._start_first()
         finally:
             self._drop_stored_state()
-        self.commit(first, None)
+        self.fleet.commit(first, None)
         if first.config.mode == "stateful":
-            await activate(self, first, self.config, SwapJob("start", "start"))
+            await activate(self.fleet, first, self.config, SwapJob("start", "start"))
         return first
 
     def _drop_stored_state(self) -> None:
@@ -237,15 +229,13 @@ class Supervisor:
 
     def _on_sighup(self) -> None:
         log.info("event=signal name=SIGHUP action=reload")
-        task = asyncio.ensure_future(self._signal_swap())
-        self._drains.add(task)
-        task.add_done_callback(self._drains.discard)
+        self.fleet.background(self._signal_swap())
 
     async def _signal_swap(self) -> None:
         # Under Type=notify-reload (systemd >= 253) the SIGHUP comes from systemd, which then
         # waits for a RELOADING=1 newer than its signal, and READY=1. A SIGHUP that joins the
         # swap in flight, or is refused, would otherwise leave `systemctl reload` hanging.
-        busy = self.active is not None and not self._stopping() and (
+        busy = self.fleet.active is not None and not self._stopping() and (
             self.swap is not None or self.patch_in_flight is not None or self.reexec_in_flight)
         if busy:
             self.manager.reloading(f"reload requested; {self._status_line()}",
@@ -262,271 +252,15 @@ class Supervisor:
             log.info("event=stop.requested fast=%s", fast)
             self._stop_requested.set_result(fast)
 
-    # -- generations -------------------------------------------------------------
-
-    def start_generation(self, config: Config, successor_of: Generation | None,
-                         restore_slots: set[int] | None = None) -> Generation:
-        assert self._loop is not None
-        gen = Generation(self.next_gen, config)
-        self.next_gen += 1
-        self.generations[gen.id] = gen
-        fds, names = self.listeners.fds_for(config.binds)
-        gen.restarts = [0] * config.workers
-        for slot in range(config.workers):
-            role = "fresh"
-            if successor_of is not None and slot < len(successor_of.workers):
-                role = "successor"
-            if restore_slots and slot in restore_slots:
-                role = "successor"
-            spec = WorkerSpec(gen.id, slot, config, fds, names, role, self.base_env)
-            try:
-                worker = self._spawn(spec)
-            except OSError as e:  # exec failed (SpawnError), or fork/pipe: EAGAIN, EMFILE
-                self._abandon(gen)
-                raise SwapFailed(f"gen={gen.id} worker={slot}: {e.strerror or e}") from e
-            gen.workers.append(worker)
-        log.info("event=gen.start gen=%d workers=%d mode=%s command=%r", gen.id, config.workers,
-                 config.mode, " ".join(config.command))
-        return gen
-
-    def _abandon(self, gen: Generation) -> None:
-        """A generation that could not even be spawned: kill what started, mark it failed."""
-        self._kill_workers(gen)
-        gen.transition(GenEvent.FAIL)
-
-    def _kill_workers(self, gen: Generation) -> None:
-        """SIGKILL every live worker of `gen`, marked as told to go first so that its exit
-        is logged as an exit, not as a crash (and never restarted)."""
-        for w in gen.workers:
-            if w is None:
-                continue
-            self._cancel_timer(gen.id, w.slot)
-            if w.state in (SlotState.STARTING, SlotState.READY, SlotState.BACKOFF):
-                w.transition(SlotEvent.DRAIN)
-            if w.child.status is None:
-                self.processes.signal_group(w.child, signal.SIGKILL)
-                # and the process itself, should it have left its group
-                self.processes.send_signal(w.child, signal.SIGKILL)
-
-    def _spawn(self, spec: WorkerSpec) -> WorkerProcess:
-        assert self._loop is not None
-        worker = spawn_worker(spec, self.processes, self._loop)
-        worker.on_message = self._on_worker_message
-        self._loop.add_reader(worker.child.pidfd, self._on_pidfd, worker)
-        if spec.config.readiness == "exec":
-            worker.mark_ready({"standby": False, "via": "exec"})
-        log.info("event=worker.spawn %s role=%s", worker.tag, spec.role)
-        return worker
-
-    def commit(self, new: Generation, old: Generation | None, *, drain_old: bool = True
-               ) -> None:
-        """The point of no return: `new` serves, `old` drains (now, or via `retire`)."""
-        new.transition(GenEvent.COMMIT)
-        new.committed = time.monotonic()
-        self.active = new
-        self.config = new.config
-        if old is None:
-            return
-        # Crash history belongs to the code that crashed: a new generation starts clean.
-        self.crashes.clear()
-        self.crash_loop.clear()
-        if self.journal:
-            # New code from disk: the patches of the old generation do not apply to it.
-            log.warning("event=patch.journal_cleared gen=%d patches=%s", new.id,
-                        ",".join(str(r.id) for r in self.journal))
-            self.journal.clear()
-        old.transition(GenEvent.SUPERSEDE)
-        if drain_old:
-            self.retire(old)
-
-    def retire(self, old: Generation) -> None:
-        """Tell a superseded generation to drain."""
-        self._drain(old, old.config.timeouts.drain)
-
-    def after_resume(self, gen: Generation) -> None:
-        """A generation became active again after an aborted handoff: refill dead slots."""
-        for w in gen.workers:
-            if (w is not None and w.state == SlotState.BACKOFF
-                    and (gen.id, w.slot) not in self._timers):
-                self._schedule_respawn(gen, w.slot)
-
-    def _drain(self, gen: Generation, timeout: float) -> None:
-        self.drain_deadlines[gen.id] = time.monotonic() + timeout
-        for w in gen.workers:
-            if w is None:
-                continue
-            if w.state in (SlotState.STARTING, SlotState.READY, SlotState.BACKOFF):
-                w.transition(SlotEvent.DRAIN)
-            if w.child.status is not None:
-                continue
-            self._cancel_timer(gen.id, w.slot)
-            if w.channel is not None and not w.channel.closed and w.speaks_channel:
-                try:
-                    w.channel.send(messages.Drain(timeout).body())
-                    continue
-                except Exception as e:  # fall back to the signal every worker understands
-                    log.warning("event=drain.channel_failed %s error=%r", w.tag, str(e))
-            self.processes.send_signal(w.child, signal.SIGTERM)
-        task = asyncio.ensure_future(self._reap_drained(gen, timeout))
-        self._drains.add(task)
-        task.add_done_callback(self._drains.discard)
-
-    async def _reap_drained(self, gen: Generation, timeout: float) -> None:
-        live = gen.live()
-        if live:
-            _, pending = await asyncio.wait([w.exited for w in live], timeout=timeout)
-            for w in gen.live():
-                log.warning("event=drain.timeout %s timeout=%gs action=SIGKILL", w.tag, timeout)
-                self.processes.signal_group(w.child, signal.SIGKILL)
-            if pending:
-                await asyncio.wait(pending, timeout=KILL_WAIT)
-        if gen.state == GenState.DRAINING:
-            gen.transition(GenEvent.EXITED)
-        self.drain_deadlines.pop(gen.id, None)
-        log.info("event=gen.exited gen=%d", gen.id)
-
-    async def kill_generation(self, gen: Generation) -> None:
-        """Abort path: SIGKILL every worker of a generation that never committed."""
-        self._kill_workers(gen)
-        live = [w.exited for w in gen.live()]
-        if live:
-            await asyncio.wait(live, timeout=KILL_WAIT)
-        if gen.state in (GenState.STARTING, GenState.STANDBY):
-            gen.transition(GenEvent.FAIL)
-
-    # -- child events -----------------------------------------------------------
-
-    def _on_pidfd(self, worker: WorkerProcess) -> None:
-        assert self._loop is not None
-        status = self.processes.reap(worker.child)
-        if status is None:
-            return  # spurious wakeup; the pidfd stays readable until reaped
-        self._loop.remove_reader(worker.child.pidfd)
-        self.processes.release(worker.child)
-        worker.on_exit(status)
-        self._after_exit(worker, status)
-
-    def _after_exit(self, w: WorkerProcess, status: ExitStatus) -> None:
-        gen = self.generations[w.gen]
-        if w.state == SlotState.DRAINING:
-            w.transition(SlotEvent.EXITED)
-            log.info("event=worker.exit %s status=%r", w.tag, str(status))
-            return
-        if w.state == SlotState.EXITED:
-            return
-        w.transition(SlotEvent.DIED)
-        level = logging.ERROR if gen.state == GenState.ACTIVE else logging.WARNING
-        log.log(level, "event=worker.died %s status=%r gen_state=%s", w.tag, str(status),
-                gen.state.value)
-        if gen.state == GenState.ACTIVE and not self._stopping():
-            self._schedule_respawn(gen, w.slot)
-
-    def _schedule_respawn(self, gen: Generation, slot: int) -> None:
-        assert self._loop is not None
-        self.crashes.setdefault(slot, deque()).append(time.monotonic())
-        recent = self._recent_crashes(slot)
-        delay = min(0.1 * 2 ** (recent - 1), BACKOFF_MAX)
-        if recent >= CRASH_LOOP and slot not in self.crash_loop:  # logged once per loop
-            self.crash_loop.add(slot)
-            log.error("event=worker.crash_loop gen=%d worker=%d crashes=%d window=%gs "
-                      "backoff=%gs", gen.id, slot, recent, CRASH_WINDOW, delay)
-        log.info("event=worker.respawn_scheduled gen=%d worker=%d delay=%gs", gen.id, slot, delay)
-        self._cancel_timer(gen.id, slot)
-        self._timers[(gen.id, slot)] = self._loop.call_later(delay, self._respawn, gen, slot)
-
-    def _recent_crashes(self, slot: int) -> int:
-        """Crashes of a slot within the window; a crash loop ends when they age out of it."""
-        history = self.crashes.get(slot, deque())
-        now = time.monotonic()
-        while history and now - history[0] > CRASH_WINDOW:
-            history.popleft()
-        if len(history) < CRASH_LOOP:
-            self.crash_loop.discard(slot)
-        return len(history)
-
-    def _cancel_timer(self, gen_id: int, slot: int) -> None:
-        timer = self._timers.pop((gen_id, slot), None)
-        if timer is not None:
-            timer.cancel()
-
-    def _respawn(self, gen: Generation, slot: int) -> None:
-        self._timers.pop((gen.id, slot), None)
-        old = gen.workers[slot]
-        if gen.state != GenState.ACTIVE or self._stopping():
-            return
-        if old is not None and old.state != SlotState.BACKOFF:
-            return
-        fds, names = self.listeners.fds_for(gen.config.binds)
-        spec = WorkerSpec(gen.id, slot, gen.config, fds, names, "fresh", self.base_env)
-        try:
-            worker = self._spawn(spec)
-        except OSError as e:  # the slot stays in backoff and is tried again later
-            log.error("event=worker.respawn_failed gen=%d worker=%d error=%r", gen.id, slot,
-                      e.strerror or str(e))
-            self._schedule_respawn(gen, slot)
-            return
-        if old is not None:
-            old.transition(SlotEvent.RESPAWN)
-        gen.workers[slot] = worker
-        gen.restarts[slot] += 1
-        task = asyncio.ensure_future(self._watch_respawn(gen, worker))
-        self._drains.add(task)
-        task.add_done_callback(self._drains.discard)
-
-    async def _watch_respawn(self, gen: Generation, w: WorkerProcess) -> None:
-        waiting: set[asyncio.Future[Any]] = {w.ready, w.exited}
-        done, _ = await asyncio.wait(waiting, timeout=gen.config.timeouts.ready,
-                                     return_when=asyncio.FIRST_COMPLETED)
-        if w.ready in done and not w.exited.done():
-            w.transition_ready()
-            log.info("event=worker.ready %s restarts=%d", w.tag, gen.restarts[w.slot])
-        elif not done:
-            log.error("event=worker.ready_timeout %s timeout=%gs action=SIGKILL", w.tag,
-                      gen.config.timeouts.ready)
-            self.processes.signal_group(w.child, signal.SIGKILL)
-
-    def _on_worker_message(self, w: WorkerProcess, msg: Message) -> None:
-        msg.close_fds()  # no message a worker sends unasked carries descriptors
-        if msg.type != messages.Hello.T or w.channel is None:
-            log.warning("event=channel.unexpected %s type=%r", w.tag, msg.type[:64])
-            return
-        try:
-            hello = messages.Hello.parse(msg.body)
-        except messages.MessageError as e:
-            log.warning("event=channel.malformed %s error=%r", w.tag, str(e))
-            w.channel.reply(msg, messages.failed(f"malformed hello: {e}"))
-            return
-        w.hello = {"proto": hello.proto, "pid": hello.pid, "features": list(hello.features),
-                   "lib": hello.lib}
-        w.channel.reply(msg, messages.ok(messages.HelloReply(self.journal_for(w))))
-        log.debug("event=worker.hello %s features=%s", w.tag, ",".join(hello.features))
-
-    def journal_for(self, w: WorkerProcess) -> list[dict[str, Any]]:
-        """What a (re)started worker must re-apply: its generation's patches, in order."""
-        if self.active is None or w.gen != self.active.id:
-            return []
-        return self.journal_state()
-
-    def journal_state(self) -> list[dict[str, Any]]:
-        return [asdict(r) for r in self.journal]
-
-    def next_patch_id(self) -> int:
-        self._patch_serial += 1
-        return self._patch_serial
-
-    @property
-    def control_fd(self) -> int | None:
-        return self._control_sock.fileno() if self._control_sock is not None else None
-
     # -- re-exec (upgrade --self) ----------------------------------------------------
 
     async def _reexec(self, emit: Emit, peer: Peer) -> dict[str, Any]:
         self._refuse_if_busy("re-exec")
         self.reexec_in_flight = True
         try:
-            state = reexec.capture(self, None).state
+            state = self._capture(None).state
             emit("reexec", f"checking that the new code on disk takes over "
-                 f"{len(self.generations)} generation(s), then exec'ing in place", None)
+                 f"{len(self.fleet.generations)} generation(s), then exec'ing in place", None)
             log.info("event=reexec.begin version=%s argv=%r", __version__, reexec.exec_argv())
             loop = asyncio.get_running_loop()
             try:
@@ -536,7 +270,7 @@ class Supervisor:
                 reply_fd = os.dup(peer.fd)
                 try:
                     # No await from here to the exec: the capture is what we own at the exec.
-                    captured = reexec.capture(self, reply_fd)
+                    captured = self._capture(reply_fd)
                     self.manager.ping_watchdog()  # the new image's start-up is a long gap
                     reexec.execute(captured)
                 finally:
@@ -550,11 +284,17 @@ class Supervisor:
             self.reexec_in_flight = False
         raise ControlError("re-exec returned without an error")  # not reached
 
+    def _capture(self, reply_fd: int | None) -> reexec.Captured:
+        assert self._control_sock is not None
+        owned = reexec.Owned(self.config, self.overrides, self._control_sock.fileno(),
+                             self.started, self.swap_counts, self.last_swap)
+        return reexec.capture(self.fleet, self.listeners, owned, reply_fd)
+
     def _refuse_if_busy(self, what: str) -> None:
         """One change at a time: a swap, a patch or a re-exec."""
         if self._stopping():
             raise ControlError(f"supervisor is stopping; no {what}")
-        if self.active is None:
+        if self.fleet.active is None:
             raise ControlError(f"supervisor is still starting; no {what}")
         if self.reexec_in_flight:
             raise ControlError("a re-exec (upgrade --self) is in flight; retry when it finishes")
@@ -567,62 +307,32 @@ class Supervisor:
                                "finishes")
 
     @classmethod
-    def from_reexec(cls, state: dict[str, Any]) -> Supervisor:
+    def from_reexec(cls, state: reexec.State) -> Supervisor:
         """The new image after `upgrade --self`: adopt what the old one owned."""
-        config = reexec.config_of(state["config"], state["config_file"])
-        sup = cls(config, state["overrides"])
+        sup = cls(state.config, state.overrides)
         sup._resumed = state
-        sup.started = state["started"]
-        sup.next_gen = state["next_gen"]
-        sup.swap_counts = state["swaps"]
-        sup.last_swap = state["last_swap"]
-        sup.crashes = {int(k): deque(v) for k, v in state["crashes"].items()}
-        sup.journal = [PatchRecord(**r) for r in state.get("journal", [])]
-        sup._patch_serial = max((r.id for r in sup.journal), default=0)
-        for item in state["listeners"]:
-            sock = socket.socket(fileno=item["fd"])
+        sup.started = state.started
+        sup.swap_counts = dict(state.swaps)
+        sup.last_swap = state.last_swap
+        sup.journal.records[:] = state.journal
+        sup.journal.serial = max((r.id for r in state.journal), default=0)
+        for item in state.listeners:
+            sock = socket.socket(fileno=item.fd)
             sock.set_inheritable(False)
-            sup.listeners.add(Listener(item["name"], parse_address(item["address"]), sock,
-                                       item["source"]))
-        sup._control_sock = socket.socket(fileno=state["control_fd"])
+            sup.listeners.add(Listener(item.name, item.address, sock, item.source))
+        sup._control_sock = socket.socket(fileno=state.control_fd)
         sup._control_sock.set_inheritable(False)
         return sup
 
-    def _resume(self, state: dict[str, Any]) -> None:
-        assert self._loop is not None
+    def _resume(self, state: reexec.State) -> None:
         reexec.unblock_signals()
-        now = time.monotonic()
-        for g in state["generations"]:
-            config = reexec.config_of(g["config"], g["config_file"])
-            gen = Generation(g["id"], config, state=GenState(g["state"]), created=g["created"],
-                             committed=g["committed"], restarts=g["restarts"])
-            for info in g["workers"]:
-                if info is None or info.get("dead"):
-                    gen.workers.append(None)
-                    continue
-                w = WorkerProcess.resume(gen.id, info, self._loop)
-                w.on_message = self._on_worker_message
-                self._loop.add_reader(w.child.pidfd, self._on_pidfd, w)
-                gen.workers.append(w)
-            self.generations[gen.id] = gen
-            if gen.state == GenState.DRAINING:
-                remaining = max(0.0, (g["drain_deadline"] or now) - now)
-                self.drain_deadlines[gen.id] = now + remaining
-                task = asyncio.ensure_future(self._reap_drained(gen, remaining))
-                self._drains.add(task)
-                task.add_done_callback(self._drains.discard)
-        self.active = self.generations.get(state["active"]) if state["active"] else None
-        if self.active is not None:
-            self.config = self.active.config
-            for slot, dead in enumerate(self.active.workers):
-                if dead is None:
-                    self._respawn(self.active, slot)
+        self.fleet.adopt(state.generations, state.active, state.next_gen, state.crashes)
         log.info("event=reexec.done version=%s previous=%s generations=%d", __version__,
-                 state["version"], len(self.generations))
+                 state.version, len(self.fleet.generations))
         self.manager.status(f"re-exec'd swapd {__version__}; {self._status_line()}")
-        if state.get("reply_fd") is not None:
-            _answer(state["reply_fd"], {"reexec": True, "pid": os.getpid(),
-                                        "version": __version__, "previous": state["version"]})
+        if state.reply_fd is not None:
+            _answer(state.reply_fd, {"reexec": True, "pid": os.getpid(),
+                                     "version": __version__, "previous": state.version})
 
     # -- swaps --------------------------------------------------------------------
 
@@ -645,7 +355,7 @@ class Supervisor:
         return await asyncio.shield(job.done)
 
     def _status_line(self) -> str:
-        gen = self.active
+        gen = self.fleet.active
         if gen is None:
             return "starting"
         return f"gen {gen.id} active, {len(gen.live())} worker(s)"
@@ -665,7 +375,7 @@ class Supervisor:
             except ListenerError as e:
                 raise SwapFailed(str(e)) from e
             try:
-                result = await run_swap(self, job, config)
+                result = await run_swap(self.fleet, job, config)
             except BaseException:
                 self.listeners.settle(plan, committed=False, binds=())
                 raise
@@ -735,46 +445,46 @@ class Supervisor:
     async def _patch(self, args: dict[str, Any], emit: Emit, peer: Peer) -> dict[str, Any]:
         action = args.get("action", "apply")
         if action == "list":
-            return {"patches": [r.summary() for r in self.journal],
-                    "gen": self.active.id if self.active else None}
+            return {"patches": self.journal.summaries(),
+                    "gen": self.fleet.active.id if self.fleet.active else None}
         if action not in ("apply", "rollback"):
             raise ControlError(f"unknown patch action {action!r} (apply, rollback, list)")
         self._refuse_if_busy("patch")
-        rolling = action == "rollback" and self.journal
-        self.patch_in_flight = self.journal[-1].id if rolling else self._patch_serial + 1
+        last = self.journal.last
+        rolling = action == "rollback" and last is not None
+        self.patch_in_flight = last.id if rolling and last else self.journal.serial + 1
         try:
             if action == "rollback":
-                return await patching.rollback(self, emit, peer)
-            return await patching.apply(self, args, emit, peer)
+                return await patching.rollback(self.fleet.active, self.journal, emit, peer)
+            return await patching.apply(self.fleet.active, self.journal, args, emit, peer)
         finally:
             self.patch_in_flight = None
 
     def status(self) -> dict[str, Any]:
-        for slot in list(self.crash_loop):
-            self._recent_crashes(slot)
-        gens = [g for g in self.generations.values() if g.state not in (GenState.EXITED,
-                                                                          GenState.FAILED)]
+        fleet = self.fleet
+        for slot in list(fleet.crash_loop):
+            fleet.recent_crashes(slot)
         described = []
-        for g in gens:
+        for g in fleet.live_generations():
             d = g.describe()
             for wd, w in zip(d["workers"], [w for w in g.workers if w is not None], strict=True):
                 wd.update(_usage(w))
-                if w.slot in self.crash_loop and g is self.active:
+                if w.slot in fleet.crash_loop and g is fleet.active:
                     wd["crash_loop"] = True
             described.append(d)
         warnings = []
-        for slot in sorted(self.crash_loop):
-            warnings.append(f"worker {slot} is in a crash loop ({len(self.crashes[slot])} "
+        for slot in sorted(fleet.crash_loop):
+            warnings.append(f"worker {slot} is in a crash loop ({len(fleet.crashes[slot])} "
                             f"crashes in {CRASH_WINDOW:g}s)")
-        warnings += patching.warnings(self.journal)
+        warnings += self.journal.warnings()
         return {
-            "patches": [r.summary() for r in self.journal],
+            "patches": self.journal.summaries(),
             "pid": os.getpid(),
             "version": __version__,
             "uptime": round(time.monotonic() - self.started, 3),
             "mode": self.config.mode,
             "control": self.config.control,
-            "active": self.active.id if self.active else None,
+            "active": fleet.active.id if fleet.active else None,
             "listeners": self.listeners.describe(),
             "generations": described,
             "swap": self.swap.describe() if self.swap else None,
@@ -795,31 +505,30 @@ class Supervisor:
         # the swap in flight cancelled, the state stored, the drain and its SIGKILLs
         self.manager.stopping("stopping" + (" (fast)" if fast else ", draining"),
                               t.quiesce + t.drain + 4 * KILL_WAIT)
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
+        fleet = self.fleet
+        fleet.cancel_timers()
         job = self.swap
         if job is not None and job.task is not None:
             job.task.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(job.done), KILL_WAIT * 2)
-        active = self.active
+        active = fleet.active
         if (not fast and self.manager.fdstore and active is not None
                 and active.state == GenState.ACTIVE and active.config.mode == "stateful"):
-            await store_state(self, active)
-        for gen in list(self.generations.values()):
+            await store_state(active, self.manager.store_state)
+        for gen in list(fleet.generations.values()):
             if gen.state in (GenState.ACTIVE, GenState.QUIESCED):
                 gen.transition(GenEvent.SUPERSEDE)
                 if not fast:
-                    self._drain(gen, gen.config.timeouts.drain)
+                    fleet.drain(gen, gen.config.timeouts.drain)
             if fast:
-                self._kill_workers(gen)
-        waiting: list[asyncio.Future[Any]] = [t for t in self._drains if not t.done()]
-        waiting += [w.exited for g in self.generations.values() for w in g.live()]
+                fleet.kill_workers(gen)
+        waiting: list[asyncio.Future[Any]] = [t for t in fleet.tasks if not t.done()]
+        waiting += [w.exited for g in fleet.generations.values() for w in g.live()]
         if waiting:
             await asyncio.wait(waiting,
                                timeout=self.config.timeouts.drain + KILL_WAIT * 2)
-        for gen in self.generations.values():
+        for gen in fleet.generations.values():
             for w in gen.live():
                 log.error("event=worker.unkillable %s", w.tag)
 

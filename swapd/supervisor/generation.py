@@ -69,6 +69,40 @@ class Answer(Generic[R]):
         self.fds = []
 
 
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A live worker as a re-exec state describes it (its fds are inherited)."""
+
+    slot: int
+    role: str
+    pid: int
+    pidfd: int
+    channel_fd: int | None
+    notify_fd: int | None
+    output_fd: int | None
+    state: SlotState
+    started: float
+    ready_at: float | None
+    hello: dict[str, Any] | None
+    status: str
+    tail: list[str]
+    ready_info: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """A generation as a re-exec state describes it."""
+
+    id: int
+    state: GenState
+    config: Config
+    created: float
+    committed: float | None
+    restarts: list[int]
+    drain_deadline: float | None
+    workers: list[WorkerRecord | None]  # None: a slot whose worker is gone
+
+
 @dataclass
 class WorkerSpec:
     """Everything needed to start one worker process."""
@@ -155,30 +189,30 @@ class WorkerProcess:
         return channel, notify, self._output_fd if self._output_fd >= 0 else None
 
     @classmethod
-    def resume(cls, gen: int, info: dict[str, Any], loop: asyncio.AbstractEventLoop
+    def resume(cls, gen: int, rec: WorkerRecord, loop: asyncio.AbstractEventLoop
                ) -> WorkerProcess:
         """Rebuild a worker described by a re-exec state (its fds were inherited)."""
-        child = Child(pid=info["pid"], pidfd=info["pidfd"], started=info["started"])
-        w = cls(gen, info["slot"], info["role"], child, loop)
-        w.state = SlotState(info["state"])
-        w.started = info["started"]
-        w.ready_at = info.get("ready_at")
-        w.hello = info.get("hello")
-        w.status_text = info.get("status", "")
-        w.tail.extend(info.get("tail", []))
-        if info.get("ready_info") is not None:
-            w.ready.set_result(info["ready_info"])
+        child = Child(pid=rec.pid, pidfd=rec.pidfd, started=rec.started)
+        w = cls(gen, rec.slot, rec.role, child, loop)
+        w.state = rec.state
+        w.started = rec.started
+        w.ready_at = rec.ready_at
+        w.hello = rec.hello
+        w.status_text = rec.status
+        w.tail.extend(rec.tail)
+        if rec.ready_info is not None:
+            w.ready.set_result(rec.ready_info)
         os.set_inheritable(child.pidfd, False)
-        channel = _adopt_socket(info.get("channel_fd"))
-        notify = _adopt_socket(info.get("notify_fd"))
+        channel = _adopt_socket(rec.channel_fd)
+        notify = _adopt_socket(rec.notify_fd)
         if channel is not None:
             w.channel = Channel(channel, w._on_channel_message, w._on_channel_close, loop=loop)
         if notify is not None:
             w._notify = notify
             notify.setblocking(False)
             loop.add_reader(notify.fileno(), w._on_notify)
-        if info.get("output_fd") is not None:
-            w._output_fd = info["output_fd"]
+        if rec.output_fd is not None:
+            w._output_fd = rec.output_fd
             os.set_inheritable(w._output_fd, False)
             os.set_blocking(w._output_fd, False)
             loop.add_reader(w._output_fd, w._on_output)

@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from swapd.channel import Message
 from swapd.control import ControlError, Emit, Peer
 from swapd.patch.source import sha256_text
-from swapd.supervisor.generation import RequestFailed, WorkerProcess
+from swapd.supervisor.generation import Generation, RequestFailed, WorkerProcess
+from swapd.supervisor.journal import Journal, PatchRecord
 from swapd.supervisor.lifecycle import SlotState
-
-if TYPE_CHECKING:
-    from swapd.supervisor.core import Supervisor
 
 log = logging.getLogger("swapd")
 
@@ -41,41 +37,7 @@ PREPARE_TIMEOUT = 60.0  # planning may scan a large heap
 COMMIT_TIMEOUT = 30.0
 
 
-@dataclass
-class PatchRecord:
-    id: int
-    module: str
-    source: str
-    sha256: str
-    name: str
-    time: float  # wall clock, for operators
-    who: str
-    accept_absent: bool = False
-    prune: bool = False
-    path: str | None = None  # the module's file in the workers
-
-    def summary(self) -> dict[str, Any]:
-        info = {k: v for k, v in asdict(self).items() if k != "source"}
-        info["on_disk"] = self.on_disk()
-        return info
-
-    def on_disk(self) -> bool | None:
-        """Does the module's file now hold exactly this fix? (None: cannot tell.)"""
-        if not self.path:
-            return None
-        try:
-            # Read as `swapd patch` reads the fix (UTF-8 text, universal newlines), hashed
-            # with the same helper: a CRLF file holding the fix matches.
-            with open(self.path, encoding="utf-8") as f:
-                return sha256_text(f.read()) == self.sha256
-        except UnicodeDecodeError:
-            return False  # the fix is UTF-8 text
-        except OSError:
-            return None
-
-
-def _targets(sup: Supervisor) -> list[WorkerProcess]:
-    gen = sup.active
+def _targets(gen: Generation | None) -> list[WorkerProcess]:
     if gen is None:
         raise ControlError("no active generation")
     workers = [w for w in gen.workers if w is not None]
@@ -109,14 +71,14 @@ def _report(w: WorkerProcess, result: Message | BaseException, key: str) -> dict
     return {"worker": w.slot, "pid": w.pid, "ok": False, "error": str(result)}
 
 
-async def apply(sup: Supervisor, args: dict[str, Any], emit: Emit, peer: Peer
-                ) -> dict[str, Any]:
+async def apply(gen: Generation | None, journal: Journal, args: dict[str, Any], emit: Emit,
+                peer: Peer) -> dict[str, Any]:
     module, source = args.get("module"), args.get("source")
     if not isinstance(module, str) or not module or not isinstance(source, str):
         raise ControlError("patch needs 'module' (a name) and 'source' (the new text)")
-    workers = _targets(sup)
+    workers = _targets(gen)
     sha = sha256_text(source)
-    pid = sup.next_patch_id()
+    pid = journal.next_id()
     name = str(args.get("name") or f"patch {pid}")
     accept_absent, prune = bool(args.get("accept_absent")), bool(args.get("prune"))
     body = {"pid": pid, "module": module, "source": source, "name": name,
@@ -154,7 +116,7 @@ async def apply(sup: Supervisor, args: dict[str, Any], emit: Emit, peer: Peer
     path = next((p["plan"].get("path") for p in plans if p.get("plan")), None)
     record = PatchRecord(pid, module, source, sha, name, time.time(), str(peer),
                          accept_absent, prune, path)
-    sup.journal.append(record)
+    journal.append(record)
     log.info("event=patch.applied patch=%d module=%s sha256=%s workers=%d who=%r", pid, module,
              sha[:12], len(workers), str(peer))
     emit("committed", f"patch {pid} committed on {len(workers)} worker(s)", None)
@@ -211,11 +173,12 @@ def _item(key: str, item: dict[str, Any]) -> str:
     return f"{item.get('kind')} {item.get('name')}"
 
 
-async def rollback(sup: Supervisor, emit: Emit, peer: Peer) -> dict[str, Any]:
-    if not sup.journal:
+async def rollback(gen: Generation | None, journal: Journal, emit: Emit, peer: Peer
+                   ) -> dict[str, Any]:
+    record = journal.last
+    if record is None:
         raise ControlError("no patch in force: nothing to roll back")
-    record = sup.journal[-1]
-    workers = _targets(sup)
+    workers = _targets(gen)
     results = await _each(workers, {"t": "patch.rollback", "pid": record.id}, COMMIT_TIMEOUT,
                           "patch rollback")
     reports = [_report(w, r, "notes") for w, r in zip(workers, results, strict=True)]
@@ -227,18 +190,9 @@ async def rollback(sup: Supervisor, emit: Emit, peer: Peer) -> dict[str, Any]:
                            f"{failed[0]['worker']}: {failed[0]['error']}; it stays in the "
                            "journal: retry (workers that rolled it back already agree)",
                            {"workers": reports})
-    sup.journal.pop()
+    journal.pop()
     log.info("event=patch.rolled_back patch=%d module=%s who=%r", record.id, record.module,
              str(peer))
     emit("rolled_back", f"patch {record.id} ({record.module}) rolled back on "
          f"{len(workers)} worker(s)", None)
     return {"patch": record.id, "module": record.module, "workers": reports}
-
-
-def warnings(journal: list[PatchRecord]) -> list[str]:
-    out = []
-    for r in journal:
-        if r.on_disk() is False:
-            out.append(f"patch {r.id} to {r.module} is not in {os.path.basename(r.path or '')} "
-                       "on disk: the next swap will run the file without it")
-    return out

@@ -45,13 +45,16 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from swapd import __version__
-from swapd.config import Config, from_overrides, to_overrides
-
-if TYPE_CHECKING:
-    from swapd.supervisor.core import Supervisor
+from swapd.config import Config, ConfigError, from_overrides, to_overrides
+from swapd.sockets import Address, AddressError, parse_address
+from swapd.supervisor.fleet import Fleet
+from swapd.supervisor.generation import GenerationRecord, WorkerRecord
+from swapd.supervisor.journal import PatchRecord
+from swapd.supervisor.lifecycle import FINAL, GenState, SlotState
+from swapd.supervisor.listeners import Listeners
 
 FORMAT = 1
 ENV = "SWAPD_REEXEC_STATE"
@@ -73,19 +76,29 @@ class Captured:
     fds: list[int]
 
 
-def capture(sup: Supervisor, reply_fd: int | None) -> Captured:
-    """Describe everything the supervisor owns, and list the fds that must survive exec."""
-    from swapd.supervisor.lifecycle import FINAL
+@dataclass(frozen=True)
+class Owned:
+    """What the supervisor owns besides the fleet and its listeners."""
 
+    config: Config
+    overrides: dict[str, Any]
+    control_fd: int
+    started: float
+    swaps: dict[str, int]
+    last_swap: dict[str, Any] | None
+
+
+def capture(fleet: Fleet, listeners: Listeners, owned: Owned, reply_fd: int | None
+            ) -> Captured:
+    """Describe everything the supervisor owns, and list the fds that must survive exec."""
     fds: list[int] = []
 
     def keep(fd: int) -> int:
         fds.append(fd)
         return fd
 
-    assert sup.control_fd is not None
     gens = []
-    for gen in sup.generations.values():
+    for gen in fleet.generations.values():
         if gen.state in FINAL:
             continue
         workers: list[dict[str, Any] | None] = []
@@ -108,29 +121,136 @@ def capture(sup: Supervisor, reply_fd: int | None) -> Captured:
             "id": gen.id, "state": gen.state.value, "config": to_overrides(gen.config),
             "config_file": gen.config.config_file, "created": gen.created,
             "committed": gen.committed, "restarts": gen.restarts,
-            "drain_deadline": sup.drain_deadlines.get(gen.id), "workers": workers,
+            "drain_deadline": fleet.drain_deadlines.get(gen.id), "workers": workers,
         })
     state = {
         "format": FORMAT,
         "version": __version__,
-        "config": to_overrides(sup.config),
-        "config_file": sup.config.config_file,
-        "overrides": sup.overrides,
-        "control_fd": keep(sup.control_fd),
+        "config": to_overrides(owned.config),
+        "config_file": owned.config.config_file,
+        "overrides": owned.overrides,
+        "control_fd": keep(owned.control_fd),
         "reply_fd": keep(reply_fd) if reply_fd is not None else None,
-        "started": sup.started,
-        "next_gen": sup.next_gen,
-        "active": sup.active.id if sup.active else None,
-        "swaps": sup.swap_counts,
-        "last_swap": sup.last_swap,
-        "crashes": {str(k): list(v) for k, v in sup.crashes.items()},
+        "started": owned.started,
+        "next_gen": fleet.next_gen,
+        "active": fleet.active.id if fleet.active else None,
+        "swaps": owned.swaps,
+        "last_swap": owned.last_swap,
+        "crashes": {str(k): list(v) for k, v in fleet.crashes.items()},
         "listeners": [{"name": lis.name, "address": str(lis.address),
                        "fd": keep(lis.sock.fileno()), "source": lis.source}
-                      for lis in sup.listeners],
+                      for lis in listeners],
         "generations": gens,
-        "journal": sup.journal_state(),
+        "journal": fleet.journal.state(),
     }
     return Captured(state, fds)
+
+
+# -- the new image's side: the state, parsed and checked once -----------------------------
+
+
+@dataclass(frozen=True)
+class ListenerRecord:
+    name: str
+    address: Address
+    fd: int
+    source: str
+
+
+@dataclass(frozen=True)
+class State:
+    version: str
+    config: Config
+    overrides: dict[str, Any]
+    control_fd: int
+    reply_fd: int | None
+    started: float
+    next_gen: int
+    active: int | None
+    swaps: dict[str, int]
+    last_swap: dict[str, Any] | None
+    crashes: dict[int, list[float]]
+    listeners: list[ListenerRecord]
+    generations: list[GenerationRecord]
+    journal: list[PatchRecord]
+
+
+def parse(state: dict[str, Any]) -> State:
+    """Every value the new image needs, typed, or ReexecError naming what is wrong.
+
+    The pre-flight runs exactly this on the state (in the new code), so a state the new
+    code cannot take over fails there, before the exec, not after it."""
+    try:
+        return State(
+            version=_get(state, "version", str),
+            config=config_of(_get(state, "config", dict), state.get("config_file")),
+            overrides=_get(state, "overrides", dict),
+            control_fd=_get(state, "control_fd", int),
+            reply_fd=_get(state, "reply_fd", int, optional=True),
+            started=float(_get(state, "started", (int, float))),
+            next_gen=_get(state, "next_gen", int),
+            active=_get(state, "active", int, optional=True),
+            swaps=_get(state, "swaps", dict),
+            last_swap=_get(state, "last_swap", dict, optional=True),
+            crashes={int(k): [float(t) for t in v]
+                     for k, v in _get(state, "crashes", dict).items()},
+            listeners=[ListenerRecord(_get(i, "name", str),
+                                      parse_address(_get(i, "address", str)),
+                                      _get(i, "fd", int), _get(i, "source", str))
+                       for i in _get(state, "listeners", list)],
+            generations=[_generation(g) for g in _get(state, "generations", list)],
+            journal=[PatchRecord(**r) for r in state.get("journal", [])],
+        )
+    except ReexecError:
+        raise
+    except (AddressError, ConfigError, TypeError, ValueError, AttributeError) as e:
+        raise ReexecError(f"re-exec state: {type(e).__name__}: {e}") from e
+
+
+def _generation(g: dict[str, Any]) -> GenerationRecord:
+    workers: list[WorkerRecord | None] = []
+    for w in _get(g, "workers", list):
+        if w is None or w.get("dead"):
+            workers.append(None)
+            continue
+        workers.append(WorkerRecord(
+            slot=_get(w, "slot", int), role=_get(w, "role", str), pid=_get(w, "pid", int),
+            pidfd=_get(w, "pidfd", int),
+            channel_fd=_get(w, "channel_fd", int, optional=True),
+            notify_fd=_get(w, "notify_fd", int, optional=True),
+            output_fd=_get(w, "output_fd", int, optional=True),
+            state=SlotState(_get(w, "state", str)),
+            started=float(_get(w, "started", (int, float))),
+            ready_at=_get(w, "ready_at", (int, float), optional=True),
+            hello=_get(w, "hello", dict, optional=True),
+            status=str(w.get("status", "")),
+            tail=[str(line) for line in w.get("tail", [])],
+            ready_info=_get(w, "ready_info", dict, optional=True),
+        ))
+    return GenerationRecord(
+        id=_get(g, "id", int), state=GenState(_get(g, "state", str)),
+        config=config_of(_get(g, "config", dict), g.get("config_file")),
+        created=float(_get(g, "created", (int, float))),
+        committed=_get(g, "committed", (int, float), optional=True),
+        restarts=[int(n) for n in _get(g, "restarts", list)],
+        drain_deadline=_get(g, "drain_deadline", (int, float), optional=True),
+        workers=workers,
+    )
+
+
+def _get(obj: Any, key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
+    if not isinstance(obj, dict):
+        raise ReexecError(f"re-exec state: an entry is a {type(obj).__name__}, not an object")
+    if key not in obj:
+        if optional:
+            return None
+        raise ReexecError(f"re-exec state: an entry without {key!r}")
+    value = obj[key]
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ReexecError(f"re-exec state: {key!r} is {value!r}, of the wrong type")
+    return value
 
 
 def write_state(state: dict[str, Any]) -> int:
@@ -159,56 +279,9 @@ def read_state(fd: int) -> dict[str, Any]:
 
 
 def check(fd: int) -> None:
-    """What the pre-flight runs in the new code: import all of it, parse the state fully."""
-    import swapd.cli
-    import swapd.supervisor.core
-    import swapd.worker  # an import error anywhere must stop the re-exec
-
-    _ = swapd.cli.main, swapd.supervisor.core.Supervisor.from_reexec
-    validate(read_state(fd))
-
-
-def validate(state: dict[str, Any]) -> None:
-    """Build, from `state`, every value the new image builds in `Supervisor.from_reexec`,
-    `_resume` and `WorkerProcess.resume`, with the same constructors but touching no fd:
-    a state this code cannot take over fails here, in the pre-flight, not after the exec."""
-    from swapd.sockets import parse_address
-    from swapd.supervisor.lifecycle import GenState, SlotState
-    from swapd.supervisor.patching import PatchRecord
-
-    config_of(state["config"], state["config_file"])
-    _need(state, "overrides", dict)
-    _need(state, "swaps", dict)
-    for key in ("version", "started", "next_gen", "active", "last_swap", "control_fd"):
-        _need(state, key)
-    _ = {int(k): [float(t) for t in v] for k, v in state["crashes"].items()}
-    _ = [PatchRecord(**r) for r in state.get("journal", [])]
-    for item in state["listeners"]:
-        parse_address(item["address"])
-        _need(item, "name", str)
-        _need(item, "source", str)
-        _need(item, "fd", int)
-    for g in state["generations"]:
-        config_of(g["config"], g["config_file"])
-        GenState(g["state"])
-        for key in ("id", "created", "committed", "restarts", "drain_deadline"):
-            _need(g, key)
-        for w in g["workers"]:
-            if w is None or w.get("dead"):
-                continue
-            for key in ("slot", "pid", "pidfd"):
-                _need(w, key, int)
-            _need(w, "started", (int, float))
-            _need(w, "role", str)
-            _need(w, "state", str)
-            SlotState(w["state"])
-
-
-def _need(obj: dict[str, Any], key: str, kind: type | tuple[type, ...] | None = None) -> None:
-    if key not in obj:
-        raise ReexecError(f"re-exec state: an entry without {key!r}")
-    if kind is not None and not isinstance(obj[key], kind):
-        raise ReexecError(f"re-exec state: {key!r} is {obj[key]!r}, of the wrong type")
+    """The pre-flight in the new code: the state must parse (the caller, `swapd
+    _reexec-check`, has imported all of swapd first: an import error stops the re-exec)."""
+    parse(read_state(fd))
 
 
 def config_of(data: dict[str, Any], config_file: str | None) -> Config:

@@ -24,17 +24,16 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from swapd import messages as m
 from swapd.config import Config
 from swapd.control import Emit
+from swapd.supervisor.fleet import Fleet, SpawnFailed
 from swapd.supervisor.generation import Answer, Generation, RequestFailed, WorkerProcess
 from swapd.supervisor.lifecycle import GenEvent
-
-if TYPE_CHECKING:
-    from swapd.supervisor.core import Supervisor
 
 log = logging.getLogger("swapd")
 
@@ -83,15 +82,18 @@ class SwapJob:
                 "elapsed_ms": round((time.monotonic() - self.started) * 1000, 1)}
 
 
-async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, Any]:
+async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]:
     """Bring up a new generation from `config` and make it active, or leave all as it was."""
-    old = sup.active
+    old = fleet.active
     if old is None:
         raise SwapFailed("no active generation to replace")
     stateful = config.mode == "stateful"
     if stateful:
         _check_stateful(old, config)
-    new = sup.start_generation(config, successor_of=old if stateful else None)
+    try:
+        new = fleet.start_generation(config, successor_of=old if stateful else None)
+    except SpawnFailed as e:
+        raise SwapFailed(str(e)) from e
     job.gen = new.id
     job.mark("spawned")
     job.emit("spawned", f"gen={new.id} started {len(new.workers)} worker(s): "
@@ -107,10 +109,10 @@ async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, A
         if stateful:
             if config.precopy:
                 precopying = True
-                await _precopy(sup, old, new, config, job)
+                await _precopy(fleet, old, new, config, job)
             old.transition(GenEvent.QUIESCE)
             quiesced = True
-            handed = await _handoff(sup, old, new, config, job, precopied=precopying)
+            handed = await _handoff(fleet, old, new, config, job, precopied=precopying)
     except BaseException as e:
         if isinstance(e, RequestFailed):
             e = SwapFailed.from_request(e)
@@ -119,9 +121,9 @@ async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, A
             reason = "swap cancelled (supervisor stopping)"
         log.warning("event=swap.abort gen=%d reason=%r", new.id, reason)
         job.emit("aborting", f"gen={new.id} failed: {reason}")
-        await sup.kill_generation(new)
+        await fleet.kill_generation(new)
         if quiesced:
-            await _resume(sup, old, job)
+            await _resume(fleet, old, job)
         elif precopying:
             await _tell_resume(old)  # ends the pre-copy round the old workers had begun
         if isinstance(e, SwapFailed | asyncio.CancelledError):
@@ -130,14 +132,14 @@ async def run_swap(sup: Supervisor, job: SwapJob, config: Config) -> dict[str, A
     # Committed: from here on nothing is undone; a failure is a crash of a worker. In a
     # handoff the old generation is told to go only once the new one accepts: its exit
     # (freeing a large heap) must not compete with the end of the pause.
-    sup.commit(new, old, drain_old=not stateful)
+    fleet.commit(new, old, drain_old=not stateful)
     job.mark("committed")
     try:
         if stateful:
-            await activate(sup, new, config, job)
+            await activate(fleet, new, config, job)
     finally:
         if stateful:
-            sup.retire(old)
+            fleet.retire(old)
         for answer in handed:
             answer.close_fds()
     job.emit("committed", f"gen={new.id} active; gen={old.id} draining")
@@ -191,7 +193,7 @@ async def wait_ready(gen: Generation, timeout: float) -> None:
 
 
 async def _precopy(
-    sup: Supervisor, old: Generation, new: Generation, config: Config, job: SwapJob
+    fleet: Fleet, old: Generation, new: Generation, config: Config, job: SwapJob
 ) -> None:
     """Ship bulk state while the old generation still serves (outside the pause)."""
     async def one(src: WorkerProcess, dst: WorkerProcess) -> int:
@@ -213,7 +215,7 @@ async def _precopy(
 
 
 async def _handoff(
-    sup: Supervisor, old: Generation, new: Generation, config: Config, job: SwapJob, *,
+    fleet: Fleet, old: Generation, new: Generation, config: Config, job: SwapJob, *,
     precopied: bool
 ) -> list[Answer[m.QuiesceReply]]:
     """The pause: quiesce and snapshot each old worker, restore into its successor.
@@ -259,7 +261,7 @@ async def _handoff(
     return snaps
 
 
-async def activate(sup: Supervisor, new: Generation, config: Config, job: SwapJob) -> None:
+async def activate(fleet: Fleet, new: Generation, config: Config, job: SwapJob) -> None:
     """After commit: tell successors to start accepting. Failures here are crashes, not aborts.
     A worker that answers ok: false serves anyway (swapd.worker accepts even when finishing
     its state failed): logged. One that does not answer is killed and restarted in its slot
@@ -280,18 +282,18 @@ async def activate(sup: Supervisor, new: Generation, config: Config, job: SwapJo
         else:
             log.error("event=commit.ack_failed %s error=%r action='SIGKILL and restart; the "
                       "state of this slot is lost'", w.tag, str(r))
-            sup.processes.signal_group(w.child, signal.SIGKILL)
+            fleet.processes.signal_group(w.child, signal.SIGKILL)
     job.mark("activated")
     t_stop = job.timings.pop("t_stop_accept", None)
     if t_stop is not None and starts:
         job.timings["pause"] = round((max(starts) - t_stop) * 1000, 2)
 
 
-async def _resume(sup: Supervisor, old: Generation, job: SwapJob) -> None:
+async def _resume(fleet: Fleet, old: Generation, job: SwapJob) -> None:
     """Abort path: the quiesced old generation serves again with its own state."""
     await _tell_resume(old)
     old.transition(GenEvent.RESUME)
-    sup.after_resume(old)
+    fleet.after_resume(old)
     job.emit("resumed", f"gen={old.id} serving again with its state")
 
 
@@ -338,7 +340,7 @@ async def restore_stored(gen: Generation, stored: dict[int, list[int]], config: 
     log.info("event=state.restored source=fdstore slots=%s", sorted(stored))
 
 
-async def store_state(sup: Supervisor, gen: Generation) -> None:
+async def store_state(gen: Generation, store: Callable[[int, list[int]], None]) -> None:
     """Graceful stop in stateful mode: snapshot every worker into the fd store.
 
     Connections are not included (the fd store cannot keep thousands of them in order);
@@ -360,6 +362,6 @@ async def store_state(sup: Supervisor, gen: Generation) -> None:
             log.error("event=state.store_failed %s reason=%r", w.tag, reason)
             continue
         try:
-            sup.manager.store_state(w.slot, reply.fds)
+            store(w.slot, reply.fds)
         finally:
             reply.close_fds()

@@ -15,6 +15,7 @@ from swapd.channel import Message, RequestTimeout
 from swapd.control import ControlError
 from swapd.supervisor import patching
 from swapd.supervisor.generation import WorkerProcess
+from swapd.supervisor.journal import Journal, PatchRecord
 from swapd.supervisor.lifecycle import SlotState
 from swapd.worker.patches import PatchHost
 from tests.unit.test_patch_support import Mods
@@ -97,15 +98,6 @@ class FakeGeneration:
         self.workers = workers
 
 
-class FakeSupervisor:
-    def __init__(self, workers: list[FakeWorker]) -> None:
-        self.active = FakeGeneration(workers)
-        self.journal: list[patching.PatchRecord] = []
-
-    def next_patch_id(self) -> int:
-        return 1
-
-
 def worker_script(commit_times_out: bool = False) -> Script:
     def reply(body: dict[str, Any]) -> dict[str, Any]:
         t = body["t"]
@@ -121,11 +113,12 @@ def worker_script(commit_times_out: bool = False) -> Script:
 def test_a_commit_that_timed_out_is_rolled_back_too() -> None:
     async def scenario() -> list[FakeWorker]:
         workers = [FakeWorker(0, worker_script()), FakeWorker(1, worker_script(True))]
-        sup = FakeSupervisor(workers)
+        journal = Journal()
         args = {"module": "app.rules", "source": SRC}
         with pytest.raises(ControlError, match="rolled back on every worker"):
-            await patching.apply(sup, args, lambda *a: None, "tester")  # type: ignore[arg-type]
-        assert sup.journal == []
+            await patching.apply(FakeGeneration(workers), journal,  # type: ignore[arg-type]
+                                 args, lambda *a: None, "tester")  # type: ignore[arg-type]
+        assert not journal
         return workers
 
     workers = asyncio.run(scenario())
@@ -143,9 +136,9 @@ def test_journal_knows_a_fix_is_on_disk_whatever_the_line_endings(
     with open(path, encoding="utf-8") as f:  # how `swapd patch` reads the fix it sends
         sent = f.read()
     sha = hashlib.sha256(sent.encode()).hexdigest()  # what the journal records
-    record = patching.PatchRecord(1, "rules", sent, sha, "fix.py", 0.0, "tester", path=str(path))
-    assert record.on_disk() is True and patching.warnings([record]) == []
+    record = PatchRecord(1, "rules", sent, sha, "fix.py", 0.0, "tester", path=str(path))
+    assert record.on_disk() is True and Journal([record]).warnings() == []
     path.write_text(fix.replace("2", "3"))
-    assert record.on_disk() is False and patching.warnings([record])
+    assert record.on_disk() is False and Journal([record]).warnings()
     path.write_bytes(b"\xff\xfe not utf-8")
     assert record.on_disk() is False

@@ -1,0 +1,351 @@
+"""The fleet: every generation and worker slot, and what happens to them on their own.
+
+The supervisor's orchestration (swaps, control, stop) decides *when* a generation starts,
+commits, drains or dies; this module does it and handles what needs no decision: a worker
+that exits (pidfd readable) is logged, and restarted in its slot with backoff if its
+generation is active; a draining generation is reaped, with SIGKILL at its deadline; a
+`hello` is answered with the patch journal. State changes go through `lifecycle`'s tables
+(via `Generation.transition` / `WorkerProcess.transition`), nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from swapd import messages
+from swapd.channel import Message
+from swapd.config import Config
+from swapd.supervisor.generation import (
+    Generation,
+    GenerationRecord,
+    WorkerProcess,
+    WorkerSpec,
+    spawn_worker,
+)
+from swapd.supervisor.journal import Journal
+from swapd.supervisor.lifecycle import GenEvent, GenState, SlotEvent, SlotState
+from swapd.supervisor.listeners import Listeners
+from swapd.supervisor.process import ExitStatus, OsProcesses
+
+log = logging.getLogger("swapd")
+
+CRASH_WINDOW = 60.0  # seconds over which crashes of one slot are counted
+CRASH_LOOP = 5  # crashes in the window that make a crash loop
+BACKOFF_MAX = 30.0
+KILL_WAIT = 5.0  # after SIGKILL, how long to wait for the kernel to report the exit
+
+
+class SpawnFailed(Exception):
+    """A generation could not even be spawned (exec, fork or pipe failed); it is FAILED."""
+
+
+class Fleet:
+    def __init__(self, processes: OsProcesses, listeners: Listeners, journal: Journal,
+                 base_env: Mapping[str, str], stopping: Callable[[], bool]) -> None:
+        self.processes = processes
+        self.listeners = listeners
+        self.journal = journal
+        self.base_env = dict(base_env)
+        self.stopping = stopping  # the supervisor is stopping: restart nothing
+        self.generations: dict[int, Generation] = {}
+        self.active: Generation | None = None
+        self.next_gen = 1
+        self.crashes: dict[int, deque[float]] = {}  # slot -> crash instants (monotonic)
+        self.crash_loop: set[int] = set()
+        self.drain_deadlines: dict[int, float] = {}  # generation id -> monotonic deadline
+        self.tasks: set[asyncio.Task[None]] = set()  # drains and respawn watches
+        self._timers: dict[tuple[int, int], asyncio.TimerHandle] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def background(self, coro: Any) -> None:
+        """Run `coro` as a task the stop waits for."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def live_generations(self) -> list[Generation]:
+        return [g for g in self.generations.values()
+                if g.state not in (GenState.EXITED, GenState.FAILED)]
+
+    def adopt(self, records: list[GenerationRecord], active: int | None, next_gen: int,
+              crashes: dict[int, list[float]]) -> None:
+        """The new image of a re-exec takes over the generations the old one described."""
+        assert self._loop is not None
+        self.next_gen = next_gen
+        self.crashes = {slot: deque(times) for slot, times in crashes.items()}
+        now = time.monotonic()
+        for g in records:
+            gen = Generation(g.id, g.config, state=g.state, created=g.created,
+                             committed=g.committed, restarts=list(g.restarts))
+            for rec in g.workers:
+                w = None if rec is None else WorkerProcess.resume(gen.id, rec, self._loop)
+                if w is not None:
+                    self.watch(w)
+                gen.workers.append(w)
+            self.generations[gen.id] = gen
+            if gen.state == GenState.DRAINING:
+                remaining = max(0.0, (g.drain_deadline or now) - now)
+                self.drain_deadlines[gen.id] = now + remaining
+                self.background(self.reap_drained(gen, remaining))
+        self.active = self.generations.get(active) if active else None
+        if self.active is not None:
+            for slot, dead in enumerate(self.active.workers):
+                if dead is None:
+                    self.respawn(self.active, slot)
+
+    # -- starting ------------------------------------------------------------------------
+
+    def start_generation(self, config: Config, successor_of: Generation | None,
+                         restore_slots: set[int] | None = None) -> Generation:
+        """Spawn a generation of `config.workers` workers; SpawnFailed if one cannot start."""
+        gen = Generation(self.next_gen, config)
+        self.next_gen += 1
+        self.generations[gen.id] = gen
+        fds, names = self.listeners.fds_for(config.binds)
+        gen.restarts = [0] * config.workers
+        for slot in range(config.workers):
+            role = "fresh"
+            if successor_of is not None and slot < len(successor_of.workers):
+                role = "successor"
+            if restore_slots and slot in restore_slots:
+                role = "successor"
+            spec = WorkerSpec(gen.id, slot, config, fds, names, role, self.base_env)
+            try:
+                worker = self._spawn(spec)
+            except OSError as e:  # exec failed (SpawnError), or fork/pipe: EAGAIN, EMFILE
+                self.kill_workers(gen)
+                gen.transition(GenEvent.FAIL)
+                raise SpawnFailed(f"gen={gen.id} worker={slot}: {e.strerror or e}") from e
+            gen.workers.append(worker)
+        log.info("event=gen.start gen=%d workers=%d mode=%s command=%r", gen.id, config.workers,
+                 config.mode, " ".join(config.command))
+        return gen
+
+    def _spawn(self, spec: WorkerSpec) -> WorkerProcess:
+        assert self._loop is not None
+        worker = spawn_worker(spec, self.processes, self._loop)
+        self.watch(worker)
+        if spec.config.readiness == "exec":
+            worker.mark_ready({"standby": False, "via": "exec"})
+        log.info("event=worker.spawn %s role=%s", worker.tag, spec.role)
+        return worker
+
+    def watch(self, worker: WorkerProcess) -> None:
+        """Follow a worker's exit (pidfd) and its unsolicited messages."""
+        assert self._loop is not None
+        worker.on_message = self._on_worker_message
+        self._loop.add_reader(worker.child.pidfd, self._on_pidfd, worker)
+
+    # -- commit and retire ---------------------------------------------------------------
+
+    def commit(self, new: Generation, old: Generation | None, *, drain_old: bool = True
+               ) -> None:
+        """The point of no return: `new` serves, `old` drains (now, or via `retire`)."""
+        new.transition(GenEvent.COMMIT)
+        new.committed = time.monotonic()
+        self.active = new
+        if old is None:
+            return
+        # Crash history belongs to the code that crashed: a new generation starts clean.
+        self.crashes.clear()
+        self.crash_loop.clear()
+        self.journal.clear_for(new.id)  # new code from disk: the old patches do not apply
+        old.transition(GenEvent.SUPERSEDE)
+        if drain_old:
+            self.retire(old)
+
+    def retire(self, old: Generation) -> None:
+        """Tell a superseded generation to drain."""
+        self.drain(old, old.config.timeouts.drain)
+
+    def after_resume(self, gen: Generation) -> None:
+        """A generation became active again after an aborted handoff: refill dead slots."""
+        for w in gen.workers:
+            if (w is not None and w.state == SlotState.BACKOFF
+                    and (gen.id, w.slot) not in self._timers):
+                self._schedule_respawn(gen, w.slot)
+
+    def drain(self, gen: Generation, timeout: float) -> None:
+        self.drain_deadlines[gen.id] = time.monotonic() + timeout
+        for w in gen.workers:
+            if w is None:
+                continue
+            if w.state in (SlotState.STARTING, SlotState.READY, SlotState.BACKOFF):
+                w.transition(SlotEvent.DRAIN)
+            if w.child.status is not None:
+                continue
+            self._cancel_timer(gen.id, w.slot)
+            if w.channel is not None and not w.channel.closed and w.speaks_channel:
+                try:
+                    w.channel.send(messages.Drain(timeout).body())
+                    continue
+                except Exception as e:  # fall back to the signal every worker understands
+                    log.warning("event=drain.channel_failed %s error=%r", w.tag, str(e))
+            self.processes.send_signal(w.child, signal.SIGTERM)
+        self.background(self.reap_drained(gen, timeout))
+
+    async def reap_drained(self, gen: Generation, timeout: float) -> None:
+        live = gen.live()
+        if live:
+            _, pending = await asyncio.wait([w.exited for w in live], timeout=timeout)
+            for w in gen.live():
+                log.warning("event=drain.timeout %s timeout=%gs action=SIGKILL", w.tag, timeout)
+                self.processes.signal_group(w.child, signal.SIGKILL)
+            if pending:
+                await asyncio.wait(pending, timeout=KILL_WAIT)
+        if gen.state == GenState.DRAINING:
+            gen.transition(GenEvent.EXITED)
+        self.drain_deadlines.pop(gen.id, None)
+        log.info("event=gen.exited gen=%d", gen.id)
+
+    # -- killing -------------------------------------------------------------------------
+
+    def kill_workers(self, gen: Generation) -> None:
+        """SIGKILL every live worker of `gen`, marked as told to go first so that its exit
+        is logged as an exit, not as a crash (and never restarted)."""
+        for w in gen.workers:
+            if w is None:
+                continue
+            self._cancel_timer(gen.id, w.slot)
+            if w.state in (SlotState.STARTING, SlotState.READY, SlotState.BACKOFF):
+                w.transition(SlotEvent.DRAIN)
+            if w.child.status is None:
+                self.processes.signal_group(w.child, signal.SIGKILL)
+                # and the process itself, should it have left its group
+                self.processes.send_signal(w.child, signal.SIGKILL)
+
+    async def kill_generation(self, gen: Generation) -> None:
+        """Abort path: SIGKILL every worker of a generation that never committed."""
+        self.kill_workers(gen)
+        live = [w.exited for w in gen.live()]
+        if live:
+            await asyncio.wait(live, timeout=KILL_WAIT)
+        if gen.state in (GenState.STARTING, GenState.STANDBY):
+            gen.transition(GenEvent.FAIL)
+
+    def cancel_timers(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+
+    # -- exits and restarts --------------------------------------------------------------
+
+    def _on_pidfd(self, worker: WorkerProcess) -> None:
+        assert self._loop is not None
+        status = self.processes.reap(worker.child)
+        if status is None:
+            return  # spurious wakeup; the pidfd stays readable until reaped
+        self._loop.remove_reader(worker.child.pidfd)
+        self.processes.release(worker.child)
+        worker.on_exit(status)
+        self._after_exit(worker, status)
+
+    def _after_exit(self, w: WorkerProcess, status: ExitStatus) -> None:
+        gen = self.generations[w.gen]
+        if w.state == SlotState.DRAINING:
+            w.transition(SlotEvent.EXITED)
+            log.info("event=worker.exit %s status=%r", w.tag, str(status))
+            return
+        if w.state == SlotState.EXITED:
+            return
+        w.transition(SlotEvent.DIED)
+        level = logging.ERROR if gen.state == GenState.ACTIVE else logging.WARNING
+        log.log(level, "event=worker.died %s status=%r gen_state=%s", w.tag, str(status),
+                gen.state.value)
+        if gen.state == GenState.ACTIVE and not self.stopping():
+            self._schedule_respawn(gen, w.slot)
+
+    def _schedule_respawn(self, gen: Generation, slot: int) -> None:
+        assert self._loop is not None
+        self.crashes.setdefault(slot, deque()).append(time.monotonic())
+        recent = self.recent_crashes(slot)
+        delay = min(0.1 * 2 ** (recent - 1), BACKOFF_MAX)
+        if recent >= CRASH_LOOP and slot not in self.crash_loop:  # logged once per loop
+            self.crash_loop.add(slot)
+            log.error("event=worker.crash_loop gen=%d worker=%d crashes=%d window=%gs "
+                      "backoff=%gs", gen.id, slot, recent, CRASH_WINDOW, delay)
+        log.info("event=worker.respawn_scheduled gen=%d worker=%d delay=%gs", gen.id, slot, delay)
+        self._cancel_timer(gen.id, slot)
+        self._timers[(gen.id, slot)] = self._loop.call_later(delay, self.respawn, gen, slot)
+
+    def recent_crashes(self, slot: int) -> int:
+        """Crashes of a slot within the window; a crash loop ends when they age out of it."""
+        history = self.crashes.get(slot, deque())
+        now = time.monotonic()
+        while history and now - history[0] > CRASH_WINDOW:
+            history.popleft()
+        if len(history) < CRASH_LOOP:
+            self.crash_loop.discard(slot)
+        return len(history)
+
+    def _cancel_timer(self, gen_id: int, slot: int) -> None:
+        timer = self._timers.pop((gen_id, slot), None)
+        if timer is not None:
+            timer.cancel()
+
+    def respawn(self, gen: Generation, slot: int) -> None:
+        self._timers.pop((gen.id, slot), None)
+        old = gen.workers[slot]
+        if gen.state != GenState.ACTIVE or self.stopping():
+            return
+        if old is not None and old.state != SlotState.BACKOFF:
+            return
+        fds, names = self.listeners.fds_for(gen.config.binds)
+        spec = WorkerSpec(gen.id, slot, gen.config, fds, names, "fresh", self.base_env)
+        try:
+            worker = self._spawn(spec)
+        except OSError as e:  # the slot stays in backoff and is tried again later
+            log.error("event=worker.respawn_failed gen=%d worker=%d error=%r", gen.id, slot,
+                      e.strerror or str(e))
+            self._schedule_respawn(gen, slot)
+            return
+        if old is not None:
+            old.transition(SlotEvent.RESPAWN)
+        gen.workers[slot] = worker
+        gen.restarts[slot] += 1
+        self.background(self._watch_respawn(gen, worker))
+
+    async def _watch_respawn(self, gen: Generation, w: WorkerProcess) -> None:
+        waiting: set[asyncio.Future[Any]] = {w.ready, w.exited}
+        done, _ = await asyncio.wait(waiting, timeout=gen.config.timeouts.ready,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if w.ready in done and not w.exited.done():
+            w.transition_ready()
+            log.info("event=worker.ready %s restarts=%d", w.tag, gen.restarts[w.slot])
+        elif not done:
+            log.error("event=worker.ready_timeout %s timeout=%gs action=SIGKILL", w.tag,
+                      gen.config.timeouts.ready)
+            self.processes.signal_group(w.child, signal.SIGKILL)
+
+    # -- messages ------------------------------------------------------------------------
+
+    def _on_worker_message(self, w: WorkerProcess, msg: Message) -> None:
+        msg.close_fds()  # no message a worker sends unasked carries descriptors
+        if msg.type != messages.Hello.T or w.channel is None:
+            log.warning("event=channel.unexpected %s type=%r", w.tag, msg.type[:64])
+            return
+        try:
+            hello = messages.Hello.parse(msg.body)
+        except messages.MessageError as e:
+            log.warning("event=channel.malformed %s error=%r", w.tag, str(e))
+            w.channel.reply(msg, messages.failed(f"malformed hello: {e}"))
+            return
+        w.hello = {"proto": hello.proto, "pid": hello.pid, "features": list(hello.features),
+                   "lib": hello.lib}
+        w.channel.reply(msg, messages.ok(messages.HelloReply(self.journal_for(w))))
+        log.debug("event=worker.hello %s features=%s", w.tag, ",".join(hello.features))
+
+    def journal_for(self, w: WorkerProcess) -> list[dict[str, Any]]:
+        """What a (re)started worker must re-apply: its generation's patches, in order."""
+        if self.active is None or w.gen != self.active.id:
+            return []
+        return self.journal.state()
