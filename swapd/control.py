@@ -176,19 +176,19 @@ class ControlServer:
         peer = peer_of(sock)
         if not allowed(peer):
             log.warning("event=control.refused peer_pid=%d peer_uid=%d", peer.pid, peer.uid)
-            _write(writer, _result(False, error=f"permission denied for uid {peer.uid}"))
+            _write(writer, result(False, error=f"permission denied for uid {peer.uid}"))
             await writer.drain()
             return
         while True:
             try:
                 line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError:
-                _write(writer, _result(False, error=f"request longer than {MAX_LINE} bytes"))
+                _write(writer, result(False, error=f"request longer than {MAX_LINE} bytes"))
                 await writer.drain()
                 return
             except asyncio.IncompleteReadError as e:
                 if e.partial.strip():
-                    _write(writer, _result(False, error="request not terminated by a newline"))
+                    _write(writer, result(False, error="request not terminated by a newline"))
                     await writer.drain()
                 return
             await self._one(line, writer, peer)
@@ -197,7 +197,7 @@ class ControlServer:
         try:
             cmd, args = parse_request(line, self._commands)
         except ControlError as e:
-            _write(writer, _result(False, error=str(e)))
+            _write(writer, result(False, error=str(e)))
             await writer.drain()
             return
 
@@ -209,12 +209,12 @@ class ControlServer:
         try:
             data = await self._handler(cmd, args, emit, peer)
         except ControlError as e:
-            _write(writer, _result(False, error=str(e), data=e.data))
+            _write(writer, result(False, error=str(e), data=e.data))
         except Exception as e:  # a bug: answer it, log it, keep serving
             log.exception("event=control.handler_error cmd=%s", cmd)
-            _write(writer, _result(False, error=f"internal error: {type(e).__name__}: {e}"))
+            _write(writer, result(False, error=f"internal error: {type(e).__name__}: {e}"))
         else:
-            _write(writer, _result(True, data=data))
+            _write(writer, result(True, data=data))
         await writer.drain()
 
 
@@ -246,16 +246,22 @@ def parse_request(line: bytes, commands: frozenset[str]) -> tuple[str, dict[str,
     return cmd, args
 
 
-def _result(ok: bool, *, error: str | None = None, data: dict[str, Any] | None = None
-            ) -> dict[str, Any]:
+def result(ok: bool, *, error: str | None = None, data: dict[str, Any] | None = None
+           ) -> dict[str, Any]:
+    """The result message that ends every request (also written by a re-exec'd image)."""
     msg: dict[str, Any] = {"v": PROTOCOL, "type": "result", "ok": ok, "data": data or {}}
     if error is not None:
         msg["error"] = error
     return msg
 
 
+def encode(msg: dict[str, Any]) -> bytes:
+    """One line of the protocol."""
+    return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+
+
 def _write(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
-    writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+    writer.write(encode(msg))
 
 
 class Client:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -25,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from swapd import __version__
+from swapd import __version__, control
 from swapd.config import Config, ConfigError, load
 from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
 from swapd.sockets import (
@@ -563,9 +562,8 @@ def _swap_bound(config: Config) -> float:
 
 def _answer(fd: int, data: dict[str, Any]) -> None:
     """The result line of `upgrade --self`, written by the new image to the old connection."""
-    line = json.dumps({"v": 1, "type": "result", "ok": True, "data": data}).encode() + b"\n"
     try:
-        os.write(fd, line)
+        os.write(fd, control.encode(control.result(True, data=data)))
     except OSError as e:
         log.warning("event=reexec.reply_failed error=%r", str(e))
     finally:
