@@ -66,6 +66,7 @@ def test_several_requests_on_one_connection(service) -> None:  # type: ignore[no
     assert [r["ok"] for r in replies] == [False, True, True]
 
 
+@pytest.mark.slow
 def test_other_uid_is_refused(tmp_path: Path) -> None:
     """Even with the file mode opened up, peer credentials are checked."""
     if os.geteuid() != 0:
@@ -99,6 +100,7 @@ def test_other_uid_is_refused(tmp_path: Path) -> None:
         shutil.rmtree(shared, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_cli_json_and_exit_codes(service, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = service.cli("status", "--json")
     assert out.returncode == 0

@@ -9,6 +9,8 @@ import pytest
 
 from tests.integration.supervised import ROOT, SWAPD
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("mode", ["stateful", "stateless"])
 def test_demo(mode: str) -> None:

@@ -34,6 +34,7 @@ def _assert_untouched(s: Supervised, old_pids: list[int]) -> None:
     assert status == 200 and body.startswith("v1 ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("behave", "reason", "tail"),
     [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.integration.supervised import (
     HELLO,
     children_of,
@@ -11,6 +13,8 @@ from tests.integration.supervised import (
     wait_pid_gone,
     zombies_of,
 )
+
+pytestmark = pytest.mark.slow
 
 SWAPS = 20
 

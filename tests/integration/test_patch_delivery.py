@@ -48,6 +48,7 @@ def shop(tmp_path: Path):  # type: ignore[no-untyped-def]
         s.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["close", "keepalive"])
 def test_patch_under_load_keeps_state_then_rollback(shop: Supervised, mode: str) -> None:
     s = shop
@@ -79,6 +80,7 @@ def test_patch_under_load_keeps_state_then_rollback(shop: Supervised, mode: str)
     assert sum(before.values()) < sum(after.values()) < sum(final.values())
 
 
+@pytest.mark.slow
 def test_journal_replayed_on_restart_and_cleared_by_swap(shop: Supervised) -> None:
     s = shop
     assert s.cli("patch", FIX, "--module", "rules").returncode == 0

@@ -10,6 +10,8 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
+
 from tests.integration.supervised import PY, ROOT, Supervised
 
 KV = [PY, str(ROOT / "tests" / "apps" / "kvstore.py")]
@@ -60,6 +62,7 @@ def writer(address: tuple[str, int], model: dict[str, str], stop: threading.Even
         c.close()
 
 
+@pytest.mark.slow
 def test_precopy_swap_keeps_every_change_and_every_connection(tmp_path: Path) -> None:
     s = Supervised(tmp_path, KV, binds=["kv=127.0.0.1:0"], env={"PRELOAD": str(PRELOAD)},
                    args=["--mode", "stateful", "--precopy"]).start()

@@ -33,6 +33,7 @@ def start(tmp_path: Path, code: Path) -> Supervised:
                       env={"PYTHONPATH": str(code)}).start()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["close", "keepalive"])
 def test_upgrade_self_keeps_pid_listeners_and_workers(tmp_path: Path, code: Path,
                                                       mode: str) -> None:
@@ -65,6 +66,7 @@ def test_upgrade_self_keeps_pid_listeners_and_workers(tmp_path: Path, code: Path
         s.stop()
 
 
+@pytest.mark.slow
 def test_workers_survive_reexec_unchanged(tmp_path: Path, code: Path) -> None:
     s = start(tmp_path, code)
     try:

@@ -47,6 +47,7 @@ def start(tmp_path: Path, behavior: Path, *args: str) -> Supervised:
                             "--restore-timeout", "2", *args]).start()
 
 
+@pytest.mark.slow
 def test_state_and_keepalive_connection_survive_swaps(tmp_path: Path, behavior: Path) -> None:
     s = start(tmp_path, behavior)
     try:
@@ -75,6 +76,7 @@ def _aborted(s: Supervised, conn: http.client.HTTPConnection, count: int, reason
     assert post_incr(conn) == count + 1, "the old worker resumed with its exact state"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("behave", "reason"),
     [
@@ -96,6 +98,7 @@ def test_restore_failures_abort(tmp_path: Path, behavior: Path, behave: dict[str
         s.stop()
 
 
+@pytest.mark.slow
 def test_new_worker_killed_mid_restore(tmp_path: Path, behavior: Path) -> None:
     gate = tmp_path / "restore-gate"
     os.mkfifo(gate)
@@ -119,6 +122,7 @@ def test_new_worker_killed_mid_restore(tmp_path: Path, behavior: Path) -> None:
         s.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("behave", [{"snapshot_sleep": 2.0}, {"snapshot_hang": True}],
                          ids=["blocks-loop", "hangs-async"])
 def test_old_worker_hanging_in_snapshot(tmp_path: Path, behavior: Path,
@@ -152,6 +156,7 @@ def test_fresh_worker_gets_no_restore(tmp_path: Path, behavior: Path) -> None:
         s.stop()
 
 
+@pytest.mark.slow
 def test_client_leaving_before_handoff_is_not_fatal(tmp_path: Path, behavior: Path
                                                           ) -> None:
     """A client that disconnects while its connection is being handed over costs nothing."""

@@ -10,6 +10,8 @@ import pytest
 
 from tests.integration.supervised import ROOT, http_get, supervised, wait_pid_gone
 
+pytestmark = pytest.mark.slow
+
 GUNICORN = shutil.which("gunicorn", path=str(Path(sys.executable).parent))
 
 

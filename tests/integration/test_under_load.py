@@ -18,6 +18,8 @@ import pytest
 from swapd.loadgen import BackgroundLoad, fetch_sync, http_get, http_get_int, http_post
 from tests.integration.supervised import HELLO, PY, ROOT, Supervised, supervised
 
+pytestmark = pytest.mark.slow
+
 COUNTER = [PY, str(ROOT / "examples" / "counter.py")]
 LOAD = {"clients": 16, "duration": 120.0, "max_requests": 1_000_000}
 MODES = ["close", "keepalive"]

@@ -7,6 +7,8 @@ import signal
 import socket
 from pathlib import Path
 
+import pytest
+
 from tests.integration.supervised import (
     HELLO,
     MISBEHAVE,
@@ -17,6 +19,7 @@ from tests.integration.supervised import (
 )
 
 
+@pytest.mark.slow
 def test_killed_worker_is_restarted_in_its_slot(tmp_path: Path) -> None:
     with supervised(tmp_path, HELLO, args=["--workers", "2"]) as s:
         victim, survivor = s.active_pids()
@@ -33,6 +36,7 @@ def test_killed_worker_is_restarted_in_its_slot(tmp_path: Path) -> None:
         assert http_get(s.address())[0] == 200
 
 
+@pytest.mark.slow
 def test_crash_loop_is_reported(tmp_path: Path) -> None:
     behavior = tmp_path / "b.json"
     write_behavior(behavior, version="v1")
@@ -50,6 +54,7 @@ def test_crash_loop_is_reported(tmp_path: Path) -> None:
         assert delays[:5] == [0.1, 0.2, 0.4, 0.8, 1.6]
 
 
+@pytest.mark.slow
 def test_drain_deadline_kills_stuck_worker(tmp_path: Path) -> None:
     """A connection busy forever cannot hold the old generation past drain_timeout."""
     behavior = tmp_path / "b.json"

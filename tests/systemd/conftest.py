@@ -13,6 +13,14 @@ import pytest
 from tests.systemd.harness import BootedSystemd, cannot_boot_reason
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything here boots a real systemd: the slow tier."""
+    here = __file__.rsplit("/", 1)[0]
+    for item in items:
+        if str(item.path).startswith(here):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def _why_not_bootable() -> str | None:
     return cannot_boot_reason()

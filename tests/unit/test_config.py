@@ -423,6 +423,7 @@ OVERRIDES = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(flags=OVERRIDES, config_file=st.none() | _PATHS)
 def test_overrides_round_trip(flags: dict[str, Any], config_file: str | None) -> None:

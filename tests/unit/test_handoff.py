@@ -938,6 +938,7 @@ def apply_op(
         rx[0].apply_delta(roundtrip_part(td.delta()))
 
 
+@pytest.mark.slow
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -8,6 +8,7 @@ that cannot be understood one without the other.
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
+@functools.cache
 def _graph() -> dict[str, set[str]]:
     mods = _modules()
     graph: dict[str, set[str]] = {}

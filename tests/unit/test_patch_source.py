@@ -173,6 +173,7 @@ def test_piecewise_compile_equals_a_whole_compile() -> None:
         assert ast.dump(merged[0]) == ast.dump(ast.parse(text))
 
 
+@pytest.mark.slow
 def test_piecewise_compile_matches_on_real_modules() -> None:
     """The 40 largest stdlib modules compile piecewise to the same trees and code objects."""
     import sysconfig

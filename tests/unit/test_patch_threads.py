@@ -147,6 +147,7 @@ class Readers:
         assert not any(t.is_alive() for t in self.threads)
 
 
+@pytest.mark.slow
 def test_no_thread_observes_half_a_commit_or_rollback(mods: Mods, fast_switching: None) -> None:
     n = 40
     m = mods.load(versioned_source(1, n))
