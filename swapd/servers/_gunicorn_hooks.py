@@ -37,6 +37,7 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from swapd import systemd
+from swapd.servers._common import ready_callback
 
 _MSG_MAX = 64
 
@@ -94,12 +95,10 @@ def post_worker_init(worker: Any) -> None:
     if gate is None:
         return
     pid = os.getpid()
-    config = getattr(worker, "config", None)
+    config: Any = getattr(worker, "config", None)
     if type(config).__module__.startswith("uvicorn") and hasattr(config, "callback_notify"):
         # uvicorn's worker imports the app here but runs the lifespan startup later, in
         # run(); uvicorn calls callback_notify first on the tick after its startup.
-        from swapd.servers._common import ready_callback
-
         config.callback_notify = ready_callback(config.callback_notify,
                                                 lambda: gate.report(b"B", pid))
         return

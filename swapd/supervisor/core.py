@@ -36,7 +36,7 @@ from swapd.sockets import (
     describe,
     parse_address,
 )
-from swapd.supervisor import patching, reexec
+from swapd.supervisor import patching, readiness, reexec
 from swapd.supervisor.generation import Generation, WorkerProcess, WorkerSpec, spawn_worker
 from swapd.supervisor.lifecycle import GenEvent, GenState, SlotEvent, SlotState
 from swapd.supervisor.listeners import Listener, ListenerError, Listeners
@@ -481,8 +481,8 @@ class Supervisor:
             w.transition_ready()
             log.info("event=worker.ready %s restarts=%d", w.tag, gen.restarts[w.slot])
         elif not done:
-            log.error("event=worker.ready_timeout %s timeout=%gs action=SIGKILL", w.tag,
-                      gen.config.timeouts.ready)
+            log.error("event=worker.ready_timeout %s timeout=%gs action=SIGKILL reason=%r", w.tag,
+                      gen.config.timeouts.ready, readiness.waiting_for(w, gen.config))
             self.processes.signal_group(w.child, signal.SIGKILL)
 
     def _on_worker_message(self, w: WorkerProcess, msg: Message) -> None:

@@ -7,6 +7,8 @@ imports this module (a test writes the file, then asks for a swap):
     {"import_error": true}     raise ImportError while importing (a broken release)
     {"startup_error": true}    raise in the startup: the ASGI lifespan startup, aiohttp's
                                on_startup, or the WSGI app factory `make_wsgi()`
+    {"status": 500}            answer every request with this status (a release that imports
+                               and starts but cannot serve: only a probe notices)
     {"import_sleep": 0.3}      spend this long importing (benchmarks: a known import time)
 
 Every process appends "<pid> imported <seconds>" to $IMPORT_LOG when set, so a benchmark can
@@ -38,21 +40,22 @@ if _BEHAVIOR.get("import_sleep"):
 
 VERSION = str(_BEHAVIOR.get("version", "v1"))
 STARTUP_ERROR = bool(_BEHAVIOR.get("startup_error"))
+STATUS = int(_BEHAVIOR.get("status", 200))
 
 if os.environ.get("IMPORT_LOG"):
     with open(os.environ["IMPORT_LOG"], "a") as _f:
         _f.write(f"{os.getpid()} imported {time.perf_counter() - _T0:.6f}\n")
 
 
-def _body() -> bytes:
+def body() -> bytes:
     return f"{VERSION} {os.getpid()}".encode()
 
 
 def wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-    body = _body()
-    start_response("200 OK", [("Content-Type", "text/plain"),
-                              ("Content-Length", str(len(body)))])
-    return [body]
+    data = body()
+    start_response(f"{STATUS} X", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(data)))])
+    return [data]
 
 
 def make_wsgi() -> Any:
@@ -76,18 +79,18 @@ async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 return
     if scope["type"] != "http":
         return
-    body = _body()
-    await send({"type": "http.response.start", "status": 200,
+    data = body()
+    await send({"type": "http.response.start", "status": STATUS,
                 "headers": [(b"content-type", b"text/plain"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+                            (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
 
 
 def make_aiohttp(argv: list[str]) -> Any:
     from aiohttp import web
 
     async def index(request: web.Request) -> web.Response:
-        return web.Response(body=_body(), content_type="text/plain")
+        return web.Response(status=STATUS, body=body(), content_type="text/plain")
 
     async def startup(app: web.Application) -> None:
         if STARTUP_ERROR:

@@ -1,0 +1,40 @@
+"""A one-file Django project for gunicorn (`django_app:application`); its release's behaviour
+comes from servers_app ($BEHAVIOR): an import error, or an exception while Django starts
+(an installed app whose AppConfig.ready() raises, as a broken app's ready() would)."""
+
+import django
+from django.apps import AppConfig
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.urls import path
+
+import servers_app
+
+
+class BrokenConfig(AppConfig):
+    name = "django_app"
+    label = "django_app_broken"
+
+    def ready(self) -> None:
+        raise RuntimeError("simulated failure in AppConfig.ready()")
+
+
+settings.configure(
+    DEBUG=False,
+    SECRET_KEY="swapd-test-only",
+    ALLOWED_HOSTS=["*"],
+    ROOT_URLCONF=__name__,
+    MIDDLEWARE=[],
+    INSTALLED_APPS=["django_app.BrokenConfig"] if servers_app.STARTUP_ERROR else [],
+)
+
+
+def index(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(servers_app.body(), content_type="text/plain")
+
+
+urlpatterns = [path("", index)]
+
+from django.core.wsgi import get_wsgi_application  # noqa: E402  (after settings)
+
+application = get_wsgi_application()
