@@ -32,7 +32,7 @@ import logging
 import re
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
@@ -62,11 +62,11 @@ class Probe:
     last: str = "no attempt yet"
     attempts: int = 0
     task: asyncio.Task[None] | None = None
+    address: str = field(init=False)  # kept: the socket is closed once the probe is over
 
-    @property
-    def address(self) -> str:
+    def __post_init__(self) -> None:
         host, port = self.sock.getsockname()[:2]
-        return f"{host}:{port}"
+        self.address = f"{host}:{port}"
 
     def describe(self) -> str:
         if self.spec == "tcp":
@@ -140,7 +140,7 @@ async def _run(worker: WorkerProcess, probe: Probe, bound: float) -> None:
 
 
 async def _attempt(probe: Probe) -> tuple[bool, str]:
-    host, port = probe.sock.getsockname()[:2]
+    host, _, port = probe.address.rpartition(":")
     try:
         reader, writer = await asyncio.open_connection(host, port, limit=_STATUS_LINE_MAX)
     except OSError as e:

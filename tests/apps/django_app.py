@@ -2,13 +2,11 @@
 comes from servers_app ($BEHAVIOR): an import error, or an exception while Django starts
 (an installed app whose AppConfig.ready() raises, as a broken app's ready() would)."""
 
-import django
+import servers_app
 from django.apps import AppConfig
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.urls import path
-
-import servers_app
 
 
 class BrokenConfig(AppConfig):

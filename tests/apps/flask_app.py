@@ -1,9 +1,8 @@
 """A Flask application factory for gunicorn (`flask_app:create_app()`); its release's
 behaviour comes from servers_app ($BEHAVIOR): an import error, or a failing factory."""
 
-from flask import Flask
-
 import servers_app
+from flask import Flask
 
 
 def create_app() -> Flask:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from swapd.loadgen import BackgroundLoad, http_get
-from tests.integration.supervised import PY, ROOT, Supervised, supervised, write_behavior
+from tests.integration.supervised import PY, ROOT, Supervised, write_behavior
 from tests.integration.supervised import http_get as get_once
 
 APPS = ROOT / "tests" / "apps"
@@ -101,3 +101,102 @@ def test_broken_releases_refused_good_release_swaps(tmp_path: Path, server: str)
         assert s.active_pids() != old
     finally:
         s.stop()
+
+
+HYPERCORN = shutil.which("hypercorn", path=str(Path(sys.executable).parent))
+UVICORN = shutil.which("uvicorn", path=str(Path(sys.executable).parent))
+
+
+def hypercorn_cli(probe_bind_file: Path) -> list[str]:
+    """Plain `hypercorn` (it never sends READY=1), serving fd 3 and whatever the file adds:
+    `--bind fd://$SWAPD_PROBE_FD` makes it serve its private probe socket too."""
+    assert HYPERCORN is not None
+    return ["sh", "-c", f'eval exec {HYPERCORN} --workers 0 --bind fd://3 '
+            f'"$(cat "{probe_bind_file}")" servers_app:asgi']
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HYPERCORN is None, reason="hypercorn is in the test extra; not installed")
+def test_http_probe_reaches_the_new_generation(tmp_path: Path) -> None:
+    """The public listener would answer 200 from the old generation; the probe asks the new
+    worker itself, so a release that starts but answers 500 is refused."""
+    binds = tmp_path / "probe-bind"
+    binds.write_text("--bind fd://$SWAPD_PROBE_FD")
+    s = run_servers(tmp_path, hypercorn_cli(binds),
+                    ("--readiness", "probe", "--probe", "http:/", "--ready-timeout", "3",
+                     "--probe-timeout", "1"))
+    behavior = tmp_path / "behavior.json"
+    try:
+        s.start()
+        old = s.active_pids()
+        # No load here: until it is refused, the 500 release accepts on the shared listener
+        # like any new generation, so clients it reaches see its 500s (docs/servers.md).
+        write_behavior(behavior, status=500)
+        proc = s.cli("upgrade")
+        assert proc.returncode == 1, (proc.stdout, proc.stderr)
+        assert "not ready within 3s (ready_timeout): waiting for GET / to answer 2xx or 3xx" \
+            " on its private probe socket 127.0.0.1:" in proc.stderr, proc.stderr
+        assert "last: GET / answered 500" in proc.stderr, proc.stderr
+        assert s.active_pids() == old
+        with BackgroundLoad(s.address(), http_get("/"), **LOAD) as load:  # type: ignore[arg-type]
+            load.wait_for_successes(30, timeout=30)
+            write_behavior(behavior, import_error=True)
+            proc = s.cli("upgrade")
+            assert proc.returncode == 1 and "simulated import failure" in proc.stderr, proc.stderr
+            write_behavior(behavior, version="v2")
+            res = s.result("upgrade")
+            assert res["ok"], res
+            load.wait_for_successes(30, timeout=30)
+        report = load.report
+        assert report is not None and report.failed == 0, report and report.format()
+        assert get_once(s.address())[1].startswith("v2 ")
+    finally:
+        s.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HYPERCORN is None, reason="hypercorn is in the test extra; not installed")
+def test_tcp_probe_waits_for_the_worker_to_accept(tmp_path: Path) -> None:
+    """tcp: ready once the new worker accepts on its probe socket; one that does not serve it
+    (the connection stays queued in the backlog) is never taken for ready."""
+    binds = tmp_path / "probe-bind"
+    binds.write_text("--bind fd://$SWAPD_PROBE_FD")
+    s = run_servers(tmp_path, hypercorn_cli(binds),
+                    ("--readiness", "probe", "--probe", "tcp", "--ready-timeout", "2"))
+    try:
+        s.start()
+        old = s.active_pids()
+        binds.write_text("")  # the next release serves fd 3 only: its probe is never accepted
+        proc = s.cli("upgrade")
+        assert proc.returncode == 1, (proc.stdout, proc.stderr)
+        assert "waiting for the worker to accept a connection on its private probe socket" \
+            in proc.stderr, proc.stderr
+        assert s.active_pids() == old
+        binds.write_text("--bind fd://$SWAPD_PROBE_FD")
+        assert s.result("upgrade")["ok"]
+        assert get_once(s.address())[0] == 200
+    finally:
+        s.stop()
+
+
+@pytest.mark.skipif(UVICORN is None, reason="uvicorn is in the test extra; not installed")
+def test_ready_timeout_says_what_it_waited_for(tmp_path: Path) -> None:
+    """Plain `uvicorn --fd 3` never sends READY=1: the failure says what swapd waited for,
+    that nothing came, where to look, and what the worker printed last."""
+    import subprocess
+
+    from tests.integration.supervised import SWAPD
+
+    assert UVICORN is not None
+    write_behavior(tmp_path / "behavior.json", version="v1")
+    proc = subprocess.run(
+        [*SWAPD, "run", "--control", str(tmp_path / "swapd.sock"), "--bind", "http=127.0.0.1:0",
+         "--cwd", str(APPS), "--ready-timeout", "2", "--", UVICORN, "--fd", "3",
+         "servers_app:asgi"],
+        env={**run_servers(tmp_path, []).env, "NOTIFY_SOCKET": ""}, capture_output=True,
+        text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("swapd: gen=1"))
+    assert "not ready within 2s (ready_timeout): waiting for READY=1 on its NOTIFY_SOCKET" in line
+    assert "it sent nothing" in line and "docs/servers.md" in line
+    assert "last output: " in line and "Uvicorn running on socket" in line, line
