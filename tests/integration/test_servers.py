@@ -24,8 +24,9 @@ GUNICORN = shutil.which("gunicorn", path=str(Path(sys.executable).parent))
 LOAD = {"clients": 4, "mode": "close", "duration": 90.0, "max_requests": 200_000}
 
 
-def gunicorn(*extra: str, app: str = "servers_app:make_wsgi()") -> list[str]:
-    return [GUNICORN or "gunicorn", "-c", "python:swapd.servers.gunicorn", "--workers", "2",
+def gunicorn(*extra: str, app: str = "servers_app:make_wsgi()",
+             config: str = "python:swapd.servers.gunicorn") -> list[str]:
+    return [GUNICORN or "gunicorn", "-c", config, "--workers", "2",
             "--graceful-timeout", "10", "--no-control-socket", *extra, app]
 
 
@@ -33,7 +34,8 @@ def gunicorn(*extra: str, app: str = "servers_app:make_wsgi()") -> list[str]:
 SERVERS: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "gunicorn-sync": (gunicorn(), ("gunicorn",)),
     "gunicorn-sync-preload": (gunicorn("--preload"), ("gunicorn",)),
-    "gunicorn-gthread": (gunicorn("-k", "gthread", "--threads", "4"), ("gunicorn",)),
+    # gthread through a user's own config file that calls swapd.servers.gunicorn.install()
+    "gunicorn-gthread": (gunicorn(config="gunicorn_conf.py"), ("gunicorn",)),
     "gunicorn-uvicorn": (gunicorn("-k", "uvicorn.workers.UvicornWorker", app="servers_app:asgi"),
                          ("gunicorn", "uvicorn")),
     "uvicorn": ([PY, "-m", "swapd.servers.uvicorn", "servers_app:asgi"], ("uvicorn",)),
@@ -99,6 +101,9 @@ def test_broken_releases_refused_good_release_swaps(tmp_path: Path, server: str)
         status, body = get_once(s.address())
         assert status == 200 and body.startswith("v2 "), body
         assert s.active_pids() != old
+        if server == "gunicorn-gthread":
+            s.wait_log(r"\| user post_worker_init pid=\d+", timeout=5)
+            s.wait_log(r"Using worker: gthread", timeout=5)
     finally:
         s.stop()
 
