@@ -13,7 +13,9 @@ after `Server.startup` has imported the app (`Config.load`), completed the lifes
 and started accepting on the sockets. A release that fails in any of those steps exits with
 uvicorn's status 3 before READY=1. The sockets go to `Server.serve(sockets=...)` (what
 gunicorn's uvicorn worker does) rather than `--fd`, which rebuilds the socket as AF_UNIX and so
-loses TCP_NODELAY on TCP listeners.
+loses TCP_NODELAY on TCP listeners. SIGTERM stops accepting at once, then leaves connections
+just accepted $SWAPD_IDLE_GRACE seconds to send their request before uvicorn's own graceful
+shutdown (see `draining_server`).
 """
 
 from __future__ import annotations
@@ -81,9 +83,48 @@ def _parse(argv: Sequence[str]) -> tuple[str, dict[str, Any], int | None]:
     return app, params, fd
 
 
+def draining_server(config: Any, grace: float) -> Any:
+    """uvicorn's Server, but SIGTERM first stops accepting, then waits `grace` seconds before
+    uvicorn's own shutdown.
+
+    uvicorn's shutdown closes every connection that has no request in progress, including
+    one it has just accepted whose request has not been read yet: in close mode that client
+    gets a reset (peers.md §10, pitfall 6). Closing the listening sockets first and leaving
+    such connections `grace` seconds (swapd's idle_grace) to deliver their request turns them
+    into requests in flight, which uvicorn's shutdown lets finish.
+    """
+    import asyncio
+    import signal
+    from types import FrameType
+
+    from uvicorn.server import Server
+
+    class DrainingServer(Server):
+        draining = False
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def startup(self, sockets: list[Any] | None = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.draining or not self.started or self.loop is None or sig != signal.SIGTERM:
+                super().handle_exit(sig, frame)
+                return
+            self.draining = True  # a signal handler: act in the loop, not here
+            self.loop.call_soon_threadsafe(self._stop_accepting, sig)
+
+        def _stop_accepting(self, sig: int) -> None:
+            for server in self.servers:
+                server.close()  # this process's copy of the listener; others keep theirs
+            assert self.loop is not None
+            self.loop.call_later(grace, super().handle_exit, sig, None)
+
+    return DrainingServer(config=config)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from uvicorn.config import STARTUP_FAILURE, Config
-    from uvicorn.server import Server
 
     app, params, fd = _parse(sys.argv[1:] if argv is None else argv)
     try:
@@ -93,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pid = os.getpid()
     config = Config(app, **params, callback_notify=ready_callback(
         None, lambda: notify_ready(f"uvicorn serving, pid {pid}")))
-    server = Server(config=config)
+    server = draining_server(config, float(os.environ.get("SWAPD_IDLE_GRACE", "1")))
     server.run(sockets=sockets)
     if not server.started:
         sys.exit(STARTUP_FAILURE)
