@@ -7,13 +7,15 @@ app itself takes to import, and what each server's own drain does to clients.
 
 For each recipe of docs/servers.md (the exact worker command is printed), one `swapd run`:
 
-    ready      --swaps upgrades with no load; per swap, swapd's `timings_ms.ready` (spawn to
-               every new worker ready) and the app's own import time, measured inside each
-               new process by tests/apps/servers_app.py (it spends --import-sleep s importing,
-               to stand for a real app) and written to $IMPORT_LOG. With 2 workers the swap
-               waits for the slower one, so the import figure is the max over the new workers.
-               overhead = ready - import: interpreter start, the server's own imports and boot,
-               and the readiness signal's way to swapd.
+    ready      --swaps upgrades with no load to an app that imports in no time ("empty"),
+               then --swaps to one that spends --import-sleep s importing (standing for a real
+               app); per swap, swapd's `timings_ms.ready` (spawn to every new worker ready)
+               and the app's own import time, measured inside each new process by
+               tests/apps/servers_app.py and written to $IMPORT_LOG (with 2 workers the swap
+               waits for the slower one: the max over the new workers). ready - empty is what
+               the import added to the swap (it should equal the import time: the swap waits
+               for the app, no longer); ready - import is the rest: interpreter start, the
+               server's own imports and boot, and the readiness signal's way to swapd.
     keepalive  16 closed-loop clients on keep-alive connections, 3 swaps (load between swaps
                gated on successes, not time): failed requests per swap, and their kinds
     close      the same with a new connection per request
@@ -108,10 +110,29 @@ def swaps_under_load(swapd: SwapdProcess, mode: str, swaps: int, between: int,
     }
 
 
+def ready_phase(swapd: SwapdProcess, name: str, behavior: Path, import_log: Path,
+                seen: set[int], sleep: float, swaps: int) -> tuple[list[float], list[float]]:
+    """`swaps` upgrades to releases that spend `sleep` s importing: (ready ms, import ms)."""
+    behavior.write_text(json.dumps({"import_sleep": sleep}))
+    ready, imports = [], []
+    for _ in range(swaps):
+        res = swapd.call("upgrade", 120)
+        if swapd.notify is not None:
+            swapd.notify.drain()
+        if not res.get("ok"):
+            raise BenchError(f"{name}: upgrade failed: {res}")
+        ready.append(float(res["data"]["timings_ms"]["ready"]))
+        new = import_times(import_log, seen)
+        if not new:
+            raise BenchError(f"{name}: no import logged by the new generation")
+        imports.append(max(new) * 1000)
+    return ready, imports
+
+
 def run_recipe(name: str, command: list[str], args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-servers-"))
     behavior, import_log = work / "behavior.json", work / "imports.log"
-    behavior.write_text(json.dumps({"import_sleep": args.import_sleep}))
+    behavior.write_text(json.dumps({"import_sleep": 0}))
     swapd = SwapdProcess(work, [
         "--bind", "http=127.0.0.1:0", "--cwd", str(APPS), "--ready-timeout", "60",
         "--env", f"BEHAVIOR={behavior}", "--env", f"IMPORT_LOG={import_log}",
@@ -122,21 +143,14 @@ def run_recipe(name: str, command: list[str], args: argparse.Namespace) -> dict[
         swapd.start()
         seen: set[int] = set()
         import_times(import_log, seen)  # the first generation's
-        ready, imports = [], []
-        for _ in range(args.swaps):
-            res = swapd.call("upgrade", 120)
-            if swapd.notify is not None:
-                swapd.notify.drain()
-            if not res.get("ok"):
-                raise BenchError(f"{name}: upgrade failed: {res}")
-            ready.append(float(res["data"]["timings_ms"]["ready"]))
-            new = import_times(import_log, seen)
-            if not new:
-                raise BenchError(f"{name}: no import logged by the new generation")
-            imports.append(max(new) * 1000)
+        floor, _ = ready_phase(swapd, name, behavior, import_log, seen, 0.0, args.swaps)
+        ready, imports = ready_phase(swapd, name, behavior, import_log, seen,
+                                     args.import_sleep, args.swaps)
+        result["floor_ms"] = floor
         result["ready_ms"] = ready
         result["import_ms"] = imports
         result["overhead_ms"] = [r - i for r, i in zip(ready, imports, strict=True)]
+        behavior.write_text(json.dumps({}))
         for mode in args.modes:
             result[mode] = swaps_under_load(swapd, mode, args.load_swaps, args.between,
                                             args.duration)
@@ -148,13 +162,14 @@ def run_recipe(name: str, command: list[str], args: argparse.Namespace) -> dict[
 
 def tables(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     ready_rows = [
-        (r["recipe"], f"{median(r['ready_ms']):.0f}", f"{median(r['import_ms']):.0f}",
-         f"{median(r['overhead_ms']):.0f}", f"{min(r['overhead_ms']):.0f}–"
-         f"{max(r['overhead_ms']):.0f}") for r in results]
-    out = [f"ready vs import (median of {args.swaps} swaps, app import sleep "
-           f"{args.import_sleep * 1000:.0f} ms)",
-           md_table(["recipe", "ready ms", "app import ms", "overhead ms", "overhead range"],
-                    ready_rows)]
+        (r["recipe"], f"{median(r['floor_ms']):.0f}", f"{median(r['ready_ms']):.0f}",
+         f"{median(r['import_ms']):.0f}",
+         f"{median(r['ready_ms']) - median(r['floor_ms']):.0f}",
+         f"{median(r['overhead_ms']):.0f}") for r in results]
+    out = [f"ready vs import (medians of {args.swaps} swaps each; the app spends 0, then "
+           f"{args.import_sleep * 1000:.0f} ms importing)",
+           md_table(["recipe", "ready ms, empty app", "ready ms", "app import ms",
+                     "ready - empty", "ready - import"], ready_rows)]
     for mode in args.modes:
         rows = []
         for r in results:

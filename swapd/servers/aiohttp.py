@@ -5,9 +5,11 @@ cleanup_ctx) has run, and it accepts on the inherited sockets.
 
 `module:factory` is what `python -m aiohttp.web` takes: a function called with the remaining
 arguments that returns an `aiohttp.web.Application` (or an awaitable of one); `module:app`
-naming an Application works too. SIGTERM or SIGINT starts aiohttp's graceful shutdown
-(`AppRunner.cleanup`: stop accepting, close idle keep-alive connections, wait up to
-`--shutdown-timeout` for handlers in flight, run on_shutdown and on_cleanup).
+naming an Application works too. SIGTERM or SIGINT stops accepting at once, waits
+$SWAPD_IDLE_GRACE seconds (swapd's idle_grace) for requests on connections just accepted,
+then runs aiohttp's graceful shutdown (`AppRunner.cleanup`: close idle keep-alive
+connections, wait up to `--shutdown-timeout` for handlers in flight, run on_shutdown and
+on_cleanup).
 
 Why this way: aiohttp has no readiness notification and no way to serve an inherited fd
 from its CLI; its public runner API (`AppRunner.setup()` runs the startup signals, then
@@ -62,7 +64,8 @@ async def _build(entry: str, argv: list[str]) -> Any:
     return obj
 
 
-async def _serve(entry: str, argv: list[str], shutdown_timeout: float) -> None:
+async def _serve(entry: str, argv: list[str], shutdown_timeout: float, idle_grace: float
+                 ) -> None:
     from aiohttp import web
 
     try:
@@ -76,11 +79,20 @@ async def _serve(entry: str, argv: list[str], shutdown_timeout: float) -> None:
     app = await _build(entry, argv)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout)
     await runner.setup()  # on_startup and cleanup_ctx run here: an exception exits non-zero
+    sites = []
     try:
         for sock in sockets:
-            await web.SockSite(runner, sock).start()
+            site = web.SockSite(runner, sock)
+            await site.start()
+            sites.append(site)
         notify_ready(f"aiohttp serving, pid {os.getpid()}")
         await stop.wait()
+        # Stop accepting first, then give connections just accepted the idle grace to send
+        # their request: aiohttp's shutdown closes every connection with no request in
+        # progress, and one whose request is still on its way would be cut (an EOF).
+        for site in sites:
+            await site.stop()
+        await asyncio.sleep(idle_grace)
     finally:
         await runner.cleanup()
 
@@ -88,7 +100,8 @@ async def _serve(entry: str, argv: list[str], shutdown_timeout: float) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args, rest = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     sys.path.insert(0, "")  # like `python -m aiohttp.web`: the working directory is importable
-    coro = _serve(args.entry, rest, args.shutdown_timeout)
+    coro = _serve(args.entry, rest, args.shutdown_timeout,
+                  float(os.environ.get("SWAPD_IDLE_GRACE", "1")))
     if args.uvloop:
         import uvloop
 

@@ -12,8 +12,10 @@ Why a launcher: plain `hypercorn --bind fd://3` never sends READY=1. Readiness u
 hypercorn's public programmatic API, `hypercorn.asyncio.serve(app, config,
 shutdown_trigger=...)`: hypercorn awaits `shutdown_trigger` only after the lifespan startup
 has completed and a server accepts on every socket, so its first call is the moment to send
-READY=1 (and then wait for SIGTERM/SIGINT, which start hypercorn's graceful shutdown). An
-ImportError, or a failed lifespan startup, makes the process exit non-zero before that.
+READY=1 (and then wait for SIGTERM/SIGINT, which start hypercorn's graceful shutdown, after
+the process stopped accepting and gave connections just accepted $SWAPD_IDLE_GRACE seconds to
+send their request). An ImportError, or a failed lifespan startup, makes the process exit
+non-zero before READY=1.
 """
 
 from __future__ import annotations
@@ -72,29 +74,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     except LaunchError as e:
         fail(PROG, str(e))
     # hypercorn builds its sockets from `bind`: fd://N takes each inherited fd as it is.
-    config.bind = [f"fd://{s.detach()}" for s in sockets]
+    fds = [s.detach() for s in sockets]
+    config.bind = [f"fd://{fd}" for fd in fds]
     config.insecure_bind = []
     sys.path.insert(0, "")  # like `hypercorn app:app`: the working directory is importable
     app = load_app(args.application)
     if args.worker_class == "uvloop":
         import uvloop
 
-        uvloop.run(_serve(serve, app, config))
+        uvloop.run(_serve(serve, app, config, fds))
     else:
-        asyncio.run(_serve(serve, app, config))
+        asyncio.run(_serve(serve, app, config, fds))
 
 
-async def _serve(serve: Any, app: Any, config: Any) -> None:
+async def _serve(serve: Any, app: Any, config: Any, fds: list[int]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     pid = os.getpid()
+    grace = float(os.environ.get("SWAPD_IDLE_GRACE", "1"))
 
     async def shutdown_trigger() -> None:
         # Awaited by hypercorn only once the lifespan startup is done and it accepts.
         notify_ready(f"hypercorn serving, pid {pid}")
         await stop.wait()
+        # hypercorn's shutdown closes every connection with no request in progress, one
+        # accepted an instant ago whose request is on its way included (an EOF for that
+        # client). So stop accepting first and give such connections the idle grace. On
+        # asyncio's own loop a listening socket is served by a reader on its fd; removing it
+        # stops this process's accepts and nothing else (the socket stays open, shared with
+        # the other generation). uvloop serves it another way: there, no grace.
+        if any([loop.remove_reader(fd) for fd in fds]):
+            await asyncio.sleep(grace)
 
     await serve(app, config, shutdown_trigger=shutdown_trigger)
 

@@ -36,8 +36,8 @@ SERVERS: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "gunicorn-sync-preload": (gunicorn("--preload"), ("gunicorn",)),
     # gthread through a user's own config file that calls swapd.servers.gunicorn.install()
     "gunicorn-gthread": (gunicorn(config="gunicorn_conf.py"), ("gunicorn",)),
-    "gunicorn-uvicorn": (gunicorn("-k", "uvicorn.workers.UvicornWorker", app="servers_app:asgi"),
-                         ("gunicorn", "uvicorn")),
+    "gunicorn-uvicorn": (gunicorn("-k", "swapd.servers.gunicorn_uvicorn.UvicornWorker",
+                                  app="servers_app:asgi"), ("gunicorn", "uvicorn")),
     "uvicorn": ([PY, "-m", "swapd.servers.uvicorn", "servers_app:asgi"], ("uvicorn",)),
     "hypercorn": ([PY, "-m", "swapd.servers.hypercorn", "servers_app:asgi"], ("hypercorn",)),
     "aiohttp": ([PY, "-m", "swapd.servers.aiohttp", "servers_app:make_aiohttp"], ("aiohttp",)),
@@ -60,7 +60,8 @@ def run_servers(tmp_path: Path, command: list[str], args: tuple[str, ...] = (),
     behavior = behavior or tmp_path / "behavior.json"
     if not behavior.exists():
         write_behavior(behavior, version="v1")
-    return Supervised(tmp_path, command, args=["--cwd", str(APPS), *args],
+    # --idle-grace: how long a draining launcher gives just-accepted connections (ms would do)
+    return Supervised(tmp_path, command, args=["--cwd", str(APPS), "--idle-grace", "0.25", *args],
                       env={"BEHAVIOR": str(behavior), "HOME": str(tmp_path),
                            "PYTHONWARNINGS": "ignore::DeprecationWarning"})
 
@@ -104,6 +105,28 @@ def test_broken_releases_refused_good_release_swaps(tmp_path: Path, server: str)
         if server == "gunicorn-gthread":
             s.wait_log(r"\| user post_worker_init pid=\d+", timeout=5)
             s.wait_log(r"Using worker: gthread", timeout=5)
+    finally:
+        s.stop()
+
+
+@pytest.mark.skipif(missing(("gunicorn", "uvicorn")) != [], reason="gunicorn and uvicorn are "
+                    "in the test extra; not installed")
+def test_plain_uvicorn_worker_is_ready_only_after_its_startup(tmp_path: Path) -> None:
+    """uvicorn's own worker class runs the lifespan after gunicorn's post_worker_init: the
+    hooks wait for it, so a failing startup is refused (no load: readiness only)."""
+    command = gunicorn("-k", "uvicorn.workers.UvicornWorker", app="servers_app:asgi")
+    s = run_servers(tmp_path, command)
+    try:
+        s.start()
+        old = s.active_pids()
+        write_behavior(tmp_path / "behavior.json", startup_error=True)
+        proc = s.cli("upgrade")
+        assert proc.returncode == 1, (proc.stdout, proc.stderr)
+        assert "simulated failure in lifespan startup" in proc.stderr, proc.stderr
+        assert s.active_pids() == old
+        write_behavior(tmp_path / "behavior.json", version="v2")
+        assert s.result("upgrade")["ok"]
+        assert get_once(s.address())[1].startswith("v2 ")
     finally:
         s.stop()
 
