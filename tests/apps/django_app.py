@@ -2,6 +2,11 @@
 comes from servers_app ($BEHAVIOR): an import error, or an exception while Django starts
 (an installed app whose AppConfig.ready() raises, as a broken app's ready() would)."""
 
+# ruff: noqa: E402  (the clock starts before the imports it measures)
+import time
+
+_T0 = time.perf_counter()
+
 import servers_app
 from django.apps import AppConfig
 from django.conf import settings
@@ -33,6 +38,7 @@ def index(request: HttpRequest) -> HttpResponse:
 
 urlpatterns = [path("", index)]
 
-from django.core.wsgi import get_wsgi_application  # noqa: E402  (after settings)
+from django.core.wsgi import get_wsgi_application  # after settings
 
 application = get_wsgi_application()
+servers_app.log_import(_T0)  # the whole import, Django's setup included

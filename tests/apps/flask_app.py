@@ -1,6 +1,11 @@
 """A Flask application factory for gunicorn (`flask_app:create_app()`); its release's
 behaviour comes from servers_app ($BEHAVIOR): an import error, or a failing factory."""
 
+# ruff: noqa: E402  (the clock starts before the imports it measures)
+import time
+
+_T0 = time.perf_counter()
+
 import servers_app
 from flask import Flask
 
@@ -14,4 +19,5 @@ def create_app() -> Flask:
     def index() -> tuple[bytes, int, dict[str, str]]:
         return servers_app.body(), 200, {"Content-Type": "text/plain"}
 
+    servers_app.log_import(_T0)  # the whole import, Flask and the factory included
     return app

@@ -11,8 +11,9 @@ imports this module (a test writes the file, then asks for a swap):
                                and starts but cannot serve: only a probe notices)
     {"import_sleep": 0.3}      spend this long importing (benchmarks: a known import time)
 
-Every process appends "<pid> imported <seconds>" to $IMPORT_LOG when set, so a benchmark can
-compare the swap's ready time with the app's own import time.
+Every process appends "<pid> imported <seconds>" to $IMPORT_LOG when set (flask_app and
+django_app add their whole import, framework included), so a benchmark can compare the
+swap's ready time with the app's own import time.
 
     wsgi            a WSGI app (gunicorn sync, gthread; Flask/Django have their own modules)
     make_wsgi()     a WSGI app factory (gunicorn's `module:make_wsgi()`)
@@ -42,9 +43,16 @@ VERSION = str(_BEHAVIOR.get("version", "v1"))
 STARTUP_ERROR = bool(_BEHAVIOR.get("startup_error"))
 STATUS = int(_BEHAVIOR.get("status", 200))
 
-if os.environ.get("IMPORT_LOG"):
-    with open(os.environ["IMPORT_LOG"], "a") as _f:
-        _f.write(f"{os.getpid()} imported {time.perf_counter() - _T0:.6f}\n")
+
+
+def log_import(t0: float) -> None:
+    """Append "<pid> imported <seconds since t0>" to $IMPORT_LOG (benchmarks)."""
+    if os.environ.get("IMPORT_LOG"):
+        with open(os.environ["IMPORT_LOG"], "a") as f:
+            f.write(f"{os.getpid()} imported {time.perf_counter() - t0:.6f}\n")
+
+
+log_import(_T0)
 
 
 def body() -> bytes:
