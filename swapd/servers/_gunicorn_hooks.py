@@ -50,6 +50,9 @@ class _Gate:
         self.notifier = systemd.Notifier(address)
         self.recv, self.send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.send.settimeout(1.0)  # a wedged arbiter must not hang a worker's boot forever
+        # Progress shows in `swapd status` and in a ready_timeout message (a worker that
+        # keeps dying by a signal while booting is respawned by gunicorn, never reported).
+        self.notifier.status(f"gunicorn: 0 of {int(arbiter.num_workers)} worker(s) booted")
         self.thread = threading.Thread(target=self._run, name="swapd-readiness", daemon=True)
         self.thread.start()
 

@@ -102,6 +102,10 @@ def test_broken_releases_refused_good_release_swaps(tmp_path: Path, server: str)
         status, body = get_once(s.address())
         assert status == 200 and body.startswith("v2 "), body
         assert s.active_pids() != old
+        if command[0] == GUNICORN:  # READY=1 came from the hooks, not gunicorn's arbiter
+            st = s.status()
+            (worker,) = next(g for g in st["generations"] if g["id"] == st["active"])["workers"]
+            assert worker["status"] == "gunicorn: 2 worker(s) booted", worker
         if server == "gunicorn-gthread":
             s.wait_log(r"\| user post_worker_init pid=\d+", timeout=5)
             s.wait_log(r"Using worker: gthread", timeout=5)

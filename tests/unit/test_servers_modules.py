@@ -4,6 +4,7 @@ gunicorn config module composes with a user's own hooks."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -68,3 +69,26 @@ def test_install_into_an_empty_config_is_the_config_module() -> None:
     namespace: dict[str, Any] = {}
     hooks.install(namespace)
     assert namespace == hooks.HOOKS
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["swapd.servers.uvicorn", "app:app", "--port", "9000"],
+         "swapd.servers.uvicorn: error: --port is not for a swapd worker: swapd binds the "
+         "listeners: use `swapd run --bind`"),
+        (["swapd.servers.uvicorn", "app:app"],
+         "swapd.servers.uvicorn: error: no inherited listening socket (LISTEN_FDS): run it as a "
+         "worker of `swapd run --bind NAME=ADDR -- ...` (or a systemd socket unit)"),
+        (["swapd.servers.hypercorn", "app:app"], "swapd.servers.hypercorn: error: no inherited"),
+        (["swapd.servers.aiohttp", "app:make_app"], "swapd.servers.aiohttp: error: no inherited"),
+    ],
+)
+def test_launchers_refuse_in_one_line(argv: list[str], message: str) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")}
+    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
+                          timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
