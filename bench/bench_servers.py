@@ -196,7 +196,7 @@ def main() -> int:
                    help="successes between two swaps (enough that windows do not overlap)")
     p.add_argument("--duration", type=float, default=60.0, help="bound of one load run (s)")
     p.add_argument("--import-sleep", type=float, default=0.3)
-    p.add_argument("--modes", nargs="+", default=["keepalive", "close"],
+    p.add_argument("--modes", nargs="*", default=["keepalive", "close"],
                    choices=["keepalive", "close"])
     p.add_argument("--markdown")
     p.add_argument("--json")
