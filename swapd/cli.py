@@ -49,14 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cwd", help="working directory of the workers")
     run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                      help="extra environment for workers (repeatable)")
-    run.add_argument("--readiness", choices=["notify", "exec"],
-                     help="notify: READY=1 or swapd.worker.ready(); exec: ready once exec'd")
+    run.add_argument("--readiness", choices=["notify", "exec", "probe"],
+                     help="notify: READY=1 or swapd.worker.ready(); exec: ready once exec'd; "
+                          "probe: once --probe passes on the worker's private probe socket")
+    run.add_argument("--probe", metavar="http:/PATH|tcp",
+                     help="with --readiness probe: a 2xx/3xx answer to GET PATH, or (tcp) "
+                          "the worker accepting, on a socket only this worker serves")
     run.add_argument("--backlog", type=int, help="listen backlog of bound listeners")
     run.add_argument("--precopy", action="store_true", default=None,
                      help="stateful: ship bulk state before the pause")
     run.add_argument("--no-fdstore", dest="fdstore", action="store_false", default=None,
                      help="under systemd, do not keep listeners and state in the fd store")
-    for name in ("ready", "drain", "quiesce", "restore"):
+    for name in ("ready", "drain", "quiesce", "restore", "probe"):
         run.add_argument(f"--{name}-timeout", type=float, metavar="SECONDS")
     run.add_argument("--idle-grace", type=float, metavar="SECONDS",
                      help="how long a draining worker keeps an idle keep-alive connection")
@@ -139,7 +143,8 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key:
             raise UsageError(f"swapd run: bad --env {spec!r}: expected KEY=VALUE")
         env[key] = value
-    timeouts = {k: getattr(args, f"{k}_timeout") for k in ("ready", "drain", "quiesce", "restore")}
+    timeouts = {k: getattr(args, f"{k}_timeout")
+                for k in ("ready", "drain", "quiesce", "restore", "probe")}
     timeouts["idle_grace"] = args.idle_grace
     return {
         "command": command or None,
@@ -148,6 +153,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "control": args.control,
         "cwd": args.cwd,
         "readiness": args.readiness,
+        "probe": args.probe,
         "backlog": args.backlog,
         "precopy": args.precopy,
         "fdstore": args.fdstore,

@@ -9,7 +9,8 @@ supervisor was started with, so a flag given at start keeps winning.
     mode = "stateless"          # or "stateful": every swap hands state over
     control = "/run/swapd/app.sock"
     cwd = "/srv/app"
-    readiness = "notify"        # or "exec": ready once exec succeeded
+    readiness = "notify"        # or "exec": ready once exec succeeded; or "probe":
+    probe = "http:/healthz"     #   ready once this probe passes ("tcp": once it accepts)
     backlog = 1024
     precopy = false             # stateful: ship bulk state before the pause
     fdstore = true              # under systemd: keep listeners (and state) in the fd store
@@ -23,6 +24,7 @@ supervisor was started with, so a flag given at start keeps winning.
     quiesce = 10
     restore = 30
     idle_grace = 1.0            # idle keep-alive connections a draining worker may close
+    probe = 2.0                 # one probe attempt (readiness = "probe")
 
     [env]
     APP_ENV = "prod"
@@ -39,9 +41,10 @@ from typing import Any, Literal
 from swapd.sockets import RESERVED_PREFIX, Address, AddressError, check_name, parse_address
 
 Mode = Literal["stateless", "stateful"]
-Readiness = Literal["notify", "exec"]
+Readiness = Literal["notify", "exec", "probe"]
 MODES: tuple[Mode, ...] = ("stateless", "stateful")
-READINESS: tuple[Readiness, ...] = ("notify", "exec")
+READINESS: tuple[Readiness, ...] = ("notify", "exec", "probe")
+_PROBE_PATH_MAX = 1024
 
 
 class ConfigError(ValueError):
@@ -55,6 +58,7 @@ class Timeouts:
     quiesce: float = 10.0
     restore: float = 30.0
     idle_grace: float = 1.0
+    probe: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class Config:
     workers: int = 1
     mode: Mode = "stateless"
     readiness: Readiness = "notify"
+    probe: str | None = None  # "tcp" or "http:/path", with readiness = "probe"
     backlog: int = 1024
     precopy: bool = False
     fdstore: bool = True
@@ -76,9 +81,9 @@ class Config:
 
 _TOP_KEYS = {
     "command", "workers", "mode", "control", "cwd", "readiness", "backlog", "precopy",
-    "fdstore", "bind", "timeouts", "env",
+    "fdstore", "bind", "timeouts", "env", "probe",
 }
-_TIMEOUT_KEYS = {"ready", "drain", "quiesce", "restore", "idle_grace"}
+_TIMEOUT_KEYS = {"ready", "drain", "quiesce", "restore", "idle_grace", "probe"}
 
 
 def default_control_path(environ: Mapping[str, str] = os.environ) -> str:
@@ -177,6 +182,10 @@ def build(
         raise ConfigError(
             f"{where}: readiness must be one of {', '.join(READINESS)}, not {readiness!r}"
         )
+    probe = _probe(where, merged.get("probe"), readiness)
+    if readiness == "probe" and mode == "stateful":
+        raise ConfigError(f"{where}: mode 'stateful' needs swapd.worker's ready(), which says "
+                          "the worker stands by for state: use readiness 'notify'")
     precopy = merged.get("precopy", False)
     fdstore = merged.get("fdstore", True)
     for key, flag in (("precopy", precopy), ("fdstore", fdstore)):
@@ -213,6 +222,7 @@ def build(
         workers=workers,
         mode=mode,
         readiness=readiness,
+        probe=probe,
         backlog=backlog,
         precopy=precopy,
         fdstore=fdstore,
@@ -224,6 +234,26 @@ def build(
 
 
 _TABLES = ("bind", "timeouts", "env")
+
+
+def _probe(where: str, value: Any, readiness: str) -> str | None:
+    """`tcp` or `http:/path`, given exactly when readiness is "probe"."""
+    if value is None:
+        if readiness == "probe":
+            raise ConfigError(f"{where}: readiness 'probe' needs a probe: 'http:/PATH' (ready on "
+                              "a 2xx or 3xx answer) or 'tcp' (ready once the worker accepts)")
+        return None
+    if readiness != "probe":
+        raise ConfigError(f"{where}: probe {value!r} is only used with readiness 'probe', "
+                          f"not {readiness!r}")
+    if value == "tcp":
+        return "tcp"
+    path = value[len("http:"):] if isinstance(value, str) and value.startswith("http:") else None
+    if (path is None or not path.startswith("/") or len(path) > _PROBE_PATH_MAX
+            or not all("!" <= c <= "~" for c in path)):
+        raise ConfigError(f"{where}: probe must be 'tcp' or 'http:/PATH' (a path of printable "
+                          f"ASCII, no spaces), not {value!r}")
+    return str(value)
 
 
 def _int(where: str, key: str, value: Any, *, minimum: int) -> int:
@@ -251,6 +281,7 @@ def to_overrides(config: Config) -> dict[str, Any]:
         "workers": config.workers,
         "mode": config.mode,
         "readiness": config.readiness,
+        "probe": config.probe,
         "backlog": config.backlog,
         "precopy": config.precopy,
         "fdstore": config.fdstore,

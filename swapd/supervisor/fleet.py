@@ -21,6 +21,7 @@ from typing import Any
 from swapd import messages
 from swapd.channel import Message
 from swapd.config import Config
+from swapd.supervisor import readiness
 from swapd.supervisor.generation import (
     Generation,
     GenerationRecord,
@@ -322,8 +323,8 @@ class Fleet:
             w.transition_ready()
             log.info("event=worker.ready %s restarts=%d", w.tag, gen.restarts[w.slot])
         elif not done:
-            log.error("event=worker.ready_timeout %s timeout=%gs action=SIGKILL", w.tag,
-                      gen.config.timeouts.ready)
+            log.error("event=worker.ready_timeout %s timeout=%gs action=SIGKILL reason=%r", w.tag,
+                      gen.config.timeouts.ready, readiness.waiting_for(w, gen.config))
             self.processes.signal_group(w.child, signal.SIGKILL)
 
     # -- messages ------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 from swapd import messages
 from swapd.channel import Channel, ChannelError, Message, socketpair
 from swapd.config import Config
+from swapd.supervisor import readiness
 from swapd.supervisor.lifecycle import (
     GenEvent,
     GenState,
@@ -128,6 +129,7 @@ class WorkerProcess:
         self.state = SlotState.STARTING
         self.started = time.monotonic()
         self.ready_at: float | None = None
+        self.ready_via: str | None = None  # when set, the only source of readiness that counts
         self.hello: dict[str, Any] | None = None
         self.status_text = ""
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -295,6 +297,10 @@ class WorkerProcess:
                     self.status_text = value[:200]
 
     def mark_ready(self, info: dict[str, Any]) -> None:
+        if self.ready_via is not None and info.get("via") != self.ready_via:
+            log.debug("event=worker.ready_ignored %s via=%s waiting_for=%s", self.tag,
+                      info.get("via"), self.ready_via)
+            return
         if not self.ready.done():
             self.ready_at = time.monotonic()
             self.ready.set_result(info)
@@ -428,16 +434,23 @@ def spawn_worker(
     spec: WorkerSpec, processes: OsProcesses, loop: asyncio.AbstractEventLoop
 ) -> WorkerProcess:
     """Start one worker with its channel, notify socket and output pipe."""
+    cfg = spec.config
+    probe = readiness.open_probe(cfg)  # readiness=probe: a listener only this worker serves
+    fds, names = list(spec.listener_fds), list(spec.listener_names)
+    if probe is not None:
+        fds.append(probe.fileno())
+        names.append(readiness.PROBE_LISTENER)
     parent_end, child_end = socketpair()
     notify, notify_addr = notify_socket(spec.gen, spec.slot)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    cfg = spec.config
-    n = len(spec.listener_fds)
+    n = len(fds)
     env = dict(spec.base_env)
     env.update(cfg.env)
+    if probe is not None:
+        env.update(readiness.probe_env(probe, 3 + n - 1))
     env.update({
         "LISTEN_FDS": str(n),
-        "LISTEN_FDNAMES": ":".join(spec.listener_names),
+        "LISTEN_FDNAMES": ":".join(names),
         "NOTIFY_SOCKET": notify_addr,
         "SWAPD_CHANNEL_FD": str(3 + n),
         "SWAPD_GENERATION": str(spec.gen),
@@ -452,12 +465,12 @@ def spawn_worker(
         child = processes.spawn(SpawnSpec(
             argv=cfg.command,
             env=env,
-            pass_fds=[*spec.listener_fds, child_end.fileno()],
+            pass_fds=[*fds, child_end.fileno()],
             cwd=cfg.cwd,
             output_fd=out_w,
         ))
     except BaseException:
-        for s in (parent_end, notify):
+        for s in (parent_end, notify, *([probe] if probe is not None else [])):
             s.close()
         os.close(out_r)
         raise
@@ -466,4 +479,6 @@ def spawn_worker(
         os.close(out_w)
     worker = WorkerProcess(spec.gen, spec.slot, spec.role, child, loop)
     worker.attach(parent_end, notify, out_r)
+    if probe is not None:
+        readiness.start_probe(worker, cfg, probe)
     return worker

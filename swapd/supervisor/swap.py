@@ -31,6 +31,7 @@ from typing import Any
 from swapd import messages as m
 from swapd.config import Config
 from swapd.control import Emit
+from swapd.supervisor import readiness
 from swapd.supervisor.fleet import Fleet, SpawnFailed
 from swapd.supervisor.generation import Answer, Generation, RequestFailed, WorkerProcess
 from swapd.supervisor.lifecycle import GenEvent
@@ -174,8 +175,7 @@ async def wait_ready(gen: Generation, timeout: float) -> None:
         remaining = deadline - loop.time()
         if remaining <= 0:
             late = next(w for w in workers if not w.ready.done())
-            raise SwapFailed(f"{late.tag} not ready within {timeout:g}s (ready_timeout)",
-                             worker=late)
+            raise SwapFailed(readiness.not_ready_reason(late, gen.config, timeout), worker=late)
         _, pending = await asyncio.wait(
             pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
         )

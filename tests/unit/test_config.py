@@ -62,7 +62,8 @@ def test_defaults_with_only_a_command() -> None:
         fdstore=True,
         cwd=None,
         env=(),
-        timeouts=Timeouts(ready=30.0, drain=30.0, quiesce=10.0, restore=30.0, idle_grace=1.0),
+        timeouts=Timeouts(ready=30.0, drain=30.0, quiesce=10.0, restore=30.0, idle_grace=1.0,
+                          probe=2.0),
         config_file=None,
     )
 
@@ -205,9 +206,9 @@ def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
     [
         ("wokers = 2\n",
          "unknown key 'wokers' (known: backlog, bind, command, control, cwd, env, fdstore, "
-         "mode, precopy, readiness, timeouts, workers)"),
+         "mode, precopy, probe, readiness, timeouts, workers)"),
         ("[timeouts]\nready = 1\nboot = 3\n",
-         "unknown key 'timeouts.boot' (known: drain, idle_grace, quiesce, ready, restore)"),
+         "unknown key 'timeouts.boot' (known: drain, idle_grace, probe, quiesce, ready, restore)"),
         ("bind = \"127.0.0.1:80\"\n", "[bind] must be a table"),
         ("timeouts = 5\n", "[timeouts] must be a table"),
         ("env = [\"A=1\"]\n", "[env] must be a table"),
@@ -268,7 +269,7 @@ VALIDATION: list[tuple[str, dict[str, Any], str]] = [
     ("mode-case", {**CMD, "mode": "Stateful"},
      f"{WHERE}: mode must be one of stateless, stateful, not 'Stateful'"),
     ("readiness", {**CMD, "readiness": "tcp"},
-     f"{WHERE}: readiness must be one of notify, exec, not 'tcp'"),
+     f"{WHERE}: readiness must be one of notify, exec, probe, not 'tcp'"),
     ("precopy", {**CMD, "precopy": "yes"}, f"{WHERE}: precopy must be true or false"),
     ("fdstore", {**CMD, "fdstore": 1}, f"{WHERE}: fdstore must be true or false"),
     ("timeout-unknown", {**CMD, "timeouts": {"boot": 3}}, f"{WHERE}: unknown timeout 'boot'"),
@@ -443,13 +444,14 @@ def test_to_overrides_shape() -> None:
         "workers": 1,
         "mode": "stateless",
         "readiness": "notify",
+        "probe": None,
         "backlog": 1024,
         "precopy": False,
         "fdstore": True,
         "cwd": None,
         "env": {"A": "1"},
-        "timeouts": {"drain": 30.0, "idle_grace": 1.0, "quiesce": 10.0, "ready": 30.0,
-                     "restore": 30.0},
+        "timeouts": {"drain": 30.0, "idle_grace": 1.0, "probe": 2.0, "quiesce": 10.0,
+                     "ready": 30.0, "restore": 30.0},
     }
 
 
@@ -460,3 +462,33 @@ def test_from_overrides_does_not_depend_on_the_environment(
     cfg = build(CMD, {}, environ={"SWAPD_CONTROL": "/first.sock"})
     monkeypatch.setenv("SWAPD_CONTROL", "/other.sock")
     assert from_overrides(to_overrides(cfg), None).control == "/first.sock"
+
+
+# -- readiness probe ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("probe", ["tcp", "http:/", "http:/healthz?full=1"])
+def test_a_probe_goes_with_readiness_probe(probe: str) -> None:
+    cfg = build({**CMD, "readiness": "probe", "probe": probe, "timeouts": {"probe": 0.5}}, {},
+                environ=NO_ENV)
+    assert (cfg.readiness, cfg.probe, cfg.timeouts.probe) == ("probe", probe, 0.5)
+    assert from_overrides(to_overrides(cfg), None) == cfg
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"readiness": "probe"}, "readiness 'probe' needs a probe: 'http:/PATH'"),
+        ({"readiness": "probe", "probe": "http:healthz"}, "probe must be 'tcp' or 'http:/PATH'"),
+        ({"readiness": "probe", "probe": "http:/a b"}, "probe must be 'tcp' or 'http:/PATH'"),
+        ({"readiness": "probe", "probe": "udp"}, "probe must be 'tcp' or 'http:/PATH'"),
+        ({"readiness": "probe", "probe": 3}, "probe must be 'tcp' or 'http:/PATH'"),
+        ({"readiness": "probe", "probe": "http:/" + "a" * 1024},
+         "probe must be 'tcp' or 'http:/PATH'"),
+        ({"probe": "tcp"}, "probe 'tcp' is only used with readiness 'probe', not 'notify'"),
+        ({"readiness": "probe", "probe": "tcp", "mode": "stateful"},
+         "mode 'stateful' needs swapd.worker's ready()"),
+    ],
+)
+def test_probe_errors(data: dict[str, Any], message: str) -> None:
+    assert message in error_of({**CMD, **data}, {})

@@ -43,6 +43,10 @@ class FakeWorker:
         self.script = script
         self.asked: list[str] = []
         self.features_ = {"drain", "state", "conns", "patch"}
+        self.tail = [f"{self.tag} booting"]
+        self.status_text = ""
+        self.ready_via: str | None = None
+        self.speaks_channel = True
 
     def features(self) -> set[str]:
         return self.features_
@@ -243,6 +247,9 @@ def test_new_worker_never_ready() -> None:
     fleet, failure, _ = run_in_loop(build_fleet, config(workers=2))
     assert_untouched(fleet, failure, "gen=2 worker=1 pid=201 not ready within 0.5s "
                                      "(ready_timeout)")
+    assert isinstance(failure, SwapFailed)
+    assert "has not called ready()" in failure.reason  # what swapd waited for
+    assert "last output: 'gen=2 worker=1 pid=201 booting'" in failure.reason
 
 
 # -- stateful --------------------------------------------------------------------------
