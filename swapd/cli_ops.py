@@ -156,7 +156,8 @@ def format_watch(s: dict[str, Any]) -> list[str]:
     w = s.get("watch")
     if w:
         lines.append(f"watch window: gen {w['gen']} ({w['release']}) watched, "
-                     f"{w['remaining']:.0f}s of {w['seconds']:g}s left; gen {w['held']} ({w['held_release']}) held; "
+                     f"{w['remaining']:.0f}s of {w['seconds']:g}s left; "
+                     f"gen {w['held']} ({w['held_release']}) held; "
                      f"`swapd rollback` to go back"
                      + (f"; health {w['health_url']}, {w['probe_failures']} failed probe(s)"
                         if w.get("health_url") else ""))

@@ -227,7 +227,7 @@ def test_stateless_commit() -> None:
 
 
 def test_stateless_commit_under_a_watch_window_holds_the_old_generation() -> None:
-    fleet, outcome, job = run_in_loop(FakeFleet, config(), watch=30.0, release="v2")
+    fleet, outcome, _ = run_in_loop(FakeFleet, config(), watch=30.0, release="v2")
     assert isinstance(outcome, dict) and fleet.new is not None
     assert fleet.new.release == "v2" and fleet.new.state is GenState.ACTIVE
     assert fleet.old.state is GenState.HELD and fleet.retired == []  # kept, not drained
