@@ -532,6 +532,10 @@ class Supervisor:
         if new.control != self.config.control:
             log.warning("event=reload.ignored key=control reason='needs a restart'")
             new = replace(new, control=self.config.control)
+        for key in ("metrics", "state_dir"):  # bound or opened once, at start
+            if getattr(new, key) != getattr(self.config, key):
+                log.warning("event=reload.ignored key=%s reason='needs a restart'", key)
+                new = replace(new, **{key: getattr(self.config, key)})
         return new
 
     # -- control ------------------------------------------------------------------

@@ -94,6 +94,7 @@ class Fleet:
             for rec in g.workers:
                 w = None if rec is None else WorkerProcess.resume(gen.id, rec, self._loop)
                 if w is not None:
+                    w.passthrough = g.config.worker_output == "passthrough"
                     self.watch(w)
                 gen.workers.append(w)
             self.generations[gen.id] = gen

@@ -69,6 +69,8 @@ def hold(fleet: Fleet, gen: Generation) -> None:
     """Tell a generation just superseded under a watch window to hold (no reply)."""
     for w in gen.live():
         try:
+            if "hold" not in w.features():  # e.g. restarted since the check, not yet said hello
+                raise RuntimeError("it cannot be held (no 'hold' in its hello)")
             assert w.channel is not None
             w.channel.send(m.Hold().body())
         except Exception as e:  # it must not keep serving old code: it goes

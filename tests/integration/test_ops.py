@@ -91,7 +91,7 @@ def test_metrics_scraped_and_json_logs(tmp_path: Path) -> None:
     args = ["--workers", "2", "--metrics", "127.0.0.1:0", "--log-format", "json",
             "--release", "m1"]
     with supervised(tmp_path, HELLO, args=args) as s:
-        assert s.result("upgrade", release="m2")["ok"]
+        assert s.result("upgrade", release="m2", watch=120)["ok"]  # gen 1 held
         address = s.status()["metrics"]
         request = urllib.request.Request(f"http://{address}/metrics",
                                          headers={"Accept": "application/openmetrics-text"})
@@ -108,6 +108,8 @@ def test_metrics_scraped_and_json_logs(tmp_path: Path) -> None:
         assert value("swapd_swaps_total", kind="upgrade", outcome="ok") == 1
         assert value("swapd_swap_duration_seconds_count", kind="upgrade") == 1
         assert value("swapd_release_info", release="m2", generation="2", state="active") == 1
+        assert value("swapd_release_info", release="m1", generation="1", state="held") == 1
+        assert value("swapd_watch_remaining_seconds") > 60
         assert value("swapd_workers", state="ready", generation_state="active") == 2
         assert value("swapd_listener_queue_max", listener="http") == 1024
         assert value("swapd_listener_queue_length", listener="http") >= 0
@@ -115,11 +117,19 @@ def test_metrics_scraped_and_json_logs(tmp_path: Path) -> None:
         assert value("process_resident_memory_bytes") > 1e6
         assert value("swapd_last_swap_success") == 1
         s.wait_log(r'"event": "metrics.listening"')
+        gen1 = [w["pid"] for g in s.status()["generations"] if g["id"] == 1
+                for w in g["workers"]]
+    # stopped with the window open: the held generation drained like the active one
+    assert s.proc is not None and s.proc.returncode == 0
     lines = [line for line in s.log_lines if line != "<EOF>"]
     objects = [json.loads(line) for line in lines]  # every line is one JSON object
     commit = next(o for o in objects if o.get("event") == "swap.commit")
     assert commit["kind"] == "upgrade" and commit["gen"] == 2
     assert isinstance(commit["timings_ms"], dict) and commit["timings_ms"]["ready"] > 0
+    assert {"event": "gen.state", "gen": 1, "from": "held", "to": "draining"}.items() <= next(
+        o for o in objects if o.get("event") == "gen.state" and o.get("from") == "held").items()
+    exits = {o["pid"]: o["status"] for o in objects if o.get("event") == "worker.exit"}
+    assert all(exits.get(pid) == "exited with status 0" for pid in gen1), exits
     spawn = next(o for o in objects if o.get("event") == "worker.spawn")
     assert {"gen", "worker", "pid", "role", "time", "level", "swapd_pid"} <= set(spawn)
 
