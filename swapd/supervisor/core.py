@@ -419,7 +419,11 @@ class Supervisor:
         opts = opts or SwapOptions()
         job = self.swap
         if job is None or job.kind != kind or self._stopping():
-            self._refuse_if_busy("swap started")
+            try:
+                self._refuse_if_busy("swap started")
+            except ControlError as e:
+                self.ops.refused(kind, opts.who, str(e))
+                raise
         if job is not None:
             log.info("event=swap.join kind=%s origin=%s gen=%s", kind, origin, job.gen)
             if emit is not None:

@@ -95,6 +95,10 @@ class Operations:
             self.metrics.swap_done(kind, ok, float(outcome.get("duration_ms", 0)) / 1000,
                                    pause, time.time())
 
+    def refused(self, kind: str, who: Who, reason: str) -> None:
+        """A swap asked for and refused (another change in flight, a watch window...)."""
+        self.history.append(kind, "refused", who, reason=reason)
+
     def patch_done(self, action: str, ok: bool, who: Who, gen: int | None,
                    data: Mapping[str, Any], reason: str | None) -> None:
         if data.get("dry_run"):

@@ -17,6 +17,7 @@ import pytest
 from tests.integration.supervised import (
     HELLO,
     MISBEHAVE,
+    PY,
     ROOT,
     SWAPD,
     Supervised,
@@ -25,6 +26,9 @@ from tests.integration.supervised import (
 )
 
 pytestmark = pytest.mark.slow
+
+SHOP = [PY, str(ROOT / "examples" / "patching" / "shop.py")]
+FIX = str(ROOT / "examples" / "patching" / "fix_rules.py")
 
 
 def history(s: Supervised) -> list[dict[str, Any]]:
@@ -62,14 +66,37 @@ def test_history_across_restart_reexec_and_a_corrupt_file(tmp_path: Path) -> Non
     assert kinds == ["start", "upgrade", "reexec", "stop"]
     assert json.loads(offline.stdout)["data"]["entries"][-1]["who"] == {
         "via": "signal", "signal": "SIGTERM"}
-    # a restart appends to the same history
+    # a restart appends to the same history; patches, windows and rollbacks go in it too
     (tmp_path / "b").mkdir()
-    with supervised(tmp_path / "b", HELLO, args=args, control=control) as s:
+    with supervised(tmp_path / "b", SHOP, args=args, control=control) as s:
         assert [e["kind"] for e in history(s)] == ["start", "upgrade", "reexec", "stop",
                                                    "start"]
         text = s.cli("history", "-n", "2")
         assert text.returncode == 0 and text.stdout.count("\n") == 2, text
         assert "stop" in text.stdout and "by SIGTERM" in text.stdout
+        assert s.cli("patch", FIX, "--module", "rules").returncode == 0
+        assert s.cli("patch", "--rollback").returncode == 0
+        opened = s.cli("upgrade", "--watch", "60", "--release", "r3")
+        assert opened.returncode == 0, opened
+        assert "gen=1 held for a 60s watch window" in opened.stdout
+        busy = s.cli("upgrade")  # nothing else changes the service during a window
+        assert busy.returncode == 1 and "a watch window is open on gen=2" in busy.stderr
+        back = s.cli("rollback")
+        assert back.returncode == 0, back
+        assert "swapd rollback: ok: gen=1 (r1) active again, gen=2 (r3) draining" in back.stdout
+        passed = s.cli("upgrade", "--watch", "0.5", "--wait-watch", "--release", "r4")
+        assert passed.returncode == 0 and "watch window passed" in passed.stdout, passed
+        late = s.cli("rollback")
+        assert late.returncode == 1 and "no watch window is open" in late.stderr, late
+        assert "(gen=1, release r1, was let go when the window of gen=3 ended: passed)" in (
+            late.stderr)
+        entries = history(s)[5:]
+        assert [(e["kind"], e["outcome"]) for e in entries] == [
+            ("patch", "ok"), ("patch.rollback", "ok"), ("upgrade", "ok"),
+            ("upgrade", "refused"), ("rollback", "ok"), ("upgrade", "ok"),
+            ("watch", "passed")]
+        assert entries[0]["module"] == "rules" and entries[4]["who"]["via"] == "control"
+        assert entries[4]["trigger"] == "manual" and entries[6]["release_before"] == "r4"
     # a file cut in the middle of a line: reported, kept aside, a new one started
     path = state / "history.jsonl"
     data = path.read_bytes()
@@ -78,7 +105,7 @@ def test_history_across_restart_reexec_and_a_corrupt_file(tmp_path: Path) -> Non
     with supervised(tmp_path / "c", HELLO, args=args, control=control) as s:
         st = s.status()
         [warning] = [w for w in st["warnings"] if "history" in w]
-        assert "was corrupt (line 6: truncated (no newline at the end))" in warning
+        assert "was corrupt (line 13: truncated (no newline at the end))" in warning
         assert [(e["kind"], e["outcome"]) for e in history(s)] == [("history", "reset"),
                                                                   ("start", "ok")]
         [aside] = [p for p in state.iterdir() if ".corrupt-" in p.name]
