@@ -783,7 +783,7 @@ def _no_watch(active: Generation | None, last: Watch | None) -> str:
     text = "no watch window is open: no generation is held to go back to"
     if last is not None and active is not None and last.watched.id == active.id:
         text += (f" (gen={last.held.id}, release {last.held.release}, was let go when the "
-                 f"window of gen={active.id} ended: {last.state})")
+                 f"window of gen={active.id} ended: {last.phase})")
     root = active.root if active is not None else None
     if (root is not None and os.path.basename(os.path.dirname(root)) == "releases"
             and last is not None and last.held.root):

@@ -116,7 +116,7 @@ class Watch:
         self.deadline = time.monotonic() + seconds
         self.journal = journal  # the held generation's patches, back in force on rollback
         self.listeners = listeners
-        self.state = "watching"  # rolling-back, passed, rolled-back, refused, failed, cancelled
+        self.phase = "watching"  # rolling-back, passed, rolled-back, refused, failed, cancelled
         self.probe_failures = 0
         self._on_rollback_start = on_rollback_start
         loop = asyncio.get_running_loop()
@@ -138,7 +138,7 @@ class Watch:
 
     def describe(self) -> dict[str, Any]:
         return {"gen": self.watched.id, "release": self.watched.release, "held": self.held.id,
-                "held_release": self.held.release, "state": self.state,
+                "held_release": self.held.release, "phase": self.phase,
                 "seconds": self.seconds, "remaining": round(self.remaining, 3),
                 "health_url": self.watched.config.health_url,
                 "probe_failures": self.probe_failures}
@@ -234,7 +234,7 @@ class Watch:
                     _auto("health-probe")))
 
     async def _roll_back(self, trigger: str, reason: str, who: dict[str, Any]) -> None:
-        self.state = "rolling-back"
+        self.phase = "rolling-back"
         watched, held = self.watched, self.held
         started = time.monotonic()
         log.warning("event=rollback.start trigger=%s gen=%d release=%s to_gen=%d "
@@ -269,7 +269,7 @@ class Watch:
     def _finish(self, outcome: str, *, started: float | None = None, **extra: Any) -> None:
         if self.done.done():
             return
-        self.state = outcome
+        self.phase = outcome
         result = {"outcome": outcome, "gen": self.watched.id, "release": self.watched.release,
                   "held": self.held.id, "held_release": self.held.release, **extra}
         if started is not None:
