@@ -32,15 +32,15 @@ from swapd.sockets import (
     AddressError,
     describe,
 )
-from swapd.supervisor import history as histories
 from swapd.supervisor import patching, reexec
+from swapd.supervisor.deploys import Deploys, patch_fields, swap_options
 from swapd.supervisor.fleet import CRASH_WINDOW, KILL_WAIT, Fleet, SpawnFailed
 from swapd.supervisor.generation import Generation, WorkerProcess
 from swapd.supervisor.journal import Journal
 from swapd.supervisor.lifecycle import GenEvent, GenState
 from swapd.supervisor.listeners import Listener, ListenerError, Listeners
 from swapd.supervisor.manager import ServiceManager, split_inherited
-from swapd.supervisor.metrics import MetricsUnavailable, Snapshot, listen_queue
+from swapd.supervisor.metrics import MetricsUnavailable
 from swapd.supervisor.ops import Operations, Who, who_control, who_signal
 from swapd.supervisor.process import OsProcesses
 from swapd.supervisor.swap import (
@@ -52,19 +52,12 @@ from swapd.supervisor.swap import (
     store_state,
     wait_ready,
 )
-from swapd.supervisor.watch import (
-    HealthUrlError,
-    SwapOptions,
-    Watch,
-    check_health_url,
-    unholdable,
-)
+from swapd.supervisor.watch import HealthUrlError, SwapOptions, check_health_url
 from swapd.systemd import LISTEN_ENV
 
 log = logging.getLogger("swapd")
 
 COMMANDS = frozenset({"status", "upgrade", "reload", "stop", "patch", "rollback", "history"})
-HISTORY_MAX = 10_000  # entries one `history` request may ask for
 
 
 class StartupError(Exception):
@@ -107,9 +100,9 @@ class Supervisor:
         self.first_release = release  # the first generation's label (None: derived)
         self.ops = Operations(config)  # history and metrics
         self.fleet.on_event = self.ops.worker_event
-        self.watch: Watch | None = None  # the open watch window
-        self.last_watch: Watch | None = None
-        self.last_rollback: dict[str, Any] | None = None
+        self.deploys = Deploys(self.fleet, self.listeners, self.manager, self.ops,
+                               self._stopping, self._status_line,
+                               lambda: _swap_bound(self.config))
         self._stop_who: Who = {"via": "control"}
         self._reexec_who: Who = {}  # who asked for the re-exec in flight
         self._reexec_ops: dict[str, Any] = {}  # what the previous image said about it
@@ -168,7 +161,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.fleet.attach(loop)
-        self.ops.attach(loop, self._metrics_snapshot)
+        self.ops.attach(loop, lambda: self.deploys.snapshot(self.swap is not None))
         self._stop_requested = loop.create_future()
         self._stopped = loop.create_future()
         assert self._control_sock is not None
@@ -350,7 +343,7 @@ class Supervisor:
         captured = reexec.capture(self.fleet, self.listeners, owned, reply_fd)
         # For the new image's history entry: who asked, and when.
         captured.state["ops"] = {"who": self._reexec_who, "asked": time.time(),
-                                 "last_rollback": self.last_rollback}
+                                 "last_rollback": self.deploys.last_rollback}
         return captured
 
     def _refuse_if_busy(self, what: str) -> None:
@@ -368,8 +361,8 @@ class Supervisor:
         if self.patch_in_flight is not None:
             raise ControlError(f"patch {self.patch_in_flight} is in flight; retry when it "
                                "finishes")
-        if self.watch is not None:
-            raise ControlError(f"no {what}: {self.watch.busy_message()}")
+        if self.deploys.busy():
+            raise ControlError(f"no {what}: {self.deploys.busy()}")
 
     @classmethod
     def from_reexec(cls, state: reexec.State) -> Supervisor:
@@ -388,7 +381,7 @@ class Supervisor:
         sup._control_sock = socket.socket(fileno=state.control_fd)
         sup._control_sock.set_inheritable(False)
         sup._reexec_ops = state.ops
-        sup.last_rollback = state.ops.get("last_rollback")
+        sup.deploys.last_rollback = state.ops.get("last_rollback")
         try:  # the history file again; the metrics port, which the exec closed, again
             sup.ops.prepare()
         except (OSError, MetricsUnavailable) as e:  # workers are running: no exit for this
@@ -456,7 +449,7 @@ class Supervisor:
                 config = self._reread_config()
                 job.emit("config", f"configuration re-read ({config.config_file or 'flags only'})")
             job.watch = opts.watch if opts.watch is not None else config.watch
-            why = unholdable(before) if job.watch > 0 and before is not None else None
+            why = self.deploys.why_not(before, job.watch)
             if why is not None:
                 raise SwapFailed(why)
             try:
@@ -471,7 +464,7 @@ class Supervisor:
             self.listeners.settle(plan, committed=True, binds=config.binds)
             outcome = {"ok": True, **result}
             if job.watch > 0 and before is not None:
-                outcome["watch"] = self._open_watch(job, before, journal).describe()
+                outcome["watch"] = self.deploys.open_watch(job.watch, before, journal)
             log.info("event=swap.commit kind=%s gen=%d timings_ms=%s", job.kind, result["gen"],
                      result["timings_ms"])
         except SwapFailed as e:
@@ -502,32 +495,6 @@ class Supervisor:
         if not job.done.done():
             job.done.set_result(outcome)
 
-    def _open_watch(self, job: SwapJob, held: Generation, journal: list[Any]) -> Watch:
-        watched = self.fleet.active
-        assert watched is not None
-        watch = Watch(self.fleet, watched, held, job.watch, journal, self.listeners,
-                      self._rollback_started)
-        self.watch = self.last_watch = watch
-        watch.start()
-        watch.done.add_done_callback(lambda _: self._watch_ended(watch))
-        return watch
-
-    def _rollback_started(self, watch: Watch) -> None:
-        self.manager.reloading(f"rolling back gen {watch.watched.id} to gen {watch.held.id}",
-                               _swap_bound(self.config))
-
-    def _watch_ended(self, watch: Watch) -> None:
-        result = watch.done.result()
-        if self.watch is watch:
-            self.watch = None
-        self.ops.watch_done(result)
-        if result["outcome"] in ("rolled-back", "refused", "failed"):
-            self.last_rollback = result
-            if not self._stopping():
-                note = {"rolled-back": f"rolled back from gen {result['gen']}",
-                        "refused": "rollback REFUSED", "failed": "rollback FAILED"}
-                self.manager.ready(f"{self._status_line()}; {note[result['outcome']]}")
-
     def _reread_config(self) -> Config:
         try:
             new = load(self.config.config_file, self.overrides)
@@ -552,17 +519,17 @@ class Supervisor:
         if cmd == "upgrade" and args.get("self"):
             return await self._reexec(emit, peer)
         if cmd in ("upgrade", "reload"):
-            opts = _swap_options(args, who_control(peer))
+            opts = swap_options(args, who_control(peer))
             outcome = await self.request_swap(cmd, f"control {peer}", emit, opts)
             if not outcome.get("ok"):
                 raise ControlError(str(outcome.get("error")), data=outcome)
             if opts.wait_watch and "watch" in outcome:
-                return await self._wait_watch(outcome, emit)
+                return await self.deploys.wait_watch(outcome, emit)
             return outcome
         if cmd == "rollback":
-            return await self._rollback(peer)
+            return await self.deploys.rollback(peer)
         if cmd == "history":
-            return await self._history(args)
+            return await self.deploys.history(args)
         if cmd == "patch":
             return await self._patch(args, emit, peer)
         if cmd == "stop":
@@ -593,53 +560,13 @@ class Supervisor:
                 data = await patching.apply(self.fleet.active, self.journal, args, emit, peer)
         except ControlError as e:
             self.ops.patch_done(action, False, who_control(peer), gen,
-                                {**_patch_fields(args), **e.data}, str(e))
+                                {**patch_fields(args), **e.data}, str(e))
             raise
         finally:
             self.patch_in_flight = None
         self.ops.patch_done(action, True, who_control(peer), gen,
-                            {**_patch_fields(args), **data}, None)
+                            {**patch_fields(args), **data}, None)
         return data
-
-    async def _wait_watch(self, outcome: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        """`upgrade --wait-watch`: the answer once the window is over."""
-        watch = self.last_watch
-        assert watch is not None and watch.watched.id == outcome["gen"]
-        emit("watching", f"gen={watch.watched.id} watched for {watch.seconds:g}s; "
-             f"gen={watch.held.id} held for a rollback", None)
-        result = await asyncio.shield(watch.done)
-        outcome = {**outcome, "watch": result}
-        if result["outcome"] == "passed":
-            return outcome
-        if result["outcome"] == "rolled-back":
-            error = (f"rolled back to gen={result['held']} ({result['held_release']}): "
-                     f"{result['reason']}")
-        elif result["outcome"] == "refused":
-            error = (f"{result['reason']}; rollback refused: {result['refused']}; "
-                     f"gen={result['gen']} keeps serving")
-        else:
-            error = f"watch window ended: {result['outcome']} ({result.get('reason')})"
-        raise ControlError(error, data=outcome)
-
-    async def _rollback(self, peer: Peer) -> dict[str, Any]:
-        watch = self.watch
-        if watch is None:
-            raise ControlError(_no_watch(self.fleet.active, self.last_watch))
-        result = await watch.request_rollback(who_control(peer))
-        if result["outcome"] == "rolled-back":
-            return result
-        why = result.get("refused") or result["outcome"]
-        raise ControlError(f"rollback {result['outcome']}: {why}; gen={result['gen']} keeps "
-                           "serving", data=result)
-
-    async def _history(self, args: dict[str, Any]) -> dict[str, Any]:
-        n = args.get("n", 20)
-        if type(n) is not int or not 0 <= n <= HISTORY_MAX:
-            raise ControlError(f"history: n must be an integer 0-{HISTORY_MAX}")
-        path = self.ops.history.path
-        loop = asyncio.get_running_loop()
-        entries, bad = await loop.run_in_executor(None, histories.read, path, n)
-        return {"path": path, "entries": entries, "unreadable_lines": bad}
 
     def status(self) -> dict[str, Any]:
         fleet = self.fleet
@@ -674,25 +601,8 @@ class Supervisor:
             "swaps": dict(self.swap_counts),
             "open_fds": len(os.listdir("/proc/self/fd")),
             "warnings": warnings,
-            "watch": self.watch.describe() if self.watch else None,
-            "last_rollback": self.last_rollback,
-            **self.ops.describe(),
+            **self.deploys.describe(),
         }
-
-    def _metrics_snapshot(self) -> Snapshot:
-        """For a scrape: built on the loop (metrics.py), plain data only."""
-        fleet = self.fleet
-        snap = Snapshot(crash_loop_slots=len(fleet.crash_loop),
-                        watch_remaining=self.watch.remaining if self.watch else 0.0,
-                        swap_in_progress=self.swap is not None)
-        for g in fleet.live_generations():
-            snap.generations.append((g.id, g.state.value, g.release))
-            snap.workers += [(w.state.value, g.state.value) for w in g.live()]
-        for lis in self.listeners:
-            queue = listen_queue(lis.sock)
-            if queue is not None:
-                snap.listeners.append((lis.name, *queue))
-        return snap
 
     # -- stop ---------------------------------------------------------------------
 
@@ -708,8 +618,7 @@ class Supervisor:
         fleet = self.fleet
         stopped_gen = fleet.active
         began = time.monotonic()
-        if self.watch is not None:
-            await self.watch.cancel()
+        await self.deploys.stop()
         fleet.cancel_timers()
         job = self.swap
         if job is not None and job.task is not None:
@@ -749,48 +658,6 @@ class Supervisor:
                 os.unlink(self.config.control)
             self._control_sock.close()
             self._control_sock = None
-
-
-def _swap_options(args: dict[str, Any], who: Who) -> SwapOptions:
-    """The options of an `upgrade`/`reload` request; ControlError names a bad one."""
-    from swapd.supervisor.release import ReleaseError, check_label
-
-    release = args.get("release")
-    if release is not None:
-        if not isinstance(release, str):
-            raise ControlError("release must be a string")
-        try:
-            check_label(release)
-        except ReleaseError as e:
-            raise ControlError(str(e)) from None
-    watch = args.get("watch")
-    if watch is not None and (isinstance(watch, bool) or not isinstance(watch, int | float)
-                              or not 0 <= watch <= 10**7):
-        raise ControlError(f"watch must be a number of seconds >= 0, not {watch!r}")
-    wait = args.get("wait_watch", False)
-    if not isinstance(wait, bool):
-        raise ControlError("wait_watch must be true or false")
-    return SwapOptions(release=release, watch=None if watch is None else float(watch),
-                       wait_watch=wait, who=who)
-
-
-def _patch_fields(args: dict[str, Any]) -> dict[str, Any]:
-    return {k: args[k] for k in ("module", "name", "dry_run") if k in args}
-
-
-def _no_watch(active: Generation | None, last: Watch | None) -> str:
-    """What `swapd rollback` says when no generation is held: how to go back anyway."""
-    text = "no watch window is open: no generation is held to go back to"
-    if last is not None and active is not None and last.watched.id == active.id:
-        text += (f" (gen={last.held.id}, release {last.held.release}, was let go when the "
-                 f"window of gen={active.id} ended: {last.phase})")
-    root = active.root if active is not None else None
-    if (root is not None and os.path.basename(os.path.dirname(root)) == "releases"
-            and last is not None and last.held.root):
-        return text + (f". Roll back by upgrading to the previous release: point the "
-                       f"`current` symlink at {last.held.root} and run `swapd upgrade`")
-    return text + (". Roll back by upgrading to the previous release's code: see "
-                   "docs/operations.md (release directories)")
 
 
 def _a(kind: str) -> str:
