@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from swapd import __version__
+from swapd import __version__, cli_ops
 from swapd.config import ConfigError, default_control_path, load
 from swapd.control import Client, ClientError
 
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--idle-grace", type=float, metavar="SECONDS",
                      help="how long a draining worker keeps an idle keep-alive connection")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    cli_ops.add_run_options(run)
     run.add_argument("worker_command", nargs=argparse.REMAINDER, help="the worker command")
 
     for name, text in (("upgrade", "swap to a new generation with the same configuration"),
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "upgrade":
             c.add_argument("--self", dest="self_", action="store_true",
                            help="re-exec the supervisor itself (same PID, workers kept)")
+        if name in ("upgrade", "reload"):
+            cli_ops.add_swap_options(c)
         if name == "stop":
             c.add_argument("--fast", action="store_true", help="kill workers instead of draining")
 
@@ -93,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--list", action="store_true", help="list the patches in force")
     pt.add_argument("--control", help="control socket path")
     pt.add_argument("--json", action="store_true", help="print raw JSON lines")
+
+    cli_ops.add_parsers(sub)
 
     demo = sub.add_parser("demo", help="see swapd work: swaps under load, with a report")
     demo.add_argument("--swaps", type=int, default=5)
@@ -160,6 +165,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "bind": binds,
         "env": env,
         "timeouts": {k: v for k, v in timeouts.items() if v is not None},
+        **cli_ops.run_overrides(args),
     }
 
 
@@ -184,7 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from swapd.supervisor import reexec
     from swapd.supervisor.core import StartupError, Supervisor
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     _raise_nofile()
     state_fd = os.environ.pop(reexec.ENV, None)
     if state_fd is not None:
@@ -197,10 +203,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides = run_overrides(args)
         config = load(args.config, overrides)
         _check_command(config.command, config.cwd, dict(config.env))
+        release = cli_ops.release_arg(args)
         inherited = _inherited_listeners()
-        sup = Supervisor(config, overrides, inherited=inherited)
+        sup = Supervisor(config, overrides, inherited=inherited, release=release)
         sup.prepare()
-    except (ConfigError, UsageError, StartupError) as e:
+    except (ConfigError, UsageError, StartupError, ValueError) as e:
         print(f"swapd: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -245,13 +252,18 @@ def _inherited_listeners() -> list[tuple[str, int]]:
     return systemd.listen_fds()
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, style: str = "text") -> None:
     # Under systemd the journal adds time and pid itself.
     if os.environ.get("JOURNAL_STREAM"):
         fmt = "%(levelname)s %(message)s"
     else:
         fmt = "%(asctime)s swapd[%(process)d] %(levelname)s %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    if style == "json":
+        from swapd.logfmt import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
 
 
 # -- client commands --------------------------------------------------------------------
@@ -264,6 +276,13 @@ def cmd_client(args: argparse.Namespace) -> int:
         request["fast"] = args.fast
     if args.command == "upgrade" and args.self_:
         request["self"] = True
+    elif args.command in ("upgrade", "reload"):
+        try:
+            request = cli_ops.swap_request(args)
+        except ValueError as e:
+            raise UsageError(f"swapd {args.command}: {e}") from None
+    if args.command == "history":
+        request = {"n": args.n}
     if args.command == "patch":
         request = _patch_request(args)
     client = Client(path)
@@ -277,6 +296,8 @@ def cmd_client(args: argparse.Namespace) -> int:
             if msg.get("type") == "result":
                 result = msg
     except ClientError as e:
+        if args.command == "history" and result is None:
+            return cli_ops.history_fallback(args, str(e))
         print(f"swapd {args.command}: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
     assert result is not None
@@ -311,7 +332,10 @@ def _print_result(command: str, result: dict[str, Any]) -> None:
             print(f"  output of {data.get('worker')}:", file=sys.stderr)
             print(_indent(tail, "    "), file=sys.stderr)
         return
-    if command == "status":
+    ops_text = cli_ops.format_result(command, data)
+    if ops_text is not None:
+        print(ops_text)
+    elif command == "status":
         print(format_status(data))
     elif command == "patch":
         print(_format_patch(data))
@@ -321,9 +345,10 @@ def _print_result(command: str, result: dict[str, Any]) -> None:
     elif command in ("upgrade", "reload"):
         t = data.get("timings_ms", {})
         extra = f", pause {t['pause']:.1f} ms" if "pause" in t else ""
+        held = "held" if data.get("watch") and "outcome" not in data["watch"] else "draining"
         print(f"swapd {command}: ok: gen={data.get('gen')} active, gen={data.get('previous')} "
-              f"draining (ready after {t.get('ready', 0):.0f} ms{extra}, "
-              f"total {data.get('duration_ms', 0):.0f} ms)")
+              f"{held} (ready after {t.get('ready', 0):.0f} ms{extra}, "
+              f"total {data.get('duration_ms', 0):.0f} ms){cli_ops.describe_watch(data)}")
     elif command == "stop":
         print("swapd stop: stopped")
 
@@ -360,7 +385,8 @@ def format_status(s: dict[str, Any]) -> str:
     lines.append("generations:")
     for g in s["generations"]:
         lines.append(f"  gen {g['id']:<4} {g['state'].upper():<9} {len(g['workers'])} worker(s)  "
-                     f"age {_dur(g['age'])}  command: {' '.join(g['command'])}")
+                     f"release {g.get('release') or '?'}  age {_dur(g['age'])}  "
+                     f"command: {' '.join(g['command'])}")
         for w in g["workers"]:
             usage = ""
             if "rss" in w:
@@ -383,6 +409,7 @@ def format_status(s: dict[str, Any]) -> str:
         disk = {True: "on disk", False: "NOT on disk", None: "disk unknown"}[p["on_disk"]]
         lines.append(f"patch #{p['id']} in force: {p['module']} from {p['name']} "
                      f"(sha256 {p['sha256'][:12]}, {disk})")
+    lines += cli_ops.format_watch(s)
     for warning in s.get("warnings", []):
         lines.append(f"WARNING: {warning}")
     return "\n".join(lines)

@@ -14,6 +14,13 @@ supervisor was started with, so a flag given at start keeps winning.
     backlog = 1024
     precopy = false             # stateful: ship bulk state before the pause
     fdstore = true              # under systemd: keep listeners (and state) in the fd store
+    watch = 0                   # seconds the old generation is held after a swap (rollback)
+    health_url = "/healthz"     # [LISTENER:]PATH probed over the listener during a watch
+    health_interval = 1.0       # seconds between probes
+    health_failures = 3         # consecutive failed probes that roll back
+    worker_output = "prefixed"  # or "passthrough": the workers write to our stdout/stderr
+    state_dir = "/var/lib/swapd/app"   # the history (default: see swapd.supervisor.history)
+    metrics = "127.0.0.1:9100"  # Prometheus endpoint (off unless given)
 
     [bind]
     http = "127.0.0.1:8000"
@@ -33,6 +40,7 @@ supervisor was started with, so a flag given at start keeps winning.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -42,9 +50,12 @@ from swapd.sockets import RESERVED_PREFIX, Address, AddressError, check_name, pa
 
 Mode = Literal["stateless", "stateful"]
 Readiness = Literal["notify", "exec", "probe"]
+WorkerOutput = Literal["prefixed", "passthrough"]
 MODES: tuple[Mode, ...] = ("stateless", "stateful")
 READINESS: tuple[Readiness, ...] = ("notify", "exec", "probe")
+WORKER_OUTPUT: tuple[WorkerOutput, ...] = ("prefixed", "passthrough")
 _PROBE_PATH_MAX = 1024
+_HEALTH_URL = re.compile(r"(?:([A-Za-z0-9_.-]{1,64}):)?(/[\x21-\x7e]{0,1000})")
 
 
 class ConfigError(ValueError):
@@ -77,11 +88,28 @@ class Config:
     env: tuple[tuple[str, str], ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
     config_file: str | None = None
+    watch: float = 0.0  # seconds the old generation is held after a commit; 0 = drained at once
+    health_url: str | None = None  # "[LISTENER:]/path", probed during a watch window
+    health_interval: float = 1.0
+    health_failures: int = 3
+    worker_output: WorkerOutput = "prefixed"
+    state_dir: str | None = None
+    metrics: str | None = None  # "HOST:PORT" of the Prometheus endpoint
+
+    @property
+    def health(self) -> tuple[str | None, str] | None:
+        """(listener name or None for the first, path) of `health_url`, if set."""
+        if self.health_url is None:
+            return None
+        found = _HEALTH_URL.fullmatch(self.health_url)
+        assert found is not None  # checked by build()
+        return found.group(1), found.group(2)
 
 
 _TOP_KEYS = {
     "command", "workers", "mode", "control", "cwd", "readiness", "backlog", "precopy",
-    "fdstore", "bind", "timeouts", "env", "probe",
+    "fdstore", "bind", "timeouts", "env", "probe", "watch", "health_url", "health_interval",
+    "health_failures", "worker_output", "state_dir", "metrics",
 }
 _TIMEOUT_KEYS = {"ready", "drain", "quiesce", "restore", "idle_grace", "probe"}
 
@@ -211,6 +239,25 @@ def build(
     cwd = merged.get("cwd")
     if cwd is not None and not isinstance(cwd, str):
         raise ConfigError(f"{where}: cwd must be a path")
+    watch = _seconds(where, "watch", merged.get("watch", 0.0), zero=True)
+    health_interval = _seconds(where, "health_interval", merged.get("health_interval", 1.0))
+    health_failures = _int(where, "health_failures", merged.get("health_failures", 3),
+                           minimum=1)
+    health_url = merged.get("health_url")
+    if health_url is not None and (not isinstance(health_url, str)
+                                   or not _HEALTH_URL.fullmatch(health_url)):
+        raise ConfigError(f"{where}: health_url must be [LISTENER:]/PATH (printable ASCII, no "
+                          f"spaces), not {health_url!r}")
+    worker_output = merged.get("worker_output", "prefixed")
+    if worker_output not in WORKER_OUTPUT:
+        raise ConfigError(f"{where}: worker_output must be one of {', '.join(WORKER_OUTPUT)}, "
+                          f"not {worker_output!r}")
+    state_dir = merged.get("state_dir")
+    if state_dir is not None and (not isinstance(state_dir, str) or not state_dir):
+        raise ConfigError(f"{where}: state_dir must be a path")
+    metrics = merged.get("metrics")
+    if metrics is not None:
+        metrics = metrics_address(where, metrics)
     control = merged.get("control") or default_control_path(environ)
     if not isinstance(control, str):
         raise ConfigError(f"{where}: control must be a path")
@@ -230,7 +277,38 @@ def build(
         env=tuple(env),
         timeouts=timeouts,
         config_file=os.path.abspath(config_file) if config_file else None,
+        watch=watch,
+        health_url=health_url,
+        health_interval=health_interval,
+        health_failures=health_failures,
+        worker_output=worker_output,
+        state_dir=os.path.abspath(state_dir) if state_dir else None,
+        metrics=metrics,
     )
+
+
+def metrics_address(where: str, value: Any) -> str:
+    """`HOST:PORT`, `[V6]:PORT` or a bare `PORT` (then on 127.0.0.1), normalised."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: metrics must be HOST:PORT")
+    text = f"127.0.0.1:{value}" if value.isascii() and value.isdigit() else value
+    try:
+        address = parse_address(text)
+    except AddressError as e:
+        raise ConfigError(f"{where}: metrics: {e}") from None
+    if address.is_unix:
+        raise ConfigError(f"{where}: metrics must be a TCP address (HOST:PORT), not {value!r}")
+    return str(address)
+
+
+def _seconds(where: str, key: str, value: Any, *, zero: bool = False) -> float:
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not (value >= 0 if zero else value > 0) or value != value or value > 10**7):
+        kind = "a number of seconds >= 0" if zero else "a positive number of seconds"
+        raise ConfigError(f"{where}: {key} must be {kind}")
+    return float(value)
 
 
 _TABLES = ("bind", "timeouts", "env")
@@ -288,6 +366,13 @@ def to_overrides(config: Config) -> dict[str, Any]:
         "cwd": config.cwd,
         "env": dict(config.env),
         "timeouts": {k: getattr(config.timeouts, k) for k in sorted(_TIMEOUT_KEYS)},
+        "watch": config.watch,
+        "health_url": config.health_url,
+        "health_interval": config.health_interval,
+        "health_failures": config.health_failures,
+        "worker_output": config.worker_output,
+        "state_dir": config.state_dir,
+        "metrics": config.metrics,
     }
 
 

@@ -147,6 +147,16 @@ class Status(Body):
     text: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Health(Body):
+    """The application's own verdict on its health (unsolicited, no reply). `ok: false`
+    during a watch window rolls the swap back; outside one it is logged and shown."""
+
+    T = "health"
+    ok: bool
+    reason: str = ""
+
+
 # -- supervisor → worker ---------------------------------------------------------------
 
 
@@ -232,13 +242,30 @@ class CommitReply(Body):
 
 
 @dataclasses.dataclass(frozen=True)
+class Hold(Body):
+    """The successor committed under a watch window: stop accepting, let connections go at
+    their next request boundary (close our copies of those handed over), keep the process
+    and its state: a rollback may revive it. No reply; a `drain` ends it."""
+
+    T = "hold"
+
+
+@dataclasses.dataclass(frozen=True)
+class Revive(Body):
+    """Rollback: a held worker serves again, with the state of the `restore` that came
+    before (the watched generation's, stateful) or its own. Replied with `CommitReply`."""
+
+    T = "revive"
+
+
+@dataclasses.dataclass(frozen=True)
 class Empty(Body):
     """A reply with nothing but `ok`."""
 
 
 # Requests the worker handles, by wire type; `precopy` is told apart by its `names`.
 WORKER_REQUESTS: dict[str, type[Body]] = {
-    m.T: m for m in (Drain, Quiesce, Resume, Restore, Commit)
+    m.T: m for m in (Drain, Quiesce, Resume, Restore, Commit, Hold, Revive)
 }
 
 

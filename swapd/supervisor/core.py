@@ -33,12 +33,15 @@ from swapd.sockets import (
     describe,
 )
 from swapd.supervisor import patching, reexec
+from swapd.supervisor.deploys import Deploys, patch_fields, swap_options
 from swapd.supervisor.fleet import CRASH_WINDOW, KILL_WAIT, Fleet, SpawnFailed
 from swapd.supervisor.generation import Generation, WorkerProcess
 from swapd.supervisor.journal import Journal
 from swapd.supervisor.lifecycle import GenEvent, GenState
 from swapd.supervisor.listeners import Listener, ListenerError, Listeners
 from swapd.supervisor.manager import ServiceManager, split_inherited
+from swapd.supervisor.metrics import MetricsUnavailable
+from swapd.supervisor.ops import Operations, Who, who_control, who_signal
 from swapd.supervisor.process import OsProcesses
 from swapd.supervisor.swap import (
     SwapFailed,
@@ -49,11 +52,12 @@ from swapd.supervisor.swap import (
     store_state,
     wait_ready,
 )
+from swapd.supervisor.watch import HealthUrlError, SwapOptions, check_health_url
 from swapd.systemd import LISTEN_ENV
 
 log = logging.getLogger("swapd")
 
-COMMANDS = frozenset({"status", "upgrade", "reload", "stop", "patch"})
+COMMANDS = frozenset({"status", "upgrade", "reload", "stop", "patch", "rollback", "history"})
 
 
 class StartupError(Exception):
@@ -72,6 +76,7 @@ class Supervisor:
         overrides: dict[str, Any],
         processes: OsProcesses | None = None,
         inherited: list[tuple[str, int]] | None = None,
+        release: str | None = None,
     ) -> None:
         self._config = config  # until a generation is active; then its config
         self.overrides = overrides
@@ -92,6 +97,15 @@ class Supervisor:
         self.listeners = Listeners(self.manager)
         self.fleet = Fleet(processes or OsProcesses(), self.listeners, self.journal,
                            _base_env(os.environ), self._stopping)
+        self.first_release = release  # the first generation's label (None: derived)
+        self.ops = Operations(config)  # history and metrics
+        self.fleet.on_event = self.ops.worker_event
+        self.deploys = Deploys(self.fleet, self.listeners, self.manager, self.ops,
+                               self._stopping, self._status_line,
+                               lambda: _swap_bound(self.config))
+        self._stop_who: Who = {"via": "control"}
+        self._reexec_who: Who = {}  # who asked for the re-exec in flight
+        self._reexec_ops: dict[str, Any] = {}  # what the previous image said about it
         # LISTEN_FDS may carry, besides listeners, snapshots a previous supervisor stored.
         inherited = inherited or []
         self._stored_names = [n for n, _ in inherited if STATE_NAME.match(n)]
@@ -109,6 +123,7 @@ class Supervisor:
                 raise StartupError("no listeners: give --bind NAME=ADDR (or use socket activation)")
             self._control_sock = bind_control(self.config.control)
             self.listeners.store_all()
+            self._prepare_ops()
         except OSError as e:
             self._close_listeners()
             raise StartupError(e.strerror or str(e)) from e
@@ -117,7 +132,22 @@ class Supervisor:
             raise StartupError(f"socket activation: {e}") from e
         except StartupError:
             self._close_listeners()
+            self._close_control()
             raise
+
+    def _prepare_ops(self) -> None:
+        health = self.config.health
+        if health is not None and health[0] is not None and health[0] not in {
+                lis.name for lis in self.listeners}:
+            raise StartupError(f"health_url {self.config.health_url}: no listener named "
+                               f"{health[0]!r}")
+        try:
+            self.ops.prepare()
+        except MetricsUnavailable as e:
+            raise StartupError(str(e)) from e
+        except OSError as e:
+            raise StartupError(f"metrics endpoint {self.config.metrics}: "
+                               f"{e.strerror or e}") from e
 
     @property
     def config(self) -> Config:
@@ -131,6 +161,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.fleet.attach(loop)
+        self.ops.attach(loop, lambda: self.deploys.snapshot(self.swap is not None))
         self._stop_requested = loop.create_future()
         self._stopped = loop.create_future()
         assert self._control_sock is not None
@@ -147,7 +178,10 @@ class Supervisor:
                 self._resume(self._resumed)
             else:
                 first = await self._start_first()
-                log.info("event=supervisor.ready gen=%d workers=%d", first.id, len(first.workers))
+                await self._check_health_url(first)
+                log.info("event=supervisor.ready gen=%d workers=%d release=%s", first.id,
+                         len(first.workers), first.release)
+                self.ops.started(first, round((time.monotonic() - self.started) * 1000, 1))
                 self.manager.ready(self._status_line())
             fast = await self._stop_requested
             await self._shutdown(fast)
@@ -165,6 +199,7 @@ class Supervisor:
             await self._control.close()
             self._close_control()
             self._close_listeners()
+            self.ops.close()
             log.info("event=supervisor.exit code=%d", code)
         return code
 
@@ -178,7 +213,8 @@ class Supervisor:
         try:
             try:
                 first = self.fleet.start_generation(self.config, successor_of=None,
-                                                    restore_slots=set(stored))
+                                                    restore_slots=set(stored),
+                                                    release=self.first_release)
             except SpawnFailed as e:
                 raise StartupError(str(e), code=2) from e
             try:
@@ -202,6 +238,16 @@ class Supervisor:
             await activate(self.fleet, first, self.config, SwapJob("start", "start"))
         return first
 
+    async def _check_health_url(self, first: Generation) -> None:
+        """Bad input refused at start: a health URL the first generation does not answer
+        with HTTP 2xx (not an HTTP listener, a 404...) would roll every watched swap back."""
+        try:
+            await check_health_url(self.listeners, self.config)
+        except HealthUrlError as e:
+            log.error("event=start.failed reason=%r", str(e))
+            await self.fleet.kill_generation(first)
+            raise StartupError(str(e), code=2) from e
+
     def _drop_stored_state(self) -> None:
         """Close our copies of stored snapshot fds and remove them from the fd store."""
         self.manager.forget_names(self._stored_names)
@@ -216,9 +262,9 @@ class Supervisor:
     def _install_signals(self) -> None:
         assert self._loop is not None
         self._loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        self._loop.add_signal_handler(signal.SIGTERM, self.request_stop, False)
-        self._loop.add_signal_handler(signal.SIGINT, self.request_stop, False)
-        self._loop.add_signal_handler(signal.SIGQUIT, self.request_stop, True)
+        self._loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM", False)
+        self._loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT", False)
+        self._loop.add_signal_handler(signal.SIGQUIT, self._on_stop_signal, "SIGQUIT", True)
 
     def _remove_signals(self) -> None:
         if self._loop is None:
@@ -240,11 +286,16 @@ class Supervisor:
             self.manager.reloading(f"reload requested; {self._status_line()}",
                                    _swap_bound(self.config))
         try:
-            await self.request_swap("reload", "SIGHUP", None)
+            await self.request_swap("reload", "SIGHUP", None,
+                                    SwapOptions(who=who_signal("SIGHUP")))
         except ControlError as e:  # a signal has nobody to answer: the log must say it
             log.warning("event=signal.refused name=SIGHUP reason=%r", str(e))
             if busy and not self._stopping():
                 self.manager.ready(f"{self._status_line()}; SIGHUP reload refused: {e}")
+
+    def _on_stop_signal(self, name: str, fast: bool) -> None:
+        self._stop_who = who_signal(name)
+        self.request_stop(fast)
 
     def request_stop(self, fast: bool = False) -> None:
         if self._stop_requested is not None and not self._stop_requested.done():
@@ -256,6 +307,7 @@ class Supervisor:
     async def _reexec(self, emit: Emit, peer: Peer) -> dict[str, Any]:
         self._refuse_if_busy("re-exec")
         self.reexec_in_flight = True
+        self._reexec_who = who_control(peer)
         try:
             state = self._capture(None).state
             emit("reexec", f"checking that the new code on disk takes over "
@@ -277,6 +329,7 @@ class Supervisor:
             except (reexec.ReexecError, OSError) as e:
                 tail = e.tail if isinstance(e, reexec.ReexecError) else ""
                 log.error("event=reexec.failed reason=%r", str(e))
+                self.ops.reexec(False, who_control(peer), str(e), __version__, __version__)
                 raise ControlError(str(e), data={"tail": tail, "worker": "pre-flight check"}
                                    ) from e
         finally:
@@ -287,7 +340,11 @@ class Supervisor:
         assert self._control_sock is not None
         owned = reexec.Owned(self.config, self.overrides, self._control_sock.fileno(),
                              self.started, self.swap_counts, self.last_swap)
-        return reexec.capture(self.fleet, self.listeners, owned, reply_fd)
+        captured = reexec.capture(self.fleet, self.listeners, owned, reply_fd)
+        # For the new image's history entry: who asked, and when.
+        captured.state["ops"] = {"who": self._reexec_who, "asked": time.time(),
+                                 "last_rollback": self.deploys.last_rollback}
+        return captured
 
     def _refuse_if_busy(self, what: str) -> None:
         """One change at a time: a swap, a patch or a re-exec."""
@@ -304,6 +361,8 @@ class Supervisor:
         if self.patch_in_flight is not None:
             raise ControlError(f"patch {self.patch_in_flight} is in flight; retry when it "
                                "finishes")
+        if self.deploys.busy():
+            raise ControlError(f"no {what}: {self.deploys.busy()}")
 
     @classmethod
     def from_reexec(cls, state: reexec.State) -> Supervisor:
@@ -321,6 +380,13 @@ class Supervisor:
             sup.listeners.add(Listener(item.name, item.address, sock, item.source))
         sup._control_sock = socket.socket(fileno=state.control_fd)
         sup._control_sock.set_inheritable(False)
+        sup._reexec_ops = state.ops
+        sup.deploys.last_rollback = state.ops.get("last_rollback")
+        try:  # the history file again; the metrics port, which the exec closed, again
+            sup.ops.prepare()
+        except (OSError, MetricsUnavailable) as e:  # workers are running: no exit for this
+            log.error("event=metrics.failed address=%s error=%r action='running without "
+                      "metrics'", state.config.metrics, str(e))
         return sup
 
     def _resume(self, state: reexec.State) -> None:
@@ -328,6 +394,11 @@ class Supervisor:
         self.fleet.adopt(state.generations, state.active, state.next_gen, state.crashes)
         log.info("event=reexec.done version=%s previous=%s generations=%d", __version__,
                  state.version, len(self.fleet.generations))
+        ops = self._reexec_ops
+        asked = ops.get("asked")
+        self.ops.reexec(True, ops.get("who") or {"via": "control"}, None, state.version,
+                        __version__, round((time.time() - asked) * 1000, 1)
+                        if isinstance(asked, int | float) else None)
         self.manager.status(f"re-exec'd swapd {__version__}; {self._status_line()}")
         if state.reply_fd is not None:
             _answer(state.reply_fd, {"reexec": True, "pid": os.getpid(),
@@ -335,22 +406,28 @@ class Supervisor:
 
     # -- swaps --------------------------------------------------------------------
 
-    async def request_swap(self, kind: str, origin: str, emit: Emit | None) -> dict[str, Any]:
+    async def request_swap(self, kind: str, origin: str, emit: Emit | None,
+                           opts: SwapOptions | None = None) -> dict[str, Any]:
         """Start a swap, or join the one in flight if it is the same kind."""
+        opts = opts or SwapOptions()
         job = self.swap
         if job is None or job.kind != kind or self._stopping():
-            self._refuse_if_busy("swap started")
+            try:
+                self._refuse_if_busy("swap started")
+            except ControlError as e:
+                self.ops.refused(kind, opts.who, str(e))
+                raise
         if job is not None:
             log.info("event=swap.join kind=%s origin=%s gen=%s", kind, origin, job.gen)
             if emit is not None:
                 job.subscribers.append(emit)
                 emit("joined", f"joined the {kind} in flight (gen={job.gen})", None)
         else:
-            job = SwapJob(kind, origin)
+            job = SwapJob(kind, origin, release=opts.release, who=opts.who)
             if emit is not None:
                 job.subscribers.append(emit)
             self.swap = job
-            job.task = asyncio.ensure_future(self._run_swap(job))
+            job.task = asyncio.ensure_future(self._run_swap(job, opts))
         return await asyncio.shield(job.done)
 
     def _status_line(self) -> str:
@@ -359,8 +436,10 @@ class Supervisor:
             return "starting"
         return f"gen {gen.id} active, {len(gen.live())} worker(s)"
 
-    async def _run_swap(self, job: SwapJob) -> None:
+    async def _run_swap(self, job: SwapJob, opts: SwapOptions) -> None:
         log.info("event=swap.start kind=%s origin=%s", job.kind, job.origin)
+        before = self.fleet.active
+        journal = list(self.journal.records)  # the held generation's, should it come back
         self.manager.reloading(f"{job.kind} in progress; {self._status_line()}",
                                _swap_bound(self.config))
         outcome: dict[str, Any]
@@ -369,6 +448,10 @@ class Supervisor:
             if job.kind == "reload":
                 config = self._reread_config()
                 job.emit("config", f"configuration re-read ({config.config_file or 'flags only'})")
+            job.watch = opts.watch if opts.watch is not None else config.watch
+            why = self.deploys.why_not(before, job.watch)
+            if why is not None:
+                raise SwapFailed(why)
             try:
                 plan = self.listeners.prepare(config.binds, config.backlog)
             except ListenerError as e:
@@ -380,6 +463,8 @@ class Supervisor:
                 raise
             self.listeners.settle(plan, committed=True, binds=config.binds)
             outcome = {"ok": True, **result}
+            if job.watch > 0 and before is not None:
+                outcome["watch"] = self.deploys.open_watch(job.watch, before, journal)
             log.info("event=swap.commit kind=%s gen=%d timings_ms=%s", job.kind, result["gen"],
                      result["timings_ms"])
         except SwapFailed as e:
@@ -398,6 +483,8 @@ class Supervisor:
                        duration_ms=round((time.monotonic() - job.started) * 1000, 1))
         self.last_swap = outcome
         self.swap_counts["ok" if outcome["ok"] else "failed"] += 1
+        self.ops.swap_done(outcome, job.who or {"origin": job.origin}, before,
+                           self.fleet.generations.get(job.gen) if job.gen else None, job.watch)
         # READY=1 ends the reload state whether the swap committed or not: sd_notify has no
         # "reload failed"; the status line and `swapd reload`'s exit code tell which.
         failed = "" if outcome["ok"] else f"; last {job.kind} FAILED: {outcome['error']}"
@@ -416,6 +503,10 @@ class Supervisor:
         if new.control != self.config.control:
             log.warning("event=reload.ignored key=control reason='needs a restart'")
             new = replace(new, control=self.config.control)
+        for key in ("metrics", "state_dir"):  # bound or opened once, at start
+            if getattr(new, key) != getattr(self.config, key):
+                log.warning("event=reload.ignored key=%s reason='needs a restart'", key)
+                new = replace(new, **{key: getattr(self.config, key)})
         return new
 
     # -- control ------------------------------------------------------------------
@@ -428,13 +519,22 @@ class Supervisor:
         if cmd == "upgrade" and args.get("self"):
             return await self._reexec(emit, peer)
         if cmd in ("upgrade", "reload"):
-            outcome = await self.request_swap(cmd, f"control {peer}", emit)
+            opts = swap_options(args, who_control(peer))
+            outcome = await self.request_swap(cmd, f"control {peer}", emit, opts)
             if not outcome.get("ok"):
                 raise ControlError(str(outcome.get("error")), data=outcome)
+            if opts.wait_watch and "watch" in outcome:
+                return await self.deploys.wait_watch(outcome, emit)
             return outcome
+        if cmd == "rollback":
+            return await self.deploys.rollback(peer)
+        if cmd == "history":
+            return await self.deploys.history(args)
         if cmd == "patch":
             return await self._patch(args, emit, peer)
         if cmd == "stop":
+            if not self._stopping():
+                self._stop_who = who_control(peer)
             self.request_stop(bool(args.get("fast")))
             assert self._stopped is not None
             await asyncio.shield(self._stopped)
@@ -452,12 +552,21 @@ class Supervisor:
         last = self.journal.last
         rolling = action == "rollback" and last is not None
         self.patch_in_flight = last.id if rolling and last else self.journal.serial + 1
+        gen = self.fleet.active.id if self.fleet.active else None
         try:
             if action == "rollback":
-                return await patching.rollback(self.fleet.active, self.journal, emit, peer)
-            return await patching.apply(self.fleet.active, self.journal, args, emit, peer)
+                data = await patching.rollback(self.fleet.active, self.journal, emit, peer)
+            else:
+                data = await patching.apply(self.fleet.active, self.journal, args, emit, peer)
+        except ControlError as e:
+            self.ops.patch_done(action, False, who_control(peer), gen,
+                                {**patch_fields(args), **e.data}, str(e))
+            raise
         finally:
             self.patch_in_flight = None
+        self.ops.patch_done(action, True, who_control(peer), gen,
+                            {**patch_fields(args), **data}, None)
+        return data
 
     def status(self) -> dict[str, Any]:
         fleet = self.fleet
@@ -476,6 +585,7 @@ class Supervisor:
             warnings.append(f"worker {slot} is in a crash loop ({len(fleet.crashes[slot])} "
                             f"crashes in {CRASH_WINDOW:g}s)")
         warnings += self.journal.warnings()
+        warnings += self.ops.warnings()
         return {
             "patches": self.journal.summaries(),
             "pid": os.getpid(),
@@ -491,6 +601,7 @@ class Supervisor:
             "swaps": dict(self.swap_counts),
             "open_fds": len(os.listdir("/proc/self/fd")),
             "warnings": warnings,
+            **self.deploys.describe(),
         }
 
     # -- stop ---------------------------------------------------------------------
@@ -505,6 +616,9 @@ class Supervisor:
         self.manager.stopping("stopping" + (" (fast)" if fast else ", draining"),
                               t.quiesce + t.drain + 4 * KILL_WAIT)
         fleet = self.fleet
+        stopped_gen = fleet.active
+        began = time.monotonic()
+        await self.deploys.stop()
         fleet.cancel_timers()
         job = self.swap
         if job is not None and job.task is not None:
@@ -516,7 +630,7 @@ class Supervisor:
                 and active.state == GenState.ACTIVE and active.config.mode == "stateful"):
             await store_state(active, self.manager.store_state)
         for gen in list(fleet.generations.values()):
-            if gen.state in (GenState.ACTIVE, GenState.QUIESCED):
+            if gen.state in (GenState.ACTIVE, GenState.QUIESCED, GenState.HELD):
                 gen.transition(GenEvent.SUPERSEDE)
                 if not fast:
                     fleet.drain(gen, gen.config.timeouts.drain)
@@ -530,6 +644,8 @@ class Supervisor:
         for gen in fleet.generations.values():
             for w in gen.live():
                 log.error("event=worker.unkillable %s", w.tag)
+        self.ops.stopped(self._stop_who, fast, stopped_gen,
+                         round((time.monotonic() - began) * 1000, 1))
 
     def _close_listeners(self) -> None:
         # With the fd store, the sockets live on for the next supervisor (restart, crash):

@@ -16,12 +16,14 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from swapd import messages
 from swapd.channel import Message
 from swapd.config import Config
 from swapd.supervisor import readiness
+from swapd.supervisor import release as releases
 from swapd.supervisor.generation import (
     Generation,
     GenerationRecord,
@@ -63,6 +65,8 @@ class Fleet:
         self.tasks: set[asyncio.Task[None]] = set()  # drains and respawn watches
         self._timers: dict[tuple[int, int], asyncio.TimerHandle] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Told of restarts and crash loops (metrics); the default does nothing.
+        self.on_event: Callable[[str, Generation, int], None] = lambda event, gen, slot: None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -86,10 +90,12 @@ class Fleet:
         now = time.monotonic()
         for g in records:
             gen = Generation(g.id, g.config, state=g.state, created=g.created,
-                             committed=g.committed, restarts=list(g.restarts))
+                             committed=g.committed, restarts=list(g.restarts),
+                             release=g.release, root=g.root)
             for rec in g.workers:
                 w = None if rec is None else WorkerProcess.resume(gen.id, rec, self._loop)
                 if w is not None:
+                    w.passthrough = g.config.worker_output == "passthrough"
                     self.watch(w)
                 gen.workers.append(w)
             self.generations[gen.id] = gen
@@ -106,9 +112,13 @@ class Fleet:
     # -- starting ------------------------------------------------------------------------
 
     def start_generation(self, config: Config, successor_of: Generation | None,
-                         restore_slots: set[int] | None = None) -> Generation:
-        """Spawn a generation of `config.workers` workers; SpawnFailed if one cannot start."""
-        gen = Generation(self.next_gen, config)
+                         restore_slots: set[int] | None = None, release: str | None = None
+                         ) -> Generation:
+        """Spawn a generation of `config.workers` workers; SpawnFailed if one cannot start.
+        `release`: its label (derived from the code when None, see release.py)."""
+        root = releases.resolve_root(config.cwd)
+        gen = Generation(self.next_gen, config, release=release or releases.derive(config, root),
+                         root=root)
         self.next_gen += 1
         self.generations[gen.id] = gen
         fds, names = self.listeners.fds_for(config.binds)
@@ -119,7 +129,7 @@ class Fleet:
                 role = "successor"
             if restore_slots and slot in restore_slots:
                 role = "successor"
-            spec = WorkerSpec(gen.id, slot, config, fds, names, role, self.base_env)
+            spec = self._spec(gen, slot, fds, names, role)
             try:
                 worker = self._spawn(spec)
             except OSError as e:  # exec failed (SpawnError), or fork/pipe: EAGAIN, EMFILE
@@ -127,9 +137,17 @@ class Fleet:
                 gen.transition(GenEvent.FAIL)
                 raise SpawnFailed(f"gen={gen.id} worker={slot}: {e.strerror or e}") from e
             gen.workers.append(worker)
-        log.info("event=gen.start gen=%d workers=%d mode=%s command=%r", gen.id, config.workers,
-                 config.mode, " ".join(config.command))
+        log.info("event=gen.start gen=%d workers=%d mode=%s release=%s command=%r", gen.id,
+                 config.workers, config.mode, gen.release, " ".join(config.command))
         return gen
+
+    def _spec(self, gen: Generation, slot: int, fds: list[int], names: list[str], role: str
+              ) -> WorkerSpec:
+        # The generation's resolved directory (a restart after a deploy flipped `current`
+        # runs this generation's code), and its release label for the application to show.
+        config = gen.config if gen.root is None else replace(gen.config, cwd=gen.root)
+        env = {**self.base_env, "SWAPD_RELEASE": gen.release}
+        return WorkerSpec(gen.id, slot, config, fds, names, role, env)
 
     def _spawn(self, spec: WorkerSpec) -> WorkerProcess:
         assert self._loop is not None
@@ -148,9 +166,10 @@ class Fleet:
 
     # -- commit and retire ---------------------------------------------------------------
 
-    def commit(self, new: Generation, old: Generation | None, *, drain_old: bool = True
-               ) -> None:
-        """The point of no return: `new` serves, `old` drains (now, or via `retire`)."""
+    def commit(self, new: Generation, old: Generation | None, *, drain_old: bool = True,
+               hold: bool = False) -> None:
+        """The point of no return: `new` serves, `old` drains (now, or via `retire`), or with
+        `hold` is kept for a rollback during a watch window (watch.py)."""
         new.transition(GenEvent.COMMIT)
         new.committed = time.monotonic()
         self.active = new
@@ -160,8 +179,8 @@ class Fleet:
         self.crashes.clear()
         self.crash_loop.clear()
         self.journal.clear_for(new.id)  # new code from disk: the old patches do not apply
-        old.transition(GenEvent.SUPERSEDE)
-        if drain_old:
+        old.transition(GenEvent.HOLD if hold else GenEvent.SUPERSEDE)
+        if drain_old and not hold:
             self.retire(old)
 
     def retire(self, old: Generation) -> None:
@@ -274,6 +293,7 @@ class Fleet:
             self.crash_loop.add(slot)
             log.error("event=worker.crash_loop gen=%d worker=%d crashes=%d window=%gs "
                       "backoff=%gs", gen.id, slot, recent, CRASH_WINDOW, delay)
+            self.on_event("crash_loop", gen, slot)
         log.info("event=worker.respawn_scheduled gen=%d worker=%d delay=%gs", gen.id, slot, delay)
         self._cancel_timer(gen.id, slot)
         self._timers[(gen.id, slot)] = self._loop.call_later(delay, self.respawn, gen, slot)
@@ -301,7 +321,7 @@ class Fleet:
         if old is not None and old.state != SlotState.BACKOFF:
             return
         fds, names = self.listeners.fds_for(gen.config.binds)
-        spec = WorkerSpec(gen.id, slot, gen.config, fds, names, "fresh", self.base_env)
+        spec = self._spec(gen, slot, fds, names, "fresh")
         try:
             worker = self._spawn(spec)
         except OSError as e:  # the slot stays in backoff and is tried again later
@@ -313,6 +333,7 @@ class Fleet:
             old.transition(SlotEvent.RESPAWN)
         gen.workers[slot] = worker
         gen.restarts[slot] += 1
+        self.on_event("restart", gen, slot)
         self.background(self._watch_respawn(gen, worker))
 
     async def _watch_respawn(self, gen: Generation, w: WorkerProcess) -> None:

@@ -102,6 +102,8 @@ class GenerationRecord:
     restarts: list[int]
     drain_deadline: float | None
     workers: list[WorkerRecord | None]  # None: a slot whose worker is gone
+    release: str = ""
+    root: str | None = None
 
 
 @dataclass
@@ -137,6 +139,11 @@ class WorkerProcess:
         self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.exited: asyncio.Future[ExitStatus] = loop.create_future()
         self.on_message: Callable[[WorkerProcess, Message], None] = lambda w, m: m.close_fds()
+        # The worker's own verdict (channel `health`, or WATCHDOG=trigger): a watch window
+        # awaits `unhealthy`; a later `ok` report arms a fresh one.
+        self.health: tuple[bool, str] = (True, "")
+        self.unhealthy: asyncio.Future[str] = loop.create_future()
+        self.passthrough = False  # output not captured (--worker-output passthrough)
         self._loop = loop
         self._notify: socket.socket | None = None
         self._output_fd = -1
@@ -170,16 +177,36 @@ class WorkerProcess:
         return bool(self.ready.done() and self.ready.result().get("standby"))
 
     def tail_text(self) -> str:
+        if self.passthrough:
+            return ("(output not captured: --worker-output passthrough sends it straight to "
+                    "the supervisor's stderr)")
         return "\n".join(self.tail)
+
+    def mark_health(self, ok: bool, reason: str, via: str) -> None:
+        if ok == self.health[0] and reason == self.health[1]:
+            return
+        self.health = (ok, reason)
+        if ok:
+            log.info("event=worker.healthy %s via=%s", self.tag, via)
+            if self.unhealthy.done():
+                self.unhealthy = self._loop.create_future()
+            return
+        log.warning("event=worker.unhealthy %s via=%s reason=%r", self.tag, via, reason)
+        if not self.unhealthy.done():
+            self.unhealthy.set_result(reason or f"reported unhealthy ({via})")
 
     # -- pipes ------------------------------------------------------------
 
-    def attach(self, channel_sock: socket.socket, notify: socket.socket, output_fd: int) -> None:
+    def attach(self, channel_sock: socket.socket, notify: socket.socket,
+               output_fd: int | None) -> None:
         self.channel = Channel(channel_sock, self._on_channel_message, self._on_channel_close,
                                loop=self._loop)
         self._notify = notify
         notify.setblocking(False)
         self._loop.add_reader(notify.fileno(), self._on_notify)
+        if output_fd is None:  # passthrough: the worker writes to our stderr itself
+            self.passthrough = True
+            return
         self._output_fd = output_fd
         os.set_blocking(output_fd, False)
         self._loop.add_reader(output_fd, self._on_output)
@@ -266,6 +293,9 @@ class WorkerProcess:
                 self.mark_ready({"standby": ready.standby, "via": "channel"})
             elif msg.type == messages.Status.T:
                 self.status_text = messages.Status.parse(msg.body).text[:200]
+            elif msg.type == messages.Health.T:
+                health = messages.Health.parse(msg.body)
+                self.mark_health(health.ok, health.reason[:500], "channel")
             else:
                 self.on_message(self, msg)
                 return
@@ -295,6 +325,8 @@ class WorkerProcess:
                     self.mark_ready({"standby": False, "via": "notify"})
                 elif key == "STATUS":
                     self.status_text = value[:200]
+                elif key == "WATCHDOG" and value == "trigger":
+                    self.mark_health(False, "WATCHDOG=trigger", "notify")
 
     def mark_ready(self, info: dict[str, Any]) -> None:
         if self.ready_via is not None and info.get("via") != self.ready_via:
@@ -375,6 +407,8 @@ class WorkerProcess:
         }
         if self.status_text:
             info["status"] = self.status_text
+        if not self.health[0]:
+            info["unhealthy"] = self.health[1] or "reported unhealthy"
         if self.child.status is not None:
             info["exit"] = str(self.child.status)
         return info
@@ -389,6 +423,8 @@ class Generation:
     created: float = field(default_factory=time.monotonic)
     committed: float | None = None
     restarts: list[int] = field(default_factory=list)  # per slot
+    release: str = ""  # the release label (release.py)
+    root: str | None = None  # the workers' directory, its symlinks resolved once at start
 
     def transition(self, event: GenEvent) -> None:
         old = self.state
@@ -403,6 +439,7 @@ class Generation:
             "id": self.id,
             "state": self.state.value,
             "mode": self.config.mode,
+            "release": self.release,
             "command": list(self.config.command),
             "age": round(time.monotonic() - self.created, 3),
             "workers": [w.describe() for w in self.workers if w is not None],
@@ -442,7 +479,12 @@ def spawn_worker(
         names.append(readiness.PROBE_LISTENER)
     parent_end, child_end = socketpair()
     notify, notify_addr = notify_socket(spec.gen, spec.slot)
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    out_r: int | None = None
+    out_w: int | None = None  # None: the worker inherits our stdout and stderr
+    if cfg.worker_output != "passthrough":
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    # passthrough: the worker's bytes go where ours go, untouched and without a hop through
+    # us (no per-line cost; and no tail for failure reports).
     n = len(fds)
     env = dict(spec.base_env)
     env.update(cfg.env)
@@ -472,11 +514,13 @@ def spawn_worker(
     except BaseException:
         for s in (parent_end, notify, *([probe] if probe is not None else [])):
             s.close()
-        os.close(out_r)
+        if out_r is not None:
+            os.close(out_r)
         raise
     finally:
         child_end.close()
-        os.close(out_w)
+        if out_w is not None:
+            os.close(out_w)
     worker = WorkerProcess(spec.gen, spec.slot, spec.role, child, loop)
     worker.attach(parent_end, notify, out_r)
     if probe is not None:

@@ -3,14 +3,22 @@
 Pure data and one function, no I/O (the shape of h11's `_state.py`):
 
     STARTING ──ready──▶ STANDBY ──commit──▶ ACTIVE ──superseded──▶ DRAINING ──exited──▶ EXITED
-        │                  │                  │  ▲                     ▲
-        └──failed──────────┴────▶ FAILED      │  └──resume── QUIESCED ─┘ superseded
-                                              └──quiesce──▶ QUIESCED
+        │                  │                  │  ▲                     ▲  ▲
+        └──failed──────────┴────▶ FAILED      │  └──resume── QUIESCED ─┘  │ superseded
+                                              └──quiesce──▶ QUIESCED      │ (window over)
+                                       ACTIVE or QUIESCED ──hold──▶ HELD ─┘
+                                                    ACTIVE ◀──revive── HELD
 
 - stateless swap: new STARTING → STANDBY → ACTIVE (commit); old ACTIVE → DRAINING.
 - stateful swap: old ACTIVE → QUIESCED (stopped accepting, snapshotted); then either
   the new one commits (old QUIESCED → DRAINING) or the swap aborts (old → ACTIVE).
-- stop: ACTIVE or QUIESCED → DRAINING; a generation still starting is FAILED.
+- stop: ACTIVE, QUIESCED or HELD → DRAINING; a generation still starting is FAILED.
+- watch window (`--watch`): at the successor's commit the old generation is HELD instead
+  of DRAINING: it accepts nothing but keeps its processes and state. A rollback revives
+  it (HELD → ACTIVE; the watched generation drains, or in stateful mode first quiesces to
+  hand its state back, and resumes if the held code refuses that state); the end of the
+  window supersedes it (HELD → DRAINING). A held generation is never quiesced, committed
+  or resumed: revive is its only way back to serving.
 
 Worker slots have their own, smaller table (`SLOT_TRANSITIONS`): a worker that
 dies while its generation is ACTIVE is restarted in the same slot.
@@ -26,6 +34,7 @@ class GenState(enum.Enum):
     STANDBY = "standby"
     ACTIVE = "active"
     QUIESCED = "quiesced"
+    HELD = "held"  # superseded under a watch window: not accepting, kept for a rollback
     DRAINING = "draining"
     EXITED = "exited"
     FAILED = "failed"
@@ -37,7 +46,9 @@ class GenEvent(enum.Enum):
     FAIL = "fail"  # a worker died, timed out, refused state, or the swap was aborted
     QUIESCE = "quiesce"  # a stateful successor is about to take the state
     RESUME = "resume"  # the successor aborted: serve again with the untouched state
-    SUPERSEDE = "supersede"  # a successor committed, or the supervisor stops
+    SUPERSEDE = "supersede"  # a successor committed, the watch window ended, or a stop
+    HOLD = "hold"  # a successor committed under a watch window: keep this one for a rollback
+    REVIVE = "revive"  # rollback: the held generation serves again
     EXITED = "exited"  # the last worker is gone
 
 
@@ -54,6 +65,10 @@ TRANSITIONS: dict[tuple[GenState, GenEvent], GenState] = {
     (GenState.ACTIVE, GenEvent.SUPERSEDE): GenState.DRAINING,
     (GenState.QUIESCED, GenEvent.RESUME): GenState.ACTIVE,
     (GenState.QUIESCED, GenEvent.SUPERSEDE): GenState.DRAINING,
+    (GenState.ACTIVE, GenEvent.HOLD): GenState.HELD,
+    (GenState.QUIESCED, GenEvent.HOLD): GenState.HELD,
+    (GenState.HELD, GenEvent.REVIVE): GenState.ACTIVE,
+    (GenState.HELD, GenEvent.SUPERSEDE): GenState.DRAINING,
     (GenState.DRAINING, GenEvent.EXITED): GenState.EXITED,
 }
 

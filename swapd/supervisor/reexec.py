@@ -10,7 +10,7 @@ in a memfd:
     {"format": 1, "version": "0.1.0", "config": {...}, "config_file": ...,
      "overrides": {...}, "control_fd": 5, "reply_fd": 9, "started": <monotonic>,
      "next_gen": 4, "active": 3, "swaps": {...}, "last_swap": {...},
-     "crashes": {"0": [t, ...]},
+     "crashes": {"0": [t, ...]}, "ops": {"who": {...}, "asked": <time>, ...},
      "listeners": [{"name", "address", "fd", "source"}],
      "generations": [{"id", "state", "config", "created", "committed", "restarts",
                       "drain_deadline", "workers": [{"slot", "role", "pid", "pidfd",
@@ -122,6 +122,7 @@ def capture(fleet: Fleet, listeners: Listeners, owned: Owned, reply_fd: int | No
             "config_file": gen.config.config_file, "created": gen.created,
             "committed": gen.committed, "restarts": gen.restarts,
             "drain_deadline": fleet.drain_deadlines.get(gen.id), "workers": workers,
+            "release": gen.release, "root": gen.root,
         })
     state = {
         "format": FORMAT,
@@ -173,6 +174,7 @@ class State:
     listeners: list[ListenerRecord]
     generations: list[GenerationRecord]
     journal: list[PatchRecord]
+    ops: dict[str, Any]  # for the history: who asked for this re-exec, and when
 
 
 def parse(state: dict[str, Any]) -> State:
@@ -200,6 +202,7 @@ def parse(state: dict[str, Any]) -> State:
                        for i in _get(state, "listeners", list)],
             generations=[_generation(g) for g in _get(state, "generations", list)],
             journal=[PatchRecord(**r) for r in state.get("journal", [])],
+            ops=_get(state, "ops", dict, optional=True) or {},
         )
     except ReexecError:
         raise
@@ -235,6 +238,8 @@ def _generation(g: dict[str, Any]) -> GenerationRecord:
         restarts=[int(n) for n in _get(g, "restarts", list)],
         drain_deadline=_get(g, "drain_deadline", (int, float), optional=True),
         workers=workers,
+        release=_get(g, "release", str, optional=True) or "",
+        root=_get(g, "root", str, optional=True),
     )
 
 

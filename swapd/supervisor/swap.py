@@ -35,6 +35,7 @@ from swapd.supervisor import readiness
 from swapd.supervisor.fleet import Fleet, SpawnFailed
 from swapd.supervisor.generation import Answer, Generation, RequestFailed, WorkerProcess
 from swapd.supervisor.lifecycle import GenEvent
+from swapd.supervisor.watch import hold as hold_generation
 
 log = logging.getLogger("swapd")
 
@@ -67,6 +68,9 @@ class SwapJob:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     task: asyncio.Task[None] | None = None
+    release: str | None = None  # the new generation's label (None: derived from its code)
+    watch: float = 0.0  # > 0: hold the old generation this long after commit (watch.py)
+    who: dict[str, Any] = field(default_factory=dict)  # who asked, for the history
 
     def emit(self, event: str, message: str, extra: dict[str, Any] | None = None) -> None:
         for sub in list(self.subscribers):
@@ -92,7 +96,8 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
     if stateful:
         _check_stateful(old, config)
     try:
-        new = fleet.start_generation(config, successor_of=old if stateful else None)
+        new = fleet.start_generation(config, successor_of=old if stateful else None,
+                                     release=job.release)
     except SpawnFailed as e:
         raise SwapFailed(str(e)) from e
     job.gen = new.id
@@ -133,17 +138,23 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
     # Committed: from here on nothing is undone; a failure is a crash of a worker. In a
     # handoff the old generation is told to go only once the new one accepts: its exit
     # (freeing a large heap) must not compete with the end of the pause.
-    fleet.commit(new, old, drain_old=not stateful)
+    held = job.watch > 0
+    fleet.commit(new, old, drain_old=not stateful, hold=held)
+    if held and not stateful:
+        hold_generation(fleet, old)
     job.mark("committed")
     try:
         if stateful:
             await activate(fleet, new, config, job)
     finally:
-        if stateful:
+        if stateful and held:
+            hold_generation(fleet, old)
+        elif stateful:
             fleet.retire(old)
         for answer in handed:
             answer.close_fds()
-    job.emit("committed", f"gen={new.id} active; gen={old.id} draining")
+    job.emit("committed", f"gen={new.id} active; gen={old.id} "
+             + (f"held for a {job.watch:g}s watch window" if held else "draining"))
     return {"gen": new.id, "previous": old.id, "timings_ms": dict(job.timings)}
 
 

@@ -84,6 +84,7 @@ class Worker:
         self._handed_over: list[Connection] = []
         self._quiesce_task: asyncio.Task[Any] | None = None
         self._quiesced = False  # since a "quiesce" request, until "resume"
+        self._held = False  # since a "hold" request (watch window), until "revive" or "drain"
         self._patch_host: PatchHost | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -176,6 +177,22 @@ class Worker:
     def draining(self) -> bool:
         return self._hub is not None and self._hub.draining
 
+    @property
+    def held(self) -> bool:
+        """Superseded under a watch window: not accepting, kept for a rollback (`draining`
+        is true too: connections are let go at their next request boundary)."""
+        return self._held
+
+    def report_health(self, ok: bool, reason: str = "") -> None:
+        """Tell the supervisor whether this worker is healthy. Unhealthy during a watch
+        window rolls the swap back; outside one it is logged and shown by `swapd status`.
+        (Without swapd's channel: `WATCHDOG=trigger` on $NOTIFY_SOCKET when not ok.)"""
+        if self._channel is not None and not self._channel.closed:
+            self._channel.send(m.Health(ok=ok, reason=reason[:500]).body())
+        elif not ok and self._notify_addr:
+            with Notifier(self._notify_addr) as notifier:
+                notifier.send(WATCHDOG="trigger")
+
     # -- lifecycle ----------------------------------------------------------------
 
     async def ready(self) -> None:
@@ -241,7 +258,7 @@ class Worker:
     async def _hello(self) -> None:
         assert self._channel is not None
         hello = m.Hello(proto=1, pid=os.getpid(), lib=f"swapd.worker {__version__}",
-                        features=("drain", "state", "conns", "patch"))
+                        features=("drain", "state", "conns", "patch", "hold"))
         reply = await self._channel.request(hello.body(), timeout=30)
         reply.close_fds()
         answer = m.parse_reply(m.HelloReply, reply.body)
@@ -291,8 +308,9 @@ class Worker:
 
     def _begin_drain(self) -> None:
         hub = self._hub
-        if hub is None or hub.draining:
+        if hub is None or (hub.draining and not self._held):
             return
+        self._held = False  # a held worker's window ended (or the supervisor went away)
         log.info("event=drain.begin gen=%d slot=%d connections=%d", self.generation, self.slot,
                  len(hub.conns))
         hub.begin_drain()
@@ -472,6 +490,37 @@ class Worker:
         else:
             self._reply(msg, m.failed(error, t_start=t_start))
 
+    async def _handle_hold(self, msg: Message, req: m.Hold) -> None:
+        msg.close_fds()
+        hub = self._require_hub()
+        if hub.draining:
+            return  # already going (a drain overtook the hold): nothing to keep
+        self._held = True
+        # Stateful: the connections were handed to the successor, which owns duplicates of
+        # them: close our copies now (a client must see the successor's close, not wait for
+        # ours). Stateless: the live ones finish their request and leave, as in a drain.
+        self._quiesced = False
+        hub.quiescing = False
+        hub.release_detached()
+        self._parts.end_rounds()
+        hub.begin_drain()
+        log.info("event=hold gen=%d slot=%d connections=%d", self.generation, self.slot,
+                 len(hub.conns))
+
+    async def _handle_revive(self, msg: Message, req: m.Revive) -> None:
+        if not self._held:
+            msg.close_fds()
+            self._reply(msg, m.failed("not held (drained, or never held): cannot revive"))
+            return
+        self._held = False
+        self._require_hub().draining = False
+        # As a successor's commit: restored state (if a restore came) committed, accepting,
+        # handed-over connections adopted, the instant replied.
+        await self._handle_commit(msg, m.Commit())
+        for hook in self._on_resume:
+            self._run_hook(hook)
+        log.info("event=revive gen=%d slot=%d", self.generation, self.slot)
+
     async def _handle_patch(self, msg: Message, req: None) -> None:
         msg.close_fds()
         host = self._patches()
@@ -506,6 +555,8 @@ _HANDLERS: dict[str, Callable[[Worker, Message, Any], Awaitable[None]]] = {
     "patch.abort": Worker._handle_patch,
     "patch.rollback": Worker._handle_patch,
     "commit": Worker._handle_commit,
+    "hold": Worker._handle_hold,
+    "revive": Worker._handle_revive,
 }
 
 

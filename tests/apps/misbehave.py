@@ -12,12 +12,17 @@ start, so a test writes it and then asks for a swap:
                                      "<path>-<slot>" (one FIFO per worker slot)
     {"crash_after_ready": true}      call ready(), then exit 1 (crash loop material)
     {"version": "v2"}                text served at GET /
+    {"say": "text"}                  print this line on stdout at start (output tests)
+    {"unhealthy_http": true}         GET /healthz answers 503 (else 200)
+  POST /sick makes the worker report itself unhealthy over the channel (report_health)
   stateful behaviour (POST /incr, GET /count keep a counter handed over by swaps):
     {"state_version": 3}             the state version this code declares (default 1)
     {"restore_raises": true}         restore() raises
     {"restore_gate": "/path/fifo"}   restore() prints "restoring" and blocks on the FIFO
     {"snapshot_sleep": 3.0}          snapshot() blocks the event loop this long
     {"snapshot_hang": true}          snapshot() awaits forever (async)
+    {"accept_versions": [1, 2]}      state versions this code restores (default: its own
+                                     and older)
 
 HTTP: GET / -> "<version> <pid>", GET /hang -> never answers (holds a busy
 connection, to test drain deadlines), GET /slow -> prints "slow request in
@@ -67,6 +72,13 @@ async def app(request: Request) -> Response:
         return Response(200, str(COUNT).encode())
     if request.target == "/count":
         return Response(200, str(COUNT).encode())
+    if request.target == "/healthz":
+        if BEHAVIOR.get("unhealthy_http"):
+            return Response(503, b"unhealthy, as told")
+        return Response(200, b"ok")
+    if request.target == "/sick" and request.method == "POST":
+        worker.current().report_health(False, f"pid {os.getpid()} told to be sick")
+        return Response(200, b"reported")
     if request.target == "/listeners":
         return Response(200, " ".join(sorted(worker.current().listeners)).encode())
     return Response(200, f"{VERSION} {os.getpid()}".encode())
@@ -95,6 +107,10 @@ def restore(state: dict[str, int], from_version: int) -> None:
 async def main(w: worker.Worker) -> None:
     w.on_drain(DRAINING.set)
     w.state_version = BEHAVIOR.get("state_version", 1)
+    if "accept_versions" in BEHAVIOR:
+        w.accept_versions = set(BEHAVIOR["accept_versions"])
+    if "say" in BEHAVIOR:
+        print(BEHAVIOR["say"], flush=True)
     w.on_snapshot(snapshot)
     w.on_restore(restore)
     for name in w.listeners:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -206,7 +207,8 @@ def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
     [
         ("wokers = 2\n",
          "unknown key 'wokers' (known: backlog, bind, command, control, cwd, env, fdstore, "
-         "mode, precopy, probe, readiness, timeouts, workers)"),
+         "health_failures, health_interval, health_url, metrics, mode, precopy, probe, "
+         "readiness, state_dir, timeouts, watch, worker_output, workers)"),
         ("[timeouts]\nready = 1\nboot = 3\n",
          "unknown key 'timeouts.boot' (known: drain, idle_grace, probe, quiesce, ready, restore)"),
         ("bind = \"127.0.0.1:80\"\n", "[bind] must be a table"),
@@ -420,6 +422,14 @@ OVERRIDES = st.fixed_dictionaries(
         "env": st.dictionaries(_TEXT.filter(lambda k: k != "" and "=" not in k), _TEXT,
                                max_size=3),
         "timeouts": st.dictionaries(st.sampled_from(sorted(config_mod._TIMEOUT_KEYS)), _SECONDS),
+        "watch": st.just(0) | _SECONDS,
+        "health_url": st.sampled_from(["/", "/healthz", "admin:/h?x=1"]),
+        "health_interval": _SECONDS,
+        "health_failures": st.integers(1, 10),
+        "worker_output": st.sampled_from(["prefixed", "passthrough"]),
+        "state_dir": _PATHS,
+        "metrics": st.ip_addresses(v=4).map(str).flatmap(
+            lambda h: st.integers(0, 65535).map(lambda p: f"{h}:{p}")),
     },
 )
 
@@ -452,6 +462,13 @@ def test_to_overrides_shape() -> None:
         "env": {"A": "1"},
         "timeouts": {"drain": 30.0, "idle_grace": 1.0, "probe": 2.0, "quiesce": 10.0,
                      "ready": 30.0, "restore": 30.0},
+        "watch": 0.0,
+        "health_url": None,
+        "health_interval": 1.0,
+        "health_failures": 3,
+        "worker_output": "prefixed",
+        "state_dir": None,
+        "metrics": None,
     }
 
 
@@ -492,3 +509,31 @@ def test_a_probe_goes_with_readiness_probe(probe: str) -> None:
 )
 def test_probe_errors(data: dict[str, Any], message: str) -> None:
     assert message in error_of({**CMD, **data}, {})
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("watch", -1, "watch must be a number of seconds >= 0"),
+    ("watch", "30", "watch must be a number of seconds >= 0"),
+    ("health_interval", 0, "health_interval must be a positive number of seconds"),
+    ("health_failures", 0, "health_failures must be an integer >= 1"),
+    ("health_url", "healthz", "health_url must be [LISTENER:]/PATH"),
+    ("health_url", "/a b", "health_url must be [LISTENER:]/PATH"),
+    ("health_url", "/a\r\nX: y", "health_url must be [LISTENER:]/PATH"),
+    ("worker_output", "raw", "worker_output must be one of prefixed, passthrough"),
+    ("metrics", "localhost:9100", "is not an IP address"),
+    ("metrics", "unix:/m.sock", "metrics must be a TCP address"),
+    ("metrics", "127.0.0.1:99999", "port must be 0-65535"),
+])
+def test_operations_keys_refused(key: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build({**CMD, key: value}, {}, environ=NO_ENV)
+
+
+def test_operations_keys() -> None:
+    cfg = build({**CMD, "watch": 30, "health_url": "admin:/healthz", "metrics": 9100,
+                 "worker_output": "passthrough"}, {"metrics": "[::1]:9200"}, environ=NO_ENV)
+    assert cfg.watch == 30.0 and cfg.health == ("admin", "/healthz")
+    assert cfg.metrics == "[::1]:9200"  # the flag wins
+    assert build({**CMD, "metrics": 9100}, {}, environ=NO_ENV).metrics == "127.0.0.1:9100"
+    assert build({**CMD, "health_url": "/h"}, {}, environ=NO_ENV).health == (None, "/h")
+    assert cfg.worker_output == "passthrough"

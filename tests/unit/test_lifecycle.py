@@ -71,6 +71,42 @@ def test_stop_supersedes_an_active_or_quiesced_generation() -> None:
     assert run([E.SUPERSEDE], G.QUIESCED) == [G.DRAINING]
 
 
+# -- the watch window: the old generation held for a rollback --------------------------------
+
+
+def test_watch_window_that_passes() -> None:
+    # old, stateless: held at the successor's commit, drained when the window ends
+    assert run([E.HOLD, E.SUPERSEDE, E.EXITED], G.ACTIVE) == [G.HELD, G.DRAINING, G.EXITED]
+    # old, stateful: quiesced for the snapshot, then held instead of drained
+    assert run([E.QUIESCE, E.HOLD, E.SUPERSEDE], G.ACTIVE) == [
+        G.QUIESCED, G.HELD, G.DRAINING]
+
+
+def test_stateless_rollback_revives_the_held_generation() -> None:
+    assert run([E.HOLD, E.REVIVE], G.ACTIVE) == [G.HELD, G.ACTIVE]
+    # the watched one drains; the revived one can be swapped (and held) again
+    assert run([E.SUPERSEDE], G.ACTIVE) == [G.DRAINING]
+    assert run([E.HOLD, E.REVIVE, E.QUIESCE, E.HOLD, E.REVIVE], G.ACTIVE) == [
+        G.HELD, G.ACTIVE, G.QUIESCED, G.HELD, G.ACTIVE]
+
+
+def test_stateful_rollback_hands_the_state_back_or_is_refused() -> None:
+    # watched: quiesced to snapshot what was written since commit, then superseded ...
+    assert run([E.QUIESCE, E.SUPERSEDE], G.ACTIVE) == [G.QUIESCED, G.DRAINING]
+    # ... or, when the held code refuses that state, it resumes and keeps serving
+    assert run([E.QUIESCE, E.RESUME], G.ACTIVE) == [G.QUIESCED, G.ACTIVE]
+    # and the held one is then let go rather than revived
+    assert run([E.QUIESCE, E.HOLD, E.SUPERSEDE], G.ACTIVE)[-1] == G.DRAINING
+
+
+def test_stop_drains_a_held_generation() -> None:
+    assert run([E.HOLD, E.SUPERSEDE, E.EXITED], G.ACTIVE)[-1] == G.EXITED
+
+
+def test_a_held_generation_does_not_serve() -> None:
+    assert G.HELD not in SERVING and G.HELD not in FINAL
+
+
 def test_serving_states_are_where_workers_may_accept() -> None:
     assert set(SERVING) == {G.STANDBY, G.ACTIVE}
     assert set(FINAL) == {G.EXITED, G.FAILED}
@@ -93,6 +129,14 @@ def test_serving_states_are_where_workers_may_accept() -> None:
     ([E.SUPERSEDE, E.EXITED, E.SUPERSEDE], G.ACTIVE),  # nothing after the end
     ([E.EXITED], G.ACTIVE),  # an active generation is superseded before it exits
     ([E.FAIL], G.ACTIVE),  # after commit a crash is a restart, not a failed swap
+    ([E.HOLD], G.STANDBY),  # only a generation that served can be held for a rollback
+    ([E.REVIVE], G.ACTIVE),  # revive is for a held generation only
+    ([E.SUPERSEDE, E.REVIVE], G.ACTIVE),  # a draining generation is never revived
+    ([E.HOLD, E.RESUME], G.ACTIVE),  # a held generation comes back by revive, not resume
+    ([E.HOLD, E.QUIESCE], G.ACTIVE),  # nor is it quiesced (it is not serving)
+    ([E.HOLD, E.COMMIT], G.ACTIVE),
+    ([E.HOLD, E.HOLD], G.ACTIVE),
+    ([E.HOLD, E.EXITED], G.ACTIVE),  # a held generation is superseded before it exits
 ], ids=lambda v: "-".join(e.value for e in v) if isinstance(v, list) else v.value)
 def test_refused(events: list[GenEvent], start: GenState) -> None:
     *before, last = events

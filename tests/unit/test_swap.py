@@ -32,6 +32,17 @@ class FakeChild:
     status: str | None = None
 
 
+class FakeChannel:
+    """One-way messages a worker was sent (drain, hold)."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.closed = False
+
+    def send(self, body: dict[str, Any]) -> None:
+        self.sent.append(body["t"])
+
+
 class FakeWorker:
     def __init__(self, gen: int, slot: int, role: str, script: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
@@ -42,7 +53,8 @@ class FakeWorker:
         self.exited: asyncio.Future[str] = loop.create_future()
         self.script = script
         self.asked: list[str] = []
-        self.features_ = {"drain", "state", "conns", "patch"}
+        self.features_ = {"drain", "state", "conns", "patch", "hold"}
+        self.channel = FakeChannel()
         self.tail = [f"{self.tag} booting"]
         self.status_text = ""
         self.ready_via: str | None = None
@@ -127,11 +139,12 @@ class FakeFleet:
             gen.workers.append(w)  # type: ignore[arg-type]
         return gen
 
-    def start_generation(self, cfg: Config, successor_of: Generation | None) -> Generation:
+    def start_generation(self, cfg: Config, successor_of: Generation | None,
+                         release: str | None = None) -> Generation:
         if self.spawn_error:
             raise SpawnFailed(self.spawn_error)
         role = "successor" if successor_of is not None else "fresh"
-        gen = Generation(2, cfg)
+        gen = Generation(2, cfg, release=release or "derived")
         for slot in range(cfg.workers):
             w = FakeWorker(2, slot, role, self.scripts.get(slot, {}))
             info = self.ready.get(slot, {"standby": role == "successor", "via": "channel"})
@@ -148,13 +161,13 @@ class FakeFleet:
         if gen.state in (GenState.STARTING, GenState.STANDBY):
             gen.transition(GenEvent.FAIL)
 
-    def commit(self, new: Generation, old: Generation | None, *, drain_old: bool = True
-               ) -> None:
+    def commit(self, new: Generation, old: Generation | None, *, drain_old: bool = True,
+               hold: bool = False) -> None:
         new.transition(GenEvent.COMMIT)
         self.active = new
         if old is not None:
-            old.transition(GenEvent.SUPERSEDE)
-            if drain_old:
+            old.transition(GenEvent.HOLD if hold else GenEvent.SUPERSEDE)
+            if drain_old and not hold:
                 self.retire(old)
 
     def retire(self, old: Generation) -> None:
@@ -171,12 +184,12 @@ def config(**kw: Any) -> Config:
     return replace(base, timeouts=timeouts, **kw)
 
 
-def run_in_loop(build_fleet: Callable[[], FakeFleet], cfg: Config
+def run_in_loop(build_fleet: Callable[[], FakeFleet], cfg: Config, **job_fields: Any
                 ) -> tuple[FakeFleet, dict[str, Any] | SwapFailed, SwapJob]:
     """The fakes hold futures: build them inside the loop that runs the swap."""
     async def go() -> tuple[FakeFleet, dict[str, Any] | SwapFailed, SwapJob]:
         fleet = build_fleet()
-        job = SwapJob("upgrade", "test")
+        job = SwapJob("upgrade", "test", **job_fields)
         try:
             outcome: dict[str, Any] | SwapFailed = await run_swap(fleet, job, cfg)  # type: ignore[arg-type]
         except SwapFailed as e:
@@ -215,6 +228,14 @@ def test_stateless_commit() -> None:
     assert fleet.old.state is GenState.DRAINING and fleet.retired == [1]
     assert {"spawned", "ready", "committed"} <= set(job.timings)
     assert old_workers(fleet)[0].asked == []  # the old generation is never asked anything
+
+
+def test_stateless_commit_under_a_watch_window_holds_the_old_generation() -> None:
+    fleet, outcome, _ = run_in_loop(FakeFleet, config(), watch=30.0, release="v2")
+    assert isinstance(outcome, dict) and fleet.new is not None
+    assert fleet.new.release == "v2" and fleet.new.state is GenState.ACTIVE
+    assert fleet.old.state is GenState.HELD and fleet.retired == []  # kept, not drained
+    assert old_workers(fleet)[0].channel.sent == ["hold"]  # told to stop accepting
 
 
 def test_spawn_failure() -> None:
@@ -257,6 +278,15 @@ def test_new_worker_never_ready() -> None:
 
 def stateful(**kw: Any) -> Config:
     return config(mode="stateful", **kw)
+
+
+def test_stateful_commit_under_a_watch_window_holds_after_the_new_one_accepts() -> None:
+    fleet, outcome, _ = run_in_loop(FakeFleet, stateful(), watch=5.0)
+    assert isinstance(outcome, dict), outcome
+    assert new_workers(fleet)[0].asked == ["Restore", "Commit"]
+    assert old_workers(fleet)[0].asked == ["Quiesce"]
+    assert old_workers(fleet)[0].channel.sent == ["hold"]
+    assert fleet.old.state is GenState.HELD and fleet.retired == []
 
 
 def test_stateful_commit() -> None:

@@ -1,0 +1,149 @@
+"""`--log-format json`: the supervisor's log lines as JSON objects, one per line.
+
+swapd logs one line per event as `key=value` fields (values of %r are Python string
+literals, timings are dict literals). The JSON formatter keeps exactly those fields and
+adds the time, level, logger and the supervisor's pid (`swapd_pid`):
+
+    event=swap.commit kind=upgrade gen=4 timings_ms={'spawned': 1.2, 'ready': 640.3}
+    {"time": "2024-05-29T12:00:00.123Z", "level": "info", "logger": "swapd", "swapd_pid": 81,
+     "event": "swap.commit", "kind": "upgrade", "gen": 4,
+     "timings_ms": {"spawned": 1.2, "ready": 640.3}}
+
+Values that read as integers, numbers, booleans, string literals, or dict/list literals
+become those JSON types; anything else stays a string. Text that is not `key=value`
+(a multi-line output tail, a traceback) goes to "msg" / "exc". A worker's output line in
+`prefixed` mode (`gen=4 worker=0 pid=812| text`) becomes {"gen": 4, "worker": 0,
+"pid": 812, "line": "text"}: the app's own text, JSON or not, in one string field.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import re
+import time
+from typing import Any
+
+_KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)=")
+_OUTPUT = re.compile(r"((?:[a-z]+=\S+ )*[a-z]+=\S+)\| ?(.*)", re.S)
+_CLOSE = {"{": "}", "[": "]", "(": ")"}
+_RESERVED = ("time", "level", "logger", "swapd_pid", "msg", "exc", "line")
+
+
+def parse_fields(text: str) -> tuple[dict[str, Any], str]:
+    """`key=value` fields of a message, and whatever text was not a field."""
+    fields: dict[str, Any] = {}
+    rest: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] == " ":
+            i += 1
+            continue
+        found = _KEY.match(text, i)
+        if found is None:  # free text: up to the next " key=" or the end
+            nxt = re.search(r" [A-Za-z_][A-Za-z0-9_.]*=", text[i:])
+            end = n if nxt is None else i + nxt.start()
+            rest.append(text[i:end])
+            i = end
+            continue
+        key = found.group(1)
+        i = found.end()
+        end = _value_end(text, i)
+        fields[key] = _value(text[i:end])
+        i = end
+    return fields, " ".join(rest)
+
+
+def _value_end(text: str, i: int) -> int:
+    n = len(text)
+    if i >= n:
+        return i
+    opener = text[i]
+    if opener in "'\"":
+        j = i + 1
+        while j < n:
+            if text[j] == "\\":
+                j += 2
+                continue
+            if text[j] == opener:
+                return j + 1
+            j += 1
+        return n
+    if opener in _CLOSE:
+        depth, j, quote = 0, i, ""
+        while j < n:
+            c = text[j]
+            if quote:
+                if c == "\\":
+                    j += 1
+                elif c == quote:
+                    quote = ""
+            elif c in "'\"":
+                quote = c
+            elif c in _CLOSE:
+                depth += 1
+            elif c in _CLOSE.values():
+                depth -= 1
+                if depth == 0:
+                    return j + 1
+            j += 1
+        return n
+    j = text.find(" ", i)
+    return n if j < 0 else j
+
+
+def _value(raw: str) -> Any:
+    if raw[:1] in ("'", '"', "{", "[", "("):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return raw
+        return list(value) if isinstance(value, tuple) else value
+    if raw in ("True", "False"):
+        return raw == "True"
+    if raw == "None":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        pass
+    try:
+        number = float(raw.removesuffix("s")) if raw.endswith("s") else float(raw)
+    except ValueError:
+        return raw
+    return raw if raw.lower() in ("nan", "inf", "-inf", "infinity") else number
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        t = record.created
+        obj: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+            + f".{int(t % 1 * 1000):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "swapd_pid": record.process,  # `pid` is a field of the events (a worker's)
+        }
+        message = record.getMessage()
+        if record.name == "swapd.output":
+            found = _OUTPUT.fullmatch(message)
+            if found is not None:
+                fields, _ = parse_fields(found.group(1))
+                obj.update(_safe(fields))
+                obj["line"] = found.group(2)
+                return json.dumps(obj, ensure_ascii=False)
+        head, sep, tail = message.partition("\n")
+        fields, rest = parse_fields(head)
+        obj.update(_safe(fields))
+        text = (rest + sep + tail).strip()
+        if text:
+            obj["msg"] = text
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+def _safe(fields: dict[str, Any]) -> dict[str, Any]:
+    """A field named like one of ours keeps its value under `field_<name>`."""
+    return {(f"field_{k}" if k in _RESERVED else k): v for k, v in fields.items()}
