@@ -14,9 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from typing import Any, Generic, TypeVar
 from swapd import messages
 from swapd.channel import Channel, ChannelClosed, ChannelError, Limits, Message, socketpair
 from swapd.config import Config
+from swapd.supervisor import notify
 from swapd.supervisor.lifecycle import (
     GenEvent,
     GenState,
@@ -48,9 +47,6 @@ _EXIT_GRACE = 1.0  # seconds to wait for a pidfd after the channel of a dying wo
 # beyond 16 MiB (the largest legitimate ones, patch plans, are far smaller).
 WORKER_LIMITS = Limits(max_body=16 * 1024 * 1024, unsolicited_fds=0, reply_fds=0,
                        max_queued=4096)
-_NOTIFY_PER_WAKEUP = 32  # datagrams read per wakeup: a flood cannot hold the loop
-_UCRED = struct.Struct("3i")
-_NOTIFY_ANC = socket.CMSG_SPACE(_UCRED.size)  # room for credentials, none for descriptors
 
 R = TypeVar("R", bound=messages.Body)
 
@@ -309,15 +305,19 @@ class WorkerProcess:
 
     def _on_notify(self) -> None:
         assert self._notify is not None
-        for _ in range(_NOTIFY_PER_WAKEUP):
+        verdicts: dict[int, str | None] = {}  # a flood comes from few pids: look each up once
+        for _ in range(notify.PER_WAKEUP):
             try:
                 # No room for descriptors: the kernel drops any (FDSTORE, BARRIER) instead of
                 # installing them here, which also releases a BARRIER sender at once.
-                data, anc, _flags, _ = self._notify.recvmsg(4096, _NOTIFY_ANC)
+                data, anc, _flags, _ = self._notify.recvmsg(4096, notify.ANCILLARY)
             except OSError:  # BlockingIOError included: nothing more queued
                 return
-            sender = _sender(anc)
-            refused = self._refuse_notify(sender)
+            sender = notify.sender(anc)
+            who = sender[0] if sender is not None else -1
+            if who not in verdicts:
+                verdicts[who] = self._refuse_notify(sender)
+            refused = verdicts[who]
             if refused is not None:
                 throttle = self._refusals["notify"]
                 if throttle.allow():
@@ -343,7 +343,7 @@ class WorkerProcess:
             return "no credentials"
         if self.child.status is not None:
             return "the worker has exited"
-        if not in_process_tree(sender[0], self.pid):
+        if not notify.in_process_tree(sender[0], self.pid):
             return "sender is not the worker, nor in its process group, nor a descendant"
         return None
 
@@ -457,45 +457,6 @@ class Generation:
         }
 
 
-def _sender(anc: list[tuple[int, int, bytes]]) -> tuple[int, int] | None:
-    """(pid, uid) from a datagram's SCM_CREDENTIALS (the kernel's, not the sender's word)."""
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and \
-                len(data) >= _UCRED.size:
-            pid, uid, _gid = _UCRED.unpack_from(data)
-            return pid, uid
-    return None
-
-
-def in_process_tree(pid: int, root: int, max_depth: int = 64) -> bool:
-    """True if `pid` is `root`, in root's process group (a worker leads its own: setpgid
-    in the child), or a descendant of root (a shell wrapper's child that left the group).
-
-    A sender that is gone before we look cannot be placed, and is refused: sd_notify
-    senders that exit at once (systemd-notify) wait on a BARRIER first, so they are
-    still there."""
-    for _ in range(max_depth):
-        if pid == root:
-            return True
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            return False
-        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        try:
-            ppid, pgrp = int(fields[1]), int(fields[2])
-        except (IndexError, ValueError):
-            return False
-        if pgrp == root:
-            return True
-        if ppid <= 1:
-            return False
-        pid = ppid
-    return False
-
-
 def _adopt_socket(fd: int | None) -> socket.socket | None:
     if fd is None:
         return None
@@ -504,27 +465,12 @@ def _adopt_socket(fd: int | None) -> socket.socket | None:
     return sock
 
 
-def notify_socket(gen: int, slot: int) -> tuple[socket.socket, str]:
-    """A datagram socket in the abstract namespace, one per worker.
-
-    Per worker rather than per generation, so a datagram is only ever about one worker.
-    Anyone can send to an abstract socket (its name is listed in /proc/net/unix), so
-    every datagram's credentials are checked (SO_PASSCRED, set before the name is given
-    out): only the worker's own process tree counts, as systemd counts a unit's cgroup.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    name = f"swapd/{os.getpid()}/{gen}/{slot}/{secrets.token_hex(4)}"
-    sock.bind("\0" + name)
-    return sock, "@" + name
-
-
 def spawn_worker(
     spec: WorkerSpec, processes: OsProcesses, loop: asyncio.AbstractEventLoop
 ) -> WorkerProcess:
     """Start one worker with its channel, notify socket and output pipe."""
     parent_end, child_end = socketpair()
-    notify, notify_addr = notify_socket(spec.gen, spec.slot)
+    notify_sock, notify_addr = notify.notify_socket(spec.gen, spec.slot)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     cfg = spec.config
     n = len(spec.listener_fds)
@@ -552,7 +498,7 @@ def spawn_worker(
             output_fd=out_w,
         ))
     except BaseException:
-        for s in (parent_end, notify):
+        for s in (parent_end, notify_sock):
             s.close()
         os.close(out_r)
         raise
@@ -560,5 +506,5 @@ def spawn_worker(
         child_end.close()
         os.close(out_w)
     worker = WorkerProcess(spec.gen, spec.slot, spec.role, child, loop)
-    worker.attach(parent_end, notify, out_r)
+    worker.attach(parent_end, notify_sock, out_r)
     return worker
