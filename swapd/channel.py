@@ -65,6 +65,7 @@ MAX_INLINE = 32 * 1024
 MAX_FDS = 250  # below the kernel's SCM_MAX_FD (253)
 READ_BUDGET = 32 * 1024 * 1024  # bytes of spilled bodies read per wakeup
 _FRAMES_PER_WAKEUP = 64
+_LOST = "descriptors lost: the kernel could not give them all to this process (its fd limit)"
 _RECV_SIZE = _HEADER.size + MAX_INLINE
 _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * 4)
 
@@ -89,6 +90,10 @@ class RequestTimeout(ChannelError):
 
 class MessageRefused(ChannelError):
     """The peer's reply broke a bound or the wire format; the channel stays open."""
+
+
+class DescriptorsLost(MessageRefused):
+    """The kernel could not give us the reply's descriptors (MSG_CTRUNC: our fd limit)."""
 
 
 class ChannelBusy(ChannelError):
@@ -281,6 +286,7 @@ class Channel:
         self._out: deque[tuple[bytes, list[int]]] = deque()
         self._carried: list[int] = []  # fds of carrier frames, for the next message
         self._broken: str | None = None  # why the message being carried will be refused
+        self._lost = False  # ... because the kernel dropped descriptors of it
         self._dropped = 0  # descriptors of that message closed on arrival
         self._closed: ChannelError | None = None
         self._loop.add_reader(sock.fileno(), self._on_readable)
@@ -394,8 +400,7 @@ class Channel:
                 return
             problem = None
             if flags & socket.MSG_CTRUNC:
-                problem = ("descriptors lost: this process could not receive them all (at "
-                           "its file descriptor limit?)")
+                problem = _LOST
             elif flags & socket.MSG_TRUNC:
                 problem = f"frame longer than {_RECV_SIZE} bytes, truncated"
             # One owner for the fds of a frame at a time: the carrier path, or decode()
@@ -430,6 +435,8 @@ class Channel:
         if problem is None and self._broken is None:
             self._carried.extend(fds)
             return
+        if problem == _LOST and self._broken is None:
+            self._lost = True
         # The message these fds belong to is refused; its last frame will say which it was.
         self._dropped += len(self._carried) + len(fds)
         _close_all(self._carried)
@@ -441,7 +448,8 @@ class Channel:
         carried, self._carried = self._carried, []
         broken, self._broken = self._broken, None
         dropped, self._dropped = self._dropped, 0
-        problem = problem or broken
+        lost, self._lost = self._lost or problem == _LOST, False
+        problem = broken or problem
         if problem is None and len(data) >= _HEADER.size:
             nfds = _HEADER.unpack_from(data)[3]
             if nfds != len(fds):
@@ -450,7 +458,7 @@ class Channel:
             msg = decode(data, fds, self.limits.max_body, refused=problem is not None)
         except ProtocolError as e:
             _close_all(carried)
-            self._refuse(f"{problem}; and {e}" if problem else str(e), None)
+            self._refuse(f"{problem}; and {e}" if problem else str(e), None, lost=lost)
             return
         if carried:
             msg.fds[:0] = carried
@@ -463,11 +471,11 @@ class Channel:
             problem = f"{problem} ({count} descriptors)"
         if problem is not None:
             msg.close_fds()
-            self._refuse(problem, msg.body)
+            self._refuse(problem, msg.body, lost=lost)
             return
         self._dispatch(msg)
 
-    def _refuse(self, reason: str, body: Body | None) -> None:
+    def _refuse(self, reason: str, body: Body | None, *, lost: bool = False) -> None:
         """Refuse one message: fail the request it answers (all, if it cannot be read)."""
         if body is None:
             what = "unreadable frame"
@@ -477,10 +485,11 @@ class Channel:
             what = f"{str(body.get('t', 'reply'))[:64]!r} message" if re is None else \
                 f"reply to request {str(re)[:20]}"
             failing = [re] if isinstance(re, int) and re in self._pending else []
+        kind = DescriptorsLost if lost else MessageRefused
         for rid in failing:
             fut, _ = self._pending.pop(rid)
             if not fut.done():
-                fut.set_exception(MessageRefused(f"{what} refused: {reason}"))
+                fut.set_exception(kind(f"{what} refused: {reason}"))
         self._on_refused(f"{what} refused: {reason}")
 
     def _dispatch(self, msg: Message) -> None:

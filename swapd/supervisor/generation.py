@@ -22,9 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from swapd import messages
-from swapd.channel import Channel, ChannelClosed, ChannelError, Limits, Message, socketpair
+from swapd.channel import (
+    Channel,
+    ChannelClosed,
+    ChannelError,
+    DescriptorsLost,
+    Limits,
+    Message,
+    socketpair,
+)
 from swapd.config import Config
-from swapd.supervisor import notify
+from swapd.supervisor import fdbudget, notify
 from swapd.supervisor.lifecycle import (
     GenEvent,
     GenState,
@@ -266,6 +274,9 @@ class WorkerProcess:
         try:
             return req.result()
         except ChannelError as e:
+            if isinstance(e, DescriptorsLost):
+                raise RequestFailed(f"{self.tag} {what} failed: {e} ({fdbudget.open_fds()} "
+                                    f"open now, limit {fdbudget.limit()})", self) from e
             if not isinstance(e, ChannelClosed):  # a refused reply, a timeout: it lives on
                 raise RequestFailed(f"{self.tag} {what} failed: {e}", self) from e
             # EOF on the channel usually means the process died; its pidfd reports that a

@@ -222,7 +222,7 @@ def test_a_peer_that_does_not_read_gets_no_unbounded_queue() -> None:
 CTRUNC = textwrap.dedent(
     """
     import asyncio, json, os, resource, socket
-    from swapd.channel import Channel, Limits, MessageRefused, encode, socketpair
+    from swapd.channel import Channel, DescriptorsLost, Limits, MessageRefused, encode, socketpair
 
     async def main():
         mine, theirs = socketpair()
@@ -242,6 +242,7 @@ CTRUNC = textwrap.dedent(
             await task
         except MessageRefused as e:
             out["refused"] = str(e)
+            out["lost"] = isinstance(e, DescriptorsLost)
         resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
         out["closed"] = chan.closed
         out["open_after"] = len(os.listdir("/proc/self/fd")) - open_now
@@ -261,7 +262,8 @@ def test_descriptors_lost_at_the_fd_limit_fail_the_reply_not_the_channel() -> No
                          timeout=30)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert "descriptors lost" in result["refused"] and "reply to request 1" in result["refused"]
+    assert result["refused"].startswith("reply to request 1 refused: descriptors lost")
+    assert result["lost"] is True
     assert result["closed"] is False
     assert result["open_after"] <= 1  # every descriptor that did arrive was closed again
     assert result["next"] == 1
