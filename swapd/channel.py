@@ -29,10 +29,13 @@ closes any fds that came with it and reports the error; it never guesses.
 A bad message never closes the channel (a quiesced worker whose channel closed would
 exit, taking the only copy of its state with it): the receiver refuses that message
 only. If its body can be read, the request it answers fails with the reason
-(`MessageRefused`); if not, every request waiting on that peer does. Descriptors the
+(`MessageRefused`), and a refused request is answered `ok: false` with it at once;
+if the body cannot be read, every request waiting on that peer fails. Descriptors the
 kernel could not give us (MSG_CTRUNC: our fd limit) make the message refused the same
-way. `Limits` bounds what one end accepts: the body size (checked before a spilled
-body is read), the descriptors of a reply (per request: a snapshot may carry one per
+way (`DescriptorsLost`).
+
+`Limits` bounds what one end accepts: the body size (checked before a spilled body is
+read), the descriptors of a reply (per request: a snapshot may carry one per
 connection) and of an unsolicited message (the supervisor: none), and the frames
 queued for a peer that does not read. Each wakeup reads at most 64 frames and
 `READ_BUDGET` bytes of spilled bodies, so a flooding peer cannot starve the loop.
@@ -491,6 +494,11 @@ class Channel:
             if not fut.done():
                 fut.set_exception(kind(f"{what} refused: {reason}"))
         self._on_refused(f"{what} refused: {reason}")
+        asked = body.get("id") if body is not None and "re" not in body else None
+        if isinstance(asked, int) and not isinstance(asked, bool):
+            # A request we cannot take: say so now, rather than let its sender time out.
+            with contextlib.suppress(ChannelError):
+                self.send({"ok": False, "error": f"request refused: {reason}", "re": asked})
 
     def _dispatch(self, msg: Message) -> None:
         re = msg.body.get("re")

@@ -267,3 +267,23 @@ def test_descriptors_lost_at_the_fd_limit_fail_the_reply_not_the_channel() -> No
     assert result["closed"] is False
     assert result["open_after"] <= 1  # every descriptor that did arrive was closed again
     assert result["next"] == 1
+
+
+def test_a_refused_request_is_answered_at_once() -> None:
+    async def main() -> None:
+        # The strict end is asked something with descriptors it does not take: the asker
+        # hears why at once instead of waiting out its timeout.
+        a, b = socketpair()
+        asker = Channel(a, lambda m: None, lambda e: None)
+        strict = Channel(b, lambda m: None, lambda e: None, limits=STRICT)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        reply = await asker.request({"t": "restore"}, [devnull] * 3, timeout=5)
+        assert reply.body == {"ok": False, "re": 1, "error": "request refused: 3 descriptors "
+                                                            "(at most 0 allowed)"}
+        os.close(devnull)
+        asker.close()
+        strict.close()
+
+    before = open_fds()
+    asyncio.run(main())
+    assert open_fds() == before
