@@ -425,7 +425,7 @@ class Channel:
         unsolicited = self.limits.unsolicited_fds
         if carrying:
             return _most(unsolicited, *(allowed for _, allowed in self._pending.values()))
-        pending = self._pending.get(re) if isinstance(re, int) else None
+        pending = self._pending.get(re) if type(re) is int else None  # true is not 1
         return pending[1] if pending is not None else unsolicited
 
     def _on_carrier(self, data: bytes, fds: list[int], problem: str | None) -> None:
@@ -487,7 +487,7 @@ class Channel:
             re = body.get("re")
             what = f"{str(body.get('t', 'reply'))[:64]!r} message" if re is None else \
                 f"reply to request {str(re)[:20]}"
-            failing = [re] if isinstance(re, int) and re in self._pending else []
+            failing = [re] if type(re) is int and re in self._pending else []
         kind = DescriptorsLost if lost else MessageRefused
         for rid in failing:
             fut, _ = self._pending.pop(rid)
@@ -495,7 +495,7 @@ class Channel:
                 fut.set_exception(kind(f"{what} refused: {reason}"))
         self._on_refused(f"{what} refused: {reason}")
         asked = body.get("id") if body is not None and "re" not in body else None
-        if isinstance(asked, int) and not isinstance(asked, bool):
+        if type(asked) is int:
             # A request we cannot take: say so now, rather than let its sender time out.
             with contextlib.suppress(ChannelError):
                 self.send({"ok": False, "error": f"request refused: {reason}", "re": asked})
@@ -505,7 +505,7 @@ class Channel:
         if re is None:
             self._on_message(msg)
             return
-        pending = self._pending.pop(re, None) if isinstance(re, int) else None
+        pending = self._pending.pop(re, None) if type(re) is int else None
         if pending is None or pending[0].done():
             # A reply nobody waits for any more (its request timed out): drop it.
             msg.close_fds()
