@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from swapd import __version__, cli_ops
+from swapd.commands import HistoryArgs, PatchArgs, StopArgs, UpgradeArgs
 from swapd.config import ConfigError, default_control_path, load
-from swapd.control import Client, ClientError
+from swapd.control import CLIENT_WAIT, DEADLINE_GRACE, Client, ClientError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=text)
         c.add_argument("--control", help="control socket path (default: $SWAPD_CONTROL, ...)")
         c.add_argument("--json", action="store_true", help="print raw JSON lines")
+        _timeout_flag(c)
         if name == "upgrade":
             c.add_argument("--self", dest="self_", action="store_true",
                            help="re-exec the supervisor itself (same PID, workers kept)")
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--list", action="store_true", help="list the patches in force")
     pt.add_argument("--control", help="control socket path")
     pt.add_argument("--json", action="store_true", help="print raw JSON lines")
+    _timeout_flag(pt)
 
     cli_ops.add_parsers(sub)
 
@@ -106,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mode", choices=["stateless", "stateful"], default="stateful")
     demo.add_argument("--json", action="store_true")
     return p
+
+
+def _timeout_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout", type=_seconds, metavar="SECONDS",
+        help=f"give up after this long (default: {CLIENT_WAIT:g}s for an answer; a long "
+             "command waits as long as the supervisor says it may take, plus "
+             f"{DEADLINE_GRACE:g}s)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -273,19 +294,19 @@ def cmd_client(args: argparse.Namespace) -> int:
     path = args.control or default_control_path()
     request: dict[str, Any] = {}
     if args.command == "stop":
-        request["fast"] = args.fast
+        request = StopArgs(fast=args.fast).body()
     if args.command == "upgrade" and args.self_:
-        request["self"] = True
+        request = UpgradeArgs(self_=True).body()
     elif args.command in ("upgrade", "reload"):
         try:
             request = cli_ops.swap_request(args)
         except ValueError as e:
             raise UsageError(f"swapd {args.command}: {e}") from None
     if args.command == "history":
-        request = {"n": args.n}
+        request = HistoryArgs(n=args.n).body()
     if args.command == "patch":
         request = _patch_request(args)
-    client = Client(path)
+    client = Client(path, timeout=args.timeout)
     result: dict[str, Any] | None = None
     try:
         for msg in client.call(args.command, request):
@@ -310,7 +331,7 @@ def _patch_request(args: argparse.Namespace) -> dict[str, Any]:
     if args.rollback or args.list:
         if args.file or args.module or (args.rollback and args.list):
             raise UsageError("swapd patch: --rollback and --list take no file or module")
-        return {"action": "rollback" if args.rollback else "list"}
+        return PatchArgs(action="rollback" if args.rollback else "list").body()
     if not args.file or not args.module:
         raise UsageError("swapd patch: give FILE and --module NAME (or --rollback, --list)")
     try:
@@ -318,9 +339,9 @@ def _patch_request(args: argparse.Namespace) -> dict[str, Any]:
             source = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"swapd patch: cannot read {args.file}: {e}") from None
-    return {"action": "apply", "module": args.module, "source": source,
-            "name": os.path.basename(args.file), "dry_run": args.dry_run,
-            "accept_absent": args.accept_absent, "prune": args.prune}
+    return PatchArgs(action="apply", module=args.module, source=source,
+                     name=os.path.basename(args.file), dry_run=args.dry_run,
+                     accept_absent=args.accept_absent, prune=args.prune).body()
 
 
 def _print_result(command: str, result: dict[str, Any]) -> None:

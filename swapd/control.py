@@ -1,23 +1,38 @@
 """Control socket: newline-delimited JSON requests and responses, server and client.
 
-The supervisor listens on a Unix stream socket created mode 0600 in a directory it
-creates 0700 if missing; every connection's peer credentials (SO_PEERCRED) must
-show the supervisor's own uid or root, otherwise the connection is answered with
-an error and closed.
+The supervisor listens on a Unix stream socket created mode 0600 in a directory that
+must be its own (or root's), no symlink, and writable by nobody else; a socket path
+left there by another uid is refused, not replaced. Every connection's peer
+credentials (SO_PEERCRED) must show the supervisor's own uid or root, otherwise the
+connection is answered with an error and closed. The client checks the same of the
+server before it sends a byte: a socket answered by another uid is an impostor.
 
 Protocol version 1. One request per line, answered by zero or more progress lines
 and exactly one result line; a connection may carry several requests in turn.
 
     → {"v": 1, "cmd": "upgrade", "args": {}}
+    ← {"v": 1, "type": "deadline", "seconds": 107.0}
     ← {"v": 1, "type": "progress", "event": "spawned",
        "message": "gen=4 started 2 worker(s): pid=812 pid=813"}
     ← {"v": 1, "type": "progress", "event": "ready", "message": "gen=4 all 2 worker(s) ready"}
     ← {"v": 1, "type": "result", "ok": true, "data": {...}}
     ← {"v": 1, "type": "result", "ok": false, "error": "gen=4 worker=0 ...", "data": {...}}
 
-A line that is not a JSON object, names an unknown command or another protocol
-version gets an error result; the connection stays usable and the supervisor
-keeps running.
+A `deadline` line says the result will come within that many seconds (the
+supervisor's own worst case for the request: a swap with every deadline run out);
+a client waits that long plus a grace, and otherwise its default (`CLIENT_WAIT`).
+Arguments are typed per command (`swapd.commands`). A line that is not a JSON
+object, names an unknown command or another protocol version, or has an argument
+of the wrong type gets an error result; the connection stays usable and the
+supervisor keeps running.
+
+Bounds: a request line is at most `MAX_LINE` bytes; at most `MAX_CLIENTS`
+connections at once (one more is answered "too many" and closed); a connection
+that sends no complete request within `IDLE_TIMEOUT` (nothing, or half a line) is
+answered and closed, but one waiting for its result is not idle. A descriptor is
+held in reserve so that at the fd limit a connection is still accepted, answered
+"out of file descriptors" and closed (logged at most once per interval), instead
+of staying queued with its client waiting.
 """
 
 from __future__ import annotations
@@ -28,20 +43,33 @@ import errno
 import json
 import logging
 import os
+import resource
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
+
+from swapd.commands import Args
+from swapd.messages import MessageError
+from swapd.throttle import Throttle
 
 PROTOCOL = 1
 MAX_LINE = 8 * 1024 * 1024  # a patch source rides in a request
+MAX_REPLY_LINE = 64 * 1024 * 1024  # what the client accepts in one line from the server
+MAX_CLIENTS = 32
+IDLE_TIMEOUT = 10.0  # seconds for a complete request line (and for a client to read a reply)
+CLIENT_WAIT = 10.0  # the client's default wait for an answer or a deadline line
+DEADLINE_GRACE = 10.0  # the client's wait beyond the deadline the server announced
+DEADLINE = "deadline"  # an `emit` of this event is written as a deadline line
+_ACCEPT_BATCH = 16  # connections accepted per wakeup: bounded work under a flood
 _UCRED = struct.Struct("3i")
 
 log = logging.getLogger("swapd.control")
 
 Emit = Callable[[str, str, dict[str, Any] | None], None]
-Handler = Callable[[str, dict[str, Any], Emit, "Peer"], Awaitable[dict[str, Any]]]
+Handler = Callable[[str, Args, Emit, "Peer"], Awaitable[dict[str, Any]]]
 
 
 class ControlError(Exception):
@@ -76,20 +104,31 @@ def allowed(peer: Peer) -> bool:
     return peer.uid in (0, os.geteuid())
 
 
+# -- binding --------------------------------------------------------------------------------
+
+
 def bind_control(path: str) -> socket.socket:
-    """Bind the control socket 0600, replacing a stale one, refusing a live one."""
+    """Bind the control socket 0600, replacing a stale one of ours, refusing a live one."""
     directory = os.path.dirname(path) or "."
-    if not os.path.isdir(directory):
+    try:
+        os.lstat(directory)
+    except (FileNotFoundError, NotADirectoryError):
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
         except OSError as e:
             raise OSError(e.errno, f"cannot create {directory} for the control socket: "
                           f"{e.strerror}") from e
+    except OSError as e:
+        raise OSError(e.errno, f"cannot use {directory} for the control socket: "
+                      f"{e.strerror}") from e
     _check_directory(directory)
     with contextlib.suppress(FileNotFoundError):
         st = os.lstat(path)
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(f"control path {path} exists and is not a socket")
+        if st.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, f"control socket {path} belongs to uid {st.st_uid}, "
+                          "not to us: refusing to replace it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
@@ -117,11 +156,17 @@ def bind_control(path: str) -> socket.socket:
 def _check_directory(directory: str) -> None:
     """Refuse a directory where someone else could swap our socket for theirs.
 
-    It must belong to us or root, and be writable by nobody else unless it is sticky
-    (like /tmp, where only a file's owner may remove it). A pre-created, world-writable
-    /tmp/swapd-UID would otherwise let another user take over the control socket.
+    lstat, not stat: a symlink (whoever made it could point it elsewhere later) is
+    refused. The directory must belong to us or root, and be writable by nobody else
+    unless it is sticky (like /tmp, where only a file's owner may remove it). A
+    /tmp/swapd-UID pre-created by another user is refused, whatever its mode.
     """
-    st = os.stat(directory)
+    st = os.lstat(directory)
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.EPERM, f"control socket directory {directory} is a symlink; "
+                      "give the real directory")
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, f"control socket directory {directory} is not a directory")
     if st.st_uid not in (os.geteuid(), 0):
         raise OSError(errno.EPERM, f"control socket directory {directory} belongs to uid "
                       f"{st.st_uid}, not to us")
@@ -130,25 +175,41 @@ def _check_directory(directory: str) -> None:
                       "others and not sticky")
 
 
-class ControlServer:
-    """Serves requests on an already bound control socket."""
+# -- the server -------------------------------------------------------------------------------
 
-    def __init__(self, sock: socket.socket, handler: Handler, commands: frozenset[str]) -> None:
+
+class ControlServer:
+    """Serves requests on an already bound control socket (the socket stays the caller's)."""
+
+    def __init__(self, sock: socket.socket, handler: Handler,
+                 commands: Mapping[str, type[Args]], *, max_clients: int = MAX_CLIENTS,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._sock = sock
         self._handler = handler
         self._commands = commands
-        self._server: asyncio.AbstractServer | None = None
+        self._max_clients = max_clients
+        self._idle = idle_timeout
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reserve = -1  # a descriptor to give up when accept() meets EMFILE
+        self._reading = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._throttles = {k: Throttle() for k in ("busy", "fds", "refused", "accept")}
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(
-            self._on_client, sock=self._sock, limit=MAX_LINE
-        )
+        self._loop = asyncio.get_running_loop()
+        self._sock.setblocking(False)
+        self._reserve = _open_reserve()
+        self._listen()
 
     async def close(self, grace: float = 2.0) -> None:
         """Stop accepting; give requests in progress `grace` seconds to answer, then cancel."""
-        if self._server is not None:
-            self._server.close()
+        self._unlisten()
+        if self._retry is not None:
+            self._retry.cancel()
+        if self._reserve >= 0:
+            os.close(self._reserve)
+            self._reserve = -1
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
         for task in list(self._tasks):
@@ -157,54 +218,173 @@ class ControlServer:
             with contextlib.suppress(BaseException):
                 await task
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    @property
+    def clients(self) -> int:
+        return len(self._tasks)
+
+    # -- accepting ------------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        assert self._loop is not None
+        if not self._reading:
+            self._loop.add_reader(self._sock.fileno(), self._on_acceptable)
+            self._reading = True
+
+    def _unlisten(self) -> None:
+        if self._reading and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
+
+    def _on_acceptable(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                # accept() takes a descriptor before it looks for a connection: at the limit
+                # it fails even with none queued, so _shed says whether one was there.
+                shed = self._shed(e) if e.errno in (errno.EMFILE, errno.ENFILE) else None
+                if shed is None:
+                    self._pause(e)
+                if shed:
+                    continue
+                return
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
         try:
-            await self._serve(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
+            peer = peer_of(conn)
+        except OSError:
+            conn.close()
+            return
+        if not allowed(peer):
+            if self._throttles["refused"].allow():
+                log.warning("event=control.refused peer_pid=%d peer_uid=%d suppressed=%d",
+                            peer.pid, peer.uid, self._throttles["refused"].take_suppressed())
+            _answer_and_close(conn, f"permission denied for uid {peer.uid}")
+            return
+        if len(self._tasks) >= self._max_clients:
+            if self._throttles["busy"].allow():
+                log.warning("event=control.busy clients=%d limit=%d peer=%s suppressed=%d",
+                            len(self._tasks), self._max_clients, peer,
+                            self._throttles["busy"].take_suppressed())
+            _answer_and_close(conn, f"too many control connections ({len(self._tasks)} open, "
+                                    f"limit {self._max_clients}); retry later")
+            return
+        conn.setblocking(False)
+        task = asyncio.ensure_future(self._on_client(conn, peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _shed(self, error: OSError) -> bool | None:
+        """At the fd limit: free the reserve, accept, answer, close, re-take the reserve.
+
+        True: one connection was shed (there may be more); False: none was queued; None:
+        it did not work (no reserve, or accept failed anyway)."""
+        if self._reserve < 0:
+            return None
+        os.close(self._reserve)
+        self._reserve = -1
+        conn: socket.socket | None = None
+        outcome: bool | None = None
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            outcome = False
+        except OSError:
+            outcome = None
+        if conn is not None:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            _answer_and_close(conn, f"the supervisor is out of file descriptors (limit {soft}, "
+                                    f"{error.strerror}); retry later")
+            outcome = True
+            if self._throttles["fds"].allow():
+                log.warning("event=control.shed reason=%r action='answered and closed' "
+                            "suppressed=%d", error.strerror,
+                            self._throttles["fds"].take_suppressed())
+        self._reserve = _open_reserve()
+        return outcome if self._reserve >= 0 else None
+
+    def _pause(self, error: OSError) -> None:
+        """accept() keeps failing (no reserve left): stop polling for a second, not spin."""
+        if self._throttles["accept"].allow():
+            log.warning("event=control.accept_failed error=%r action='retry in 1s' "
+                        "suppressed=%d", error.strerror or str(error),
+                        self._throttles["accept"].take_suppressed())
+        assert self._loop is not None
+        self._unlisten()
+        self._retry = self._loop.call_later(1.0, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._retry = None
+        if self._reserve < 0:
+            self._reserve = _open_reserve()
+        self._listen()
+
+    # -- one connection -------------------------------------------------------------------
+
+    async def _on_client(self, conn: socket.socket, peer: Peer) -> None:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_LINE)
+            await self._serve(reader, writer, peer)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), self._idle)
+            else:
+                conn.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        peer = peer_of(sock)
-        if not allowed(peer):
-            log.warning("event=control.refused peer_pid=%d peer_uid=%d", peer.pid, peer.uid)
-            _write(writer, result(False, error=f"permission denied for uid {peer.uid}"))
-            await writer.drain()
-            return
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     peer: Peer) -> None:
         while True:
             try:
-                line = await reader.readuntil(b"\n")
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), self._idle)
+            except TimeoutError:
+                # Nothing, or half a request, in all that time: a client that forgot us
+                # (or holds a slot on purpose). One waiting for its result is not here.
+                _write(writer, result(False, error=f"no complete request within "
+                                                   f"{self._idle:g}s; closing"))
+                await self._drain(writer)
+                return
             except asyncio.LimitOverrunError:
                 _write(writer, result(False, error=f"request longer than {MAX_LINE} bytes"))
-                await writer.drain()
+                await self._drain(writer)
                 return
             except asyncio.IncompleteReadError as e:
                 if e.partial.strip():
                     _write(writer, result(False, error="request not terminated by a newline"))
-                    await writer.drain()
+                    await self._drain(writer)
                 return
             await self._one(line, writer, peer)
+
+    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        """Flush, but not forever: a client that never reads its replies is let go."""
+        await asyncio.wait_for(writer.drain(), self._idle)
 
     async def _one(self, line: bytes, writer: asyncio.StreamWriter, peer: Peer) -> None:
         try:
             cmd, args = parse_request(line, self._commands)
         except ControlError as e:
             _write(writer, result(False, error=str(e)))
-            await writer.drain()
+            await self._drain(writer)
             return
 
         def emit(event: str, message: str, extra: dict[str, Any] | None = None) -> None:
-            if not writer.is_closing():
-                _write(writer, {"v": PROTOCOL, "type": "progress", "event": event,
-                                "message": message, **(extra or {})})
+            if writer.is_closing():
+                return
+            if event == DEADLINE:
+                seconds = float((extra or {}).get("seconds", 0.0))
+                _write(writer, {"v": PROTOCOL, "type": "deadline", "seconds": round(seconds, 1)})
+                return
+            _write(writer, {"v": PROTOCOL, "type": "progress", "event": event,
+                            "message": message, **(extra or {})})
 
         try:
             data = await self._handler(cmd, args, emit, peer)
@@ -215,10 +395,25 @@ class ControlServer:
             _write(writer, result(False, error=f"internal error: {type(e).__name__}: {e}"))
         else:
             _write(writer, result(True, data=data))
-        await writer.drain()
+        await self._drain(writer)
 
 
-def parse_request(line: bytes, commands: frozenset[str]) -> tuple[str, dict[str, Any]]:
+def _open_reserve() -> int:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def _answer_and_close(conn: socket.socket, error: str) -> None:
+    """One result line to a connection we will not serve; never blocks (it fits the buffer)."""
+    with conn:
+        conn.setblocking(False)
+        with contextlib.suppress(OSError):
+            conn.send(encode(result(False, error=error)))
+
+
+def parse_request(line: bytes, commands: Mapping[str, type[Args]]) -> tuple[str, Args]:
     """Validate one request line; every problem is a one-line ControlError."""
     try:
         req = json.loads(line)
@@ -228,22 +423,35 @@ def parse_request(line: bytes, commands: frozenset[str]) -> tuple[str, dict[str,
         raise ControlError("malformed request: nested too deeply") from None
     except UnicodeDecodeError:
         raise ControlError("malformed request: not UTF-8") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ControlError(f"malformed request: {str(e)[:200]}") from None
     if not isinstance(req, dict):
         raise ControlError("malformed request: expected a JSON object")
     version = req.get("v")
     if type(version) is not int or version != PROTOCOL:  # not True, not 1.0
         raise ControlError(
-            f"unsupported protocol version {version!r} (supervisor speaks {PROTOCOL})"
+            f"unsupported protocol version {_short(version)} (supervisor speaks {PROTOCOL})"
         )
     cmd = req.get("cmd")
     if not isinstance(cmd, str):
         raise ControlError("malformed request: missing 'cmd'")
-    if cmd not in commands:
-        raise ControlError(f"unknown command {cmd!r} (known: {', '.join(sorted(commands))})")
-    args = req.get("args", {})
-    if not isinstance(args, dict):
+    kind = commands.get(cmd)
+    if kind is None:
+        raise ControlError(f"unknown command {cmd[:64]!r} (known: {', '.join(sorted(commands))})")
+    raw = req.get("args", {})
+    if not isinstance(raw, dict):
         raise ControlError("malformed request: 'args' must be an object")
+    try:
+        args = kind.parse(raw)
+        args.validate()
+    except MessageError as e:
+        raise ControlError(f"malformed request: {e}") from None
     return cmd, args
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def result(ok: bool, *, error: str | None = None, data: dict[str, Any] | None = None
@@ -264,8 +472,16 @@ def _write(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
     writer.write(encode(msg))
 
 
+# -- the client -------------------------------------------------------------------------------
+
+
 class Client:
-    """A blocking client: the CLI's only way to reach the supervisor."""
+    """A blocking client: the CLI's only way to reach the supervisor.
+
+    `timeout`: the whole request must be answered within it. Without one, the client
+    waits `CLIENT_WAIT` for the first line, and a deadline line from the supervisor
+    extends the wait to that deadline plus `DEADLINE_GRACE`.
+    """
 
     def __init__(self, path: str, timeout: float | None = None) -> None:
         self.path = path
@@ -273,42 +489,78 @@ class Client:
 
     def call(self, cmd: str, args: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """Send one request; yield progress messages, then the result message (last)."""
+        wait = self.timeout if self.timeout is not None else CLIENT_WAIT
+        deadline = time.monotonic() + wait
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        sock.settimeout(wait)
         try:
-            try:
-                sock.connect(self.path)
-            except FileNotFoundError:
-                raise ClientError(
-                    f"no supervisor: control socket {self.path} does not exist"
-                ) from None
-            except ConnectionRefusedError:
-                raise ClientError(
-                    f"no supervisor listening on {self.path} (stale socket?)"
-                ) from None
-            except PermissionError:
-                raise ClientError(f"permission denied on control socket {self.path}") from None
-            except OSError as e:
-                raise ClientError(f"cannot reach control socket {self.path}: "
-                                  f"{e.strerror or e}") from None
+            self._connect(sock)
             request = {"v": PROTOCOL, "cmd": cmd, "args": args or {}}
             # If the supervisor stops reading (e.g. the request is over its limit), its
             # answer is still there to read.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
                 sock.sendall(json.dumps(request).encode() + b"\n")
-            with sock.makefile("rb") as stream:
-                for raw in stream:
-                    try:
-                        msg = json.loads(raw)
-                    except json.JSONDecodeError as e:
-                        raise ClientError(f"malformed reply from supervisor: {e}") from e
-                    yield msg
-                    if msg.get("type") == "result":
-                        return
-            raise ClientError("supervisor closed the connection before answering")
+            buf = bytearray()
+            while True:
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    if len(buf) > MAX_REPLY_LINE:
+                        raise ClientError(f"reply line from supervisor longer than "
+                                          f"{MAX_REPLY_LINE} bytes")
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    sock.settimeout(remaining)
+                    chunk = sock.recv(1 << 16)
+                    if not chunk:
+                        raise ClientError("supervisor closed the connection before answering")
+                    buf += chunk
+                    continue
+                raw = bytes(buf[:nl])
+                del buf[: nl + 1]
+                try:
+                    msg = json.loads(raw)
+                except ValueError as e:
+                    raise ClientError(f"malformed reply from supervisor: {e}") from e
+                if not isinstance(msg, dict):
+                    raise ClientError("malformed reply from supervisor: not a JSON object")
+                if msg.get("type") == DEADLINE:
+                    seconds = msg.get("seconds")
+                    if self.timeout is None and isinstance(seconds, int | float):
+                        wait = float(seconds) + DEADLINE_GRACE
+                        deadline = time.monotonic() + wait
+                    continue
+                yield msg
+                if msg.get("type") == "result":
+                    return
         except TimeoutError:
-            raise ClientError(f"no answer from supervisor within {self.timeout:g}s") from None
+            raise ClientError(f"no answer from supervisor within {wait:g}s") from None
         except ConnectionResetError:
             raise ClientError("supervisor closed the connection before answering") from None
         finally:
             sock.close()
+
+    def _connect(self, sock: socket.socket) -> None:
+        """Connect, then make sure the server is our supervisor before saying anything."""
+        try:
+            sock.connect(self.path)
+        except FileNotFoundError:
+            raise ClientError(
+                f"no supervisor: control socket {self.path} does not exist"
+            ) from None
+        except ConnectionRefusedError:
+            raise ClientError(
+                f"no supervisor listening on {self.path} (stale socket?)"
+            ) from None
+        except PermissionError:
+            raise ClientError(f"permission denied on control socket {self.path}") from None
+        except OSError as e:
+            raise ClientError(f"cannot reach control socket {self.path}: "
+                              f"{e.strerror or e}") from None
+        peer = peer_of(sock)
+        if not allowed(peer):
+            raise ClientError(
+                f"refusing to talk to {self.path}: it is served by uid {peer.uid} (pid "
+                f"{peer.pid}), not by uid {os.geteuid()} or root; it is not our supervisor"
+            )

@@ -5,7 +5,10 @@ docs/architecture.md. Here each type is a frozen dataclass: the sender builds it
 `body()`, the receiver calls `parse(body)`, which checks every field's JSON type strictly
 (an int is not a bool, a bool is not the string "false") and raises `MessageError` with
 one line saying which field is wrong. Unknown keys are ignored, so a newer peer may add
-fields; a missing field takes its default, or is an error if it has none.
+fields (a type with `STRICT = True` refuses them instead); a missing field takes its
+default, or is an error if it has none. A field's metadata may name its key on the wire
+(`wire`, for a key that is no Python identifier) and raise the string limit (`max_len`).
+The control commands' arguments (`swapd.commands`) are Bodies too.
 
 A request's reply is `ok: true` plus the fields of the request's `Reply` type, or
 `ok: false` plus `error` (see `parse_reply`).
@@ -33,24 +36,43 @@ class Body:
     """Base of every message and reply type (all are frozen dataclasses)."""
 
     T: ClassVar[str] = ""  # the wire type `t`; empty for replies (they carry `re`)
+    STRICT: ClassVar[bool] = False  # refuse keys this type does not know
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": self.T} if self.T else {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            out[f.name] = getattr(self, f.name)
+            out[_wire(f)] = getattr(self, f.name)
         return out
 
     @classmethod
     def parse(cls: type[M], body: Mapping[str, Any]) -> M:
         hints = _hints(cls)
         values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if f.name not in body:
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        for f in fields:
+            key = _wire(f)
+            if key not in body:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise MessageError(f"{cls.__name__}: missing field {f.name!r}")
+                    raise MessageError(f"{cls.where(None)}missing field {key!r}")
                 continue
-            values[f.name] = _check(f"{cls.__name__}.{f.name}", hints[f.name], body[f.name])
+            values[f.name] = _check(cls.where(key), hints[f.name], body[key],
+                                    f.metadata.get("max_len", MAX_TEXT))
+        if cls.STRICT:
+            known = {_wire(f) for f in fields} | ({"t"} if cls.T else set())
+            unknown = sorted(str(k)[:64] for k in body if k not in known)
+            if unknown:
+                raise MessageError(f"{cls.where(None)}unknown field {unknown[0]!r} (known: "
+                                   f"{', '.join(sorted(known)) or 'none'})")
         return cls(**values)
+
+    @classmethod
+    def where(cls, key: str | None) -> str:
+        """How an error names a field (`key`), or the type itself (None), as a prefix."""
+        return f"{cls.__name__}.{key}" if key is not None else f"{cls.__name__}: "
+
+
+def _wire(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get("wire", f.name))
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -63,7 +85,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return hints
 
 
-def _check(where: str, hint: Any, value: Any) -> Any:
+def _check(where: str, hint: Any, value: Any, max_len: int = MAX_TEXT) -> Any:
     """`value` if it is a JSON value of type `hint`, else MessageError."""
     origin = typing.get_origin(hint)
     if hint is Any:
@@ -71,7 +93,7 @@ def _check(where: str, hint: Any, value: Any) -> Any:
     if origin in (Union, types.UnionType):
         for option in typing.get_args(hint):
             try:
-                return _check(where, option, value)
+                return _check(where, option, value, max_len)
             except MessageError:
                 continue
         raise MessageError(f"{where}: {_kind(value)} is not {_name(hint)}")
@@ -85,13 +107,18 @@ def _check(where: str, hint: Any, value: Any) -> Any:
         if type(value) is int:
             return value
     elif hint is float:
-        if type(value) in (int, float) and math.isfinite(value):
-            return float(value)
+        if type(value) in (int, float):
+            try:
+                number = float(value)  # an int of 400 digits does not fit: OverflowError
+            except OverflowError:
+                number = math.inf
+            if math.isfinite(number):
+                return number
     elif hint is str:
         if type(value) is str:
-            if len(value) > MAX_TEXT:
+            if len(value) > max_len:
                 raise MessageError(f"{where}: string of {len(value)} characters (limit "
-                                   f"{MAX_TEXT})")
+                                   f"{max_len})")
             return value
     elif origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1]

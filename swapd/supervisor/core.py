@@ -25,6 +25,17 @@ from typing import Any
 import psutil
 
 from swapd import __version__, control
+from swapd.commands import (
+    COMMANDS,
+    Args,
+    HistoryArgs,
+    PatchArgs,
+    ReloadArgs,
+    RollbackArgs,
+    StatusArgs,
+    StopArgs,
+    UpgradeArgs,
+)
 from swapd.config import Config, ConfigError, load
 from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
 from swapd.sockets import (
@@ -56,9 +67,6 @@ from swapd.supervisor.watch import HealthUrlError, SwapOptions, check_health_url
 from swapd.systemd import LISTEN_ENV
 
 log = logging.getLogger("swapd")
-
-COMMANDS = frozenset({"status", "upgrade", "reload", "stop", "patch", "rollback", "history"})
-
 
 class StartupError(Exception):
     """The service could not start; exit code 2 (nothing started) or 1 (workers failed)."""
@@ -421,11 +429,14 @@ class Supervisor:
             log.info("event=swap.join kind=%s origin=%s gen=%s", kind, origin, job.gen)
             if emit is not None:
                 job.subscribers.append(emit)
+                emit(control.DEADLINE, "", {"seconds": job.remaining()})
                 emit("joined", f"joined the {kind} in flight (gen={job.gen})", None)
         else:
-            job = SwapJob(kind, origin, release=opts.release, who=opts.who)
+            job = SwapJob(kind, origin, release=opts.release, who=opts.who,
+                          bound=_swap_bound(self.config) + KILL_WAIT)
             if emit is not None:
                 job.subscribers.append(emit)
+                emit(control.DEADLINE, "", {"seconds": job.remaining()})
             self.swap = job
             job.task = asyncio.ensure_future(self._run_swap(job, opts))
         return await asyncio.shield(job.done)
@@ -447,6 +458,7 @@ class Supervisor:
             config = self.config
             if job.kind == "reload":
                 config = self._reread_config()
+                job.extend(_swap_bound(config) + KILL_WAIT)  # its timeouts may be longer
                 job.emit("config", f"configuration re-read ({config.config_file or 'flags only'})")
             job.watch = opts.watch if opts.watch is not None else config.watch
             why = self.deploys.why_not(before, job.watch)
@@ -511,14 +523,14 @@ class Supervisor:
 
     # -- control ------------------------------------------------------------------
 
-    async def _handle(self, cmd: str, args: dict[str, Any], emit: Emit, peer: Peer
-                      ) -> dict[str, Any]:
+    async def _handle(self, cmd: str, args: Args, emit: Emit, peer: Peer) -> dict[str, Any]:
         log.info("event=control.request cmd=%s peer=%s", cmd, peer)
-        if cmd == "status":
+        if isinstance(args, StatusArgs):
             return self.status()
-        if cmd == "upgrade" and args.get("self"):
+        if isinstance(args, UpgradeArgs) and args.self_:
+            emit(control.DEADLINE, "", {"seconds": reexec.CHECK_TIMEOUT + KILL_WAIT * 3})
             return await self._reexec(emit, peer)
-        if cmd in ("upgrade", "reload"):
+        if isinstance(args, UpgradeArgs | ReloadArgs):
             opts = swap_options(args, who_control(peer))
             outcome = await self.request_swap(cmd, f"control {peer}", emit, opts)
             if not outcome.get("ok"):
@@ -526,45 +538,44 @@ class Supervisor:
             if opts.wait_watch and "watch" in outcome:
                 return await self.deploys.wait_watch(outcome, emit)
             return outcome
-        if cmd == "rollback":
+        if isinstance(args, RollbackArgs):
             return await self.deploys.rollback(peer)
-        if cmd == "history":
+        if isinstance(args, HistoryArgs):
             return await self.deploys.history(args)
-        if cmd == "patch":
+        if isinstance(args, PatchArgs):
+            emit(control.DEADLINE, "", {"seconds": patching.BOUND})
             return await self._patch(args, emit, peer)
-        if cmd == "stop":
+        if isinstance(args, StopArgs):
+            emit(control.DEADLINE, "", {"seconds": self._stop_bound() + 2 * KILL_WAIT})
             if not self._stopping():
                 self._stop_who = who_control(peer)
-            self.request_stop(bool(args.get("fast")))
+            self.request_stop(args.fast)
             assert self._stopped is not None
             await asyncio.shield(self._stopped)
             return {"stopped": True}
         raise ControlError(f"unknown command {cmd!r}")
 
-    async def _patch(self, args: dict[str, Any], emit: Emit, peer: Peer) -> dict[str, Any]:
-        action = args.get("action", "apply")
-        if action == "list":
+    async def _patch(self, args: PatchArgs, emit: Emit, peer: Peer) -> dict[str, Any]:
+        if args.action == "list":
             return {"patches": self.journal.summaries(),
                     "gen": self.fleet.active.id if self.fleet.active else None}
-        if action not in ("apply", "rollback"):
-            raise ControlError(f"unknown patch action {action!r} (apply, rollback, list)")
         self._refuse_if_busy("patch")
         last = self.journal.last
-        rolling = action == "rollback" and last is not None
+        rolling = args.action == "rollback" and last is not None
         self.patch_in_flight = last.id if rolling and last else self.journal.serial + 1
         gen = self.fleet.active.id if self.fleet.active else None
         try:
-            if action == "rollback":
+            if args.action == "rollback":
                 data = await patching.rollback(self.fleet.active, self.journal, emit, peer)
             else:
                 data = await patching.apply(self.fleet.active, self.journal, args, emit, peer)
         except ControlError as e:
-            self.ops.patch_done(action, False, who_control(peer), gen,
+            self.ops.patch_done(args.action, False, who_control(peer), gen,
                                 {**patch_fields(args), **e.data}, str(e))
             raise
         finally:
             self.patch_in_flight = None
-        self.ops.patch_done(action, True, who_control(peer), gen,
+        self.ops.patch_done(args.action, True, who_control(peer), gen,
                             {**patch_fields(args), **data}, None)
         return data
 
@@ -606,15 +617,19 @@ class Supervisor:
 
     # -- stop ---------------------------------------------------------------------
 
+    def _stop_bound(self) -> float:
+        """The longest a stop takes: the swap in flight cancelled, the state stored, the drain
+        and its SIGKILLs."""
+        t = self.config.timeouts
+        return t.quiesce + t.drain + 4 * KILL_WAIT
+
     def _stopping(self) -> bool:
         return self._stop_requested is not None and self._stop_requested.done()
 
     async def _shutdown(self, fast: bool) -> None:
         log.info("event=supervisor.stopping fast=%s", fast)
-        t = self.config.timeouts
-        # the swap in flight cancelled, the state stored, the drain and its SIGKILLs
         self.manager.stopping("stopping" + (" (fast)" if fast else ", draining"),
-                              t.quiesce + t.drain + 4 * KILL_WAIT)
+                              self._stop_bound())
         fleet = self.fleet
         stopped_gen = fleet.active
         began = time.monotonic()

@@ -12,7 +12,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from swapd.control import ControlError, Emit, Peer
+from swapd.commands import HistoryArgs, PatchArgs, SwapArgs
+from swapd.control import DEADLINE, ControlError, Emit, Peer
 from swapd.supervisor import history as histories
 from swapd.supervisor.fleet import Fleet
 from swapd.supervisor.generation import Generation
@@ -26,7 +27,6 @@ from swapd.supervisor.watch import SwapOptions, Watch, unholdable
 
 log = logging.getLogger("swapd")
 
-HISTORY_MAX = 10_000  # entries one `history` request may ask for
 
 
 class Deploys:
@@ -93,6 +93,10 @@ class Deploys:
         """`upgrade --wait-watch`: the answer once the window is over."""
         watch = self.last_watch
         assert watch is not None and watch.watched.id == outcome["gen"]
+        # The client waits the window out, then perhaps a rollback (a handoff back, bounded
+        # like the pause of a swap).
+        t = watch.watched.config.timeouts
+        emit(DEADLINE, "", {"seconds": watch.remaining + t.quiesce + 2 * t.restore + 5})
         emit("watching", f"gen={watch.watched.id} watched for {watch.seconds:g}s; "
              f"gen={watch.held.id} held for a rollback", None)
         result = await asyncio.shield(watch.done)
@@ -120,10 +124,8 @@ class Deploys:
         raise ControlError(f"rollback {result['outcome']}: {why}; gen={result['gen']} keeps "
                            "serving", data=result)
 
-    async def history(self, args: dict[str, Any]) -> dict[str, Any]:
-        n = args.get("n", 20)
-        if type(n) is not int or not 0 <= n <= HISTORY_MAX:
-            raise ControlError(f"history: n must be an integer 0-{HISTORY_MAX}")
+    async def history(self, args: HistoryArgs) -> dict[str, Any]:
+        n = args.n
         path = self.ops.history.path
         loop = asyncio.get_running_loop()
         entries, bad = await loop.run_in_executor(None, histories.read, path, n)
@@ -151,30 +153,21 @@ class Deploys:
         return snap
 
 
-def swap_options(args: dict[str, Any], who: Who) -> SwapOptions:
-    """The options of an `upgrade`/`reload` request; ControlError names a bad one."""
-    release = args.get("release")
-    if release is not None:
-        if not isinstance(release, str):
-            raise ControlError("release must be a string")
+def swap_options(args: SwapArgs, who: Who) -> SwapOptions:
+    """The options of an `upgrade`/`reload` request (types already checked by
+    swapd.commands); ControlError names a release label the rules refuse."""
+    if args.release is not None:
         try:
-            check_label(release)
+            check_label(args.release)
         except ReleaseError as e:
             raise ControlError(str(e)) from None
-    watch = args.get("watch")
-    if watch is not None and (isinstance(watch, bool) or not isinstance(watch, int | float)
-                              or not 0 <= watch <= 10**7):
-        raise ControlError(f"watch must be a number of seconds >= 0, not {watch!r}")
-    wait = args.get("wait_watch", False)
-    if not isinstance(wait, bool):
-        raise ControlError("wait_watch must be true or false")
-    return SwapOptions(release=release, watch=None if watch is None else float(watch),
-                       wait_watch=wait, who=who)
+    return SwapOptions(release=args.release, watch=args.watch, wait_watch=args.wait_watch,
+                       who=who)
 
 
-def patch_fields(args: dict[str, Any]) -> dict[str, Any]:
+def patch_fields(args: PatchArgs) -> dict[str, Any]:
     """What the history keeps of a patch request."""
-    return {k: args[k] for k in ("module", "name", "dry_run") if k in args}
+    return {"module": args.module, "name": args.name, "dry_run": args.dry_run}
 
 
 def _no_watch(active: Generation | None, last: Watch | None) -> str:

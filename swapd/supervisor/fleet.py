@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from swapd import messages
-from swapd.channel import Message
+from swapd.channel import ChannelError, Message
 from swapd.config import Config
 from swapd.supervisor import readiness
 from swapd.supervisor import release as releases
@@ -353,18 +353,29 @@ class Fleet:
     def _on_worker_message(self, w: WorkerProcess, msg: Message) -> None:
         msg.close_fds()  # no message a worker sends unasked carries descriptors
         if msg.type != messages.Hello.T or w.channel is None:
-            log.warning("event=channel.unexpected %s type=%r", w.tag, msg.type[:64])
+            w.refused(f"unexpected {msg.type[:64]!r} message")  # logged, throttled
+            return
+        if w.hello is not None:  # once per process: a repeated one gets no second journal
+            w.refused("second hello")
+            self._answer(w, msg, messages.failed("hello already received"))
             return
         try:
             hello = messages.Hello.parse(msg.body)
         except messages.MessageError as e:
-            log.warning("event=channel.malformed %s error=%r", w.tag, str(e))
-            w.channel.reply(msg, messages.failed(f"malformed hello: {e}"))
+            w.refused(f"malformed hello: {e}")
+            self._answer(w, msg, messages.failed(f"malformed hello: {e}"))
             return
         w.hello = {"proto": hello.proto, "pid": hello.pid, "features": list(hello.features),
                    "lib": hello.lib}
-        w.channel.reply(msg, messages.ok(messages.HelloReply(self.journal_for(w))))
+        self._answer(w, msg, messages.ok(messages.HelloReply(self.journal_for(w))))
         log.debug("event=worker.hello %s features=%s", w.tag, ",".join(hello.features))
+
+    def _answer(self, w: WorkerProcess, msg: Message, body: dict[str, Any]) -> None:
+        try:
+            if w.channel is not None:
+                w.channel.reply(msg, body)
+        except ChannelError as e:  # it does not read its channel: it hears nothing more
+            w.refused(f"reply not sent: {e}")
 
     def journal_for(self, w: WorkerProcess) -> list[dict[str, Any]]:
         """What a (re)started worker must re-apply: its generation's patches, in order."""

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import socket
 import time
 from collections import deque
@@ -23,9 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from swapd import messages
-from swapd.channel import Channel, ChannelError, Message, socketpair
+from swapd.channel import (
+    Channel,
+    ChannelClosed,
+    ChannelError,
+    DescriptorsLost,
+    Limits,
+    Message,
+    socketpair,
+)
 from swapd.config import Config
-from swapd.supervisor import readiness
+from swapd.supervisor import fdbudget, notify, readiness
 from swapd.supervisor.lifecycle import (
     GenEvent,
     GenState,
@@ -35,6 +42,7 @@ from swapd.supervisor.lifecycle import (
     next_state,
 )
 from swapd.supervisor.process import Child, ExitStatus, OsProcesses, SpawnSpec
+from swapd.throttle import Throttle
 
 log = logging.getLogger("swapd")
 out_log = logging.getLogger("swapd.output")
@@ -42,6 +50,11 @@ out_log = logging.getLogger("swapd.output")
 TAIL_LINES = 40
 _MAX_LINE = 4096
 _EXIT_GRACE = 1.0  # seconds to wait for a pidfd after the channel of a dying worker closed
+# What the supervisor accepts from a worker: nothing it sends unasked carries descriptors,
+# nor does any reply unless its request says how many (a snapshot: see swap.py); no body
+# beyond 16 MiB (the largest legitimate ones, patch plans, are far smaller).
+WORKER_LIMITS = Limits(max_body=16 * 1024 * 1024, unsolicited_fds=0, reply_fds=0,
+                       max_queued=4096)
 
 R = TypeVar("R", bound=messages.Body)
 
@@ -148,6 +161,7 @@ class WorkerProcess:
         self._notify: socket.socket | None = None
         self._output_fd = -1
         self._partial = b""
+        self._refusals = {"notify": Throttle(), "channel": Throttle()}
 
     @property
     def pid(self) -> int:
@@ -199,11 +213,8 @@ class WorkerProcess:
 
     def attach(self, channel_sock: socket.socket, notify: socket.socket,
                output_fd: int | None) -> None:
-        self.channel = Channel(channel_sock, self._on_channel_message, self._on_channel_close,
-                               loop=self._loop)
-        self._notify = notify
-        notify.setblocking(False)
-        self._loop.add_reader(notify.fileno(), self._on_notify)
+        self.channel = self._open_channel(channel_sock)
+        self._watch_notify(notify)
         if output_fd is None:  # passthrough: the worker writes to our stderr itself
             self.passthrough = True
             return
@@ -235,11 +246,9 @@ class WorkerProcess:
         channel = _adopt_socket(rec.channel_fd)
         notify = _adopt_socket(rec.notify_fd)
         if channel is not None:
-            w.channel = Channel(channel, w._on_channel_message, w._on_channel_close, loop=loop)
+            w.channel = w._open_channel(channel)
         if notify is not None:
-            w._notify = notify
-            notify.setblocking(False)
-            loop.add_reader(notify.fileno(), w._on_notify)
+            w._watch_notify(notify)
         if rec.output_fd is not None:
             w._output_fd = rec.output_fd
             os.set_inheritable(w._output_fd, False)
@@ -247,12 +256,26 @@ class WorkerProcess:
             loop.add_reader(w._output_fd, w._on_output)
         return w
 
+    def _open_channel(self, sock: socket.socket) -> Channel:
+        return Channel(sock, self._on_channel_message, self._on_channel_close, loop=self._loop,
+                       limits=WORKER_LIMITS, on_refused=self._on_channel_refused)
+
+    def _watch_notify(self, notify: socket.socket) -> None:
+        # Credentials on every datagram: the socket's name is world-readable in
+        # /proc/net/unix and anyone may send to it; only the worker's own processes count.
+        notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        notify.setblocking(False)
+        self._notify = notify
+        self._loop.add_reader(notify.fileno(), self._on_notify)
+
     # -- requests -----------------------------------------------------------
 
     async def ask(self, request: messages.Body, reply: type[R], timeout: float, what: str,
-                  fds: list[int] | None = None) -> Answer[R]:
-        """Send `request`, return its typed reply; RequestFailed on any problem."""
-        msg = await self.ask_raw(request.body(), timeout, what, fds)
+                  fds: list[int] | None = None, reply_fds: int = 0) -> Answer[R]:
+        """Send `request`, return its typed reply; RequestFailed on any problem.
+
+        `reply_fds`: how many descriptors the reply may carry (more: the request fails)."""
+        msg = await self.ask_raw(request.body(), timeout, what, fds, reply_fds)
         try:
             parsed = messages.parse_reply(reply, msg.body)
         except messages.MessageError as e:
@@ -265,11 +288,12 @@ class WorkerProcess:
         return Answer(parsed, msg.take_fds())
 
     async def ask_raw(self, body: dict[str, Any], timeout: float, what: str,
-                      fds: list[int] | None = None) -> Message:
+                      fds: list[int] | None = None, reply_fds: int = 0) -> Message:
         """Send a request body; the reply message as it came (RequestFailed if none)."""
         if self.channel is None or self.channel.closed:
             raise RequestFailed(f"{self.tag} has no open channel for {what}", self)
-        req = asyncio.ensure_future(self.channel.request(body, fds or [], timeout=timeout))
+        req = asyncio.ensure_future(self.channel.request(body, fds or [], timeout=timeout,
+                                                         reply_fds=reply_fds))
         waiting: set[asyncio.Future[Any]] = {req, self.exited}
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if req not in done:
@@ -278,6 +302,11 @@ class WorkerProcess:
         try:
             return req.result()
         except ChannelError as e:
+            if isinstance(e, DescriptorsLost):
+                raise RequestFailed(f"{self.tag} {what} failed: {e} ({fdbudget.open_fds()} "
+                                    f"open now, limit {fdbudget.limit()})", self) from e
+            if not isinstance(e, ChannelClosed):  # a refused reply, a timeout: it lives on
+                raise RequestFailed(f"{self.tag} {what} failed: {e}", self) from e
             # EOF on the channel usually means the process died; its pidfd reports that a
             # moment later. Wait for it briefly so the reason names the exit, not the symptom.
             await asyncio.wait([self.exited], timeout=_EXIT_GRACE)
@@ -300,33 +329,67 @@ class WorkerProcess:
                 self.on_message(self, msg)
                 return
         except messages.MessageError as e:
-            log.warning("event=channel.malformed %s error=%r", self.tag, str(e))
+            self.refused(f"malformed {msg.type[:64]!r} message: {e}")
         msg.close_fds()
 
     def _on_channel_close(self, error: ChannelError) -> None:
         log.debug("event=channel.closed %s reason=%r", self.tag, str(error))
 
+    def refused(self, reason: str) -> None:
+        """Something the worker sent was refused: one log line, at most once per interval."""
+        self._on_channel_refused(reason)
+
+    def _on_channel_refused(self, reason: str) -> None:
+        throttle = self._refusals["channel"]
+        if throttle.allow():
+            log.warning("event=channel.refused %s reason=%r suppressed=%d", self.tag, reason,
+                        throttle.take_suppressed())
+
     def _on_notify(self) -> None:
         assert self._notify is not None
-        while True:
+        verdicts: dict[int, str | None] = {}  # a flood comes from few pids: look each up once
+        for _ in range(notify.PER_WAKEUP):
             try:
-                data, anc, _flags, _ = self._notify.recvmsg(4096, socket.CMSG_SPACE(64 * 4))
+                # No room for descriptors: the kernel drops any (FDSTORE, BARRIER) instead of
+                # installing them here, which also releases a BARRIER sender at once.
+                data, anc, _flags, _ = self._notify.recvmsg(4096, notify.ANCILLARY)
             except OSError:  # BlockingIOError included: nothing more queued
                 return
-            # Close any fds (FDSTORE, BARRIER): holding a BARRIER fd would block the sender.
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    for i in range(0, len(payload) - len(payload) % 4, 4):
-                        with contextlib.suppress(OSError):
-                            os.close(int.from_bytes(payload[i : i + 4], "little"))
+            sender = notify.sender(anc)
+            who = sender[0] if sender is not None else -1
+            if who not in verdicts:
+                verdicts[who] = self._refuse_notify(sender)
+            refused = verdicts[who]
+            if refused is not None:
+                throttle = self._refusals["notify"]
+                if throttle.allow():
+                    pid, uid = sender or (0, -1)
+                    log.warning("event=notify.refused %s sender_pid=%d sender_uid=%d "
+                                "reason=%r suppressed=%d", self.tag, pid, uid, refused,
+                                throttle.take_suppressed())
+                continue
             for line in data.decode(errors="replace").splitlines():
                 key, _, value = line.partition("=")
                 if key == "READY" and value == "1":
+                    if self.speaks_channel:  # its readiness is the channel's `ready`
+                        log.debug("event=notify.ignored %s reason='speaks the channel'",
+                                  self.tag)
+                        continue
                     self.mark_ready({"standby": False, "via": "notify"})
                 elif key == "STATUS":
                     self.status_text = value[:200]
                 elif key == "WATCHDOG" and value == "trigger":
                     self.mark_health(False, "WATCHDOG=trigger", "notify")
+
+    def _refuse_notify(self, sender: tuple[int, int] | None) -> str | None:
+        """Why a notify datagram is not the worker's (None: it is)."""
+        if sender is None:
+            return "no credentials"
+        if self.child.status is not None:
+            return "the worker has exited"
+        if not notify.in_process_tree(sender[0], self.pid):
+            return "sender is not the worker, nor in its process group, nor a descendant"
+        return None
 
     def mark_ready(self, info: dict[str, Any]) -> None:
         if self.ready_via is not None and info.get("via") != self.ready_via:
@@ -455,18 +518,6 @@ def _adopt_socket(fd: int | None) -> socket.socket | None:
     return sock
 
 
-def notify_socket(gen: int, slot: int) -> tuple[socket.socket, str]:
-    """A datagram socket in the abstract namespace, one per worker.
-
-    Per worker rather than per generation so that any sender on it is that
-    worker, even a shell wrapper's child whose pid we never saw.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    name = f"swapd/{os.getpid()}/{gen}/{slot}/{secrets.token_hex(4)}"
-    sock.bind("\0" + name)
-    return sock, "@" + name
-
-
 def spawn_worker(
     spec: WorkerSpec, processes: OsProcesses, loop: asyncio.AbstractEventLoop
 ) -> WorkerProcess:
@@ -478,7 +529,7 @@ def spawn_worker(
         fds.append(probe.fileno())
         names.append(readiness.PROBE_LISTENER)
     parent_end, child_end = socketpair()
-    notify, notify_addr = notify_socket(spec.gen, spec.slot)
+    notify_sock, notify_addr = notify.notify_socket(spec.gen, spec.slot)
     out_r: int | None = None
     out_w: int | None = None  # None: the worker inherits our stdout and stderr
     if cfg.worker_output != "passthrough":
@@ -512,7 +563,7 @@ def spawn_worker(
             output_fd=out_w,
         ))
     except BaseException:
-        for s in (parent_end, notify, *([probe] if probe is not None else [])):
+        for s in (parent_end, notify_sock, *([probe] if probe is not None else [])):
             s.close()
         if out_r is not None:
             os.close(out_r)
@@ -522,7 +573,7 @@ def spawn_worker(
         if out_w is not None:
             os.close(out_w)
     worker = WorkerProcess(spec.gen, spec.slot, spec.role, child, loop)
-    worker.attach(parent_end, notify, out_r)
+    worker.attach(parent_end, notify_sock, out_r)
     if probe is not None:
         readiness.start_probe(worker, cfg, probe)
     return worker

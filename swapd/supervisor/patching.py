@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from swapd.channel import Message
+from swapd.commands import PatchArgs
 from swapd.control import ControlError, Emit, Peer
 from swapd.patch.source import sha256_text
 from swapd.supervisor.generation import Generation, RequestFailed, WorkerProcess
@@ -35,6 +36,7 @@ log = logging.getLogger("swapd")
 
 PREPARE_TIMEOUT = 60.0  # planning may scan a large heap
 COMMIT_TIMEOUT = 30.0
+BOUND = PREPARE_TIMEOUT + 2 * COMMIT_TIMEOUT + 5.0  # prepare, then commit and roll back
 
 
 def _targets(gen: Generation | None) -> list[WorkerProcess]:
@@ -71,16 +73,16 @@ def _report(w: WorkerProcess, result: Message | BaseException, key: str) -> dict
     return {"worker": w.slot, "pid": w.pid, "ok": False, "error": str(result)}
 
 
-async def apply(gen: Generation | None, journal: Journal, args: dict[str, Any], emit: Emit,
+async def apply(gen: Generation | None, journal: Journal, args: PatchArgs, emit: Emit,
                 peer: Peer) -> dict[str, Any]:
-    module, source = args.get("module"), args.get("source")
-    if not isinstance(module, str) or not module or not isinstance(source, str):
+    module, source = args.module, args.source
+    if not module or source is None:
         raise ControlError("patch needs 'module' (a name) and 'source' (the new text)")
     workers = _targets(gen)
     sha = sha256_text(source)
     pid = journal.next_id()
-    name = str(args.get("name") or f"patch {pid}")
-    accept_absent, prune = bool(args.get("accept_absent")), bool(args.get("prune"))
+    name = args.name or f"patch {pid}"
+    accept_absent, prune = args.accept_absent, args.prune
     body = {"pid": pid, "module": module, "source": source, "name": name,
             "accept_absent": accept_absent, "prune": prune}
     emit("prepare", f"patch {pid}: {module} from {name} (sha256 {sha[:12]}) to "
@@ -90,7 +92,7 @@ async def apply(gen: Generation | None, journal: Journal, args: dict[str, Any], 
     for p in plans:
         emit("plan", _plan_line(p), {"plan": p})
     failed = [p for p in plans if not p["ok"]]
-    dry = bool(args.get("dry_run"))
+    dry = args.dry_run
     if failed or dry:
         await _each([w for w, r in zip(workers, prepared, strict=True) if isinstance(r, Message)],
                     {"t": "patch.abort", "pid": pid}, COMMIT_TIMEOUT, "patch abort")

@@ -30,8 +30,8 @@ from typing import Any
 
 from swapd import messages as m
 from swapd.config import Config
-from swapd.control import Emit
-from swapd.supervisor import readiness
+from swapd.control import DEADLINE, Emit
+from swapd.supervisor import fdbudget, readiness
 from swapd.supervisor.fleet import Fleet, SpawnFailed
 from swapd.supervisor.generation import Answer, Generation, RequestFailed, WorkerProcess
 from swapd.supervisor.lifecycle import GenEvent
@@ -71,6 +71,17 @@ class SwapJob:
     release: str | None = None  # the new generation's label (None: derived from its code)
     watch: float = 0.0  # > 0: hold the old generation this long after commit (watch.py)
     who: dict[str, Any] = field(default_factory=dict)  # who asked, for the history
+    bound: float = 0.0  # seconds from `started` within which it ends, whatever happens
+
+    def remaining(self) -> float:
+        return max(0.0, self.started + self.bound - time.monotonic())
+
+    def extend(self, bound: float) -> None:
+        """A bound from now (a reload's new timeouts): tell the waiting clients if later."""
+        elapsed = time.monotonic() - self.started
+        if elapsed + bound > self.bound:
+            self.bound = elapsed + bound
+            self.emit(DEADLINE, "", {"seconds": self.remaining()})
 
     def emit(self, event: str, message: str, extra: dict[str, Any] | None = None) -> None:
         for sub in list(self.subscribers):
@@ -95,6 +106,7 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
     stateful = config.mode == "stateful"
     if stateful:
         _check_stateful(old, config)
+        _check_headroom(old)  # before anything starts: nothing to undo
     try:
         new = fleet.start_generation(config, successor_of=old if stateful else None,
                                      release=job.release)
@@ -116,6 +128,7 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
             if config.precopy:
                 precopying = True
                 await _precopy(fleet, old, new, config, job)
+            _check_headroom(old)  # again: connections came and went while it got ready
             old.transition(GenEvent.QUIESCE)
             quiesced = True
             handed = await _handoff(fleet, old, new, config, job, precopied=precopying)
@@ -173,6 +186,12 @@ def _check_stateful(old: Generation, config: Config) -> None:
         )
 
 
+def _check_headroom(old: Generation) -> None:
+    shortfall = fdbudget.handoff_shortfall((w.pid for w in old.live()), f"gen={old.id}")
+    if shortfall is not None:
+        raise SwapFailed(shortfall)
+
+
 async def wait_ready(gen: Generation, timeout: float) -> None:
     """Every worker ready, or the first failure: exit before ready, or the deadline."""
     workers = [w for w in gen.workers if w is not None]
@@ -210,7 +229,8 @@ async def _precopy(
     async def one(src: WorkerProcess, dst: WorkerProcess) -> int:
         # Bounded like the rest of a swap, but generously: a bulk is large by definition.
         bound = config.timeouts.ready + config.timeouts.restore
-        bulk = await src.ask(m.PrecopyOut(), m.PrecopyOutReply, bound, "pre-copy")
+        bulk = await src.ask(m.PrecopyOut(), m.PrecopyOutReply, bound, "pre-copy",
+                             reply_fds=fdbudget.headroom())
         try:
             loaded = await dst.ask(m.PrecopyIn(bulk.reply.names), m.Empty, bound,
                                    "pre-copy load", fds=bulk.fds)
@@ -241,8 +261,12 @@ async def _handoff(
     job.mark("quiesce")
     pairs = _pairs(old, new)
     quiesce = m.Quiesce(deadline=config.timeouts.quiesce, precopied=precopied)
+    # A snapshot carries one descriptor per connection: as many as we can take. Beyond that
+    # (or if the kernel could not give us them all) the reply fails, the worker resumes.
+    room = fdbudget.headroom()
     results = await asyncio.gather(
-        *(src.ask(quiesce, m.QuiesceReply, config.timeouts.quiesce, "quiesce and snapshot")
+        *(src.ask(quiesce, m.QuiesceReply, config.timeouts.quiesce, "quiesce and snapshot",
+                  reply_fds=room)
           for src, _ in pairs),
         return_exceptions=True,
     )
@@ -364,7 +388,7 @@ async def store_state(gen: Generation, store: Callable[[int, list[int]], None]) 
     # what the supervisor promised systemd (EXTEND_TIMEOUT_USEC), whatever the worker count.
     replies = await asyncio.gather(
         *(w.ask(m.Quiesce(deadline=timeout, conns=False), m.QuiesceReply, timeout,
-                "snapshot for the fd store") for w in workers),
+                "snapshot for the fd store", reply_fds=fdbudget.headroom()) for w in workers),
         return_exceptions=True,
     )
     for w, reply in zip(workers, replies, strict=True):

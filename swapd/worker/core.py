@@ -239,7 +239,8 @@ class Worker:
         if self._channel_fd is not None:
             sock = socket.socket(fileno=self._channel_fd)
             sock.set_inheritable(False)
-            self._channel = Channel(sock, self._on_message, self._on_channel_close)
+            self._channel = Channel(sock, self._on_message, self._on_channel_close,
+                                    on_refused=self._on_channel_refused)
         previous = _install_signals(loop, self._begin_drain)
         try:
             await main(self)
@@ -281,6 +282,9 @@ class Worker:
         # The supervisor is gone (or broke the protocol): finish what we have and exit.
         log.warning("event=channel.closed reason=%r action=drain", str(error))
         self._begin_drain()
+
+    def _on_channel_refused(self, reason: str) -> None:
+        log.warning("event=channel.refused reason=%r", reason)
 
     def _on_message(self, msg: Message) -> None:
         handler = _HANDLERS.get(msg.type)

@@ -23,6 +23,13 @@ start, so a test writes it and then asks for a swap:
     {"snapshot_hang": true}          snapshot() awaits forever (async)
     {"accept_versions": [1, 2]}      state versions this code restores (default: its own
                                      and older)
+    {"snapshot_gate": "/path/fifo"}  snapshot() prints "snapshot gate" and blocks on the FIFO
+  hostile behaviour, on the channel to the supervisor:
+    {"flood_fds": 10000}             after ready(): that many descriptors in carrier frames no
+                                     request asked for, then a status message; prints
+                                     "fd flood sent"
+    {"flood_body": 268435456}        snapshot() first sends a message whose body (in a sparse
+                                     memfd) is that many bytes
 
 HTTP: GET / -> "<version> <pid>", GET /hang -> never answers (holds a busy
 connection, to test drain deadlines), GET /slow -> prints "slow request in
@@ -31,9 +38,12 @@ flight", answers once the worker starts draining, GET /listeners -> listener nam
 
 from __future__ import annotations
 
+import array
 import asyncio
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -85,6 +95,12 @@ async def app(request: Request) -> Response:
 
 
 async def snapshot() -> dict[str, int]:
+    if BEHAVIOR.get("flood_body"):
+        _send_spilled(BEHAVIOR["flood_body"])
+        print("oversized message sent", flush=True)
+    if BEHAVIOR.get("snapshot_gate"):
+        print("snapshot gate", flush=True)
+        _wait_gate(BEHAVIOR["snapshot_gate"])
     if BEHAVIOR.get("snapshot_sleep"):
         print("snapshot blocking the loop, as told", flush=True)
         time.sleep(BEHAVIOR["snapshot_sleep"])
@@ -132,9 +148,49 @@ async def main(w: worker.Worker) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, _wait_gate, f"{BEHAVIOR['gate']}-{w.slot}")
     await w.ready()
+    if BEHAVIOR.get("flood_fds"):
+        _flood_fds(BEHAVIOR["flood_fds"])
+        print("fd flood sent", flush=True)
     if BEHAVIOR.get("crash_after_ready"):
         print("crashing after ready, as told", flush=True)
         os._exit(1)
+
+
+# Raw frames on the worker's channel (the wire format of swapd.channel, drawn there).
+_HEADER = struct.Struct(">4sBBHI")
+
+
+def _channel() -> socket.socket:
+    chan = worker.current()._channel  # a hostile worker reaches for its raw channel
+    assert chan is not None, "the flood behaviours need swapd's channel"
+    return chan.sock
+
+
+def _send(frame: bytes, fds: list[int]) -> None:
+    sock = _channel()
+    sock.setblocking(True)  # the supervisor reads it; a full buffer only slows us down
+    try:
+        sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                   if fds else [])
+    finally:
+        sock.setblocking(False)
+
+
+def _flood_fds(count: int) -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    for start in range(0, count, 250):
+        n = min(250, count - start)
+        _send(_HEADER.pack(b"SWPD", 1, 0x02, n, 0), [devnull] * n)
+    body = json.dumps({"t": "status", "text": "flooded"}).encode()
+    _send(_HEADER.pack(b"SWPD", 1, 0, 0, len(body)) + body, [])
+    os.close(devnull)
+
+
+def _send_spilled(size: int) -> None:
+    memfd = os.memfd_create("flood", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, size)  # sparse: it costs this process nothing
+    _send(_HEADER.pack(b"SWPD", 1, 0x01, 1, size), [memfd])
+    os.close(memfd)
 
 
 def _wait_gate(path: str) -> None:

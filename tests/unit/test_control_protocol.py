@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from swapd.commands import Args
 from swapd.control import (
     MAX_LINE,
     PROTOCOL,
@@ -35,7 +37,37 @@ from swapd.control import (
 )
 
 DEADLINE = 10.0  # seconds; only reached when something is broken
-COMMANDS = frozenset({"echo", "size", "progress", "fail", "crash", "block"})
+
+
+@dataclasses.dataclass(frozen=True)
+class EchoArgs(Args):
+    CMD = "echo"
+    a: list[Any] | None = None
+    s: str | None = None
+    x: list[Any] | None = None
+    n: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeArgs(Args):
+    CMD = "size"
+    s: str = dataclasses.field(default="", metadata={"max_len": MAX_LINE})
+
+
+def _no_args(name: str) -> type[Args]:
+    return dataclasses.dataclass(frozen=True)(type(f"{name}Args", (Args,), {"CMD": name}))
+
+
+COMMANDS: dict[str, type[Args]] = {
+    "echo": EchoArgs, "size": SizeArgs,
+    **{name: _no_args(name) for name in ("progress", "fail", "crash", "block")},
+}
+
+
+def given(args: Args) -> dict[str, Any]:
+    """The arguments a request gave (the others are at their default, None)."""
+    return {k: v for k, v in args.body().items() if v is not None}
+
 KNOWN = "block, crash, echo, fail, progress, size"
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
@@ -53,10 +85,10 @@ def short_dir() -> Iterator[Path]:
 
 def test_parse_a_request() -> None:
     line = b'{"v": 1, "cmd": "echo", "args": {"a": [1, 2]}}\n'
-    assert parse_request(line, COMMANDS) == ("echo", {"a": [1, 2]})
-    assert parse_request(b'{"v": 1, "cmd": "echo"}', COMMANDS) == ("echo", {})
+    assert parse_request(line, COMMANDS) == ("echo", EchoArgs(a=[1, 2]))
+    assert parse_request(b'{"v": 1, "cmd": "echo"}', COMMANDS) == ("echo", EchoArgs())
     assert parse_request('{"v":1,"cmd":"echo","args":{"s":"é"}}'.encode(), COMMANDS) == (
-        "echo", {"s": "é"})
+        "echo", EchoArgs(s="é"))
 
 
 @pytest.mark.parametrize(
@@ -230,13 +262,12 @@ class FakeHandler:
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def __call__(self, cmd: str, args: dict[str, Any], emit: Emit, peer: Peer
-                       ) -> dict[str, Any]:
-        self.calls.append((cmd, args, peer.uid))
+    async def __call__(self, cmd: str, args: Args, emit: Emit, peer: Peer) -> dict[str, Any]:
+        self.calls.append((cmd, given(args), peer.uid))
         if cmd == "echo":
-            return {"args": args, "uid": peer.uid, "pid": peer.pid}
-        if cmd == "size":
-            return {"len": len(args["s"])}
+            return {"args": given(args), "uid": peer.uid, "pid": peer.pid}
+        if isinstance(args, SizeArgs):
+            return {"len": len(args.s)}
         if cmd == "progress":
             emit("spawned", "gen=4 worker=0 pid=812", None)
             emit("ready", "gen=4 all 2 workers ready", {"gen": 4})
@@ -259,6 +290,7 @@ async def serving(sock: socket.socket, handler: FakeHandler) -> AsyncIterator[Co
         yield server
     finally:
         await server.close(grace=0.0)
+        sock.close()  # the socket is its owner's (the supervisor's), as is closing it
 
 
 def run(coro_fn: Callable[[], Any]) -> None:
@@ -498,7 +530,8 @@ def test_close_lets_a_request_in_progress_finish(short_dir: Path) -> None:
     handler = FakeHandler()
 
     async def main() -> None:
-        server = ControlServer(bind_control(path), handler, COMMANDS)
+        sock = bind_control(path)
+        server = ControlServer(sock, handler, COMMANDS)
         await server.start()
         pending = asyncio.ensure_future(call(path, "block"))
         await handler.entered.wait()
@@ -506,6 +539,7 @@ def test_close_lets_a_request_in_progress_finish(short_dir: Path) -> None:
         await asyncio.sleep(0)  # let close() stop accepting before the handler returns
         handler.release.set()
         await closing
+        sock.close()
         assert (await pending) == [result(True, {"released": True})]
         with pytest.raises(ClientError, match="no supervisor listening"):
             await asyncio.to_thread(lambda: list(Client(path, timeout=DEADLINE).call("echo")))
@@ -518,11 +552,13 @@ def test_close_cancels_a_request_past_its_grace(short_dir: Path) -> None:
     handler = FakeHandler()
 
     async def main() -> None:
-        server = ControlServer(bind_control(path), handler, COMMANDS)
+        sock = bind_control(path)
+        server = ControlServer(sock, handler, COMMANDS)
         await server.start()
         pending = asyncio.ensure_future(client_error(path, "block"))
         await handler.entered.wait()
         await server.close(grace=0.05)
+        sock.close()
         assert await pending == "supervisor closed the connection before answering"
 
     run(main)

@@ -11,7 +11,8 @@ from typing import Any
 
 from swapd import messages as m
 from swapd.channel import Channel, socketpair
-from swapd.supervisor.generation import Generation, WorkerProcess, notify_socket
+from swapd.supervisor.generation import Generation, WorkerProcess
+from swapd.supervisor.notify import notify_socket
 from swapd.supervisor.process import Child
 from swapd.supervisor.watch import hold, unholdable
 from tests.unit.test_swap import FakeFleet, FakeWorker, config

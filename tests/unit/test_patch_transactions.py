@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from swapd.channel import Message, RequestTimeout
+from swapd.commands import PatchArgs
 from swapd.control import ControlError
 from swapd.supervisor import patching
 from swapd.supervisor.generation import WorkerProcess
@@ -69,7 +70,8 @@ class FakeChannel:
         self.closed = False
         self.sent: list[str] = []
 
-    async def request(self, body: dict[str, Any], fds: Any = (), *, timeout: float) -> Message:
+    async def request(self, body: dict[str, Any], fds: Any = (), *, timeout: float,
+                      reply_fds: int | None = None) -> Message:
         self.sent.append(body["t"])
         return Message(self.script(body))
 
@@ -114,7 +116,7 @@ def test_a_commit_that_timed_out_is_rolled_back_too() -> None:
     async def scenario() -> list[FakeWorker]:
         workers = [FakeWorker(0, worker_script()), FakeWorker(1, worker_script(True))]
         journal = Journal()
-        args = {"module": "app.rules", "source": SRC}
+        args = PatchArgs(module="app.rules", source=SRC)
         with pytest.raises(ControlError, match="rolled back on every worker"):
             await patching.apply(FakeGeneration(workers), journal,  # type: ignore[arg-type]
                                  args, lambda *a: None, "tester")  # type: ignore[arg-type]

@@ -79,7 +79,7 @@ class FakeWorker:
             self.exited.set_result(how)
 
     async def ask(self, request: m.Body, reply: type[Any], timeout: float, what: str,
-                  fds: list[int] | None = None) -> Answer[Any]:
+                  fds: list[int] | None = None, reply_fds: int = 0) -> Answer[Any]:
         name = type(request).__name__
         self.asked.append(name)
         action = self.script.get(name, {})
