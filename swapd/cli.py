@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--json", action="store_true", help="print raw JSON lines")
     _timeout_flag(pt)
 
-    cli_ops.add_parsers(sub)
+    for ops_parser in cli_ops.add_parsers(sub):
+        _timeout_flag(ops_parser)
 
     demo = sub.add_parser("demo", help="see swapd work: swaps under load, with a report")
     demo.add_argument("--swaps", type=int, default=5)

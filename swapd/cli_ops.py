@@ -62,7 +62,8 @@ def add_swap_options(c: argparse.ArgumentParser) -> None:
                    help="answer when the watch window is over: exit 1 if it rolled back")
 
 
-def add_parsers(sub: Any) -> None:
+def add_parsers(sub: Any) -> list[argparse.ArgumentParser]:
+    """`rollback` and `history`; returned so that the caller adds the common client flags."""
     rb = sub.add_parser("rollback", help="roll back to the generation held by a watch window")
     h = sub.add_parser("history", help="what was done to the service: swaps, patches, ...")
     h.add_argument("-n", type=int, default=20, metavar="N", help="the last N entries (20)")
@@ -71,6 +72,7 @@ def add_parsers(sub: Any) -> None:
     for c in (rb, h):
         c.add_argument("--control", help="control socket path (default: $SWAPD_CONTROL, ...)")
         c.add_argument("--json", action="store_true", help="print raw JSON lines")
+    return [rb, h]
 
 
 def swap_request(args: argparse.Namespace) -> dict[str, Any]:
