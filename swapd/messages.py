@@ -36,6 +36,9 @@ class Body:
     """Base of every message and reply type (all are frozen dataclasses)."""
 
     T: ClassVar[str] = ""  # the wire type `t`; empty for replies (they carry `re`)
+    # A reply that may carry descriptors (a snapshot's memfds and connections); any other
+    # reply carrying one is refused by the receiver.
+    REPLY_FDS: ClassVar[bool] = False
     STRICT: ClassVar[bool] = False  # refuse keys this type does not know
 
     def body(self) -> dict[str, Any]:
@@ -205,6 +208,7 @@ class Quiesce(Body):
     """
 
     T = "quiesce"
+    REPLY_FDS = True
     deadline: float
     precopied: bool = False
     conns: bool = True
@@ -230,6 +234,7 @@ class PrecopyOut(Body):
     """To the old worker, still serving: ship the bulk of tracked state (reply with fds)."""
 
     T = "precopy"
+    REPLY_FDS = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -271,10 +271,14 @@ class WorkerProcess:
     # -- requests -----------------------------------------------------------
 
     async def ask(self, request: messages.Body, reply: type[R], timeout: float, what: str,
-                  fds: list[int] | None = None, reply_fds: int = 0) -> Answer[R]:
+                  fds: list[int] | None = None, reply_fds: int | None = None) -> Answer[R]:
         """Send `request`, return its typed reply; RequestFailed on any problem.
 
-        `reply_fds`: how many descriptors the reply may carry (more: the request fails)."""
+        `reply_fds`: how many descriptors the reply may carry (more: the request fails);
+        by default what the supervisor can take in for a request whose reply carries them
+        (`REPLY_FDS`), else none."""
+        if reply_fds is None:
+            reply_fds = fdbudget.headroom() if request.REPLY_FDS else 0
         msg = await self.ask_raw(request.body(), timeout, what, fds, reply_fds)
         try:
             parsed = messages.parse_reply(reply, msg.body)

@@ -229,8 +229,7 @@ async def _precopy(
     async def one(src: WorkerProcess, dst: WorkerProcess) -> int:
         # Bounded like the rest of a swap, but generously: a bulk is large by definition.
         bound = config.timeouts.ready + config.timeouts.restore
-        bulk = await src.ask(m.PrecopyOut(), m.PrecopyOutReply, bound, "pre-copy",
-                             reply_fds=fdbudget.headroom())
+        bulk = await src.ask(m.PrecopyOut(), m.PrecopyOutReply, bound, "pre-copy")
         try:
             loaded = await dst.ask(m.PrecopyIn(bulk.reply.names), m.Empty, bound,
                                    "pre-copy load", fds=bulk.fds)
@@ -388,7 +387,7 @@ async def store_state(gen: Generation, store: Callable[[int, list[int]], None]) 
     # what the supervisor promised systemd (EXTEND_TIMEOUT_USEC), whatever the worker count.
     replies = await asyncio.gather(
         *(w.ask(m.Quiesce(deadline=timeout, conns=False), m.QuiesceReply, timeout,
-                "snapshot for the fd store", reply_fds=fdbudget.headroom()) for w in workers),
+                "snapshot for the fd store") for w in workers),
         return_exceptions=True,
     )
     for w, reply in zip(workers, replies, strict=True):
