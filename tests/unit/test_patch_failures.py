@@ -20,12 +20,6 @@ from swapd.patch.commit import ModuleState, state_for
 from tests.unit.test_patch_support import Mods
 
 
-@pytest.fixture
-def mods(tmp_path: Path) -> Iterator[Mods]:
-    with Mods(tmp_path) as m:
-        yield m
-
-
 def test_migration_set_undo_removes_an_instance_attribute_it_added() -> None:
     class Job:
         retries = 0  # a class-level default, not the instance's own value

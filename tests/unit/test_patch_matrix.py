@@ -8,21 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from swapd import patch
 from tests.unit.test_patch_support import Mods, edit
-
-
-@pytest.fixture
-def mods(tmp_path: Path) -> Iterator[Mods]:
-    with Mods(tmp_path) as m:
-        yield m
-
 
 COUNTER = """
 def make_counter():

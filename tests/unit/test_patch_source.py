@@ -18,12 +18,6 @@ from tests.unit.test_patch_support import Mods
 
 
 @pytest.fixture
-def mods(tmp_path: Path) -> Iterator[Mods]:
-    with Mods(tmp_path) as m:
-        yield m
-
-
-@pytest.fixture
 def recorder(tmp_path: Path) -> Iterator[str]:
     """A package name under tmp_path whose modules are recorded at import."""
     package = f"swapd_rec_{tmp_path.name.replace('-', '_')}"
@@ -173,6 +167,7 @@ def test_piecewise_compile_equals_a_whole_compile() -> None:
         assert ast.dump(merged[0]) == ast.dump(ast.parse(text))
 
 
+@pytest.mark.slow
 def test_piecewise_compile_matches_on_real_modules() -> None:
     """The 40 largest stdlib modules compile piecewise to the same trees and code objects."""
     import sysconfig

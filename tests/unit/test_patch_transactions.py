@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,6 @@ from swapd.supervisor import patching
 from swapd.supervisor.lifecycle import SlotState
 from swapd.worker.patches import PatchHost
 from tests.unit.test_patch_support import Mods
-
-
-@pytest.fixture
-def mods(tmp_path: Path) -> Iterator[Mods]:
-    with Mods(tmp_path) as m:
-        yield m
-
 
 SRC = "def f():\n    return 1\n"
 
