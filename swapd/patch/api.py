@@ -172,7 +172,7 @@ from swapd.patch.model import (
     RollbackError,
     SourceUnavailable,
 )
-from swapd.patch.plan import PlanData, Planner, linecache_entry, set_linecache
+from swapd.patch.plan import PlanData, linecache_entry, make_plan, set_linecache
 from swapd.patch.source import (
     base_source as _base_source,
 )
@@ -303,7 +303,7 @@ def prepare(
         new_text = decode(new_source)
     except (SyntaxError, UnicodeDecodeError) as e:
         raise PatchSyntaxError(f"{display}: SyntaxError: cannot decode source: {e}") from e
-    planner = Planner(
+    data = make_plan(
         mod,
         state,
         base,
@@ -315,7 +315,7 @@ def prepare(
         prune=prune,
         scan_heap=scan_heap,
     )
-    return Plan(planner.run(), accept_absent)
+    return Plan(data, accept_absent)
 
 
 def apply(module: ModuleType | str, new_source: str | bytes, **options: Any) -> Applied:
