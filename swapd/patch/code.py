@@ -102,6 +102,7 @@ class CodeIndex:
     def __init__(self, module_codes: list[CodeType]) -> None:
         self.by_key: dict[CodeKey, CodeType] = {}
         self.parent: dict[CodeKey, CodeKey | None] = {}
+        self.container: dict[CodeKey, CodeType] = {}  # the code object holding it
         self.key_of: dict[int, CodeKey] = {}
         self._by_pos: dict[tuple[str, int], list[CodeKey]] = {}
         self.counts: Counter[str] = Counter()
@@ -117,6 +118,7 @@ class CodeIndex:
             self.counts[qual] += 1
             self.by_key[key] = const
             self.parent[key] = parent
+            self.container[key] = code
             self.key_of[id(const)] = key
             self._by_pos.setdefault((qual, const.co_firstlineno), []).append(key)
             self._walk(const, key)

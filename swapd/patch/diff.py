@@ -228,6 +228,29 @@ def _decorator_known(node: ast.expr, name: str) -> bool:
     return False
 
 
+def is_overload(node: FuncNode) -> bool:
+    """A ``typing.overload`` stub: its decorator returns a dummy, the name stays bound to
+    the implementation."""
+    return any(
+        (isinstance(d, ast.Name) and d.id == "overload")
+        or (isinstance(d, ast.Attribute) and d.attr == "overload")
+        for d in node.decorator_list
+    )
+
+
+def _is_stub(s: _Stmt) -> bool:
+    return isinstance(s.node, ast.FunctionDef | ast.AsyncFunctionDef) and is_overload(s.node)
+
+
+_KIND_WORDS = {
+    "def": "a function",
+    "class": "a class",
+    "assign": "an assigned value",
+    "import": "an import",
+    "stmt": "the result of a statement",
+}
+
+
 def _signature_parts(old: FuncNode, new: FuncNode) -> tuple[str, ...]:
     parts = []
 
@@ -354,6 +377,7 @@ class Differ:
             else:
                 work.doc = (old_doc, new_doc)
 
+        self.kind_changes(old, new, scope)
         self.defs(old, new, scope, work)
         self.classes(old, new, scope, work)
         self.assigns(old, new, scope, work)
@@ -377,16 +401,57 @@ class Differ:
         else:
             work.removed.append(name)
 
+    def kind_changes(self, old: list[_Stmt], new: list[_Stmt], scope: str) -> None:
+        """Refuse a name bound by a ``def`` (or a ``class``) that the new source binds to
+        something else: references taken before the patch (a callback list, another
+        module's ``from m import f``) hold the old function or class, which can neither
+        become the new object nor keep working as the new source means it to."""
+
+        def kinds(items: list[_Stmt]) -> dict[str, set[str]]:
+            out: dict[str, set[str]] = {}
+            for s in items:
+                if s.kind != "annot":  # a bare annotation binds nothing
+                    for name in s.names:
+                        out.setdefault(name, set()).add(s.kind)
+            return out
+
+        before, after = kinds(old), kinds(new)
+        for name, was in before.items():
+            now = after.get(name)
+            for kind, what in (("def", "a function"), ("class", "a class")):
+                if not now or kind not in was or kind in now:
+                    continue
+                became = _KIND_WORDS.get(sorted(now)[0], "something else")
+                lineno = next(s.node.lineno for s in new if name in s.names)
+                qual = f"{scope}.{name}" if scope else name
+                self.refuse(
+                    lineno,
+                    qual,
+                    f"was {what} and becomes {became}: references taken before the patch "
+                    f"(callbacks, registries, `from … import {name}`) would keep the old "
+                    "object",
+                )
+
     def defs(self, old: list[_Stmt], new: list[_Stmt], scope: str, work: ClassWork | None) -> None:
         def groups(items: list[_Stmt]) -> dict[str, list[FuncNode]]:
             out: dict[str, list[FuncNode]] = {}
             for s in items:
                 if s.kind == "def":
                     assert isinstance(s.node, ast.FunctionDef | ast.AsyncFunctionDef)
-                    out.setdefault(s.key, []).append(s.node)
+                    if not is_overload(s.node):
+                        out.setdefault(s.key, []).append(s.node)
             return out
 
+        def stubs(items: list[_Stmt]) -> Counter[str]:
+            return Counter(dump(s.node) for s in items if _is_stub(s))
+
         og, ng = groups(old), groups(new)
+        if stubs(old) != stubs(new):
+            names = sorted({s.key for s in [*old, *new] if _is_stub(s)})
+            self.out.notes.append(
+                f"{self.display}: typing.overload stubs of {', '.join(names)} changed; they are "
+                "not executed (typing.get_overloads() keeps listing the old ones)"
+            )
         for s in new:
             if s.kind == "def" and s.key not in og and s.node is ng[s.key][0]:
                 for node in ng[s.key]:

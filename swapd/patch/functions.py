@@ -94,9 +94,10 @@ class _FunctionPlanner:
                     Refusal(
                         self.display,
                         key[0],
-                        f"the number of definitions named {key[0]} changed "
-                        f"({inp.old_idx.counts[key[0]]} -> {inp.new_idx.counts[key[0]]}) "
-                        "and the live ones cannot be matched to the new ones",
+                        f"{inp.old_idx.counts[key[0]]} definition(s) named {key[0]} before "
+                        f"and {inp.new_idx.counts[key[0]]} now: the live ones cannot be paired "
+                        "with the new ones by where they are bound (assigned name, decorators, "
+                        "container slot)",
                     )
                 )
                 continue

@@ -8,12 +8,12 @@ describe the live code, then pairs base keys with keys of the new source.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import CodeType
 from typing import TYPE_CHECKING
 
-from swapd.patch.code import CodeKey, LiveFunction, kind
+from swapd.patch.code import CodeKey, LiveFunction, same_but_positions
 from swapd.patch.diff import HOOKS
 from swapd.patch.model import BaseSourceMismatch
+from swapd.patch.sites import Sites, is_class_body, pair_by_site
 
 if TYPE_CHECKING:
     from swapd.patch.plan import Inputs, PlanData
@@ -82,42 +82,42 @@ def live_functions(inp: Inputs, out: PlanData) -> dict[CodeKey, list[LiveFunctio
 
 def pair_keys(inp: Inputs, to_new: dict[CodeKey, CodeKey], to_old: dict[CodeKey, CodeKey]
               ) -> set[CodeKey]:
-    """Fill ``to_new``/``to_old``.  A qualified name defined as often as before keeps its
-    ordinals.  When the count changed (a property gained a setter, a lambda was added),
-    codes are matched by signature shape, and what stays ambiguous is returned."""
+    """Fill ``to_new``/``to_old``; returns the base keys that cannot be paired.
+
+    A qualified name defined once on both sides pairs directly.  Names defined more than
+    once (lambdas of one scope, a property's getter and setter, singledispatch
+    implementations) pair in compile order only when that is trivially right (same count,
+    same code but for positions); otherwise by the site that binds each definition
+    (`swapd.patch.sites`).  A class body never pairs with a function: a name that turns
+    from one into the other is refused by the statement diff."""
     unresolved: set[CodeKey] = set()
-    old_counts, new_counts = inp.old_idx.counts, inp.new_idx.counts
-    for qual in set(old_counts) | set(new_counts):
-        olds = [(qual, i) for i in range(old_counts[qual])]
-        news = [(qual, i) for i in range(new_counts[qual])]
-        if len(olds) == len(news):
+    old_idx, new_idx = inp.old_idx, inp.new_idx
+    quals = set(old_idx.counts) | set(new_idx.counts)
+    duplicated = {q for q in quals if old_idx.counts[q] > 1 or new_idx.counts[q] > 1}
+    old_sites = Sites(inp.old_tree, old_idx)
+    new_sites = Sites(inp.new_tree, new_idx)
+    for qual in quals:
+        olds = [(qual, i) for i in range(old_idx.counts[qual])]
+        news = [(qual, i) for i in range(new_idx.counts[qual])]
+        if not olds or not news:
+            continue
+        if qual not in duplicated:
+            pairs = [(olds[0], news[0])]
+        elif len(olds) == len(news) and all(
+            same_but_positions(old_idx.by_key[o], new_idx.by_key[n])
+            for o, n in zip(olds, news, strict=True)
+        ):
             pairs = list(zip(olds, news, strict=True))
         else:
-            shape_old = {k: _shape(inp.old_idx.by_key[k]) for k in olds}
-            shape_new = {k: _shape(inp.new_idx.by_key[k]) for k in news}
-            pairs = []
-            for k in olds:
-                cands = [n for n in news if shape_new[n] == shape_old[k]]
-                rivals = [o for o in olds if shape_old[o] == shape_old[k]]
-                if len(cands) == 1 and len(rivals) == 1:
-                    pairs.append((k, cands[0]))
-                elif cands:
-                    unresolved.add(k)
+            found = pair_by_site(olds, news, old_sites, new_sites, duplicated)
+            if found is None:
+                unresolved.update(olds)
+                continue
+            pairs, ambiguous = found
+            unresolved.update(ambiguous)
         for old_key, new_key in pairs:
+            if is_class_body(old_idx.by_key[old_key]) != is_class_body(new_idx.by_key[new_key]):
+                continue
             to_new[old_key] = new_key
             to_old[new_key] = old_key
     return unresolved
-
-
-def _shape(code: CodeType) -> tuple[object, ...]:
-    """What a call site sees of a code object: its kind and parameters."""
-    nargs = code.co_argcount + code.co_kwonlyargcount
-    nargs += bool(code.co_flags & 0x04) + bool(code.co_flags & 0x08)  # *args, **kwargs
-    return (
-        kind(code),
-        code.co_argcount,
-        code.co_posonlyargcount,
-        code.co_kwonlyargcount,
-        code.co_varnames[:nargs],
-        code.co_flags & 0x0C,
-    )
