@@ -133,7 +133,7 @@ from collections.abc import Callable
 from types import FunctionType, ModuleType
 from typing import Any, NoReturn, TypeVar
 
-from swapd.patch.code import CodeIndex, CodeKey, is_target
+from swapd.patch.code import CodeIndex, CodeKey, logical_code
 from swapd.patch.commit import (
     DELETE,
     MISSING,
@@ -617,13 +617,11 @@ class RollbackPlan:
             for obj in objects:
                 if type(obj) is not FunctionType or obj.__globals__ is not moddict:
                     continue
-                if is_target(obj):
-                    continue
                 if id(obj) in d.touched:
                     continue
                 key = installed.get(id(obj.__code__))
                 if key is None:
-                    kept += id(obj.__code__) in added
+                    kept += id(logical_code(obj.__code__)) in added
                     continue
                 old = base_index.by_key.get(key)
                 if old is not None and old.co_freevars == obj.__code__.co_freevars:

@@ -6,25 +6,26 @@ cell whose *name* still appears in the new code's free variables; a name that is
 ``__class__`` (the owning class) or a fresh cell shared by all live closures made by the same
 call of the enclosing function (found through the cells they already share), valued from
 ``__swapd_cells__``, else from a literal initializer in the enclosing function, else EMPTY.
-When the new free variables are the function's own, ``__code__`` is assigned; otherwise the
-function gets a trampoline (identity kept) calling a new function built on the joined cells.
+When the new free variables are the function's own cells, ``__code__`` is assigned;
+otherwise the function gets code compiled from its new ``def`` for the closure it has
+(`swapd.patch.closures`): same identity, real signature, no extra frame.
 """
 
 from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from types import CellType, CodeType, FunctionType
+from types import CellType, CodeType
 from typing import TYPE_CHECKING, Any
 
+from swapd.patch.closures import Adapter, CannotAdapt
 from swapd.patch.code import (
     CodeKey,
     LiveFunction,
     docstring,
-    is_target,
     kind,
-    make_trampoline,
     nested_codes,
+    register_adapted,
     runner_code,
     same_but_positions,
     same_code,
@@ -37,7 +38,7 @@ from swapd.patch.model import AbsentCell, Change, PatchExecError, Refusal, Remov
 if TYPE_CHECKING:
     from swapd.patch.matching import Matching
     from swapd.patch.plan import Inputs, PlanData
-    from swapd.patch.statements import Executed
+    from swapd.patch.statements import Executed, Runner
 
 
 @dataclass(eq=False)
@@ -59,8 +60,11 @@ def plan_functions(
     match: Matching,
     signatures: dict[CodeKey, dict[str, Any]],
     executed: Executed,
+    run: Runner,
 ) -> None:
-    _FunctionPlanner(inp, out, match, signatures, executed.cells_hook).run(executed.revived)
+    adapter = Adapter(inp.filename, run.future_flags, run.guard)
+    planner = _FunctionPlanner(inp, out, match, signatures, executed.cells_hook, adapter)
+    planner.run(executed.revived)
 
 
 class _FunctionPlanner:
@@ -71,8 +75,10 @@ class _FunctionPlanner:
         match: Matching,
         signatures: dict[CodeKey, dict[str, Any]],
         cells_hook: Any,
+        adapter: Adapter,
     ) -> None:
         self.inp = inp
+        self.adapter = adapter
         self.out = out
         self.match = match
         self.signatures = signatures
@@ -121,8 +127,7 @@ class _FunctionPlanner:
             )
 
     def plan_function(self, lf: LiveFunction, key: CodeKey, new: CodeType) -> None:
-        cur = lf.current()
-        oc = cur.__code__
+        oc = lf.code()
         if kind(oc) != kind(new):
             self.out.refuse(
                 Refusal(
@@ -134,10 +139,10 @@ class _FunctionPlanner:
             return
         sig = self.signatures.get(key, {})
         if same_code(oc, new) and not sig:
-            return  # unchanged (a trampolined function keeps its trampoline)
+            return  # unchanged (adapted code stays: it runs this code on the function's cells)
         cells: list[CellType | None] = []
         pending: list[str] = []
-        old_cells = dict(zip(oc.co_freevars, cur.__closure__ or (), strict=True))
+        old_cells = lf.cells()
         for name in new.co_freevars:
             if name in old_cells:
                 cells.append(old_cells[name])
@@ -162,10 +167,8 @@ class _FunctionPlanner:
         cell = self.class_cells.get(id(cls))
         if cell is None:
             for other in self.inp.found.functions.values():
-                real = other.current()
-                names = real.__code__.co_freevars
-                if "__class__" in names and real.__closure__:
-                    candidate = real.__closure__[names.index("__class__")]
+                candidate = other.cells().get("__class__")
+                if candidate is not None:
                     try:
                         if candidate.cell_contents is cls:
                             cell = candidate
@@ -238,9 +241,7 @@ class _FunctionPlanner:
         first_holder: dict[int, int] = {}  # id(cell) -> first instance holding it
         has_owned = [False] * len(insts)
         for i, inst in enumerate(insts):
-            cur = inst.lf.current()
-            pairs = zip(cur.__code__.co_freevars, cur.__closure__ or (), strict=True)
-            for name, cell in pairs:
+            for name, cell in inst.lf.cells().items():
                 if name not in owner_cells:
                     continue
                 has_owned[i] = True
@@ -283,71 +284,77 @@ class _FunctionPlanner:
         return "EMPTY", None
 
     def build(self, inst: _Instance) -> None:
-        cells = tuple(c for c in inst.cells if c is not None)
-        if len(cells) != len(inst.cells):
+        if any(c is None for c in inst.cells):
             return  # refused above
         out = self.out
-        fn, cur, new = inst.lf.fn, inst.lf.current(), inst.code
-        sig = inst.sig
-        defaults = sig.get("__defaults__", cur.__defaults__)
-        kwdefaults = sig.get("__kwdefaults__", cur.__kwdefaults__)
-        old_doc, new_doc = docstring(cur.__code__), docstring(new)
-        doc_changes = old_doc != new_doc and cur.__doc__ == old_doc
-        own = fn.__closure__ or ()
-        wrapped = fn.__dict__.get("__wrapped__", MISSING)
-        ours = wrapped is not MISSING and type(wrapped) is FunctionType and is_target(wrapped)
-        if new.co_freevars == fn.__code__.co_freevars and all(
-            a is b for a, b in zip(cells, own, strict=True)
+        fn, new, key = inst.lf.fn, inst.code, inst.key
+        running = fn.__code__  # what the function runs now (maybe adapted code)
+        current = inst.lf.code()  # the source code that stands for
+        joined = {n: c for n, c in zip(new.co_freevars, inst.cells, strict=True) if c is not None}
+        own = dict(zip(running.co_freevars, fn.__closure__ or (), strict=True))
+        if new.co_freevars == running.co_freevars and all(
+            joined[n] is own[n] for n in new.co_freevars
         ):
-            detail = "code" if not same_but_positions(cur.__code__, new) else "line numbers"
-            if fn.__code__ is not new:
-                out.store("attr", fn, "__code__", new)
-            if fn.__defaults__ is not defaults:
-                out.store("attr", fn, "__defaults__", defaults)
-                detail += ", defaults"
-            if fn.__kwdefaults__ is not kwdefaults:
-                out.store("attr", fn, "__kwdefaults__", kwdefaults)
-            if "__annotations__" in sig:
-                out.store("attr", fn, "__annotations__", sig["__annotations__"])
-            if doc_changes:
-                out.store("attr", fn, "__doc__", new_doc)
-            if ours:
-                out.store("attr", fn, "__wrapped__", MISSING)
+            code = new
+            detail = "line numbers" if same_but_positions(current, new) else "code"
         else:
-            if kind(new) == "async generator":
-                out.refuse(
-                    Refusal(
-                        f"{self.display}:{new.co_firstlineno}",
-                        f"def {inst.key[0]}",
-                        "an async generator whose free variables change cannot be redirected "
-                        "in place",
-                    )
-                )
+            adapted = self.adapt(inst, joined, own)
+            if adapted is None:
                 return
-            target = FunctionType(new, fn.__globals__, fn.__name__, defaults, cells)
-            target.__kwdefaults__ = kwdefaults
-            target.__qualname__ = fn.__qualname__
-            target.__module__ = fn.__module__
-            target.__doc__ = new_doc if doc_changes else cur.__doc__
-            for k, v in fn.__dict__.items():
-                if not (k == "__wrapped__" and ours):
-                    target.__dict__[k] = v
-            target.__annotations__ = sig.get("__annotations__", cur.__annotations__)
-            if hasattr(cur, "__type_params__"):  # 3.12+
-                setattr(target, "__type_params__", cur.__type_params__)  # noqa: B010
-            tramp = make_trampoline(fn, target)
-            out.store("attr", fn, "__code__", tramp)
-            if wrapped is MISSING or ours:
-                out.store("attr", fn, "__wrapped__", target)
-            detail = "code via trampoline (free variables changed)"
-        self.changed.setdefault(inst.key, []).append(detail)
+            code = adapted
+            gained = [n for n in new.co_freevars if n not in current.co_freevars]
+            lost = [n for n in current.co_freevars if n not in new.co_freevars]
+            change = ", ".join([f"+{n}" for n in gained] + [f"-{n}" for n in lost])
+            detail = f"code compiled for its closure (free variables {change or 'rebound'})"
+        sig = inst.sig
+        defaults = sig.get("__defaults__", fn.__defaults__)
+        kwdefaults = sig.get("__kwdefaults__", fn.__kwdefaults__)
+        old_doc, new_doc = docstring(current), docstring(new)
+        if running is not code:
+            out.store("attr", fn, "__code__", code)
+        if fn.__defaults__ is not defaults:
+            out.store("attr", fn, "__defaults__", defaults)
+            detail += ", defaults"
+        if fn.__kwdefaults__ is not kwdefaults:
+            out.store("attr", fn, "__kwdefaults__", kwdefaults)
+        if "__annotations__" in sig:
+            out.store("attr", fn, "__annotations__", sig["__annotations__"])
+        if old_doc != new_doc and fn.__doc__ == old_doc:
+            out.store("attr", fn, "__doc__", new_doc)
+        self.changed.setdefault(key, []).append(detail)
         out.touched.add(id(fn))
-        if id(cur.__code__) not in self.superseded_ids:
-            self.superseded_ids.add(id(cur.__code__))
-            out.superseded.append((cur.__code__, inst.key))
-        self.install(new, inst.key)
-        if "<locals>" in inst.key[0]:
-            self.closure_defaults_note(inst.key, cur.__code__, new)
+        for superseded in {id(running): running, id(current): current}.values():
+            if id(superseded) not in self.superseded_ids:
+                self.superseded_ids.add(id(superseded))
+                out.superseded.append((superseded, key))
+        self.install(new, key)
+        if "<locals>" in key[0]:
+            self.closure_defaults_note(key, current, new)
+
+    def adapt(self, inst: _Instance, joined: dict[str, CellType], own: dict[str, CellType]
+              ) -> CodeType | None:
+        """Code for ``inst``'s function that runs the new code on the closure it has; None
+        (and a refusal) if there is none."""
+        fn, new, key = inst.lf.fn, inst.code, inst.key
+        moved = tuple(n for n in new.co_freevars if own.get(n) is not joined[n])
+        node = self.match.new_sites.node(key)
+        where = f"{self.display}:{new.co_firstlineno}"
+        try:
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                raise CannotAdapt("its definition cannot be found in the new source")
+            template = self.adapter.template(node, new, fn.__code__.co_freevars, moved)
+            pairs = self.adapter.bind(template, new, {n: joined[n] for n in moved})
+        except CannotAdapt as e:
+            self.out.refuse(Refusal(where, f"def {key[0]}", f"its free variables change and {e}"))
+            return None
+        cells = {n: joined[n] for n in moved}
+        for code, logical in pairs:
+            register_adapted(code, logical, cells)
+            nested_key = self.inp.new_idx.key_of.get(id(logical))
+            old_key = self.match.to_old.get(nested_key) if nested_key is not None else None
+            if code is not pairs[0][0] and old_key is not None:
+                self.out.installed.append((code, old_key))
+        return pairs[0][0]
 
     def install(self, new: CodeType, key: CodeKey) -> None:
         """Record the code objects the commit puts in place, and those nested in them (the

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Matching:
+    old_sites: Sites
+    new_sites: Sites
     live_by_key: dict[CodeKey, list[LiveFunction]] = field(default_factory=dict)
     to_new: dict[CodeKey, CodeKey] = field(default_factory=dict)  # base key -> new key
     to_old: dict[CodeKey, CodeKey] = field(default_factory=dict)  # new key -> base key
@@ -28,8 +30,9 @@ class Matching:
 
 
 def match(inp: Inputs, out: PlanData) -> Matching:
-    m = Matching(live_by_key=live_functions(inp, out))
-    m.unresolved = pair_keys(inp, m.to_new, m.to_old)
+    m = Matching(Sites(inp.old_tree, inp.old_idx), Sites(inp.new_tree, inp.new_idx),
+                 live_by_key=live_functions(inp, out))
+    m.unresolved = pair_keys(inp, m.old_sites, m.new_sites, m.to_new, m.to_old)
     return m
 
 
@@ -39,7 +42,7 @@ def live_functions(inp: Inputs, out: PlanData) -> dict[CodeKey, list[LiveFunctio
     mismatched: list[str] = []
     strays = 0
     for lf in inp.found.functions.values():
-        code = lf.current().__code__
+        code = lf.code()
         if code.co_filename != inp.filename:
             continue  # generated code (dataclass __init__ and friends)
         if code.co_qualname.split(".")[0] in HOOKS:
@@ -80,8 +83,8 @@ def live_functions(inp: Inputs, out: PlanData) -> dict[CodeKey, list[LiveFunctio
     return by_key
 
 
-def pair_keys(inp: Inputs, to_new: dict[CodeKey, CodeKey], to_old: dict[CodeKey, CodeKey]
-              ) -> set[CodeKey]:
+def pair_keys(inp: Inputs, old_sites: Sites, new_sites: Sites, to_new: dict[CodeKey, CodeKey],
+              to_old: dict[CodeKey, CodeKey]) -> set[CodeKey]:
     """Fill ``to_new``/``to_old``; returns the base keys that cannot be paired.
 
     A qualified name defined once on both sides pairs directly.  Names defined more than
@@ -94,8 +97,6 @@ def pair_keys(inp: Inputs, to_new: dict[CodeKey, CodeKey], to_old: dict[CodeKey,
     old_idx, new_idx = inp.old_idx, inp.new_idx
     quals = set(old_idx.counts) | set(new_idx.counts)
     duplicated = {q for q in quals if old_idx.counts[q] > 1 or new_idx.counts[q] > 1}
-    old_sites = Sites(inp.old_tree, old_idx)
-    new_sites = Sites(inp.new_tree, new_idx)
     for qual in quals:
         olds = [(qual, i) for i in range(old_idx.counts[qual])]
         news = [(qual, i) for i in range(new_idx.counts[qual])]

@@ -172,7 +172,7 @@ def make_plan(
     for work in diff.classes:
         statements.class_members(inp, out, work, run, executed.scratch, class_values, match)
     signatures = statements.signatures(inp, diff, run, executed.scratch, class_values)
-    functions.plan_functions(inp, out, match, signatures, executed)
+    functions.plan_functions(inp, out, match, signatures, executed, run)
     functions.caches(inp, out)
     functions.runners(inp, out)
     out.lines = new_text.splitlines(keepends=True)

@@ -85,6 +85,10 @@ class Sites:
         return result
 
     # ------------------------------------------------------------------ code -> node
+    def node(self, key: CodeKey) -> ast.AST | None:
+        """The ``def``/``lambda``/``class``/comprehension node that compiles to ``key``."""
+        return self._node(key)
+
     def _node(self, key: CodeKey) -> ast.AST | None:
         code = self.index.by_key[key]
         parent_code = self.index.container.get(key)
