@@ -131,7 +131,7 @@ import os
 import sys
 from collections.abc import Callable
 from types import FunctionType, ModuleType
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 from swapd.patch.code import CodeIndex, CodeKey, logical_code
 from swapd.patch.commit import (
@@ -198,6 +198,7 @@ __all__ = [
     "MigrationContext",
     "MigrationFailed",
     "PatchError",
+    "PatchEvent",
     "PatchExecError",
     "PatchImportError",
     "PatchInconsistent",
@@ -213,6 +214,7 @@ __all__ = [
     "applied",
     "apply",
     "forget",
+    "on_change",
     "prepare",
     "record_sources",
     "source_of",
@@ -336,6 +338,7 @@ class Plan:
         self._expected = [s.old for s in data.stores]
         self._lines = linecache_entry(data.filename, data.new_text, data.lines)
         self._superseded = data.state.entries(data.superseded)
+        self._names = tuple(dict.fromkeys(c.name for c in data.changed))
         # Built now so the commit, on the event-loop thread, allocates next to nothing.
         self._ctx = MigrationContext(data.module, "migrate", self.to_dict() if data.migrate else {})
         self._handle = Applied(self, self._ctx)
@@ -455,8 +458,8 @@ class Plan:
                         f"{d.display}: __swapd_migrate__ raised {type(e).__name__}: {e}; "
                         "the patch was rolled back"
                     ) from e
-            for wrapper in d.lru_clear:
-                wrapper.cache_clear()
+            for action in d.after_commit:
+                action()
             handle = self._handle
             handle._activate(state.current, len(state.stack) + 1)
             # Keep the replaced entry: freeing its lines here would cost the loop ~10 us.
@@ -466,6 +469,8 @@ class Plan:
             state.superseded.update(self._superseded)
             state.stack.append(handle)
             self._status = "committed"
+            if _listeners:
+                ctx.notes += _notify(PatchEvent(d.name, "commit", handle.serial, self._names))
             return handle
 
     def _check_fresh(self, state: ModuleState) -> None:
@@ -690,8 +695,8 @@ class RollbackPlan:
                 ) from e
             except Exception as e:
                 self._unwind(ctx, f"a store failed ({type(e).__name__}: {e})", e)
-            for wrapper in d.lru_clear:
-                wrapper.cache_clear()
+            for action in d.after_commit:
+                action()
             applied._previous_lines = set_linecache(d.filename, self._lines)
             state.stack.pop()
             state.version += 1
@@ -705,6 +710,9 @@ class RollbackPlan:
                     f"{d.display}: the code was rolled back, but undoing the migration failed "
                     f"({type(e).__name__}: {e}); the data it changed is partly still migrated"
                 ) from e
+            if _listeners:
+                names = tuple(dict.fromkeys(c.name for c in d.changed))
+                notes += _notify(PatchEvent(d.name, "rollback", applied.serial, names))
             return notes + ctx.notes
 
     def _unwind(self, ctx: MigrationContext, what: str, error: Exception) -> NoReturn:
@@ -743,6 +751,50 @@ def _rollback_ops(stores: list[Store], strays: list[Store]) -> tuple[list[Op], l
     ops = list(reversed(undo_ops(stores))) + forward_ops(strays)
     inverse = list(reversed(forward_ops(stores))) + undo_ops(strays)
     return ops, inverse
+
+
+# ---------------------------------------------------------------- change listeners
+
+
+class PatchEvent(NamedTuple):
+    """Passed to `on_change` callbacks."""
+
+    module: str
+    action: str  # "commit" or "rollback"
+    serial: int  # the patch's place in the module's stack (1 = the first)
+    changed: tuple[str, ...]  # what changed: functions, constants, members, caches
+
+
+_listeners: list[Callable[[PatchEvent], object]] = []
+
+
+def on_change(callback: Callable[[PatchEvent], object]) -> Callable[[], None]:
+    """Call ``callback(event)`` after every patch committed or rolled back in this process,
+    on the thread that commits it (a worker's event-loop thread), once the new code, the
+    migration and the engine's own cache clears are in place.  The place to drop an
+    application's own memo caches (a dict of computed results, a cache in another module
+    that calls the patched code).  Keep it short: it runs inside the commit's pause.  An
+    exception it raises does not undo the patch; it is added to the patch's notes.
+    Returns a function that removes the callback."""
+    _listeners.append(callback)
+
+    def remove() -> None:
+        if callback in _listeners:
+            _listeners.remove(callback)
+
+    return remove
+
+
+def _notify(event: PatchEvent) -> list[str]:
+    notes = []
+    for callback in list(_listeners):
+        try:
+            callback(event)
+        except Exception as e:
+            name = getattr(callback, "__qualname__", repr(callback))
+            notes.append(f"{event.module}: on_change callback {name} raised "
+                         f"{type(e).__name__}: {e}")
+    return notes
 
 
 # ---------------------------------------------------------------- module helpers

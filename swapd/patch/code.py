@@ -215,6 +215,9 @@ class Discovery:
         default_factory=list
     )
     runners: list[Any] = field(default_factory=list)
+    properties: list[tuple[type, str, property]] = field(default_factory=list)
+    wrappers: list[tuple[Any, Any]] = field(default_factory=list)  # (wrapper, __wrapped__)
+    dispatchers: list[Any] = field(default_factory=list)  # functools.singledispatch functions
     heap_scanned: bool = False
 
 
@@ -250,6 +253,8 @@ class _Walker:
         elif t is staticmethod or t is classmethod:
             self.visit(obj.__func__, path, owner)  # type: ignore[attr-defined]
         elif issubclass(t, property):
+            if owner is not None and all(p is not obj for _, _, p in self.found.properties):
+                self.found.properties.append((owner, path.rsplit(".", 1)[-1], obj))  # type: ignore[arg-type]
             for part in (obj.fget, obj.fset, obj.fdel):  # type: ignore[attr-defined]
                 if part is not None:
                     self.visit(part, path, owner)
@@ -265,7 +270,12 @@ class _Walker:
         elif t is LruWrapper:
             self.seen.add(id(obj))
             self.found.lru.append(obj)
+            self.found.wrappers.append((obj, obj.__wrapped__))  # type: ignore[attr-defined]
             self.visit(obj.__wrapped__, path, owner)  # type: ignore[attr-defined]
+        elif issubclass(t, functools.singledispatchmethod):
+            self.seen.add(id(obj))
+            self.visit(obj.dispatcher, path, owner)  # type: ignore[attr-defined]
+            self.visit(obj.func, path, owner)  # type: ignore[attr-defined]
         elif t is MethodType:
             self.visit(obj.__func__, path, owner)  # type: ignore[attr-defined]
 
@@ -290,9 +300,11 @@ class _Walker:
         for extra in ("__wrapped__", "registry"):
             value = fn.__dict__.get(extra)
             if extra == "__wrapped__" and value is not None:
+                self.found.wrappers.append((fn, value))
                 self.visit(value, path, owner)
             elif extra == "registry" and value is not None and "dispatch" in fn.__dict__:
-                for impl in list(value.values()):  # functools.singledispatch
+                self.found.dispatchers.append(fn)  # functools.singledispatch
+                for impl in list(value.values()):
                     self.visit(impl, path, None)
 
     def klass(self, cls: type) -> None:

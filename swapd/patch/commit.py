@@ -49,14 +49,14 @@ Op = tuple[Any, ...]
 class Store(NamedTuple):
     kind: str  # "attr": setattr on any object; "type": a class dict entry; "item": a dict key
     target: Any
-    name: str
+    name: Any  # an attribute name; for "item", the key (a class in a singledispatch registry)
     new: Any
     old: Any
     data: bool = False  # a data value (constant): a rollback leaves a value changed since
 
     def describe(self) -> str:
         if self.kind == "item":
-            return f"global {self.name}"
+            return f"global {self.name}" if isinstance(self.name, str) else f"[{self.name!r}]"
         owner = getattr(self.target, "__qualname__", type(self.target).__name__)
         return f"{owner}.{self.name}"
 

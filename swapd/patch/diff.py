@@ -63,11 +63,16 @@ class ConstUpdate:
 
 @dataclass
 class DefaultsWork:
+    """A ``def`` whose default values or annotations may change.  ``changed`` names the
+    parameters whose default expression changed; ``refs`` the names each default expression
+    reads (a default reading a constant the patch changes changes too)."""
+
     scope: str
     qualname: str
-    ordinal: int
     new: FuncNode
-    parts: tuple[str, ...]  # "defaults" and/or "annotations"
+    changed: frozenset[str]
+    refs: dict[str, frozenset[str]]
+    annotations: bool
 
 
 @dataclass
@@ -251,14 +256,23 @@ _KIND_WORDS = {
 }
 
 
-def _signature_parts(old: FuncNode, new: FuncNode) -> tuple[str, ...]:
-    parts = []
+def default_exprs(fn: FuncNode | ast.Lambda) -> dict[str, ast.expr]:
+    """Each parameter's default expression, by parameter name."""
+    a = fn.args
+    positional = [*a.posonlyargs, *a.args]
+    out = dict(zip([p.arg for p in positional[len(positional) - len(a.defaults):]], a.defaults,
+                   strict=True))
+    out.update({p.arg: d for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True)
+                if d is not None})
+    return out
 
-    def defaults(fn: FuncNode) -> str:
-        return dump(fn.args.defaults) + "|".join(dump(d) for d in fn.args.kw_defaults)
 
-    if defaults(old) != defaults(new):
-        parts.append("defaults")
+def _defaults_work(scope: str, qual: str, old: FuncNode, new: FuncNode) -> DefaultsWork | None:
+    before, after = default_exprs(old), default_exprs(new)
+    changed = frozenset(n for n, e in after.items()
+                        if n not in before or dump(before[n]) != dump(e))
+    refs = {n: frozenset(x.id for x in ast.walk(e) if isinstance(x, ast.Name))
+            for n, e in after.items()}
 
     def annotations(fn: FuncNode) -> str:
         a = fn.args
@@ -266,9 +280,10 @@ def _signature_parts(old: FuncNode, new: FuncNode) -> tuple[str, ...]:
         every += [x for x in (a.vararg, a.kwarg) if x is not None]
         return "|".join(dump(x.annotation) for x in every) + "->" + dump(fn.returns)
 
-    if annotations(old) != annotations(new):
-        parts.append("annotations")
-    return tuple(parts)
+    annotated = annotations(old) != annotations(new)
+    if not (changed or annotated or any(refs.values())):
+        return None
+    return DefaultsWork(scope, qual, new, changed, refs, annotated)
 
 
 def class_kind(live: type | None, node: ast.ClassDef) -> str:
@@ -323,6 +338,18 @@ class Differ:
         if future_flags(self.old) != self.out.future_flags:
             self.refuse(1, "from __future__ imports", "compiler flags of the module changed")
         self.body(self.old.body, self.new.body, "", None, "plain")
+        # Keep the signatures that may change: a changed default or annotation, or a default
+        # reading a constant this diff changes (in the module, or in the method's class).
+        consts: dict[str, set[str]] = {}
+        for cu in self.out.consts:
+            consts.setdefault(cu.scope, set()).add(cu.name)
+        self.out.defaults = [
+            dw for dw in self.out.defaults
+            if dw.changed or dw.annotations or any(
+                names & (consts.get("", set()) | consts.get(dw.scope, set()))
+                for names in dw.refs.values()
+            )
+        ]
         return self.out
 
     # ------------------------------------------------------------------ helpers
@@ -479,10 +506,10 @@ class Differ:
                 work.regroup.add(name)
                 for node in news:
                     self._add_exec(_Stmt(node, "def", name, (name,)), work)
-            for ordinal, (o, n) in enumerate(zip(olds, news, strict=False)):
-                parts = _signature_parts(o, n)
-                if parts:
-                    self.out.defaults.append(DefaultsWork(scope, qual, ordinal, n, parts))
+            for o, n in zip(olds, news, strict=False):
+                work_item = _defaults_work(scope, qual, o, n)
+                if work_item is not None:
+                    self.out.defaults.append(work_item)
 
     def classes(
         self, old: list[_Stmt], new: list[_Stmt], scope: str, work: ClassWork | None

@@ -14,8 +14,8 @@ otherwise the function gets code compiled from its new ``def`` for the closure i
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
-from types import CellType, CodeType
+from dataclasses import dataclass, field
+from types import CellType, CodeType, FunctionType
 from typing import TYPE_CHECKING, Any
 
 from swapd.patch.closures import Adapter, CannotAdapt
@@ -26,19 +26,31 @@ from swapd.patch.code import (
     kind,
     nested_codes,
     register_adapted,
-    runner_code,
     same_but_positions,
     same_code,
-    threads_running,
 )
 from swapd.patch.commit import MISSING
-from swapd.patch.diff import literal_initializer
+from swapd.patch.diff import default_exprs, literal_initializer
 from swapd.patch.model import AbsentCell, Change, PatchExecError, Refusal, Removed, short
 
 if TYPE_CHECKING:
     from swapd.patch.matching import Matching
     from swapd.patch.plan import Inputs, PlanData
-    from swapd.patch.statements import Executed, Runner
+    from swapd.patch.statements import Constants, Executed, NewSignature, Runner
+
+
+FuncNodes = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+
+
+@dataclass
+class Updates:
+    """What the function plan changes, for the phases that follow (`swapd.patch.followups`):
+    the functions whose code or attributes change, and their docstrings and annotations
+    (old, new) where those change."""
+
+    functions: dict[int, FunctionType] = field(default_factory=dict)
+    docs: dict[int, tuple[str | None, str | None]] = field(default_factory=dict)
+    annotations: dict[int, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -51,20 +63,22 @@ class _Instance:
     code: CodeType
     cells: list[CellType | None]
     pending: list[str]
-    sig: dict[str, Any]
+    sig: NewSignature | None
 
 
 def plan_functions(
     inp: Inputs,
     out: PlanData,
     match: Matching,
-    signatures: dict[CodeKey, dict[str, Any]],
+    signatures: dict[CodeKey, NewSignature],
     executed: Executed,
     run: Runner,
-) -> None:
+    consts: Constants,
+) -> Updates:
     adapter = Adapter(inp.filename, run.future_flags, run.guard)
     planner = _FunctionPlanner(inp, out, match, signatures, executed.cells_hook, adapter)
-    planner.run(executed.revived)
+    planner.run(executed.revived, set(consts.module))
+    return planner.updates
 
 
 class _FunctionPlanner:
@@ -73,7 +87,7 @@ class _FunctionPlanner:
         inp: Inputs,
         out: PlanData,
         match: Matching,
-        signatures: dict[CodeKey, dict[str, Any]],
+        signatures: dict[CodeKey, NewSignature],
         cells_hook: Any,
         adapter: Adapter,
     ) -> None:
@@ -90,10 +104,14 @@ class _FunctionPlanner:
         self.changed: dict[CodeKey, list[str]] = {}
         self.superseded_ids: set[int] = set()
         self.installed_ids: set[int] = set()
+        self.updates = Updates()
 
-    def run(self, revived: list[tuple[LiveFunction, CodeKey]]) -> None:
+    def run(self, revived: list[tuple[LiveFunction, CodeKey]], constants: set[str]) -> None:
         inp, match = self.inp, self.match
         for key, lfs in match.live_by_key.items():
+            new_key = match.to_new.get(key)
+            if new_key is not None and "<locals>" in key[0] and key not in match.unresolved:
+                self.closure_defaults_note(key, new_key, len(lfs), constants)
             new_key = match.to_new.get(key)
             if key in match.unresolved:
                 self.out.refuse(
@@ -137,8 +155,8 @@ class _FunctionPlanner:
                 )
             )
             return
-        sig = self.signatures.get(key, {})
-        if same_code(oc, new) and not sig:
+        sig = self.signatures.get(key)
+        if same_code(oc, new) and sig is None:
             return  # unchanged (adapted code stays: it runs this code on the function's cells)
         cells: list[CellType | None] = []
         pending: list[str] = []
@@ -306,30 +324,33 @@ class _FunctionPlanner:
             lost = [n for n in current.co_freevars if n not in new.co_freevars]
             change = ", ".join([f"+{n}" for n in gained] + [f"-{n}" for n in lost])
             detail = f"code compiled for its closure (free variables {change or 'rebound'})"
-        sig = inst.sig
-        defaults = sig.get("__defaults__", fn.__defaults__)
-        kwdefaults = sig.get("__kwdefaults__", fn.__kwdefaults__)
+        defaults, kwdefaults, params = _merge_defaults(fn, current, new, inst.sig)
         old_doc, new_doc = docstring(current), docstring(new)
+        parts = [] if same_code(current, new) else [detail]
         if running is not code:
             out.store("attr", fn, "__code__", code)
         if fn.__defaults__ is not defaults:
             out.store("attr", fn, "__defaults__", defaults)
-            detail += ", defaults"
         if fn.__kwdefaults__ is not kwdefaults:
             out.store("attr", fn, "__kwdefaults__", kwdefaults)
-        if "__annotations__" in sig:
-            out.store("attr", fn, "__annotations__", sig["__annotations__"])
+        if params:
+            parts.append(f"defaults ({', '.join(params)})")
+        if inst.sig is not None and inst.sig.annotations is not None:
+            self.updates.annotations[id(fn)] = (fn.__annotations__, inst.sig.annotations)
+            out.store("attr", fn, "__annotations__", inst.sig.annotations)
+            parts.append("annotations")
         if old_doc != new_doc and fn.__doc__ == old_doc:
+            self.updates.docs[id(fn)] = (old_doc, new_doc)
             out.store("attr", fn, "__doc__", new_doc)
-        self.changed.setdefault(key, []).append(detail)
+            parts.append("docstring")
+        self.changed.setdefault(key, []).append(", ".join(parts) or "line numbers")
         out.touched.add(id(fn))
+        self.updates.functions[id(fn)] = fn
         for superseded in {id(running): running, id(current): current}.values():
             if id(superseded) not in self.superseded_ids:
                 self.superseded_ids.add(id(superseded))
                 out.superseded.append((superseded, key))
         self.install(new, key)
-        if "<locals>" in key[0]:
-            self.closure_defaults_note(key, current, new)
 
     def adapt(self, inst: _Instance, joined: dict[str, CellType], own: dict[str, CellType]
               ) -> CodeType | None:
@@ -380,48 +401,63 @@ class _FunctionPlanner:
             elif not same_code(old, code):
                 self.out.installed.append((code, old_key))
 
-    def closure_defaults_note(self, key: CodeKey, old: CodeType, new: CodeType) -> None:
-        o = self.inp.nodes(new=False).find(old.co_name, old.co_firstlineno)
-        n = self.inp.nodes(new=True).find(new.co_name, new.co_firstlineno)
-        if o is None or n is None:
+    def closure_defaults_note(self, key: CodeKey, new_key: CodeKey, count: int,
+                              constants: set[str]) -> None:
+        """Closures made before the patch keep the default values they were made with:
+        their defaults were evaluated by a call of the enclosing function, in its scope,
+        which the patch cannot repeat.  Say which parameters differ from the new source."""
+        old = self.match.old_sites.node(key)
+        new = self.match.new_sites.node(new_key)
+        if not isinstance(old, FuncNodes) or not isinstance(new, FuncNodes):
             return
-        if ast.dump(ast.List(o.args.defaults + o.args.kw_defaults)) != ast.dump(  # type: ignore[operator]
-            ast.List(n.args.defaults + n.args.kw_defaults)  # type: ignore[operator]
-        ):
-            self.out.note(f"{self.display}: live closures {key[0]} keep their creation-time "
-                          "defaults")
-
-
-# ---------------------------------------------------------------- reports
-
-
-def caches(inp: Inputs, out: PlanData) -> None:
-    for wrapper in inp.found.lru:
-        wrapped = getattr(wrapper, "__wrapped__", None)
-        if id(wrapped) in out.touched:
-            out.lru_clear.append(wrapper)
-            out.changed.append(
-                Change("cache", getattr(wrapper, "__qualname__", "?"), "cache_clear() after commit")
-            )
-    for cls, name, cp in inp.found.cached_properties:
-        if id(cp.func) in out.touched:
-            out.notes.append(
-                f"{inp.display}: instances keep values already cached by "
-                f"{cls.__qualname__}.{name} (cached_property)"
+        before, after = default_exprs(old), default_exprs(new)
+        params = [
+            n for n, e in after.items()
+            if n not in before or ast.dump(before[n]) != ast.dump(e)
+            or any(isinstance(x, ast.Name) and x.id in constants for x in ast.walk(e))
+        ]
+        if params:
+            self.out.note(
+                f"{self.display}: {count} live closure(s) {key[0]} keep the default values "
+                f"they were made with ({', '.join(params)}); closures made after the commit "
+                "get the new ones"
             )
 
 
-def runners(inp: Inputs, out: PlanData) -> None:
-    old = {id(code): key[0] for code, key in out.superseded}
-    counts: dict[str, int] = {}
-    for runner in inp.found.runners:
-        code = runner_code(runner)
-        if code is not None and id(code) in old:
-            counts[old[id(code)]] = counts.get(old[id(code)], 0) + 1
-    for name, count in sorted(counts.items()):
-        out.notes.append(
-            f"{inp.display}: {count} running generator(s)/coroutine(s) of {name} "
-            "finish on the old code"
-        )
-    for line in threads_running(old):
-        out.notes.append(f"{inp.display}: {line} (it finishes on the old code)")
+def _merge_defaults(
+    fn: FunctionType, current: CodeType, new: CodeType, sig: NewSignature | None
+) -> tuple[tuple[Any, ...] | None, dict[str, Any] | None, list[str]]:
+    """``fn``'s defaults under the new signature: the new value for each parameter whose
+    default changed, the live value (the same object) for every other one; and the names
+    of the parameters whose value changes.  The live tuple and dict themselves when nothing
+    differs."""
+    if sig is None:
+        return fn.__defaults__, fn.__kwdefaults__, []
+    positional = current.co_varnames[:current.co_argcount]
+    live = dict(zip(positional[len(positional) - len(fn.__defaults__ or ()):],
+                    fn.__defaults__ or (), strict=True))
+    live.update(fn.__kwdefaults__ or {})
+    changed: list[str] = []
+
+    def pick(name: str, value: Any) -> Any:
+        if name not in sig.changed and name in live:
+            return live[name]
+        changed.append(name)
+        return value
+
+    positional = new.co_varnames[:new.co_argcount]
+    values = sig.defaults or ()
+    names = positional[len(positional) - len(values):]
+    defaults = tuple(pick(n, v) for n, v in zip(names, values, strict=True)) or None
+    kw = {n: pick(n, v) for n, v in (sig.kwdefaults or {}).items()} or None
+    old = fn.__defaults__
+    if old is not None and defaults is not None and len(old) == len(defaults) and all(
+        a is b for a, b in zip(old, defaults, strict=True)
+    ):
+        defaults = old
+    old_kw = fn.__kwdefaults__
+    if old_kw is not None and kw is not None and old_kw.keys() == kw.keys() and all(
+        old_kw[k] is kw[k] for k in kw
+    ):
+        kw = old_kw
+    return defaults, kw, changed

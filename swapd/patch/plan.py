@@ -12,7 +12,9 @@ The phases, each in its own module, and what passes between them:
     matching     live code, indexes   -> live functions by key, key pairs  (`Matching`)
     diff         the two trees        -> statement-level work              (`ModuleDiff`)
     statements   ModuleDiff           -> module/class stores, scratch, hooks, signatures
-    functions    Matching, signatures -> code/defaults stores, absent cells, reports
+    functions    Matching, signatures -> code/defaults stores, absent cells  (`Updates`)
+    followups    Updates              -> what refers to changed functions: property and
+                                         wrapper docs, singledispatch registries, caches
 
 Every phase appends what it decides to one `PlanData` (the plan being built: stores and the
 report); everything else a phase needs from an earlier one is passed as an argument.
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from types import CodeType, ModuleType
 from typing import Any
 
-from swapd.patch import functions, matching, statements
+from swapd.patch import followups, functions, matching, statements
 from swapd.patch.code import CodeIndex, CodeKey, Discovery, discover
 from swapd.patch.commit import ModuleState, Store, read_value
 from swapd.patch.compiling import compile_source, import_guard, module_imports
@@ -58,7 +60,7 @@ class PlanData:
     notes: list[str] = field(default_factory=list)
     migrate: Callable[[Any], object] | None = None
     rollback_hook: Callable[[Any], object] | None = None
-    lru_clear: list[Any] = field(default_factory=list)
+    after_commit: list[Callable[[], object]] = field(default_factory=list)  # and rollback
     superseded: list[tuple[CodeType, CodeKey]] = field(default_factory=list)
     installed: list[tuple[CodeType, CodeKey]] = field(default_factory=list)
     installed_new: list[CodeType] = field(default_factory=list)  # no base counterpart
@@ -87,7 +89,7 @@ class PlanData:
         if text not in self.notes:
             self.notes.append(text)
 
-    def store(self, kind_: str, target: Any, name: str, new: Any, data: bool = False) -> None:
+    def store(self, kind_: str, target: Any, name: Any, new: Any, data: bool = False) -> None:
         old = read_value(kind_, target, name)
         self.stores.append(Store(kind_, target, name, new, old, data))
 
@@ -168,13 +170,12 @@ def make_plan(
     run = statements.Runner(inp, diff.future_flags,
                             import_guard(sorted(set(module_imports(new_tree.body)))))
     executed = statements.exec_module(inp, out, diff, run)
-    class_values = statements.constants(inp, out, diff)
+    consts = statements.constants(inp, out, diff)
     for work in diff.classes:
-        statements.class_members(inp, out, work, run, executed.scratch, class_values, match)
-    signatures = statements.signatures(inp, diff, run, executed.scratch, class_values)
-    functions.plan_functions(inp, out, match, signatures, executed, run)
-    functions.caches(inp, out)
-    functions.runners(inp, out)
+        statements.class_members(inp, out, work, run, executed.scratch, consts, match)
+    signatures = statements.signatures(inp, diff, run, executed.scratch, consts)
+    updates = functions.plan_functions(inp, out, match, signatures, executed, run, consts)
+    followups.follow(inp, out, updates)
     out.lines = new_text.splitlines(keepends=True)
     return out
 

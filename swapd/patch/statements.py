@@ -128,10 +128,18 @@ def exec_module(inp: Inputs, out: PlanData, diff: ModuleDiff, run: Runner) -> Ex
     return done
 
 
-def constants(inp: Inputs, out: PlanData, diff: ModuleDiff) -> dict[str, dict[str, Any]]:
-    """Plan the changed ``NAME = <literal>`` statements; returns the new values of class
-    constants by class (class bodies run at prepare must see them)."""
-    class_values: dict[str, dict[str, Any]] = {}
+@dataclass
+class Constants:
+    """The new values of the constants the plan changes: code run at prepare (class bodies,
+    default values) must see them."""
+
+    module: dict[str, Any] = field(default_factory=dict)
+    classes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def constants(inp: Inputs, out: PlanData, diff: ModuleDiff) -> Constants:
+    """Plan the changed ``NAME = <literal>`` statements; returns the values applied."""
+    applied = Constants()
     for cu in diff.consts:
         old_val = ast.literal_eval(cu.old)
         new_val = ast.literal_eval(cu.new)
@@ -148,9 +156,10 @@ def constants(inp: Inputs, out: PlanData, diff: ModuleDiff) -> dict[str, dict[st
         if live is not MISSING and type(live) is type(old_val) and live == old_val:
             if cls is not None:
                 out.store("type", cls, cu.name, new_val, data=True)
-                class_values.setdefault(cu.scope, {})[cu.name] = new_val
+                applied.classes.setdefault(cu.scope, {})[cu.name] = new_val
             else:
                 out.store("item", inp.moddict, cu.name, new_val, data=True)
+                applied.module[cu.name] = new_val
                 _aliases(inp, out, cu.name, live)
             out.changed.append(Change("constant", label, f"{short(old_val)} -> {short(new_val)}"))
         else:
@@ -159,7 +168,7 @@ def constants(inp: Inputs, out: PlanData, diff: ModuleDiff) -> dict[str, dict[st
                 f"{short(live)}: it no longer equals the old literal {short(old_val)}, "
                 f"so the new literal {short(new_val)} is not applied"
             )
-    return class_values
+    return applied
 
 
 def _aliases(inp: Inputs, out: PlanData, name: str, live: object) -> None:
@@ -191,15 +200,14 @@ def class_members(
     work: ClassWork,
     run: Runner,
     scratch: dict[str, Any],
-    class_values: dict[str, dict[str, Any]],
+    consts: Constants,
     match: Matching,
 ) -> None:
     cls = inp.found.classes.get(work.qualname)
     if cls is None:
         return
     if work.exec_stmts:
-        ns = shell_exec(inp, run, scratch, class_values, work.qualname, work.exec_stmts,
-                        work.node)
+        ns = shell_exec(inp, run, scratch, consts, work.qualname, work.exec_stmts, work.node)
         for name in work.exec_names:
             if name not in ns:
                 continue
@@ -260,7 +268,7 @@ def shell_exec(
     inp: Inputs,
     run: Runner,
     scratch: dict[str, Any],
-    class_values: dict[str, dict[str, Any]],
+    consts: Constants,
     qualname: str,
     stmts: list[ast.stmt],
     anchor: ast.AST,
@@ -268,10 +276,14 @@ def shell_exec(
     """Run ``stmts`` as if in the body of the live class ``qualname`` and return the
     resulting namespace.  The statement is wrapped in one carrier class per enclosing
     class so the compiler gives new code objects their real qualified names
-    (``A.B.method``), hence the same code as the full compile of the new source."""
+    (``A.B.method``), hence the same code as the full compile of the new source.  The
+    namespace holds the class's dictionary and the new values of the constants the plan
+    changes (a class body reads names from its namespace, then from the module's globals,
+    which still hold the old values at prepare)."""
     cls = inp.found.classes[qualname]
-    prefill = dict(cls.__dict__)
-    prefill.update(class_values.get(qualname, {}))
+    prefill = dict(consts.module)
+    prefill.update(cls.__dict__)
+    prefill.update(consts.classes.get(qualname, {}))
     path = qualname.split(".")
     metas = [f"__swapd_shell_{i}__" for i in range(len(path))]
     shells = [_Shell({}) for _ in path[:-1]] + [_Shell(prefill)]
@@ -322,39 +334,61 @@ def _rebuild(inp: Inputs, match: Matching, cls: type, value: Any) -> Any:
 # ---------------------------------------------------------------- signatures
 
 
+@dataclass
+class NewSignature:
+    """The default values and annotations a function gets from the patch.  Only the defaults
+    of the parameters in ``changed`` change: every other parameter keeps the value its live
+    function holds (an unchanged ``seen=[]`` keeps its contents)."""
+
+    changed: frozenset[str]
+    defaults: tuple[Any, ...] | None  # as the new ``def`` evaluates them, every parameter
+    kwdefaults: dict[str, Any] | None
+    annotations: dict[str, Any] | None  # None: unchanged
+
+
 def signatures(
     inp: Inputs,
     diff: ModuleDiff,
     run: Runner,
     scratch: dict[str, Any],
-    class_values: dict[str, dict[str, Any]],
-) -> dict[CodeKey, dict[str, Any]]:
-    """The new default values and annotations of changed signatures, by the new key of the
-    function: the ``def`` without decorators or body, run against the live module (and the
-    class namespace for methods)."""
-    out: dict[CodeKey, dict[str, Any]] = {}
+    consts: Constants,
+) -> dict[CodeKey, NewSignature]:
+    """The new signatures, by the new key of the function: the ``def`` without decorators
+    or body, run against the live module (and the class namespace for methods), with the
+    new values of the constants the plan changes.  A default changes when its expression
+    changed or reads such a constant."""
+    out: dict[CodeKey, NewSignature] = {}
+    applied = set(consts.module)
     for dw in diff.defaults:
+        visible = applied | set(consts.classes.get(dw.scope, {}))
+        changed = dw.changed | {p for p, names in dw.refs.items() if names & visible}
+        if not changed and not dw.annotations:
+            continue
+        first = dw.new.decorator_list[0].lineno if dw.new.decorator_list else dw.new.lineno
+        key = inp.new_idx.find_at(dw.qualname, first)
+        if key is None:
+            continue
         stripped = copy.copy(dw.new)
         stripped.decorator_list = []
         stripped.body = [ast.copy_location(ast.Pass(), dw.new)]
         if dw.scope:
             if dw.scope not in inp.found.classes:
                 continue
-            ns = shell_exec(inp, run, scratch, class_values, dw.scope, [stripped], dw.new)
+            ns = shell_exec(inp, run, scratch, consts, dw.scope, [stripped], dw.new)
             fn = ns.get(dw.new.name)
         else:
             locals_ = dict(scratch)
+            locals_.update(consts.module)
             run(stripped, inp.moddict, locals_)
             fn = locals_.get(dw.new.name)
         if type(fn) is not FunctionType:
             continue
-        sig: dict[str, Any] = {}
-        if "defaults" in dw.parts:
-            sig["__defaults__"] = fn.__defaults__
-            sig["__kwdefaults__"] = fn.__kwdefaults__
-        if "annotations" in dw.parts:
-            sig["__annotations__"] = fn.__annotations__
-        out[(dw.qualname, dw.ordinal)] = sig
+        out[key] = NewSignature(
+            frozenset(changed),
+            fn.__defaults__,
+            fn.__kwdefaults__,
+            fn.__annotations__ if dw.annotations else None,
+        )
     return out
 
 
