@@ -489,9 +489,12 @@ class Plan:
         d = self._data
         failed: list[str] = []
         try:
-            ctx.undo()
+            left = ctx.undo()
         except Exception as e:
             failed.append(f"undoing its changes failed ({type(e).__name__}: {e})")
+        else:
+            if left:
+                failed.append("; ".join(left))
         try:
             apply_or_undo(list(reversed(self._undo)), list(reversed(self._forward)))
         except UndoFailed as e:
@@ -704,7 +707,7 @@ class RollbackPlan:
             state.superseded.update(self._installed)
             applied.active = False
             try:
-                applied._ctx.undo()
+                notes += applied._ctx.undo()
             except Exception as e:
                 raise PatchInconsistent(
                     f"{d.display}: the code was rolled back, but undoing the migration failed "

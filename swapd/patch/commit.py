@@ -278,8 +278,10 @@ class MigrationContext:
     """Passed to ``__swapd_migrate__(ctx)`` and ``__swapd_rollback__(ctx)``.
 
     Changes made through it are undo-logged: they are reverted if the hook raises, and (for
-    the migration) when the patch is rolled back.  ``on_rollback(fn)`` registers anything
-    else to do at rollback; ``note(text)`` adds a line to the patch's notes.
+    the migration) when the patch is rolled back.  An undo restores a value only if it is
+    still the one the hook left: a value the application changed since is kept, and the
+    undo says so.  ``on_rollback(fn)`` registers anything else to do at rollback;
+    ``note(text)`` adds a line to the patch's notes.
     """
 
     def __init__(self, module: ModuleType, phase: str, plan: dict[str, Any]) -> None:
@@ -287,37 +289,64 @@ class MigrationContext:
         self.phase = phase  # "migrate" or "rollback"
         self.plan = plan
         self.notes: list[str] = []
-        self._undo: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], str | None]] = []
         self._on_rollback: list[Callable[[], object]] = []
 
     def set(self, obj: object, name: str, value: object) -> None:
         old = read_value("attr", obj, name)  # the undo deletes an attribute it added
         setattr(obj, name, value)
-        self._undo.append(
-            lambda: setattr(obj, name, old) if old is not MISSING else delattr(obj, name)
-        )
+        left = read_value("attr", obj, name)  # what the migration left (a setter may convert)
+
+        def undo() -> str | None:
+            if read_value("attr", obj, name) is not left:
+                return self._kept(f"{self._label(obj)}.{name}")
+            if old is MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+            return None
+
+        self._undo.append(undo)
 
     def delete(self, obj: object, name: str) -> None:
         old = getattr(obj, name)
         delattr(obj, name)
-        self._undo.append(lambda: setattr(obj, name, old))
+
+        def undo() -> str | None:
+            if read_value("attr", obj, name) is not MISSING:
+                return self._kept(f"{self._label(obj)}.{name}", "set again")
+            setattr(obj, name, old)
+            return None
+
+        self._undo.append(undo)
 
     def setitem(self, mapping: Any, key: Any, value: object) -> None:
         old = mapping.get(key, MISSING)
         mapping[key] = value
+        left = mapping.get(key, MISSING)
 
-        def undo() -> None:
+        def undo() -> str | None:
+            if mapping.get(key, MISSING) is not left:
+                return self._kept(f"{self._label(mapping)}[{key!r}]")
             if old is MISSING:
                 mapping.pop(key, None)
             else:
                 mapping[key] = old
+            return None
 
         self._undo.append(undo)
 
     def delitem(self, mapping: Any, key: Any) -> None:
         old = mapping[key]
         del mapping[key]
-        self._undo.append(lambda: mapping.__setitem__(key, old))
+
+        def undo() -> str | None:
+            if mapping.get(key, MISSING) is not MISSING:
+                return self._kept(f"{self._label(mapping)}[{key!r}]", "set again")
+            mapping[key] = old
+            return None
+
+        self._undo.append(undo)
 
     def on_rollback(self, fn: Callable[[], object]) -> None:
         self._on_rollback.append(fn)
@@ -330,9 +359,27 @@ class MigrationContext:
         """Is there anything to undo (changes made or ``on_rollback`` functions)?"""
         return bool(self._undo or self._on_rollback)
 
-    def undo(self) -> None:
-        """Revert everything done through this context, newest first."""
+    def undo(self) -> list[str]:
+        """Revert everything done through this context, newest first; returns what it left
+        as the application changed it since, one line each."""
+        left: list[str] = []
         while self._on_rollback:
             self._on_rollback.pop()()
         while self._undo:
-            self._undo.pop()()
+            kept = self._undo.pop()()
+            if kept is not None:
+                left.append(kept)
+        return left
+
+    def _kept(self, what: str, how: str = "changed") -> str:
+        return (f"{self.module.__name__}: {what} was {how} since __swapd_{self.phase}__ set "
+                "it; kept")
+
+    def _label(self, obj: object) -> str:
+        """How to name ``obj`` in a note: the module global bound to it, if there is one."""
+        if obj is self.module:
+            return self.module.__name__
+        for name, value in list(vars(self.module).items()):
+            if value is obj:
+                return name
+        return getattr(obj, "__qualname__", None) or f"<{type(obj).__name__} object>"
