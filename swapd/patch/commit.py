@@ -210,6 +210,9 @@ class ModuleState:
         self.stack: list[Any] = []
         self.current: str | None = None
         self.superseded: dict[int, tuple[weakref.ref[CodeType], CodeKey]] = {}
+        # What a commit or rollback replaced and the event loop should not free (the lines
+        # of the previous linecache entry): freed by the next prepare, on its thread.
+        self.trash: list[object] = []
         self.lock = threading.RLock()
 
     def superseded_key(self, code: CodeType) -> CodeKey | None:
@@ -259,6 +262,11 @@ def is_current(state: ModuleState) -> bool:
         return False
     with _states_lock:
         return _states.get(state.name) is state and state.record_serial == _serial(state.name)
+
+
+def all_states() -> list[ModuleState]:
+    with _states_lock:
+        return [s for s in _states.values() if s.module_ref() is not None]
 
 
 def existing_state(name: str) -> ModuleState | None:

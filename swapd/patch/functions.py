@@ -374,7 +374,7 @@ class _FunctionPlanner:
             nested_key = self.inp.new_idx.key_of.get(id(logical))
             old_key = self.match.to_old.get(nested_key) if nested_key is not None else None
             if code is not pairs[0][0] and old_key is not None:
-                self.out.installed.append((code, old_key))
+                self._installed(code, old_key)
         return pairs[0][0]
 
     def install(self, new: CodeType, key: CodeKey) -> None:
@@ -388,7 +388,7 @@ class _FunctionPlanner:
         self.installed_ids.add(id(new))
         old_key = self.match.to_old.get(key)
         if old_key is not None:
-            self.out.installed.append((new, old_key))
+            self._installed(new, old_key)
         for code in nested_codes(new):
             nested_key = self.inp.new_idx.key_of.get(id(code))
             if nested_key is None or id(code) in self.installed_ids:
@@ -399,7 +399,13 @@ class _FunctionPlanner:
             if old_key is None or old is None:
                 self.out.installed_new.append(code)
             elif not same_code(old, code):
-                self.out.installed.append((code, old_key))
+                self._installed(code, old_key)
+
+    def _installed(self, code: CodeType, old_key: CodeKey) -> None:
+        """``code`` replaces the base code ``old_key``: kept (that one base code object, not
+        the whole base compile) so a rollback can switch functions made from it back."""
+        self.out.installed.append((code, old_key))
+        self.out.old_codes[old_key] = self.inp.old_idx.by_key[old_key]
 
     def closure_defaults_note(self, key: CodeKey, new_key: CodeKey, count: int,
                               constants: set[str]) -> None:

@@ -65,8 +65,7 @@ class PlanData:
     installed: list[tuple[CodeType, CodeKey]] = field(default_factory=list)
     installed_new: list[CodeType] = field(default_factory=list)  # no base counterpart
     touched: set[int] = field(default_factory=set)
-    base_index: CodeIndex | None = None
-    lines: list[str] = field(default_factory=list)
+    old_codes: dict[CodeKey, CodeType] = field(default_factory=dict)  # of `installed`
     needs_ack: bool = False
     _removed_seen: set[Removed] = field(default_factory=set, repr=False)
     _absent_seen: set[AbsentCell] = field(default_factory=set, repr=False)
@@ -109,6 +108,7 @@ class Inputs:
     new_tree: ast.Module
     new_idx: CodeIndex
     found: Discovery
+    peers: dict[str, dict[str, Any]]  # module name -> names its plan binds (a patch set)
     _nodes: dict[bool, FunctionNodes] = field(default_factory=dict, repr=False)
 
     @property
@@ -144,13 +144,14 @@ def make_plan(
     display: str,
     prune: bool,
     scan_heap: bool,
+    peers: dict[str, dict[str, Any]] | None = None,
 ) -> PlanData:
-    """Plan replacing ``module``'s code (which runs ``base``) with ``new_text``."""
+    """Plan replacing ``module``'s code (which runs ``base``) with ``new_text``.  ``peers``:
+    what the plans of other modules of the same patch set bind, by module name."""
     old_tree, old_idx = compile_source(base.text, filename, display, True)
     new_tree, new_idx = compile_source(new_text, filename, display, False)
     out = PlanData(module, module.__name__, filename, display, base, new_text, new_sha, state,
                    version)
-    out.base_index = old_idx
     if base.origin == "disk":
         out.notes.append(
             f"{display}: base source read from disk at prepare (the module was "
@@ -158,7 +159,7 @@ def make_plan(
         )
     found = discover(module, filename, scan_heap)
     inp = Inputs(module, filename, display, state, prune, old_tree, old_idx, new_tree, new_idx,
-                 found)
+                 found, peers or {})
     match = matching.match(inp, out)
     has_migrate = any("__swapd_migrate__" in statements.bound_names(s) for s in new_tree.body)
     diff = Differ(old_tree, new_tree, display, inp.live_class, has_migrate).run()
@@ -176,7 +177,6 @@ def make_plan(
     signatures = statements.signatures(inp, diff, run, executed.scratch, consts)
     updates = functions.plan_functions(inp, out, match, signatures, executed, run, consts)
     followups.follow(inp, out, updates)
-    out.lines = new_text.splitlines(keepends=True)
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import copy
 import functools
+import importlib.util
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +82,8 @@ def exec_module(inp: Inputs, out: PlanData, diff: ModuleDiff, run: Runner) -> Ex
                     done.revived.append((lf, key))
                     revived.add(stmt.name)
                     continue
+        if isinstance(stmt, ast.ImportFrom) and _import_from_peer(inp, stmt, done.scratch):
+            continue
         run(stmt, moddict, done.scratch)
     for name in diff.exec_names:
         if name in revived or name not in done.scratch:
@@ -135,6 +138,33 @@ class Constants:
 
     module: dict[str, Any] = field(default_factory=dict)
     classes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _import_from_peer(inp: Inputs, stmt: ast.ImportFrom, scratch: dict[str, Any]) -> bool:
+    """A new ``from other import name`` where ``other`` is patched in the same set: bind
+    ``name`` to what ``other`` will hold after the commit (its plan's value, else its live
+    value).  False if the statement is not one (it then runs as usual)."""
+    if not inp.peers or any(a.name == "*" for a in stmt.names):
+        return False
+    target = "." * stmt.level + (stmt.module or "")
+    try:
+        name = importlib.util.resolve_name(target, inp.module.__package__ or "")
+    except (ImportError, ValueError):
+        return False
+    if name not in inp.peers:
+        return False
+    bound, live = inp.peers[name], sys.modules.get(name)
+    for alias in stmt.names:
+        value = bound.get(alias.name, MISSING)
+        if value is MISSING:
+            value = getattr(live, alias.name, MISSING)
+        if value is MISSING:
+            raise PatchImportError(
+                f"{inp.display}:{stmt.lineno}: ImportError: cannot import name "
+                f"{alias.name!r} from {name!r}, not even from its patch in this set"
+            )
+        scratch[alias.asname or alias.name] = value
+    return True
 
 
 def constants(inp: Inputs, out: PlanData, diff: ModuleDiff) -> Constants:

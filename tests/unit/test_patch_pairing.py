@@ -181,6 +181,7 @@ def _stdlib_sources(limit: int) -> list[Path]:
     return found
 
 
+@pytest.mark.slow
 def test_every_repeated_definition_of_real_modules_has_a_site() -> None:
     """Every code object whose qualified name repeats is found in the tree and gets a
     site (else the engine would refuse to pair it)."""
