@@ -138,6 +138,7 @@ from swapd.patch.commit import (
     is_current,
     state_for,
 )
+from swapd.patch.listeners import PatchEvent, on_change
 from swapd.patch.model import (
     AbsentCell,
     AbsentCells,
@@ -159,6 +160,7 @@ from swapd.patch.model import (
     SourceUnavailable,
 )
 from swapd.patch.plan import make_plan
+from swapd.patch.rollback import Applied, RollbackPlan, make_permanent
 from swapd.patch.source import (
     base_source as _base_source,
 )
@@ -172,15 +174,7 @@ from swapd.patch.source import (
 from swapd.patch.source import (
     forget as _forget_record,
 )
-from swapd.patch.transaction import (
-    Applied,
-    PatchEvent,
-    Plan,
-    RollbackPlan,
-    commit_all,
-    make_permanent,
-    on_change,
-)
+from swapd.patch.transaction import Plan, commit_all
 
 __all__ = [
     "AbsentCell",

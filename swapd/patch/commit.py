@@ -18,15 +18,17 @@ undo log holds them.  A Python audit hook (``sys.addaudithook``) does run byteco
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import gc
 import operator
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import starmap
 from types import CodeType, ModuleType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from swapd.patch.code import CodeKey
 from swapd.patch.source import recorded
@@ -44,6 +46,7 @@ MISSING: Any = _Sentinel("MISSING")  # the attribute or key did not exist
 DELETE: Any = _Sentinel("DELETE")  # the store deletes the attribute or key
 
 Op = tuple[Any, ...]
+T = TypeVar("T")
 
 
 class Store(NamedTuple):
@@ -192,6 +195,48 @@ def apply_or_undo(forward: list[Op], undo: list[Op]) -> None:
         if failures:
             raise UndoFailed(cause, failures) from failures[0]
         raise cause from None
+
+
+# ---------------------------------------------------------------- helpers of commits and rollbacks
+
+
+def run_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+    """Run ``fn`` on ``loop``'s thread between two callbacks; a future for the result."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as e:
+            future.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+
+    loop.call_soon_threadsafe(run)
+    return future
+
+
+def records(items: list[Any]) -> list[dict[str, Any]]:
+    return [dict(item._asdict()) for item in items]
+
+
+class Locks:
+    """The locks of several modules' states, taken in name order (no deadlock between two
+    transactions over the same modules)."""
+
+    def __init__(self, states: Iterable[ModuleState]) -> None:
+        unique = {id(s): s for s in states}
+        self.states = sorted(unique.values(), key=lambda s: s.name)
+
+    def __enter__(self) -> None:
+        for s in self.states:
+            s.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        for s in reversed(self.states):
+            s.lock.release()
 
 
 # ---------------------------------------------------------------- per-module state

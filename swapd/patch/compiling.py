@@ -14,8 +14,8 @@ from types import CodeType
 from typing import TypeVar
 
 from swapd.patch.code import CodeIndex
-from swapd.patch.diff import future_flags, import_names
 from swapd.patch.model import BaseSourceMismatch, PatchSyntaxError
+from swapd.patch.nodes import future_flags, import_names
 
 _Node = TypeVar("_Node", ast.alias, ast.stmt)
 # Where a top-level definition starts: a line beginning (column 0) with one of these.

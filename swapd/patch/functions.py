@@ -30,8 +30,8 @@ from swapd.patch.code import (
     same_code,
 )
 from swapd.patch.commit import MISSING
-from swapd.patch.diff import default_exprs, literal_initializer
 from swapd.patch.model import AbsentCell, Change, PatchExecError, Refusal, Removed, short
+from swapd.patch.nodes import default_exprs, literal_initializer
 
 if TYPE_CHECKING:
     from swapd.patch.matching import Matching

@@ -33,8 +33,9 @@ from swapd.patch import followups, functions, matching, statements
 from swapd.patch.code import CodeIndex, CodeKey, Discovery, discover
 from swapd.patch.commit import ModuleState, Store, read_value
 from swapd.patch.compiling import compile_source, import_guard, module_imports
-from swapd.patch.diff import Differ, FunctionNodes
+from swapd.patch.diff import Differ
 from swapd.patch.model import AbsentCell, Added, Change, Refusal, Removed
+from swapd.patch.nodes import FunctionNodes
 from swapd.patch.source import BaseSource
 
 
