@@ -730,14 +730,17 @@ class Supervisor:
         if action == "list":
             return {"patches": [r.summary() for r in self.journal],
                     "gen": self.active.id if self.active else None}
-        if action not in ("apply", "rollback"):
-            raise ControlError(f"unknown patch action {action!r} (apply, rollback, list)")
+        if action not in ("apply", "rollback", "squash"):
+            raise ControlError(f"unknown patch action {action!r} (apply, rollback, squash, "
+                               "list)")
         self._refuse_if_busy("patch")
-        rolling = action == "rollback" and self.journal
+        rolling = action != "apply" and self.journal
         self.patch_in_flight = self.journal[-1].id if rolling else self._patch_serial + 1
         try:
             if action == "rollback":
                 return await patching.rollback(self, emit, peer)
+            if action == "squash":
+                return await patching.squash(self, emit, peer)
             return await patching.apply(self, args, emit, peer)
         finally:
             self.patch_in_flight = None
