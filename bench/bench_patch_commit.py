@@ -17,7 +17,8 @@ rollback off the loop and commits it on the loop.  It reports:
 Scenarios: *all* changes every function body (worst case), *one* changes one function (the
 usual fix), *freevars* adds a free variable to every closure (each live closure gets code
 compiled for its own closure, the new variable read through a cell held in a constant).
-A last table gives the per-call cost of such a closure against a plain one.
+Then the per-call cost of such a closure against a plain one, and the memory the engine
+keeps per committed patch, before and after `make_permanent` (`swapd patch --squash`).
 
     .venv/bin/python bench/bench_patch_commit.py            # full run
     .venv/bin/python bench/bench_patch_commit.py --quick    # smoke run
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import machine_info, md_table
 
 import swapd.patch as patch
-import swapd.patch.api as patch_api  # commit() calls its apply_or_undo: timed below
+import swapd.patch.transaction as patch_api  # commit() calls its apply_or_undo: timed below
 
 try:
     import uvloop
@@ -202,6 +203,39 @@ def call_costs() -> list[list[str]]:
         return rows
 
 
+def memory_costs(patches: int = 50) -> list[list[str]]:
+    """What the engine keeps per committed patch (tracemalloc, after a full collection): a
+    generated module of ~100 lines, one function changed per patch; then after
+    `make_permanent` (what `swapd patch --squash` does in each worker)."""
+    import tracemalloc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        module = load(Path(tmp), module_source(20, 0, "one"))
+        lines = module_source(20, 0, "one").count("\n")
+        patch.apply(module, module_source(20, 1, "one"))  # warm: first-use allocations
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            for version in range(2, 2 + patches):
+                patch.apply(module, module_source(20, version, "one"))
+            gc.collect()
+            kept = tracemalloc.take_snapshot()
+            patch.make_permanent(module)
+            gc.collect()
+            folded = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        patch.forget(module)
+        sys.modules.pop(module.__name__, None)
+
+    def per_patch(snapshot: Any) -> str:
+        grown = sum(s.size_diff for s in snapshot.compare_to(before, "filename"))
+        return f"{grown / patches / 1024:.1f}"
+
+    return [[f"{lines} lines, {patches} patches", per_patch(kept), per_patch(folded)]]
+
+
 def ballast(count: int) -> Iterator[list[Any]]:
     """Keep ``count`` extra gc-tracked objects alive (a bigger heap to scan)."""
     yield [[i] for i in range(count)]
@@ -262,6 +296,9 @@ def main() -> None:
     print(md_table(HEADERS, rows))
     print()
     print(md_table(["function", "ns per call (best of 5)"], call_costs()))
+    print()
+    print(md_table(["module", "KiB kept per patch", "after make_permanent (--squash)"],
+                   memory_costs()))
 
 
 HEADERS = [

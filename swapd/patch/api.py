@@ -21,17 +21,29 @@ Semantics (see ``docs/patching.md`` for the operator's view)
   functions stored in cells are patched in place, so the cell needs no change.  Never by
   position: CPython only checks the *number* of free variables and ``co_freevars`` is
   sorted, so a renamed variable would silently read its neighbour's cell.
+* **Definitions sharing a name pair by where they are bound** (the assigned name, the
+  decorators, the dict key or list slot, the enclosing statement: `swapd.patch.sites`),
+  never by compile order; what cannot be paired is refused.
 * **Nothing unchanged runs again**: no decorator, no module statement.  Module data keeps
   its live value.  A changed ``NAME = <literal>`` takes the new literal only if the live
   value still equals the old literal; otherwise it is kept and the plan notes a conflict.
+* **Only what changed changes**: a default value whose expression changed (or reads a
+  constant the patch changes) gets the new value; every other default keeps its live
+  object.  Docstrings and annotations follow into ``property`` objects and
+  ``functools.wraps``/``lru_cache`` wrappers; ``singledispatch`` registrations follow a
+  changed annotation.
 * **Classes are updated in place**: methods, properties, classmethods, staticmethods and
   class constants change on the class object, so existing instances see them.
-* ``functools.lru_cache`` caches of patched functions are cleared after the commit.
+* ``functools.lru_cache``/``cache`` caches are cleared after the commit when the cached
+  function, or a name it reads (through other functions of the module too), changed;
+  `on_change` callbacks let applications drop their own caches.
 * Generators and coroutines already running finish on the old code; new calls get the new.
 * **Refused** ("needs a swap"): changed class bases, metaclass, class decorators,
   ``__slots__``, dataclass/attrs/NamedTuple/TypedDict fields, enum members, changed decorator
-  expressions, a function turning into (or from) a generator or coroutine, a changed
-  non-literal module statement without ``__swapd_migrate__``, ``from __future__`` changes.
+  expressions, a function turning into (or from) a generator or coroutine, a name that
+  turns from a function or class into anything else, definitions that cannot be paired, a
+  changed non-literal module statement without ``__swapd_migrate__``, ``from __future__``
+  changes.  ``docs/patching.md`` lists each with its reason.
 
 What the engine diffs against (the *base*)
 ------------------------------------------
@@ -65,10 +77,14 @@ with the cyclic GC paused and every replaced object kept alive by the undo log. 
 this over a table of trampolines flipped by one pointer store (the design in the reference):
 it is just as atomic, costs 25-140 ns per store (a 100-function commit blocks the loop for
 ~50 us in all), and leaves no per-call cost behind (a trampoline adds ~60 ns to every call
-until compaction).
-Trampolines remain only where they are unavoidable: a function whose free variables change
-keeps its identity and gets a code object that calls a new function built on the joined
-cells (see ``bench/bench_patch_commit.py`` for figures).
+until compaction).  A function whose free variables change keeps its identity and runs code
+compiled from its new ``def`` for the closure it has (`swapd.patch.closures`): no forwarding
+frame, its real signature (see ``bench/bench_patch_commit.py`` for figures).
+
+Several modules can be patched as one (`commit_all`): their stores form one batch, their
+migrations run in order, and a failure undoes all of it; the set rolls back as a whole.
+`make_permanent` folds committed patches: they stay, and the engine drops what it kept to
+undo them (the replaced code and values, the old sources).
 
 Guarantee, on GIL builds of CPython 3.11+: the commit is one indivisible step for every
 other thread.  Every bytecode another thread executes sees either none or all of the
@@ -93,8 +109,9 @@ Migrations
 ``ctx.set``/``ctx.setitem``/``ctx.delete``/``ctx.delitem`` are undo-logged, and if the hook
 raises, everything is rolled back and `MigrationFailed` is raised.  ``__swapd_rollback__(ctx)``
 runs first when the patch is rolled back; then the code is restored in one step, and the
-migration's changes are undone right after it.  The ``__swapd_*`` hooks are never bound into
-the module.
+migration's changes are undone right after it: each value is restored only if it is still
+the one the migration left (a value the application wrote since is kept, and the rollback's
+notes say so).  The ``__swapd_*`` hooks are never bound into the module.
 
 Errors
 ------
