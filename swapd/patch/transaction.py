@@ -192,7 +192,6 @@ class Plan:
         state.superseded.update(self._superseded)
         state.stack.append(handle)
         self._status = "committed"
-        self._reads = self._expected = []  # only the commit needed them
         return handle
 
 
