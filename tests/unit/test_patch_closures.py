@@ -46,6 +46,10 @@ def test_a_closure_that_gains_a_variable_adds_no_frame_per_call(mods: Mods) -> N
     assert [(a.name, a.source) for a in plan.absent] == [("floor", "constexpr")]
     plan.commit()
     assert m.walk is held and frames_per_call(held) == 1
+    # what pytest reads to inject fixtures: the parameters without a default
+    from _pytest.compat import getfuncargnames
+
+    assert getfuncargnames(held) == ("n",)
     # what the issue reported: depth 600 worked before and must still work after
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(1000)
