@@ -15,8 +15,10 @@ rollback off the loop and commits it on the loop.  It reports:
                hold the GIL; each trial's source is new, the base was parsed before)
 
 Scenarios: *all* changes every function body (worst case), *one* changes one function (the
-usual fix), *freevars* adds a free variable to every closure (trampolines are installed).
-A last table gives the per-call cost of a trampoline against a plain function.
+usual fix), *freevars* adds a free variable to every closure (each live closure gets code
+compiled for its own closure, the new variable read through a cell held in a constant).
+Then the per-call cost of such a closure against a plain one, and the memory the engine
+keeps per committed patch, before and after `make_permanent` (`swapd patch --squash`).
 
     .venv/bin/python bench/bench_patch_commit.py            # full run
     .venv/bin/python bench/bench_patch_commit.py --quick    # smoke run
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import machine_info, md_table
 
 import swapd.patch as patch
+import swapd.patch.transaction as patch_api  # commit() calls its apply_or_undo: timed below
 
 try:
     import uvloop
@@ -114,7 +117,7 @@ class BatchTimer:
     """Times the indivisible store batch inside commit()."""
 
     def __init__(self) -> None:
-        self.inner = patch.apply_or_undo
+        self.inner = patch_api.apply_or_undo
         self.last = 0.0
 
     def __call__(self, forward: list[Any], undo: list[Any]) -> None:
@@ -123,11 +126,11 @@ class BatchTimer:
         self.last = time.perf_counter() - t0
 
     def __enter__(self) -> BatchTimer:
-        patch.apply_or_undo = self  # type: ignore[assignment]
+        patch_api.apply_or_undo = self  # type: ignore[assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        patch.apply_or_undo = self.inner  # type: ignore[assignment]
+        patch_api.apply_or_undo = self.inner  # type: ignore[assignment]
 
 
 async def trial_set(module: ModuleType, n: int, scenario: str, trials: int) -> dict[str, Any]:
@@ -186,17 +189,51 @@ def call_costs() -> list[list[str]]:
         m = load(Path(tmp), src)
         new = src.replace("    a = 1\n", "    a = 1\n    b = 0\n").replace("x + a", "x + a + b")
         patch.apply(m, new)
-        trampolined = m.held  # made before the patch: its free variables changed
+        adapted = m.held  # made before the patch: its free variables changed
         direct = m.make()  # made by the patched code: a plain closure
-        assert "__wrapped__" in vars(trampolined) and "__wrapped__" not in vars(direct)
+        assert adapted.__code__.co_freevars == ("a",) and direct.__code__.co_freevars == ("a", "b")
         rows = []
-        for label, fn in (("plain closure", direct), ("trampolined closure", trampolined)):
+        for label, fn in (("plain closure (made by the new code)", direct),
+                          ("closure that gained a variable (made before)", adapted)):
             number = 2_000_000
             best = min(timeit.repeat(lambda f=fn: f(1), number=number, repeat=5))
             rows.append([label, f"{best / number * 1e9:.0f}"])
         patch.forget(m)
         sys.modules.pop(m.__name__, None)
         return rows
+
+
+def memory_costs(patches: int = 50) -> list[list[str]]:
+    """What the engine keeps per committed patch (tracemalloc, after a full collection): a
+    generated module of ~100 lines, one function changed per patch; then after
+    `make_permanent` (what `swapd patch --squash` does in each worker)."""
+    import tracemalloc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        module = load(Path(tmp), module_source(20, 0, "one"))
+        lines = module_source(20, 0, "one").count("\n")
+        patch.apply(module, module_source(20, 1, "one"))  # warm: first-use allocations
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            for version in range(2, 2 + patches):
+                patch.apply(module, module_source(20, version, "one"))
+            gc.collect()
+            kept = tracemalloc.take_snapshot()
+            patch.make_permanent(module)
+            gc.collect()
+            folded = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        patch.forget(module)
+        sys.modules.pop(module.__name__, None)
+
+    def per_patch(snapshot: Any) -> str:
+        grown = sum(s.size_diff for s in snapshot.compare_to(before, "filename"))
+        return f"{grown / patches / 1024:.1f}"
+
+    return [[f"{lines} lines, {patches} patches", per_patch(kept), per_patch(folded)]]
 
 
 def ballast(count: int) -> Iterator[list[Any]]:
@@ -259,6 +296,9 @@ def main() -> None:
     print(md_table(HEADERS, rows))
     print()
     print(md_table(["function", "ns per call (best of 5)"], call_costs()))
+    print()
+    print(md_table(["module", "KiB kept per patch", "after make_permanent (--squash)"],
+                   memory_costs()))
 
 
 HEADERS = [

@@ -85,16 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stop":
             c.add_argument("--fast", action="store_true", help="kill workers instead of draining")
 
-    pt = sub.add_parser("patch", help="apply, roll back or list in-process patches",
-                        usage="swapd patch FILE --module NAME [--dry-run] | --rollback | --list")
-    pt.add_argument("file", nargs="?", help="the module's new source")
-    pt.add_argument("--module", help="the module to patch, e.g. app.rules")
+    pt = sub.add_parser("patch", help="apply, roll back, squash or list in-process patches",
+                        usage="swapd patch FILE --module NAME [FILE --module NAME ...] "
+                              "[--dry-run] | --rollback | --squash | --list")
+    pt.add_argument("file", nargs="*",
+                    help="a module's whole new source; several FILE --module NAME pairs "
+                         "make one patch, committed in every worker all or none")
+    pt.add_argument("--module", action="append", default=[],
+                    help="the module the FILE before it replaces, e.g. app.rules")
     pt.add_argument("--dry-run", action="store_true",
-                    help="prepare on every worker, commit nothing")
+                    help="prepare on every worker and show the full plan; commit nothing")
     pt.add_argument("--accept-absent", action="store_true",
                     help="allow closure cells without a value (reading them raises NameError)")
     pt.add_argument("--prune", action="store_true", help="delete names the patch removes")
     pt.add_argument("--rollback", action="store_true", help="roll back the last patch")
+    pt.add_argument("--squash", action="store_true",
+                    help="make the patches in force permanent: workers drop what they keep "
+                         "to roll them back (memory); they can no longer be rolled back")
     pt.add_argument("--list", action="store_true", help="list the patches in force")
     pt.add_argument("--control", help="control socket path")
     pt.add_argument("--json", action="store_true", help="print raw JSON lines")
@@ -135,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["_reexec-check"]:
         return _reexec_check(argv[1:])
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_patch_argv(argv))
         if args.command == "run":
             return cmd_run(args)
         if args.command == "demo":
@@ -328,27 +335,56 @@ def cmd_client(args: argparse.Namespace) -> int:
     return EXIT_OK if result.get("ok") else EXIT_FAILED
 
 
+def _patch_argv(argv: list[str]) -> list[str]:
+    """``swapd patch a.py --module a b.py --module b``: argparse takes positionals only in
+    one run, so the FILEs move to the front (their order, and that of the --module
+    options, is kept: the n-th FILE goes with the n-th --module)."""
+    if argv[:1] != ["patch"]:
+        return argv
+    files: list[str] = []
+    rest: list[str] = []
+    tokens = iter(argv[1:])
+    for token in tokens:
+        if token in ("--module", "--control"):
+            rest += [token, next(tokens, "")]
+        elif token.startswith("-") and token != "-":
+            rest.append(token)
+        else:
+            files.append(token)
+    return ["patch", *files, *rest]
+
+
 def _patch_request(args: argparse.Namespace) -> dict[str, Any]:
-    if args.rollback or args.list:
-        if args.file or args.module or (args.rollback and args.list):
-            raise UsageError("swapd patch: --rollback and --list take no file or module")
-        return PatchArgs(action="rollback" if args.rollback else "list").body()
-    if not args.file or not args.module:
-        raise UsageError("swapd patch: give FILE and --module NAME (or --rollback, --list)")
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            source = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"swapd patch: cannot read {args.file}: {e}") from None
-    return PatchArgs(action="apply", module=args.module, source=source,
-                     name=os.path.basename(args.file), dry_run=args.dry_run,
-                     accept_absent=args.accept_absent, prune=args.prune).body()
+    actions = [a for a in ("rollback", "squash", "list") if getattr(args, a)]
+    if actions:
+        if args.file or args.module or len(actions) > 1:
+            raise UsageError("swapd patch: --rollback, --squash and --list take no file or "
+                             "module, and one at a time")
+        return PatchArgs(action=actions[0]).body()
+    if not args.file or len(args.file) != len(args.module):
+        raise UsageError("swapd patch: give FILE --module NAME (one --module per FILE), or "
+                         "--rollback, --squash, --list")
+    parts = []
+    for path, module in zip(args.file, args.module, strict=True):
+        try:
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"swapd patch: cannot read {path}: {e}") from None
+        parts.append({"module": module, "source": source, "name": os.path.basename(path)})
+    options = {"dry_run": args.dry_run, "accept_absent": args.accept_absent,
+               "prune": args.prune}
+    if len(parts) == 1:  # the request of one module, as every supervisor version takes it
+        return PatchArgs(action="apply", **parts[0], **options).body()
+    return PatchArgs(action="apply", parts=parts, **options).body()
 
 
 def _print_result(command: str, result: dict[str, Any]) -> None:
     data = result.get("data") or {}
     if not result.get("ok"):
         print(f"swapd {command}: FAILED: {result.get('error')}", file=sys.stderr)
+        if command == "patch" and data.get("plans"):
+            print(_format_plans(data["plans"]), file=sys.stderr)
         tail = data.get("tail")
         if tail:
             print(f"  output of {data.get('worker')}:", file=sys.stderr)
@@ -383,15 +419,82 @@ def _format_patch(data: dict[str, Any]) -> str:
         for p in data["patches"]:
             disk = {True: "on disk", False: "NOT on disk", None: "disk unknown"}[p["on_disk"]]
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["time"]))
-            lines.append(f"  #{p['id']}  {p['module']:<20} {p['name']:<16} "
-                         f"sha256 {p['sha256'][:12]}  {when}  by {p['who']}  ({disk})")
+            modules = ",".join(p.get("modules") or [p["module"]])
+            squashed = ", squashed" if p.get("squashed") else ""
+            lines.append(f"  #{p['id']}  {modules:<20} {p['name']:<16} "
+                         f"sha256 {p['sha256'][:12]}  {when}  by {p['who']}  ({disk}{squashed})")
         return "\n".join(lines)
+    if "squashed" in data:
+        ids = ", ".join(str(i) for i in data["squashed"])
+        return (f"swapd patch: patch(es) {ids} made permanent on {len(data['workers'])} "
+                "worker(s); they can no longer be rolled back")
     if data.get("dry_run"):
         verdict = "would commit" if data.get("committable") else "would be REFUSED"
-        return f"swapd patch: dry run: patch {data['patch']} {verdict}; nothing changed"
+        return (f"swapd patch: dry run: patch {data['patch']} {verdict}; nothing changed\n"
+                + _format_plans(data["plans"], full=True))
     if "module" in data:
-        return f"swapd patch: patch {data['patch']} ({data['module']}) rolled back"
-    return f"swapd patch: patch {data['patch']} in force on {len(data['plans'])} worker(s)"
+        head = f"swapd patch: patch {data['patch']} ({data['module']}) rolled back"
+        return "\n".join([head, *_grouped("notes", [
+            (r["worker"], r.get("notes") or []) for r in data.get("workers", [])])])
+    workers = len({p["worker"] for p in data["plans"]})
+    return "\n".join([f"swapd patch: patch {data['patch']} in force on {workers} worker(s)",
+                      _format_plans(data["plans"], full=False)]).rstrip()
+
+
+_PLAN_KEYS = ("changed", "added", "absent", "removed", "refused")
+
+
+def _format_plans(plans: list[dict[str, Any]], full: bool = True) -> str:
+    """Each module's plan, once for the workers whose plans agree: every item when
+    ``full`` (a dry run, a failure), else only the notes, which say what the patch could
+    not do (a constant kept at its runtime value, code still running the old version...)."""
+    lines: list[str] = []
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p in plans:
+        plan = p.get("plan")
+        key = json.dumps([p["module"], plan and {k: v for k, v in plan.items()
+                                                 if k not in ("state", "path")},
+                          p.get("error")], sort_keys=True)
+        groups.setdefault(key, []).append(p)
+    for members in groups.values():
+        first = members[0]
+        who = ", ".join(str(m["worker"]) for m in members)
+        plan = first.get("plan")
+        if plan is None:
+            lines.append(f"{first['module']} (worker {who}): FAILED: {first.get('error')}")
+            continue
+        items = [(key, _plan_item(key, i)) for key in _PLAN_KEYS if full
+                 for i in plan.get(key) or []]
+        notes = plan.get("notes") or []
+        if not items and not notes:
+            continue
+        lines.append(f"plan for {first['module']} (worker(s) {who}):")
+        for key, text in items:
+            lines.append(f"  {key + ':':<9} {text}")
+        lines += [f"  note:     {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def _plan_item(key: str, item: dict[str, Any]) -> str:
+    if key == "absent":
+        value = f" = {item['value']}" if item.get("value") else ""
+        return f"{item.get('function')}: {item.get('name')} ({item.get('source')}{value})"
+    if key == "refused":
+        return f"{item.get('where')}: {item.get('what')}: {item.get('reason')} " \
+               f"({item.get('remedy')})"
+    if key == "removed":
+        return f"{item.get('kind')} {item.get('where')}: {item.get('name')}"
+    return f"{item.get('kind')} {item.get('name')}: {item.get('detail')}"
+
+
+def _grouped(label: str, entries: list[tuple[int, list[str]]]) -> list[str]:
+    """Lines said by several workers, once each, with the workers that said them."""
+    seen: dict[str, list[int]] = {}
+    for worker, lines in entries:
+        for line in lines:
+            seen.setdefault(line, []).append(worker)
+    return [f"  {label[:-1]} (worker(s) {', '.join(map(str, ws))}): {line}"
+            for line, ws in seen.items()]
 
 
 def _indent(text: str, prefix: str = "  ") -> str:
@@ -429,8 +532,10 @@ def format_status(s: dict[str, Any]) -> str:
                      f"{parts or 'no timings'}; total {last.get('duration_ms', 0):.0f} ms")
     for p in s.get("patches", []):
         disk = {True: "on disk", False: "NOT on disk", None: "disk unknown"}[p["on_disk"]]
-        lines.append(f"patch #{p['id']} in force: {p['module']} from {p['name']} "
-                     f"(sha256 {p['sha256'][:12]}, {disk})")
+        modules = ",".join(p.get("modules") or [p["module"]])
+        squashed = ", squashed" if p.get("squashed") else ""
+        lines.append(f"patch #{p['id']} in force: {modules} from {p['name']} "
+                     f"(sha256 {p['sha256'][:12]}, {disk}{squashed})")
     lines += cli_ops.format_watch(s)
     for warning in s.get("warnings", []):
         lines.append(f"WARNING: {warning}")

@@ -106,7 +106,7 @@ class StopArgs(Args):
     fast: bool = False
 
 
-PATCH_ACTIONS = ("apply", "rollback", "list")
+PATCH_ACTIONS = ("apply", "rollback", "squash", "list")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +116,9 @@ class PatchArgs(Args):
     module: str | None = None
     source: str | None = dataclasses.field(default=None, metadata={"max_len": MAX_SOURCE})
     name: str = ""
+    # a patch set: [{module, source, name}] for several modules, committed all or none
+    # (each part is checked by the supervisor's patching; the line limit bounds their size)
+    parts: list[dict[str, Any]] | None = None
     dry_run: bool = False
     accept_absent: bool = False
     prune: bool = False
@@ -124,8 +127,12 @@ class PatchArgs(Args):
         if self.action not in PATCH_ACTIONS:
             raise MessageError(f"unknown patch action {self.action[:64]!r} "
                                f"({', '.join(PATCH_ACTIONS)})")
-        if self.action == "apply" and (not self.module or self.source is None):
+        single = self.module is not None or self.source is not None
+        if self.action == "apply" and self.parts is None and (not self.module
+                                                               or self.source is None):
             raise MessageError("patch needs 'module' (a name) and 'source' (the new text)")
+        if self.parts is not None and single:
+            raise MessageError("patch takes 'parts' or 'module' and 'source', not both")
 
 
 COMMANDS: dict[str, type[Args]] = {

@@ -6,9 +6,14 @@
     curl 'http://127.0.0.1:8000/quote?qty=12'      # 2700: right
     curl 'http://127.0.0.1:8000/stats'             # the counters kept counting
     swapd patch --rollback                          # the old code again, counters still kept
+    curl 'http://127.0.0.1:8000/total?qty=12'      # 360: price + 20% VAT
+    swapd patch examples/patching/vat/taxes.py --module taxes \
+                examples/patching/vat/rules.py --module rules      # one patch, two modules
+    curl 'http://127.0.0.1:8000/total?qty=12'      # 330: 10% VAT, both modules changed at once
 
-GET /quote?qty=N -> price in cents; POST /order?qty=N -> amount charged (400 if refused);
-GET /stats -> "pid=... quotes=... orders=... revenue=..." for the worker that answers.
+GET /quote?qty=N -> price in cents; GET /total?qty=N -> price with VAT; POST /order?qty=N ->
+amount charged (400 if refused); GET /stats -> "pid=... quotes=... orders=... revenue=..."
+for the worker that answers.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ async def app(request: Request) -> Response:
         if path == "/quote":
             rules.count_quote()
             return Response(200, str(rules.price(_qty(request.target))).encode())
+        if path == "/total":
+            return Response(200, str(rules.total(_qty(request.target))).encode())
         if path == "/order" and request.method == "POST":
             return Response(200, str(rules.order(_qty(request.target))).encode())
     except ValueError as e:

@@ -21,17 +21,29 @@ Semantics (see ``docs/patching.md`` for the operator's view)
   functions stored in cells are patched in place, so the cell needs no change.  Never by
   position: CPython only checks the *number* of free variables and ``co_freevars`` is
   sorted, so a renamed variable would silently read its neighbour's cell.
+* **Definitions sharing a name pair by where they are bound** (the assigned name, the
+  decorators, the dict key or list slot, the enclosing statement: `swapd.patch.sites`),
+  never by compile order; what cannot be paired is refused.
 * **Nothing unchanged runs again**: no decorator, no module statement.  Module data keeps
   its live value.  A changed ``NAME = <literal>`` takes the new literal only if the live
   value still equals the old literal; otherwise it is kept and the plan notes a conflict.
+* **Only what changed changes**: a default value whose expression changed (or reads a
+  constant the patch changes) gets the new value; every other default keeps its live
+  object.  Docstrings and annotations follow into ``property`` objects and
+  ``functools.wraps``/``lru_cache`` wrappers; ``singledispatch`` registrations follow a
+  changed annotation.
 * **Classes are updated in place**: methods, properties, classmethods, staticmethods and
   class constants change on the class object, so existing instances see them.
-* ``functools.lru_cache`` caches of patched functions are cleared after the commit.
+* ``functools.lru_cache``/``cache`` caches are cleared after the commit when the cached
+  function, or a name it reads (through other functions of the module too), changed;
+  `on_change` callbacks let applications drop their own caches.
 * Generators and coroutines already running finish on the old code; new calls get the new.
 * **Refused** ("needs a swap"): changed class bases, metaclass, class decorators,
   ``__slots__``, dataclass/attrs/NamedTuple/TypedDict fields, enum members, changed decorator
-  expressions, a function turning into (or from) a generator or coroutine, a changed
-  non-literal module statement without ``__swapd_migrate__``, ``from __future__`` changes.
+  expressions, a function turning into (or from) a generator or coroutine, a name that
+  turns from a function or class into anything else, definitions that cannot be paired, a
+  changed non-literal module statement without ``__swapd_migrate__``, ``from __future__``
+  changes.  ``docs/patching.md`` lists each with its reason.
 
 What the engine diffs against (the *base*)
 ------------------------------------------
@@ -65,10 +77,14 @@ with the cyclic GC paused and every replaced object kept alive by the undo log. 
 this over a table of trampolines flipped by one pointer store (the design in the reference):
 it is just as atomic, costs 25-140 ns per store (a 100-function commit blocks the loop for
 ~50 us in all), and leaves no per-call cost behind (a trampoline adds ~60 ns to every call
-until compaction).
-Trampolines remain only where they are unavoidable: a function whose free variables change
-keeps its identity and gets a code object that calls a new function built on the joined
-cells (see ``bench/bench_patch_commit.py`` for figures).
+until compaction).  A function whose free variables change keeps its identity and runs code
+compiled from its new ``def`` for the closure it has (`swapd.patch.closures`): no forwarding
+frame, its real signature (see ``bench/bench_patch_commit.py`` for figures).
+
+Several modules can be patched as one (`commit_all`): their stores form one batch, their
+migrations run in order, and a failure undoes all of it; the set rolls back as a whole.
+`make_permanent` folds committed patches: they stay, and the engine drops what it kept to
+undo them (the replaced code and values, the old sources).
 
 Guarantee, on GIL builds of CPython 3.11+: the commit is one indivisible step for every
 other thread.  Every bytecode another thread executes sees either none or all of the
@@ -93,8 +109,9 @@ Migrations
 ``ctx.set``/``ctx.setitem``/``ctx.delete``/``ctx.delitem`` are undo-logged, and if the hook
 raises, everything is rolled back and `MigrationFailed` is raised.  ``__swapd_rollback__(ctx)``
 runs first when the patch is rolled back; then the code is restored in one step, and the
-migration's changes are undone right after it.  The ``__swapd_*`` hooks are never bound into
-the module.
+migration's changes are undone right after it: each value is restored only if it is still
+the one the migration left (a value the application wrote since is kept, and the rollback's
+notes say so).  The ``__swapd_*`` hooks are never bound into the module.
 
 Errors
 ------
@@ -125,34 +142,21 @@ Plan wire format (``Plan.to_dict()``, JSON-able)
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import os
 import sys
-from collections.abc import Callable
-from types import FunctionType, ModuleType
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
 
-from swapd.patch.code import CodeIndex, CodeKey, is_target
 from swapd.patch.commit import (
-    DELETE,
-    MISSING,
     MigrationContext,
-    ModuleState,
-    Op,
-    Store,
-    UndoFailed,
-    apply_or_undo,
-    changed_since,
     drop_state,
     existing_state,
-    forward_ops,
     is_current,
     state_for,
-    undo_ops,
 )
+from swapd.patch.listeners import PatchEvent, on_change
 from swapd.patch.model import (
-    NEEDS_SWAP,
     AbsentCell,
     AbsentCells,
     Added,
@@ -172,7 +176,8 @@ from swapd.patch.model import (
     RollbackError,
     SourceUnavailable,
 )
-from swapd.patch.plan import PlanData, Planner, linecache_entry, set_linecache
+from swapd.patch.plan import make_plan
+from swapd.patch.rollback import Applied, RollbackPlan, make_permanent
 from swapd.patch.source import (
     base_source as _base_source,
 )
@@ -186,6 +191,7 @@ from swapd.patch.source import (
 from swapd.patch.source import (
     forget as _forget_record,
 )
+from swapd.patch.transaction import Plan, commit_all
 
 __all__ = [
     "AbsentCell",
@@ -198,6 +204,7 @@ __all__ = [
     "MigrationContext",
     "MigrationFailed",
     "PatchError",
+    "PatchEvent",
     "PatchExecError",
     "PatchImportError",
     "PatchInconsistent",
@@ -212,14 +219,15 @@ __all__ = [
     "SourceUnavailable",
     "applied",
     "apply",
+    "commit_all",
     "forget",
+    "make_permanent",
+    "on_change",
     "prepare",
     "record_sources",
     "source_of",
     "stop_recording",
 ]
-
-T = TypeVar("T")
 
 
 def _module(module: ModuleType | str) -> ModuleType:
@@ -240,28 +248,6 @@ def _display(filename: str) -> str:
     return filename if rel.startswith("..") else rel
 
 
-def _run_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-    """Run ``fn`` on ``loop``'s thread between two callbacks; a future for the result."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def run() -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(fn())
-        except BaseException as e:
-            future.set_exception(e)
-            if not isinstance(e, Exception):
-                raise
-
-    loop.call_soon_threadsafe(run)
-    return future
-
-
-def _records(items: list[Any]) -> list[dict[str, Any]]:
-    return [dict(item._asdict()) for item in items]
-
-
 # ---------------------------------------------------------------- prepare
 
 
@@ -275,6 +261,7 @@ def prepare(
     prune: bool = False,
     source_name: str | None = None,
     scan_heap: bool = True,
+    peers: Sequence[Plan] = (),
 ) -> Plan:
     """Plan replacing ``module``'s code with ``new_source``, without changing anything.
 
@@ -283,7 +270,10 @@ def prepare(
     names and members the new source no longer defines (default: keep them).
     ``scan_heap`` (default) walks the garbage collector's objects to find closures made by
     calls and functions held only outside the module; it holds the GIL for roughly
-    ~15-25 ms per million objects.  ``source_name`` is used in diagnostics.
+    ~15-25 ms per million objects.  ``source_name`` is used in diagnostics.  ``peers`` are
+    plans of other modules to be committed with this one (`commit_all`): a new
+    ``from other import name`` in this patch takes ``name`` from the peer plan of
+    ``other`` when that plan adds or rebinds it.
     """
     mod = _module(module)
     filename = module_filename(mod)
@@ -293,6 +283,8 @@ def prepare(
     # after this read makes the plan stale, never wrong.
     with state.lock:
         version, current = state.version, state.current
+        trash, state.trash = state.trash, []
+    del trash  # freed here, not on the loop that committed
     base = _base_source(mod, filename, current, base_source)
     if base_sha256 is not None and base_sha256 != base.sha256:
         raise BaseSourceMismatch(
@@ -303,7 +295,7 @@ def prepare(
         new_text = decode(new_source)
     except (SyntaxError, UnicodeDecodeError) as e:
         raise PatchSyntaxError(f"{display}: SyntaxError: cannot decode source: {e}") from e
-    planner = Planner(
+    data = make_plan(
         mod,
         state,
         base,
@@ -314,437 +306,14 @@ def prepare(
         display=display,
         prune=prune,
         scan_heap=scan_heap,
+        peers={p.module_name: p.bindings() for p in peers},
     )
-    return Plan(planner.run(), accept_absent)
+    return Plan(data, accept_absent)
 
 
 def apply(module: ModuleType | str, new_source: str | bytes, **options: Any) -> Applied:
     """`prepare` and `Plan.commit` in one call, on the calling thread."""
     return prepare(module, new_source, **options).commit()
-
-
-class Plan:
-    """A prepared patch.  Reading it is free; `commit` applies it atomically."""
-
-    def __init__(self, data: PlanData, accept_absent: bool) -> None:
-        self._data = data
-        self._accept_absent = accept_absent
-        self._status = "prepared"
-        self._forward = forward_ops(data.stores)
-        self._undo = undo_ops(data.stores)
-        self._reads = [s.read_op() for s in data.stores]
-        self._expected = [s.old for s in data.stores]
-        self._lines = linecache_entry(data.filename, data.new_text, data.lines)
-        self._superseded = data.state.entries(data.superseded)
-        # Built now so the commit, on the event-loop thread, allocates next to nothing.
-        self._ctx = MigrationContext(data.module, "migrate", self.to_dict() if data.migrate else {})
-        self._handle = Applied(self, self._ctx)
-
-    module_name = property(lambda self: self._data.name)
-    sha256 = property(lambda self: self._data.new_sha)
-    base_sha256 = property(lambda self: self._data.base.sha256)
-    base_origin = property(lambda self: self._data.base.origin)
-    status = property(lambda self: self._status)
-
-    @property
-    def changed(self) -> list[Change]:
-        return list(self._data.changed)
-
-    @property
-    def added(self) -> list[Added]:
-        return list(self._data.added)
-
-    @property
-    def absent(self) -> list[AbsentCell]:
-        return list(self._data.absent)
-
-    @property
-    def removed(self) -> list[Removed]:
-        return list(self._data.removed)
-
-    @property
-    def refused(self) -> list[Refusal]:
-        return list(self._data.refused)
-
-    @property
-    def notes(self) -> list[str]:
-        return list(self._data.notes)
-
-    @property
-    def needs_accept_absent(self) -> bool:
-        return self._data.needs_ack
-
-    @property
-    def committable(self) -> bool:
-        return not self._data.refused and (not self._data.needs_ack or self._accept_absent)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = self._data
-        refused = [dict(r._asdict(), remedy=NEEDS_SWAP) for r in d.refused]
-        return {
-            "module": d.name,
-            "file": d.display,
-            "sha256": d.new_sha,
-            "state": self._status,
-            "base": {"sha256": d.base.sha256, "origin": d.base.origin},
-            "changed": _records(d.changed),
-            "added": _records(d.added),
-            "absent": _records(d.absent),
-            "removed": _records(d.removed),
-            "refused": refused,
-            "notes": list(d.notes),
-            "stores": len(d.stores),
-            "committable": self.committable,
-            "accept_absent_required": d.needs_ack,
-            "migrate": d.migrate is not None,
-            "rollback_hook": d.rollback_hook is not None,
-        }
-
-    def discard(self) -> None:
-        """Drop the plan.  New modules it imported stay imported."""
-        if self._status == "prepared":
-            self._status = "discarded"
-            self._forward = self._undo = self._reads = self._expected = []
-
-    def commit_soon(self, loop: asyncio.AbstractEventLoop) -> concurrent.futures.Future[Applied]:
-        """Commit on ``loop``'s thread, between two of its callbacks (thread-safe)."""
-        return _run_soon(loop, self.commit)
-
-    def commit(self, *, accept_absent: bool = False) -> Applied:
-        """Apply the plan in one indivisible step (see the module docstring) and return the
-        handle that rolls it back.  Raises without changing anything if the plan is refused,
-        needs ``accept_absent``, or is stale.  After `CommitFailed` or `MigrationFailed`
-        everything was undone and the plan may be committed again; after `PatchInconsistent`
-        (the undo failed too) it is "failed"."""
-        d = self._data
-        if self._status != "prepared":
-            raise PatchError(f"{d.display}: this plan was already {self._status}")
-        if d.refused:
-            raise PatchRefused(d.name, d.refused)
-        if d.needs_ack and not (accept_absent or self._accept_absent):
-            empty = [a for a in d.absent if a.source == "EMPTY"]
-            raise AbsentCells(d.name, empty)
-        state = d.state
-        with state.lock:
-            self._check_fresh(state)
-            stale = changed_since(self._reads, self._expected)
-            if stale:
-                what = ", ".join(d.stores[i].describe() for i in stale[:3])
-                raise PlanStale(f"{d.display}: {what} changed since prepare; prepare again")
-            try:
-                apply_or_undo(self._forward, self._undo)
-            except UndoFailed as e:
-                self._status = "failed"
-                raise PatchInconsistent(
-                    f"{d.display}: a store failed during the commit ({e}): the module runs "
-                    "part of the new code"
-                ) from e
-            except Exception as e:
-                raise CommitFailed(
-                    f"{d.display}: a store failed ({type(e).__name__}: {e}); nothing was changed"
-                ) from e
-            ctx = self._ctx
-            if d.migrate is not None:
-                try:
-                    d.migrate(ctx)
-                except BaseException as e:
-                    self._abort(ctx, e)
-                    if not isinstance(e, Exception):
-                        raise
-                    raise MigrationFailed(
-                        f"{d.display}: __swapd_migrate__ raised {type(e).__name__}: {e}; "
-                        "the patch was rolled back"
-                    ) from e
-            for wrapper in d.lru_clear:
-                wrapper.cache_clear()
-            handle = self._handle
-            handle._activate(state.current, len(state.stack) + 1)
-            # Keep the replaced entry: freeing its lines here would cost the loop ~10 us.
-            handle._previous_lines = set_linecache(d.filename, self._lines)
-            state.version += 1
-            state.current = d.new_text
-            state.superseded.update(self._superseded)
-            state.stack.append(handle)
-            self._status = "committed"
-            return handle
-
-    def _check_fresh(self, state: ModuleState) -> None:
-        d = self._data
-        if not is_current(state) or sys.modules.get(d.name, d.module) is not d.module:
-            raise PlanStale(f"{d.display}: the module was reloaded or replaced since prepare")
-        if state.version != d.version:
-            raise PlanStale(
-                f"{d.display}: the module was patched or rolled back since prepare; prepare again"
-            )
-
-    def _abort(self, ctx: MigrationContext, error: BaseException) -> None:
-        """Undo a commit whose migration raised ``error``: the migration's changes, then the
-        stores.  The plan stays prepared, with no note left from the failed attempt, unless
-        something could not be undone (`PatchInconsistent`; the plan is then "failed")."""
-        d = self._data
-        failed: list[str] = []
-        try:
-            ctx.undo()
-        except Exception as e:
-            failed.append(f"undoing its changes failed ({type(e).__name__}: {e})")
-        try:
-            apply_or_undo(list(reversed(self._undo)), list(reversed(self._forward)))
-        except UndoFailed as e:
-            failed.append(f"restoring the old code failed ({e}): part of the new code is live")
-        except Exception as e:
-            failed.append(
-                f"restoring the old code failed ({type(e).__name__}: {e}): the new code is live"
-            )
-        ctx.notes.clear()
-        if failed:
-            self._status = "failed"
-            raise PatchInconsistent(
-                f"{d.display}: __swapd_migrate__ raised {type(error).__name__}: {error}; "
-                + "; ".join(failed)
-            ) from error
-
-
-# ---------------------------------------------------------------- committed patches
-
-
-class Applied:
-    """A committed patch: the handle that rolls it back."""
-
-    def __init__(self, plan: Plan, ctx: MigrationContext) -> None:
-        self._plan = plan
-        self._data = plan._data
-        self._ctx = ctx
-        self._previous_current: str | None = None
-        self._previous_lines: object = None
-        self.serial = 0
-        self.active = False
-        self._notes = plan._data.notes
-
-    def _activate(self, previous_current: str | None, serial: int) -> None:
-        self._previous_current = previous_current
-        self.serial = serial
-        self.active = True
-
-    @property
-    def notes(self) -> list[str]:
-        """The plan's notes and those the migration added."""
-        return self._notes + self._ctx.notes
-
-    module_name = property(lambda self: self._data.name)
-    sha256 = property(lambda self: self._data.new_sha)
-    base_sha256 = property(lambda self: self._data.base.sha256)
-    changed = property(lambda self: list(self._data.changed))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "module": self._data.name,
-            "serial": self.serial,
-            "sha256": self._data.new_sha,
-            "base_sha256": self._data.base.sha256,
-            "active": self.active,
-            "changed": _records(self._data.changed),
-            "notes": list(self.notes),
-        }
-
-    def prepare_rollback(self, *, scan_heap: bool = True) -> RollbackPlan:
-        """Plan the rollback (any thread).  With ``scan_heap``, closures that the patched
-        code created since the commit are switched back to the old code too (when their
-        free variables allow it; the others are listed in the notes)."""
-        return RollbackPlan(self, scan_heap)
-
-    def rollback(self, *, scan_heap: bool = True) -> list[str]:
-        """Roll back on the calling thread; returns notes (see `RollbackPlan.commit`)."""
-        return self.prepare_rollback(scan_heap=scan_heap).commit()
-
-    def rollback_soon(
-        self, loop: asyncio.AbstractEventLoop
-    ) -> concurrent.futures.Future[list[str]]:
-        """Plan now, commit the rollback on ``loop``'s thread between callbacks."""
-        plan = self.prepare_rollback()
-        return _run_soon(loop, plan.commit)
-
-
-class RollbackPlan:
-    """A prepared rollback of the most recent patch of a module."""
-
-    def __init__(self, applied: Applied, scan_heap: bool) -> None:
-        d = applied._data
-        self._applied = applied
-        self._state = d.state
-        self._check(applied)
-        self._version = d.state.version
-        self.notes: list[str] = []
-        self._stores = list(d.stores)
-        self._strays: list[Store] = []
-        if scan_heap and d.base_index is not None:
-            self._find_strays(d.base_index)
-        self._lines = linecache_entry(
-            d.filename, d.base.text, d.base.text.splitlines(keepends=True)
-        )
-        # Everything the commit needs, built now (the commit runs on the event loop).
-        stores, strays = self._stores, self._strays
-        self._reads = [s.read_op() for s in stores + strays]
-        self._expected = [MISSING if s.new is DELETE else s.new for s in stores]
-        self._expected += [s.old for s in strays]
-        self._ops, self._inverse = _rollback_ops(stores, strays)
-        self._installed = d.state.entries(d.installed)
-        plan = applied.to_dict() if d.rollback_hook is not None else {}
-        self._ctx = MigrationContext(d.module, "rollback", plan)
-
-    def _check(self, applied: Applied) -> None:
-        d = applied._data
-        state = d.state
-        if not applied.active:
-            raise RollbackError(f"{d.display}: patch #{applied.serial} is not active")
-        if not is_current(state) or sys.modules.get(d.name, d.module) is not d.module:
-            raise RollbackError(f"{d.display}: the module was reloaded or replaced")
-        if not state.stack or state.stack[-1] is not applied:
-            top = state.stack[-1].serial if state.stack else "?"
-            raise RollbackError(
-                f"{d.display}: patch #{applied.serial} is not the latest; roll back #{top} first"
-            )
-
-    def _find_strays(self, base_index: CodeIndex) -> None:
-        import gc
-
-        d = self._applied._data
-        installed: dict[int, CodeKey] = {id(code): key for code, key in d.installed}
-        added = {id(code) for code in d.installed_new}
-        moddict = d.module.__dict__
-        kept = 0
-        objects = gc.get_objects()
-        try:
-            for obj in objects:
-                if type(obj) is not FunctionType or obj.__globals__ is not moddict:
-                    continue
-                if is_target(obj):
-                    continue
-                if id(obj) in d.touched:
-                    continue
-                key = installed.get(id(obj.__code__))
-                if key is None:
-                    kept += id(obj.__code__) in added
-                    continue
-                old = base_index.by_key.get(key)
-                if old is not None and old.co_freevars == obj.__code__.co_freevars:
-                    self._strays.append(Store("attr", obj, "__code__", old, obj.__code__))
-                else:
-                    kept += 1
-        finally:
-            del objects
-        if self._strays:
-            self.notes.append(
-                f"{d.display}: {len(self._strays)} function(s) created by the patched code "
-                "since the commit switch back to the old code"
-            )
-        if kept:
-            self.notes.append(
-                f"{d.display}: {kept} function(s) created by the patched code keep it (the old "
-                "code has no counterpart with the same free variables)"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = self._applied._data
-        return {
-            "module": d.name,
-            "serial": self._applied.serial,
-            "stores": len(self._stores) + len(self._strays),
-            "migrate_undo": self._applied._ctx.recorded,
-            "rollback_hook": d.rollback_hook is not None,
-            "notes": list(self.notes),
-        }
-
-    def commit_soon(self, loop: asyncio.AbstractEventLoop) -> concurrent.futures.Future[list[str]]:
-        return _run_soon(loop, self.commit)
-
-    def commit(self) -> list[str]:
-        """Run ``__swapd_rollback__``, restore the previous code and values in one indivisible
-        step, then undo the migration; returns notes.  `RollbackError`: nothing was rolled
-        back.  `PatchInconsistent`: an undo failed too; the message says what is left."""
-        applied = self._applied
-        d = applied._data
-        state = self._state
-        with state.lock:
-            self._check(applied)
-            if state.version != self._version:
-                raise RollbackError(
-                    f"{d.display}: the module changed since the rollback was planned"
-                )
-            # What we set must still be there.  Data values (constants) changed since are
-            # kept; anything else changed means someone else patched the module.
-            ops, inverse, notes = self._ops, self._inverse, list(self.notes)
-            stale = changed_since(self._reads, self._expected)
-            if stale:
-                ops, inverse = self._without(stale, notes)
-            ctx = self._ctx
-            if d.rollback_hook is not None:
-                try:
-                    d.rollback_hook(ctx)
-                except Exception as e:
-                    self._unwind(ctx, f"__swapd_rollback__ raised {type(e).__name__}: {e}", e)
-            # The code first: that step is all or nothing, undoing the migration is not.
-            try:
-                apply_or_undo(ops, inverse)
-            except UndoFailed as e:
-                raise PatchInconsistent(
-                    f"{d.display}: a store failed during the rollback ({e}): the module runs "
-                    "part of the old code and part of the new"
-                ) from e
-            except Exception as e:
-                self._unwind(ctx, f"a store failed ({type(e).__name__}: {e})", e)
-            for wrapper in d.lru_clear:
-                wrapper.cache_clear()
-            applied._previous_lines = set_linecache(d.filename, self._lines)
-            state.stack.pop()
-            state.version += 1
-            state.current = applied._previous_current
-            state.superseded.update(self._installed)
-            applied.active = False
-            try:
-                applied._ctx.undo()
-            except Exception as e:
-                raise PatchInconsistent(
-                    f"{d.display}: the code was rolled back, but undoing the migration failed "
-                    f"({type(e).__name__}: {e}); the data it changed is partly still migrated"
-                ) from e
-            return notes + ctx.notes
-
-    def _unwind(self, ctx: MigrationContext, what: str, error: Exception) -> NoReturn:
-        """Nothing was rolled back: undo the rollback hook's changes and say so."""
-        d = self._applied._data
-        try:
-            ctx.undo()
-        except Exception as e:
-            raise PatchInconsistent(
-                f"{d.display}: {what}; undoing __swapd_rollback__'s changes failed "
-                f"({type(e).__name__}: {e}); the patch is still in force"
-            ) from error
-        raise RollbackError(f"{d.display}: {what}; nothing was rolled back") from error
-
-    def _without(self, stale: list[int], notes: list[str]) -> tuple[list[Op], list[Op]]:
-        """Ops for a rollback where some values changed since the commit."""
-        d = self._applied._data
-        count = len(self._stores)
-        for i in stale:
-            if i < count and not self._stores[i].data:
-                raise RollbackError(
-                    f"{d.display}: {self._stores[i].describe()} was changed outside swapd "
-                    "since the commit"
-                )
-            if i < count:
-                notes.append(f"{d.display}: {self._stores[i].describe()} changed since; kept")
-        skip = set(stale)
-        keep = [s for i, s in enumerate(self._stores) if i not in skip]
-        strays = [s for i, s in enumerate(self._strays) if i + count not in skip]
-        return _rollback_ops(keep, strays)
-
-
-def _rollback_ops(stores: list[Store], strays: list[Store]) -> tuple[list[Op], list[Op]]:
-    """A rollback's batch (the patch's stores undone, newest first, and the stray closures
-    switched back) and its inverse, for `apply_or_undo`."""
-    ops = list(reversed(undo_ops(stores))) + forward_ops(strays)
-    inverse = list(reversed(forward_ops(stores))) + undo_ops(strays)
-    return ops, inverse
 
 
 # ---------------------------------------------------------------- module helpers

@@ -1,24 +1,16 @@
-"""Code objects, the functions that run them, and trampolines.
+"""Code objects and the live functions that run them.
 
 Keys.  A code object is named by ``(co_qualname, ordinal)``: the ordinal counts code objects
 with the same qualified name in compile order (two lambdas in one function, a property's
-getter and setter).  Line numbers are never part of a key, so adding lines above a function
-does not lose it.  A live code object is mapped to its key by structural equality with the
-code compiled from the base source (CPython's code equality covers bytecode, constants,
-names and positions; we add the qualified name).
+getter and setter); `swapd.patch.sites` pairs such keys across versions by where each is
+bound.  Line numbers are never part of a key, so adding lines above a function does not lose
+it.  A live code object is mapped to its key by structural equality with the code compiled
+from the base source (CPython's code equality covers bytecode, constants, names and
+positions; we add the qualified name).
 
-Trampolines.  A function object's closure cannot be replaced, and ``__code__`` only accepts
-code with the same number of free variables.  When a patch changes the set of free
-variables, the function keeps its identity and receives a trampoline: a code object with
-exactly the function's own free variables (named, but referenced only in dead code, so they
-are never read) whose body calls the real new function held in a `Box` constant:
-
-    def f(*a, **k): return "<Box>".target(*a, **k); <own free vars>          # def
-    async def f(*a, **k): return await "<Box>".target(*a, **k); ...             # async def
-    def f(*a, **k): return (yield from "<Box>".target(*a, **k)); ...            # generator
-
-The box replaces the placeholder string in ``co_consts``.  Async generators cannot be
-delegated faithfully and are refused.
+Adapted code.  A function whose free variables a patch changed runs code compiled for its
+own closure (`swapd.patch.closures`); the registry here maps such code to the code it stands
+for, so the engine sees the function as the source defines it.
 """
 
 from __future__ import annotations
@@ -34,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import (
     AsyncGeneratorType,
+    CellType,
     CodeType,
     CoroutineType,
     FunctionType,
@@ -102,6 +95,7 @@ class CodeIndex:
     def __init__(self, module_codes: list[CodeType]) -> None:
         self.by_key: dict[CodeKey, CodeType] = {}
         self.parent: dict[CodeKey, CodeKey | None] = {}
+        self.container: dict[CodeKey, CodeType] = {}  # the code object holding it
         self.key_of: dict[int, CodeKey] = {}
         self._by_pos: dict[tuple[str, int], list[CodeKey]] = {}
         self.counts: Counter[str] = Counter()
@@ -117,6 +111,7 @@ class CodeIndex:
             self.counts[qual] += 1
             self.by_key[key] = const
             self.parent[key] = parent
+            self.container[key] = code
             self.key_of[id(const)] = key
             self._by_pos.setdefault((qual, const.co_firstlineno), []).append(key)
             self._walk(const, key)
@@ -145,95 +140,46 @@ class CodeIndex:
         return None
 
 
-class Box:
-    """The mutable constant a trampoline calls through."""
-
-    __slots__ = ("__weakref__", "target")
-
-    def __init__(self, target: FunctionType) -> None:
-        self.target = target
-
-
-_PLACEHOLDER = "__swapd_box__"
-_TEMPLATES = {
-    "function": "def __swapd_t(*__swapd_a, **__swapd_k): "
-    'return "__swapd_box__".target(*__swapd_a, **__swapd_k)',
-    "coroutine": "async def __swapd_t(*__swapd_a, **__swapd_k): "
-    'return await "__swapd_box__".target(*__swapd_a, **__swapd_k)',
-    "generator": "def __swapd_t(*__swapd_a, **__swapd_k): "
-    'return (yield from "__swapd_box__".target(*__swapd_a, **__swapd_k))',
-}
-_template_cache: dict[tuple[str, tuple[str, ...]], CodeType] = {}
-# id(trampoline code) -> (weakref to it, its box); id(target function) -> weakref to it.
+# id(adapted code) -> (weakref to it, the code it stands for, the cells in its constants).
+# Adapted code (`swapd.patch.closures`) runs a function's new code on the closure it has;
+# the engine sees such a function as the new source defines it: that code, those cells.
 # No lock: single dict operations are atomic under the GIL, and a lock taken in a weakref
 # callback can deadlock when the collector runs while it is held.
-_trampolines: dict[int, tuple[weakref.ref[CodeType], Box]] = {}
-_targets: dict[int, weakref.ref[FunctionType]] = {}
+_adapted: dict[int, tuple[weakref.ref[CodeType], CodeType, dict[str, CellType]]] = {}
 
 
-def _forget_when_dead(table: dict[int, Any], key: int) -> Any:
+def register_adapted(code: CodeType, logical: CodeType, cells: dict[str, CellType]) -> None:
+    ident = id(code)
+
     def drop(ref: object) -> None:
-        entry = table.get(key)
-        current = entry[0] if isinstance(entry, tuple) else entry
-        if current is ref:  # not an entry registered since under a reused id
-            table.pop(key, None)
+        entry = _adapted.get(ident)
+        if entry is not None and entry[0] is ref:  # not an entry registered since under a reused id
+            _adapted.pop(ident, None)
 
-    return drop
-
-
-def _template(kind_: str, freevars: tuple[str, ...]) -> CodeType:
-    cached = _template_cache.get((kind_, freevars))
-    if cached is not None:
-        return cached
-    # The free variables are parameters of an enclosing function and are named after the
-    # return statement, i.e. in dead code: the symbol table makes them free variables, the
-    # compiler emits no instruction that reads them.
-    dead = "; " + "; ".join(freevars) if freevars else ""
-    params = ", ".join(freevars)
-    source = f"def __swapd_outer({params}):\n    {_TEMPLATES[kind_]}{dead}\n"
-    outer = compile(source, "<swapd trampoline>", "exec", dont_inherit=True)
-    outer_code = next(c for c in outer.co_consts if isinstance(c, CodeType))
-    code = next(c for c in outer_code.co_consts if isinstance(c, CodeType))
-    assert code.co_freevars == freevars, (code.co_freevars, freevars)
-    _template_cache[(kind_, freevars)] = code
-    return code
+    _adapted[ident] = (weakref.ref(code, drop), logical, cells)
 
 
-def make_trampoline(fn: FunctionType, target: FunctionType) -> CodeType:
-    """A code object for ``fn`` (same kind, same free variables) that calls ``target``."""
-    own = fn.__code__.co_freevars
-    kind_ = kind(target.__code__)
-    template = _template(kind_, own)
-    box = Box(target)
-    consts = tuple(box if c == _PLACEHOLDER else c for c in template.co_consts)
-    code = template.replace(
-        co_consts=consts,
-        co_name=fn.__name__,
-        co_qualname=fn.__qualname__,
-        co_filename=target.__code__.co_filename,
-        co_firstlineno=target.__code__.co_firstlineno,
-    )
-    _trampolines[id(code)] = (weakref.ref(code, _forget_when_dead(_trampolines, id(code))), box)
-    _targets[id(target)] = weakref.ref(target, _forget_when_dead(_targets, id(target)))
-    return code
+def _entry(code: CodeType) -> tuple[weakref.ref[CodeType], CodeType, dict[str, CellType]] | None:
+    entry = _adapted.get(id(code))
+    return entry if entry is not None and entry[0]() is code else None
 
 
-def trampoline_box(code: CodeType) -> Box | None:
-    entry = _trampolines.get(id(code))
-    if entry is not None and entry[0]() is code:
-        return entry[1]
-    return None
+def logical_code(code: CodeType) -> CodeType:
+    """The code of the source that ``code`` runs (itself, unless it is adapted code)."""
+    entry = _entry(code)
+    return code if entry is None else entry[1]
 
 
-def is_target(fn: FunctionType) -> bool:
-    entry = _targets.get(id(fn))
-    return entry is not None and entry() is fn
-
-
-def logical(fn: FunctionType) -> FunctionType:
-    """The function whose code actually runs when ``fn`` is called."""
-    box = trampoline_box(fn.__code__)
-    return fn if box is None else box.target
+def logical_cells(fn: FunctionType) -> dict[str, CellType]:
+    """The cells of ``fn`` by the names its logical code uses for them: its closure, and
+    for adapted code also the cells held in its constants (names it no longer uses are
+    left out)."""
+    own = dict(zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True))
+    entry = _entry(fn.__code__)
+    if entry is None:
+        return own
+    _, logical, moved = entry
+    return {n: own[n] if n in own else moved[n] for n in logical.co_freevars}
 
 
 # ---------------------------------------------------------------- live discovery
@@ -251,10 +197,13 @@ class LiveFunction:
         self.paths: list[str] = []
         self.owners: list[type] = []
 
-    def current(self) -> FunctionType:
-        """The function whose code runs when ``fn`` is called (``fn`` or its trampoline's
-        target).  A method, not a property: type checkers bind function-typed properties."""
-        return logical(self.fn)
+    def code(self) -> CodeType:
+        """The code of the source the function runs (see `logical_code`)."""
+        return logical_code(self.fn.__code__)
+
+    def cells(self) -> dict[str, CellType]:
+        """Its cells by the names that code uses (see `logical_cells`)."""
+        return logical_cells(self.fn)
 
 
 @dataclass
@@ -266,6 +215,9 @@ class Discovery:
         default_factory=list
     )
     runners: list[Any] = field(default_factory=list)
+    properties: list[tuple[type, str, property]] = field(default_factory=list)
+    wrappers: list[tuple[Any, Any]] = field(default_factory=list)  # (wrapper, __wrapped__)
+    dispatchers: list[Any] = field(default_factory=list)  # functools.singledispatch functions
     heap_scanned: bool = False
 
 
@@ -301,6 +253,8 @@ class _Walker:
         elif t is staticmethod or t is classmethod:
             self.visit(obj.__func__, path, owner)  # type: ignore[attr-defined]
         elif issubclass(t, property):
+            if owner is not None and all(p is not obj for _, _, p in self.found.properties):
+                self.found.properties.append((owner, path.rsplit(".", 1)[-1], obj))  # type: ignore[arg-type]
             for part in (obj.fget, obj.fset, obj.fdel):  # type: ignore[attr-defined]
                 if part is not None:
                     self.visit(part, path, owner)
@@ -316,13 +270,18 @@ class _Walker:
         elif t is LruWrapper:
             self.seen.add(id(obj))
             self.found.lru.append(obj)
+            self.found.wrappers.append((obj, obj.__wrapped__))  # type: ignore[attr-defined]
             self.visit(obj.__wrapped__, path, owner)  # type: ignore[attr-defined]
+        elif issubclass(t, functools.singledispatchmethod):
+            self.seen.add(id(obj))
+            self.visit(obj.dispatcher, path, owner)  # type: ignore[attr-defined]
+            self.visit(obj.func, path, owner)  # type: ignore[attr-defined]
         elif t is MethodType:
             self.visit(obj.__func__, path, owner)  # type: ignore[attr-defined]
 
     def function(self, fn: FunctionType, path: str, owner: type | None) -> None:
         entry = self.found.functions.get(id(fn))
-        if entry is None and fn.__globals__ is self.globals and not is_target(fn):
+        if entry is None and fn.__globals__ is self.globals:
             entry = LiveFunction(fn, reachable=True)
             self.found.functions[id(fn)] = entry
         if entry is not None:
@@ -332,8 +291,7 @@ class _Walker:
         if id(fn) in self.seen:
             return
         self.seen.add(id(fn))
-        real = logical(fn)
-        for cell in real.__closure__ or ():
+        for cell in logical_cells(fn).values():
             try:
                 content = cell.cell_contents
             except ValueError:  # an empty cell
@@ -342,9 +300,11 @@ class _Walker:
         for extra in ("__wrapped__", "registry"):
             value = fn.__dict__.get(extra)
             if extra == "__wrapped__" and value is not None:
+                self.found.wrappers.append((fn, value))
                 self.visit(value, path, owner)
             elif extra == "registry" and value is not None and "dispatch" in fn.__dict__:
-                for impl in list(value.values()):  # functools.singledispatch
+                self.found.dispatchers.append(fn)  # functools.singledispatch
+                for impl in list(value.values()):
                     self.visit(impl, path, None)
 
     def klass(self, cls: type) -> None:
@@ -373,7 +333,7 @@ def discover(module: ModuleType, filename: str, scan_heap: bool) -> Discovery:
             t = type(obj)
             if t is FunctionType:
                 known = id(obj) in found.functions
-                if obj.__globals__ is moddict and not known and not is_target(obj):
+                if obj.__globals__ is moddict and not known:
                     found.functions[id(obj)] = LiveFunction(obj, reachable=False)
             elif t in runner_types:
                 code = runner_code(obj)

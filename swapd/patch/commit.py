@@ -18,15 +18,17 @@ undo log holds them.  A Python audit hook (``sys.addaudithook``) does run byteco
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import gc
 import operator
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import starmap
 from types import CodeType, ModuleType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from swapd.patch.code import CodeKey
 from swapd.patch.source import recorded
@@ -44,19 +46,20 @@ MISSING: Any = _Sentinel("MISSING")  # the attribute or key did not exist
 DELETE: Any = _Sentinel("DELETE")  # the store deletes the attribute or key
 
 Op = tuple[Any, ...]
+T = TypeVar("T")
 
 
 class Store(NamedTuple):
     kind: str  # "attr": setattr on any object; "type": a class dict entry; "item": a dict key
     target: Any
-    name: str
+    name: Any  # an attribute name; for "item", the key (a class in a singledispatch registry)
     new: Any
     old: Any
     data: bool = False  # a data value (constant): a rollback leaves a value changed since
 
     def describe(self) -> str:
         if self.kind == "item":
-            return f"global {self.name}"
+            return f"global {self.name}" if isinstance(self.name, str) else f"[{self.name!r}]"
         owner = getattr(self.target, "__qualname__", type(self.target).__name__)
         return f"{owner}.{self.name}"
 
@@ -194,6 +197,48 @@ def apply_or_undo(forward: list[Op], undo: list[Op]) -> None:
         raise cause from None
 
 
+# ---------------------------------------------------------------- helpers of commits and rollbacks
+
+
+def run_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+    """Run ``fn`` on ``loop``'s thread between two callbacks; a future for the result."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as e:
+            future.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+
+    loop.call_soon_threadsafe(run)
+    return future
+
+
+def records(items: list[Any]) -> list[dict[str, Any]]:
+    return [dict(item._asdict()) for item in items]
+
+
+class Locks:
+    """The locks of several modules' states, taken in name order (no deadlock between two
+    transactions over the same modules)."""
+
+    def __init__(self, states: Iterable[ModuleState]) -> None:
+        unique = {id(s): s for s in states}
+        self.states = sorted(unique.values(), key=lambda s: s.name)
+
+    def __enter__(self) -> None:
+        for s in self.states:
+            s.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        for s in reversed(self.states):
+            s.lock.release()
+
+
 # ---------------------------------------------------------------- per-module state
 
 
@@ -210,6 +255,9 @@ class ModuleState:
         self.stack: list[Any] = []
         self.current: str | None = None
         self.superseded: dict[int, tuple[weakref.ref[CodeType], CodeKey]] = {}
+        # What a commit or rollback replaced and the event loop should not free (the lines
+        # of the previous linecache entry): freed by the next prepare, on its thread.
+        self.trash: list[object] = []
         self.lock = threading.RLock()
 
     def superseded_key(self, code: CodeType) -> CodeKey | None:
@@ -261,6 +309,11 @@ def is_current(state: ModuleState) -> bool:
         return _states.get(state.name) is state and state.record_serial == _serial(state.name)
 
 
+def all_states() -> list[ModuleState]:
+    with _states_lock:
+        return [s for s in _states.values() if s.module_ref() is not None]
+
+
 def existing_state(name: str) -> ModuleState | None:
     with _states_lock:
         return _states.get(name)
@@ -278,8 +331,10 @@ class MigrationContext:
     """Passed to ``__swapd_migrate__(ctx)`` and ``__swapd_rollback__(ctx)``.
 
     Changes made through it are undo-logged: they are reverted if the hook raises, and (for
-    the migration) when the patch is rolled back.  ``on_rollback(fn)`` registers anything
-    else to do at rollback; ``note(text)`` adds a line to the patch's notes.
+    the migration) when the patch is rolled back.  An undo restores a value only if it is
+    still the one the hook left: a value the application changed since is kept, and the
+    undo says so.  ``on_rollback(fn)`` registers anything else to do at rollback;
+    ``note(text)`` adds a line to the patch's notes.
     """
 
     def __init__(self, module: ModuleType, phase: str, plan: dict[str, Any]) -> None:
@@ -287,37 +342,64 @@ class MigrationContext:
         self.phase = phase  # "migrate" or "rollback"
         self.plan = plan
         self.notes: list[str] = []
-        self._undo: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], str | None]] = []
         self._on_rollback: list[Callable[[], object]] = []
 
     def set(self, obj: object, name: str, value: object) -> None:
         old = read_value("attr", obj, name)  # the undo deletes an attribute it added
         setattr(obj, name, value)
-        self._undo.append(
-            lambda: setattr(obj, name, old) if old is not MISSING else delattr(obj, name)
-        )
+        left = read_value("attr", obj, name)  # what the migration left (a setter may convert)
+
+        def undo() -> str | None:
+            if read_value("attr", obj, name) is not left:
+                return self._kept(f"{self._label(obj)}.{name}")
+            if old is MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+            return None
+
+        self._undo.append(undo)
 
     def delete(self, obj: object, name: str) -> None:
         old = getattr(obj, name)
         delattr(obj, name)
-        self._undo.append(lambda: setattr(obj, name, old))
+
+        def undo() -> str | None:
+            if read_value("attr", obj, name) is not MISSING:
+                return self._kept(f"{self._label(obj)}.{name}", "set again")
+            setattr(obj, name, old)
+            return None
+
+        self._undo.append(undo)
 
     def setitem(self, mapping: Any, key: Any, value: object) -> None:
         old = mapping.get(key, MISSING)
         mapping[key] = value
+        left = mapping.get(key, MISSING)
 
-        def undo() -> None:
+        def undo() -> str | None:
+            if mapping.get(key, MISSING) is not left:
+                return self._kept(f"{self._label(mapping)}[{key!r}]")
             if old is MISSING:
                 mapping.pop(key, None)
             else:
                 mapping[key] = old
+            return None
 
         self._undo.append(undo)
 
     def delitem(self, mapping: Any, key: Any) -> None:
         old = mapping[key]
         del mapping[key]
-        self._undo.append(lambda: mapping.__setitem__(key, old))
+
+        def undo() -> str | None:
+            if mapping.get(key, MISSING) is not MISSING:
+                return self._kept(f"{self._label(mapping)}[{key!r}]", "set again")
+            mapping[key] = old
+            return None
+
+        self._undo.append(undo)
 
     def on_rollback(self, fn: Callable[[], object]) -> None:
         self._on_rollback.append(fn)
@@ -330,9 +412,27 @@ class MigrationContext:
         """Is there anything to undo (changes made or ``on_rollback`` functions)?"""
         return bool(self._undo or self._on_rollback)
 
-    def undo(self) -> None:
-        """Revert everything done through this context, newest first."""
+    def undo(self) -> list[str]:
+        """Revert everything done through this context, newest first; returns what it left
+        as the application changed it since, one line each."""
+        left: list[str] = []
         while self._on_rollback:
             self._on_rollback.pop()()
         while self._undo:
-            self._undo.pop()()
+            kept = self._undo.pop()()
+            if kept is not None:
+                left.append(kept)
+        return left
+
+    def _kept(self, what: str, how: str = "changed") -> str:
+        return (f"{self.module.__name__}: {what} was {how} since __swapd_{self.phase}__ set "
+                "it; kept")
+
+    def _label(self, obj: object) -> str:
+        """How to name ``obj`` in a note: the module global bound to it, if there is one."""
+        if obj is self.module:
+            return self.module.__name__
+        for name, value in list(vars(self.module).items()):
+            if value is obj:
+                return name
+        return getattr(obj, "__qualname__", None) or f"<{type(obj).__name__} object>"

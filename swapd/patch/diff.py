@@ -25,11 +25,9 @@ so a body change inside ``if``/``try`` is just a code change).
 """
 
 from __future__ import annotations
-import __future__
 
 import abc
 import ast
-import copy
 import enum
 import typing
 from collections import Counter
@@ -37,9 +35,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from swapd.patch.model import Refusal, Removed
+from swapd.patch.nodes import (
+    FuncNode,
+    default_exprs,
+    dump,
+    future_flags,
+    import_names,
+    is_literal,
+    is_overload,
+    shape,
+)
 
 HOOKS = ("__swapd_migrate__", "__swapd_rollback__", "__swapd_cells__")
-FuncNode = ast.FunctionDef | ast.AsyncFunctionDef
 _DESCRIPTOR_DECORATORS = {"staticmethod", "classmethod", "property", "cached_property"}
 _FIELD_REASON = {
     "dataclass": "dataclass fields changed",
@@ -63,11 +70,16 @@ class ConstUpdate:
 
 @dataclass
 class DefaultsWork:
+    """A ``def`` whose default values or annotations may change.  ``changed`` names the
+    parameters whose default expression changed; ``refs`` the names each default expression
+    reads (a default reading a constant the patch changes changes too)."""
+
     scope: str
     qualname: str
-    ordinal: int
     new: FuncNode
-    parts: tuple[str, ...]  # "defaults" and/or "annotations"
+    changed: frozenset[str]
+    refs: dict[str, frozenset[str]]
+    annotations: bool
 
 
 @dataclass
@@ -107,47 +119,6 @@ class _Stmt:
     names: tuple[str, ...] = ()
 
 
-def dump(node: ast.AST | list[ast.expr] | list[ast.keyword] | None) -> str:
-    if node is None:
-        return ""
-    if isinstance(node, list):
-        return "[" + ", ".join(ast.dump(n) for n in node) + "]"
-    return ast.dump(node)
-
-
-class _Blank(ast.NodeTransformer):
-    """Blank nested function bodies: their changes are code changes, not statement changes."""
-
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
-        self.generic_visit(node)
-        node.body = [ast.Pass()]
-        return node
-
-    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> ast.AST:
-        self.generic_visit(node)
-        node.body = [ast.Pass()]
-        return node
-
-    def visit_Lambda(self, node: ast.Lambda) -> ast.AST:
-        self.generic_visit(node)
-        node.body = ast.Constant(None)
-        return node
-
-
-def shape(node: ast.stmt) -> str:
-    return ast.dump(_Blank().visit(copy.deepcopy(node)))
-
-
-def is_literal(node: ast.expr | None) -> bool:
-    if node is None:
-        return False
-    try:
-        ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return False
-    return True
-
-
 def _is_main_guard(node: ast.stmt) -> bool:
     if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
         return False
@@ -159,16 +130,6 @@ def _is_main_guard(node: ast.stmt) -> bool:
         and any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides)
         and any(isinstance(s, ast.Constant) and s.value == "__main__" for s in sides)
     )
-
-
-def import_names(node: ast.Import | ast.ImportFrom) -> tuple[str, ...]:
-    """The names an import statement binds (``import a.b`` binds ``a``; ``*`` none we know)."""
-    out = []
-    for alias in node.names:
-        if alias.name == "*":
-            continue
-        out.append(alias.asname or alias.name.split(".")[0])
-    return tuple(out)
 
 
 def _classify(node: ast.stmt, first: bool) -> _Stmt:
@@ -228,14 +189,25 @@ def _decorator_known(node: ast.expr, name: str) -> bool:
     return False
 
 
-def _signature_parts(old: FuncNode, new: FuncNode) -> tuple[str, ...]:
-    parts = []
+def _is_stub(s: _Stmt) -> bool:
+    return isinstance(s.node, ast.FunctionDef | ast.AsyncFunctionDef) and is_overload(s.node)
 
-    def defaults(fn: FuncNode) -> str:
-        return dump(fn.args.defaults) + "|".join(dump(d) for d in fn.args.kw_defaults)
 
-    if defaults(old) != defaults(new):
-        parts.append("defaults")
+_KIND_WORDS = {
+    "def": "a function",
+    "class": "a class",
+    "assign": "an assigned value",
+    "import": "an import",
+    "stmt": "the result of a statement",
+}
+
+
+def _defaults_work(scope: str, qual: str, old: FuncNode, new: FuncNode) -> DefaultsWork | None:
+    before, after = default_exprs(old), default_exprs(new)
+    changed = frozenset(n for n, e in after.items()
+                        if n not in before or dump(before[n]) != dump(e))
+    refs = {n: frozenset(x.id for x in ast.walk(e) if isinstance(x, ast.Name))
+            for n, e in after.items()}
 
     def annotations(fn: FuncNode) -> str:
         a = fn.args
@@ -243,9 +215,10 @@ def _signature_parts(old: FuncNode, new: FuncNode) -> tuple[str, ...]:
         every += [x for x in (a.vararg, a.kwarg) if x is not None]
         return "|".join(dump(x.annotation) for x in every) + "->" + dump(fn.returns)
 
-    if annotations(old) != annotations(new):
-        parts.append("annotations")
-    return tuple(parts)
+    annotated = annotations(old) != annotations(new)
+    if not (changed or annotated or any(refs.values())):
+        return None
+    return DefaultsWork(scope, qual, new, changed, refs, annotated)
 
 
 def class_kind(live: type | None, node: ast.ClassDef) -> str:
@@ -300,6 +273,18 @@ class Differ:
         if future_flags(self.old) != self.out.future_flags:
             self.refuse(1, "from __future__ imports", "compiler flags of the module changed")
         self.body(self.old.body, self.new.body, "", None, "plain")
+        # Keep the signatures that may change: a changed default or annotation, or a default
+        # reading a constant this diff changes (in the module, or in the method's class).
+        consts: dict[str, set[str]] = {}
+        for cu in self.out.consts:
+            consts.setdefault(cu.scope, set()).add(cu.name)
+        self.out.defaults = [
+            dw for dw in self.out.defaults
+            if dw.changed or dw.annotations or any(
+                names & (consts.get("", set()) | consts.get(dw.scope, set()))
+                for names in dw.refs.values()
+            )
+        ]
         return self.out
 
     # ------------------------------------------------------------------ helpers
@@ -354,6 +339,7 @@ class Differ:
             else:
                 work.doc = (old_doc, new_doc)
 
+        self.kind_changes(old, new, scope)
         self.defs(old, new, scope, work)
         self.classes(old, new, scope, work)
         self.assigns(old, new, scope, work)
@@ -377,16 +363,57 @@ class Differ:
         else:
             work.removed.append(name)
 
+    def kind_changes(self, old: list[_Stmt], new: list[_Stmt], scope: str) -> None:
+        """Refuse a name bound by a ``def`` (or a ``class``) that the new source binds to
+        something else: references taken before the patch (a callback list, another
+        module's ``from m import f``) hold the old function or class, which can neither
+        become the new object nor keep working as the new source means it to."""
+
+        def kinds(items: list[_Stmt]) -> dict[str, set[str]]:
+            out: dict[str, set[str]] = {}
+            for s in items:
+                if s.kind != "annot":  # a bare annotation binds nothing
+                    for name in s.names:
+                        out.setdefault(name, set()).add(s.kind)
+            return out
+
+        before, after = kinds(old), kinds(new)
+        for name, was in before.items():
+            now = after.get(name)
+            for kind, what in (("def", "a function"), ("class", "a class")):
+                if not now or kind not in was or kind in now:
+                    continue
+                became = _KIND_WORDS.get(sorted(now)[0], "something else")
+                lineno = next(s.node.lineno for s in new if name in s.names)
+                qual = f"{scope}.{name}" if scope else name
+                self.refuse(
+                    lineno,
+                    qual,
+                    f"was {what} and becomes {became}: references taken before the patch "
+                    f"(callbacks, registries, `from … import {name}`) would keep the old "
+                    "object",
+                )
+
     def defs(self, old: list[_Stmt], new: list[_Stmt], scope: str, work: ClassWork | None) -> None:
         def groups(items: list[_Stmt]) -> dict[str, list[FuncNode]]:
             out: dict[str, list[FuncNode]] = {}
             for s in items:
                 if s.kind == "def":
                     assert isinstance(s.node, ast.FunctionDef | ast.AsyncFunctionDef)
-                    out.setdefault(s.key, []).append(s.node)
+                    if not is_overload(s.node):
+                        out.setdefault(s.key, []).append(s.node)
             return out
 
+        def stubs(items: list[_Stmt]) -> Counter[str]:
+            return Counter(dump(s.node) for s in items if _is_stub(s))
+
         og, ng = groups(old), groups(new)
+        if stubs(old) != stubs(new):
+            names = sorted({s.key for s in [*old, *new] if _is_stub(s)})
+            self.out.notes.append(
+                f"{self.display}: typing.overload stubs of {', '.join(names)} changed; they are "
+                "not executed (typing.get_overloads() keeps listing the old ones)"
+            )
         for s in new:
             if s.kind == "def" and s.key not in og and s.node is ng[s.key][0]:
                 for node in ng[s.key]:
@@ -414,10 +441,10 @@ class Differ:
                 work.regroup.add(name)
                 for node in news:
                     self._add_exec(_Stmt(node, "def", name, (name,)), work)
-            for ordinal, (o, n) in enumerate(zip(olds, news, strict=False)):
-                parts = _signature_parts(o, n)
-                if parts:
-                    self.out.defaults.append(DefaultsWork(scope, qual, ordinal, n, parts))
+            for o, n in zip(olds, news, strict=False):
+                work_item = _defaults_work(scope, qual, o, n)
+                if work_item is not None:
+                    self.out.defaults.append(work_item)
 
     def classes(
         self, old: list[_Stmt], new: list[_Stmt], scope: str, work: ClassWork | None
@@ -555,93 +582,3 @@ class Differ:
 def _src(node: ast.AST, limit: int = 60) -> str:
     text = " ".join(ast.unparse(node).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# The only __future__ features that still change how Python 3 compiles; the others are
-# accepted and ignored by the compiler, and passing their flags would mark code objects.
-_FUTURES = ("annotations", "barry_as_FLUFL")
-
-
-def future_flags(tree: ast.Module) -> int:
-    """Compiler flags equivalent to the module's ``from __future__`` imports."""
-    flags = 0
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
-            for alias in node.names:
-                if alias.name in _FUTURES:
-                    flags |= getattr(__future__, alias.name).compiler_flag
-    return flags
-
-
-# ---------------------------------------------------------------- function lookups
-
-
-AnyFunction = ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
-
-
-class FunctionNodes:
-    """The defs and lambdas of a tree by (name, first line), the way a code object names
-    them (``co_name``, ``co_firstlineno``: the line of the first decorator)."""
-
-    def __init__(self, tree: ast.Module) -> None:
-        self.nodes: dict[tuple[str, int], AnyFunction] = {}
-        for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
-                self.nodes.setdefault((node.name, first), node)
-            elif isinstance(node, ast.Lambda):
-                self.nodes.setdefault(("<lambda>", node.lineno), node)
-
-    def find(self, name: str, firstlineno: int) -> AnyFunction | None:
-        return self.nodes.get((name, firstlineno))
-
-
-_SCOPES = (
-    ast.FunctionDef,
-    ast.AsyncFunctionDef,
-    ast.Lambda,
-    ast.ClassDef,
-    ast.ListComp,
-    ast.SetComp,
-    ast.DictComp,
-    ast.GeneratorExp,
-)
-
-
-def literal_initializer(
-    fn: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda, var: str
-) -> ast.expr | None:
-    """The literal ``var`` is initialised with in ``fn``, if ``fn`` binds it exactly once and
-    that binding is ``var = <literal>``."""
-    a = fn.args
-    params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *(x for x in (a.vararg, a.kwarg) if x)]
-    if any(p.arg == var for p in params):
-        return None
-    bindings = 0
-    value: ast.expr | None = None
-    roots = fn.body if isinstance(fn.body, list) else [fn.body]
-    stack: list[ast.AST] = list(roots)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            if node.name == var:
-                bindings += 1
-            continue
-        if isinstance(node, _SCOPES):
-            continue
-        if (
-            (isinstance(node, ast.Name) and node.id == var and not isinstance(node.ctx, ast.Load))
-            or (isinstance(node, ast.Import | ast.ImportFrom) and var in import_names(node))
-            or (isinstance(node, ast.ExceptHandler) and node.name == var)
-        ):
-            bindings += 1
-        elif isinstance(node, ast.Nonlocal | ast.Global) and var in node.names:
-            return None
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-            if isinstance(target, ast.Name) and target.id == var and is_literal(node.value):
-                value = node.value
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            value = node.value if node.target.id == var and is_literal(node.value) else value
-        stack.extend(ast.iter_child_nodes(node))
-    return value if bindings == 1 else None

@@ -18,6 +18,16 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def short(value: object, limit: int = 40) -> str:
+    """A one-line repr of a value for a report, cut at ``limit`` characters."""
+    try:
+        text = repr(value)
+    except Exception as e:  # a broken __repr__ must not break planning
+        text = f"<{type(value).__name__}: repr failed: {type(e).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class PatchError(Exception):
     """Base of every error raised by `swapd.patch`."""
 

@@ -543,7 +543,7 @@ class Supervisor:
         if isinstance(args, HistoryArgs):
             return await self.deploys.history(args)
         if isinstance(args, PatchArgs):
-            emit(control.DEADLINE, "", {"seconds": patching.BOUND})
+            emit(control.DEADLINE, "", {"seconds": patching.bound(len(args.parts or ()) or 1)})
             return await self._patch(args, emit, peer)
         if isinstance(args, StopArgs):
             emit(control.DEADLINE, "", {"seconds": self._stop_bound() + 2 * KILL_WAIT})
@@ -561,12 +561,14 @@ class Supervisor:
                     "gen": self.fleet.active.id if self.fleet.active else None}
         self._refuse_if_busy("patch")
         last = self.journal.last
-        rolling = args.action == "rollback" and last is not None
+        rolling = args.action != "apply" and last is not None
         self.patch_in_flight = last.id if rolling and last else self.journal.serial + 1
         gen = self.fleet.active.id if self.fleet.active else None
         try:
             if args.action == "rollback":
                 data = await patching.rollback(self.fleet.active, self.journal, emit, peer)
+            elif args.action == "squash":
+                data = await patching.squash(self.fleet.active, self.journal, emit, peer)
             else:
                 data = await patching.apply(self.fleet.active, self.journal, args, emit, peer)
         except ControlError as e:

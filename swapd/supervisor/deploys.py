@@ -167,7 +167,9 @@ def swap_options(args: SwapArgs, who: Who) -> SwapOptions:
 
 def patch_fields(args: PatchArgs) -> dict[str, Any]:
     """What the history keeps of a patch request."""
-    return {"module": args.module, "name": args.name, "dry_run": args.dry_run}
+    parts = args.parts or [{"module": args.module, "name": args.name}]
+    return {"modules": [p.get("module") for p in parts], "name": args.name or None,
+            "dry_run": args.dry_run}
 
 
 def _no_watch(active: Generation | None, last: Watch | None) -> str:

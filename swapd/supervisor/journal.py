@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from swapd.patch.source import sha256_text
@@ -29,25 +29,41 @@ class PatchRecord:
     accept_absent: bool = False
     prune: bool = False
     path: str | None = None  # the module's file in the workers
+    # A patch set: every module's {module, source, sha256, name, path}, in order (the
+    # fields above then describe the first); empty for a patch of one module.
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    squashed: bool = False  # made permanent: the workers can no longer roll it back
+
+    def each_part(self) -> list[dict[str, Any]]:
+        if self.parts:
+            return self.parts
+        return [{"module": self.module, "source": self.source, "sha256": self.sha256,
+                 "name": self.name, "path": self.path}]
 
     def summary(self) -> dict[str, Any]:
-        info = {k: v for k, v in asdict(self).items() if k != "source"}
+        info = {k: v for k, v in asdict(self).items() if k not in ("source", "parts")}
         info["on_disk"] = self.on_disk()
+        info["modules"] = [p["module"] for p in self.each_part()]
         return info
 
     def on_disk(self) -> bool | None:
-        """Does the module's file now hold exactly this fix? (None: cannot tell.)"""
-        if not self.path:
-            return None
-        try:
-            # Read as `swapd patch` reads the fix (UTF-8 text, universal newlines), hashed
-            # with the same helper: a CRLF file holding the fix matches.
-            with open(self.path, encoding="utf-8") as f:
-                return sha256_text(f.read()) == self.sha256
-        except UnicodeDecodeError:
-            return False  # the fix is UTF-8 text
-        except OSError:
-            return None
+        """Does each module's file now hold exactly this fix? (None: cannot tell.)"""
+        found = [_on_disk(p.get("path"), p["sha256"]) for p in self.each_part()]
+        return False if False in found else None if None in found else True
+
+
+def _on_disk(path: str | None, sha: str) -> bool | None:
+    if not path:
+        return None
+    try:
+        # Read as `swapd patch` reads the fix (UTF-8 text, universal newlines), hashed
+        # with the same helper: a CRLF file holding the fix matches.
+        with open(path, encoding="utf-8") as f:
+            return sha256_text(f.read()) == sha
+    except UnicodeDecodeError:
+        return False  # the fix is UTF-8 text
+    except OSError:
+        return None
 
 
 class Journal:
@@ -94,8 +110,9 @@ class Journal:
     def warnings(self) -> list[str]:
         out = []
         for r in self.records:
-            if r.on_disk() is False:
-                out.append(f"patch {r.id} to {r.module} is not in "
-                           f"{os.path.basename(r.path or '')} on disk: the next swap will run "
-                           "the file without it")
+            for part in r.each_part():
+                if _on_disk(part.get("path"), part["sha256"]) is False:
+                    out.append(f"patch {r.id} to {part['module']} is not in "
+                               f"{os.path.basename(part.get('path') or '')} on disk: the next "
+                               "swap will run the file without it")
         return out

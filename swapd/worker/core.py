@@ -538,6 +538,8 @@ class Worker:
                 reply = host.abort(msg.body)
             elif kind == "rollback":
                 reply = host.rollback(msg.body)
+            elif kind == "squash":
+                reply = await host.squash(msg.body)
             else:
                 reply = {"ok": False, "error": f"unknown patch request {msg.type!r}"}
         except Exception as e:  # a bug, but the supervisor must hear about it
@@ -558,6 +560,7 @@ _HANDLERS: dict[str, Callable[[Worker, Message, Any], Awaitable[None]]] = {
     "patch.commit": Worker._handle_patch,
     "patch.abort": Worker._handle_patch,
     "patch.rollback": Worker._handle_patch,
+    "patch.squash": Worker._handle_patch,
     "commit": Worker._handle_commit,
     "hold": Worker._handle_hold,
     "revive": Worker._handle_revive,

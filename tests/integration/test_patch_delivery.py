@@ -146,4 +146,63 @@ def test_patch_usage_errors(shop: Supervised) -> None:
     out = shop.cli("patch", "--rollback")
     assert out.returncode == 1 and "nothing to roll back" in out.stderr
     out = shop.cli("patch", FIX)
-    assert out.returncode == 2 and "give FILE and --module NAME" in out.stderr
+    assert out.returncode == 2 and "give FILE --module NAME" in out.stderr
+
+
+VAT = ROOT / "examples" / "patching" / "vat"
+
+
+def totals(s: Supervised, count: int = 20) -> set[str]:
+    return {get(s.address(), "/total?qty=12")[1] for _ in range(count)}
+
+
+@pytest.mark.slow
+def test_patch_set_spanning_two_modules(shop: Supervised, tmp_path: Path) -> None:
+    """A fix in taxes and rules that neither half can take alone: one patch, committed at
+    once in every worker, replayed on restart, rolled back at once, and squashed."""
+    s = shop
+    set_args = [str(VAT / "taxes.py"), "--module", "taxes", str(VAT / "rules.py"),
+                "--module", "rules"]
+    assert totals(s) == {"360"}
+    dry = s.cli("patch", *set_args, "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "would commit; nothing changed" in dry.stdout
+    assert "plan for taxes (worker(s) 0, 1):" in dry.stdout
+    assert "  changed:  constant VAT_PERCENT: 20 -> 10" in dry.stdout
+    assert "plan for rules (worker(s) 0, 1):" in dry.stdout
+    assert totals(s) == {"360"}
+    with BackgroundLoad(s.address(), http_get("/total?qty=12"), mode="keepalive", clients=8,
+                        duration=60, max_requests=300_000) as load:
+        load.wait_for_successes(300, timeout=60)
+        with load.window("patch set"):
+            out = s.cli("patch", *set_args)
+        assert out.returncode == 0, out.stdout + out.stderr
+        load.wait_for_successes(300, timeout=60)
+    assert load.report is not None and load.report.failed == 0, load.report.format()
+    assert "patch 2 in force on 2 worker(s)" in out.stdout  # the dry run was patch 1
+    assert totals(s) == {"330"}
+    assert [p["modules"] for p in s.status()["patches"]] == [["taxes", "rules"]]
+    # A set whose second half cannot be planned changes neither module, in no worker.
+    broken = tmp_path / "rules.py"
+    broken.write_text((VAT / "rules.py").read_text() + "\n\nclass Cart(dict, list):\n    pass\n")
+    out = s.cli("patch", str(VAT / "taxes.py"), "--module", "taxes", str(broken),
+                "--module", "rules")
+    assert out.returncode == 1 and "no worker changed" in out.stderr, out.stderr
+    assert totals(s) == {"330"} and len(s.status()["patches"]) == 1
+    # A restarted worker replays the set before it serves.
+    victim = s.active_pids()[0]
+    mark = s.log_mark()
+    os.kill(victim, signal.SIGKILL)
+    s.wait_log(r"event=worker.ready gen=1 worker=0 pid=(\d+) restarts=1", start=mark)
+    assert totals(s, 40) == {"330"}
+    out = s.cli("patch", "--rollback")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "patch 2 (taxes,rules) rolled back" in out.stdout
+    assert totals(s, 40) == {"360"}
+    # Squashed, a set stays in force and can no longer be rolled back.
+    assert s.cli("patch", *set_args).returncode == 0
+    out = s.cli("patch", "--squash")
+    assert out.returncode == 0 and "made permanent on 2 worker(s)" in out.stdout, out.stdout
+    out = s.cli("patch", "--rollback")
+    assert out.returncode == 1 and "squashed" in out.stderr
+    assert totals(s, 40) == {"330"} and s.status()["patches"][0]["squashed"]

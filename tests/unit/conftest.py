@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.unit.notify_fake import FakeNotifySocket
+from tests.unit.test_patch_support import Mods
 
 
 @pytest.fixture
@@ -19,3 +21,10 @@ def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeNotifySocket]:
         yield fake
     finally:
         fake.close()
+
+
+@pytest.fixture
+def mods(tmp_path: Path) -> Iterator[Mods]:
+    """Throw-away modules for the patch engine's tests, removed (and forgotten) afterwards."""
+    with Mods(tmp_path) as m:
+        yield m

@@ -62,7 +62,7 @@ def line(args: dict[str, Any], cmd: str = "stop") -> bytes:
         (line({"fats": True}), "malformed request: stop: unknown field 'fats' (known: fast)"),
         (line({"x": 1}, "status"), "malformed request: status: unknown field 'x' (known: none)"),
         (line({"action": "explode"}, "patch"),
-         "malformed request: unknown patch action 'explode' (apply, rollback, list)"),
+         "malformed request: unknown patch action 'explode' (apply, rollback, squash, list)"),
         (line({"module": "m"}, "patch"), "malformed request: patch needs 'module' (a name) and "
                                          "'source' (the new text)"),
         (line({"module": ["m"], "source": ""}, "patch"),

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from swapd import patch
 from tests.unit.test_patch_support import Mods, edit
-
-
-@pytest.fixture
-def mods(tmp_path: Path) -> Iterator[Mods]:
-    with Mods(tmp_path) as m:
-        yield m
-
 
 NESTED_CLASS = """
 class Outer:

@@ -20,12 +20,6 @@ from swapd.patch.commit import ModuleState, state_for
 from tests.unit.test_patch_support import Mods
 
 
-@pytest.fixture
-def mods(tmp_path: Path) -> Iterator[Mods]:
-    with Mods(tmp_path) as m:
-        yield m
-
-
 def test_migration_set_undo_removes_an_instance_attribute_it_added() -> None:
     class Job:
         retries = 0  # a class-level default, not the instance's own value
@@ -249,3 +243,39 @@ def test_prepare_never_reads_half_of_a_commits_bookkeeping(mods: Mods) -> None:
     assert seen["plan"].base_sha256 == plan.sha256
     seen["plan"].commit()
     assert m.f() == "f3"
+
+
+SESSION_DATA = """
+class Config:
+    mode = "v1"
+
+SESSIONS = {"a": "old-a", "b": "old-b", "gone": "old-gone"}
+CONFIG = Config()
+"""
+SESSION_MIGRATION = """
+def __swapd_migrate__(ctx):
+    for key in ("a", "b"):
+        ctx.setitem(SESSIONS, key, "new-" + key)
+    ctx.delitem(SESSIONS, "gone")
+    ctx.set(CONFIG, "mode", "v2")
+    ctx.set(CONFIG, "extra", 1)
+    ctx.delete(Config, "mode")
+"""
+
+
+def test_rollback_of_a_migration_keeps_what_the_application_wrote_since(mods: Mods) -> None:
+    m = mods.load(SESSION_DATA)
+    handle = patch.apply(m, SESSION_DATA + SESSION_MIGRATION)
+    assert m.SESSIONS == {"a": "new-a", "b": "new-b"} and m.CONFIG.mode == "v2"
+    # The application keeps running on the migrated data, and writes some of it.
+    m.SESSIONS["a"] = "written-after"
+    m.SESSIONS["gone"] = "recreated"
+    m.CONFIG.extra = 2
+    notes = handle.rollback()
+    assert m.SESSIONS == {"a": "written-after", "b": "old-b", "gone": "recreated"}
+    assert m.CONFIG.extra == 2 and m.CONFIG.mode == "v1" and m.Config.mode == "v1"
+    mod = m.__name__
+    assert f"{mod}: SESSIONS['a'] was changed since __swapd_migrate__ set it; kept" in notes
+    assert f"{mod}: SESSIONS['gone'] was set again since __swapd_migrate__ set it; kept" in notes
+    assert f"{mod}: CONFIG.extra was changed since __swapd_migrate__ set it; kept" in notes
+    assert not any("'b'" in n or "mode" in n for n in notes), notes  # restored, not reported

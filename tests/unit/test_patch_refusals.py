@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -13,12 +11,6 @@ import pytest
 from swapd import patch
 from swapd.patch.commit import apply_or_undo
 from tests.unit.test_patch_support import Mods, edit
-
-
-@pytest.fixture
-def mods(tmp_path: Path) -> Iterator[Mods]:
-    with Mods(tmp_path) as m:
-        yield m
 
 
 def fingerprint(m: ModuleType) -> dict[str, Any]:

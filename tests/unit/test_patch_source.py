@@ -18,12 +18,6 @@ from tests.unit.test_patch_support import Mods
 
 
 @pytest.fixture
-def mods(tmp_path: Path) -> Iterator[Mods]:
-    with Mods(tmp_path) as m:
-        yield m
-
-
-@pytest.fixture
 def recorder(tmp_path: Path) -> Iterator[str]:
     """A package name under tmp_path whose modules are recorded at import."""
     package = f"swapd_rec_{tmp_path.name.replace('-', '_')}"
@@ -154,7 +148,7 @@ async def g():
 
 def test_piecewise_compile_equals_a_whole_compile() -> None:
     from swapd.patch.code import nested_codes
-    from swapd.patch.plan import _compile_in_pieces
+    from swapd.patch.compiling import _compile_in_pieces
 
     pieces = _compile_in_pieces(PIECES, "f.py")
     assert pieces is not None
@@ -180,7 +174,7 @@ def test_piecewise_compile_matches_on_real_modules() -> None:
     import warnings
 
     from swapd.patch.code import nested_codes
-    from swapd.patch.plan import _compile_in_pieces
+    from swapd.patch.compiling import _compile_in_pieces
 
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(root.glob("*.py"), key=lambda p: p.stat().st_size, reverse=True)[:40]

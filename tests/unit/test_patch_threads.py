@@ -24,7 +24,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from itertools import starmap
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -37,11 +36,6 @@ from tests.unit.test_patch_support import Mods
 DEADLINE = 30.0
 MAX_SPINS = 50_000_000
 
-
-@pytest.fixture
-def mods(tmp_path: Path) -> Iterator[Mods]:
-    with Mods(tmp_path) as m:
-        yield m
 
 
 @pytest.fixture
