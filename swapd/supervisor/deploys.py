@@ -168,8 +168,8 @@ def swap_options(args: SwapArgs, who: Who) -> SwapOptions:
 def patch_fields(args: PatchArgs) -> dict[str, Any]:
     """What the history keeps of a patch request."""
     parts = args.parts or [{"module": args.module, "name": args.name}]
-    return {"modules": [p.get("module") for p in parts], "name": args.name or None,
-            "dry_run": args.dry_run}
+    return {"module": ",".join(str(p.get("module")) for p in parts),
+            "name": ",".join(str(p.get("name") or "") for p in parts), "dry_run": args.dry_run}
 
 
 def _no_watch(active: Generation | None, last: Watch | None) -> str:
