@@ -49,7 +49,6 @@ import asyncio
 import bisect
 import contextlib
 import enum
-import errno
 import heapq
 import ipaddress
 import json
@@ -68,6 +67,20 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Literal, NamedTuple
 
+from swapd.loadgen.outcomes import (
+    CODE,
+    NO_VALUE,
+    OK_CODE,
+    OUTCOMES,
+    ConnectionClosed,
+    LoadConfigError,
+    LoadError,
+    Outcome,
+    RequestFailed,
+    ResponseError,
+    classify,
+)
+
 # ~30 bytes per attempt in the log, so the default cap keeps a run under ~60 MB.
 DEFAULT_MAX_REQUESTS = 2_000_000
 _HEAD_LIMIT = 64 * 1024  # response head (and line reply) size limit
@@ -77,77 +90,7 @@ _MAX_DETAILS = 32  # distinct failure texts kept; the rest are counted together
 _STOP_GRACE = 2.0  # beyond the per-request timeout, for clients to notice a stop
 _THREAD_GRACE = 3.0  # beyond the generator's own bound, for the loop to shut down
 _START_TIMEOUT = 10.0
-_NO_VALUE = -(2**63)  # "no value" in the int64 value column
 _MAX_BYTEMAP = 1 << 24  # largest value range checked for duplicates with a byte map
-
-
-# --- errors -------------------------------------------------------------------------------
-
-
-class LoadError(Exception):
-    """Base class of the errors this module raises."""
-
-
-class LoadConfigError(LoadError, ValueError):
-    """An invalid target, request or option."""
-
-
-class ResponseError(LoadError):
-    """The reply breaks the protocol or the request's expectation (outcome ``bad-response``)."""
-
-
-class ConnectionClosed(LoadError):
-    """The server closed the connection before a complete response (outcome ``eof``)."""
-
-
-class Outcome(enum.StrEnum):
-    OK = "ok"
-    REFUSED = "refused"
-    RESET = "reset"
-    EOF = "eof"
-    TIMEOUT = "timeout"
-    BAD_RESPONSE = "bad-response"
-    OTHER = "other"
-
-
-_OUTCOMES = tuple(Outcome)  # position = the code stored in the log
-_CODE = {outcome: code for code, outcome in enumerate(_OUTCOMES)}
-_OK = _CODE[Outcome.OK]
-
-
-class RequestFailed(LoadError):
-    """A one-shot request (``fetch``) did not succeed."""
-
-    def __init__(self, outcome: Outcome, detail: str | None) -> None:
-        super().__init__(f"{outcome}: {detail}" if detail else str(outcome))
-        self.outcome = outcome
-        self.detail = detail
-
-
-_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
-
-
-def classify(exc: BaseException) -> tuple[Outcome, str | None]:
-    """Map an attempt's exception to its outcome and a diagnostic text (None if obvious)."""
-    # TimeoutError is an OSError: test it first (asyncio.timeout and kernel ETIMEDOUT alike).
-    if isinstance(exc, TimeoutError):
-        return Outcome.TIMEOUT, None
-    if isinstance(exc, ConnectionClosed):
-        return Outcome.EOF, str(exc)
-    if isinstance(exc, asyncio.IncompleteReadError):
-        return Outcome.EOF, "closed mid-response"
-    if isinstance(exc, ResponseError):
-        return Outcome.BAD_RESPONSE, str(exc)
-    if isinstance(exc, asyncio.LimitOverrunError):
-        return Outcome.BAD_RESPONSE, "line longer than the limit"
-    if isinstance(exc, OSError):
-        if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
-            return Outcome.REFUSED, None
-        if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
-            return Outcome.RESET, errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-        if exc.errno in _RESET_ERRNOS:
-            return Outcome.RESET, errno.errorcode[exc.errno]
-    return Outcome.OTHER, f"{type(exc).__name__}: {exc}"
 
 
 # --- targets and requests -----------------------------------------------------------------
@@ -329,7 +272,7 @@ async def _read_exactly(reader: asyncio.StreamReader, size: int) -> bytes:
 def parse_int(data: bytes) -> int:
     match = _INT_RE.fullmatch(data)
     value = int(match.group(1)) if match else None
-    if value is None or not _NO_VALUE < value < 2**63:
+    if value is None or not NO_VALUE < value < 2**63:
         raise ResponseError(f"not an integer: {data[:40]!r}")
     return value
 
@@ -519,9 +462,9 @@ class AttemptLog:
         self.client.append(client)
         self.t_start.append(t_start)
         self.t_end.append(t_end)
-        self.outcome.append(_CODE[outcome])
+        self.outcome.append(CODE[outcome])
         self.reused.append(reused)
-        self.value.append(_NO_VALUE if value is None else value)
+        self.value.append(NO_VALUE if value is None else value)
 
     def __len__(self) -> int:
         return len(self.outcome)
@@ -532,9 +475,9 @@ class AttemptLog:
             self.client[i],
             self.t_start[i],
             self.t_end[i],
-            _OUTCOMES[self.outcome[i]],
+            OUTCOMES[self.outcome[i]],
             bool(self.reused[i]),
-            None if value == _NO_VALUE else value,
+            None if value == NO_VALUE else value,
         )
 
     def __iter__(self) -> Iterator[Attempt]:
@@ -825,7 +768,7 @@ def _fmt_counts(counts: dict[str, int]) -> str:
 
 
 def _ordered(counter: Counter[str]) -> dict[str, int]:
-    return {o.value: counter[o.value] for o in _OUTCOMES if counter[o.value]}
+    return {o.value: counter[o.value] for o in OUTCOMES if counter[o.value]}
 
 
 def summarise(
@@ -854,11 +797,11 @@ def summarise(
     regressions = 0
     last_value: dict[int, int] = {}
     for i in order:
-        if codes[i] == _OK:
+        if codes[i] == OK_CODE:
             ok_times.append(t_end[i])
             ok_latency.append(t_end[i] - t_start[i])
             value = log.value[i]
-            if run.counts and value != _NO_VALUE:
+            if run.counts and value != NO_VALUE:
                 acknowledged.append(value)
                 client = log.client[i]
                 if client in last_value and value <= last_value[client]:
@@ -869,9 +812,9 @@ def summarise(
             fail_codes.append(codes[i])
             fail_reused.append(log.reused[i])
 
-    failures: Counter[str] = Counter(_OUTCOMES[c].value for c in fail_codes)
+    failures: Counter[str] = Counter(OUTCOMES[c].value for c in fail_codes)
     on_reused: Counter[str] = Counter(
-        _OUTCOMES[c].value for c, r in zip(fail_codes, fail_reused, strict=True) if r
+        OUTCOMES[c].value for c, r in zip(fail_codes, fail_reused, strict=True) if r
     )
     latencies = sorted(ok_latency)
     gap = longest_gap(ok_times, start, stop)
@@ -884,7 +827,7 @@ def summarise(
         spans.append((lo, hi))
         ok_lo, ok_hi = bisect.bisect_left(ok_times, lo), bisect.bisect_right(ok_times, hi)
         f_lo, f_hi = bisect.bisect_left(fail_times, lo), bisect.bisect_right(fail_times, hi)
-        in_failures: Counter[str] = Counter(_OUTCOMES[c].value for c in fail_codes[f_lo:f_hi])
+        in_failures: Counter[str] = Counter(OUTCOMES[c].value for c in fail_codes[f_lo:f_hi])
         window_reports.append(
             WindowReport(
                 label=w.label,
@@ -1556,4 +1499,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = runner.run(_cli_run(gen, args.progress))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 1 if args.fail_on_error and report.failed else 0
-
