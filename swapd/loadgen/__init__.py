@@ -37,13 +37,9 @@ import argparse
 import asyncio
 import bisect
 import contextlib
-import enum
 import heapq
-import ipaddress
 import json
 import math
-import os
-import re
 import select
 import signal
 import sys
@@ -54,7 +50,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 from swapd.loadgen.outcomes import (
     CODE,
@@ -69,11 +65,10 @@ from swapd.loadgen.outcomes import (
     ResponseError,
     classify,
 )
+from swapd.loadgen.request import Mode, Request, http_get, http_get_int, http_post, line
+from swapd.loadgen.target import Endpoint, Target, parse_target
 from swapd.loadgen.wire import (
-    HEAD_LIMIT,
     HttpResponse,
-    encode_http_request,
-    encode_line_request,
     parse_int,
     read_http_response,
     read_line_reply,
@@ -128,141 +123,6 @@ _STOP_GRACE = 2.0  # beyond the per-request timeout, for clients to notice a sto
 _THREAD_GRACE = 3.0  # beyond the generator's own bound, for the loop to shut down
 _START_TIMEOUT = 10.0
 _MAX_BYTEMAP = 1 << 24  # largest value range checked for duplicates with a byte map
-
-
-# --- targets and requests -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where the load goes: a TCP address given as an IP literal, or a Unix socket path."""
-
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    @classmethod
-    def of(cls, target: Target) -> Endpoint:
-        if isinstance(target, Endpoint):
-            return target
-        if isinstance(target, tuple):
-            host, port = target
-            return cls.tcp(host, port)
-        path = os.fspath(target)
-        if "/" not in path:
-            # "127.0.0.1:8000" passed as a string would otherwise be tried as a file name.
-            raise LoadConfigError(
-                f"{path!r}: a Unix socket path must contain '/'; for TCP pass (host, port) "
-                "or use parse_target()"
-            )
-        return cls(path=path)
-
-    @classmethod
-    def tcp(cls, host: str, port: int) -> Endpoint:
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        try:
-            ipaddress.ip_address(host)
-        except ValueError as exc:
-            # A name would be resolved on every connect, and "localhost" may mean v4 or v6.
-            raise LoadConfigError(f"{host!r} is not an IP literal (use 127.0.0.1 or ::1)") from exc
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise LoadConfigError(f"invalid TCP port {port!r}")
-        return cls(host=host, port=port)
-
-    @property
-    def is_unix(self) -> bool:
-        return bool(self.path)
-
-    @property
-    def host_header(self) -> str:
-        if self.is_unix:
-            return "localhost"
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}" if self.is_unix else self.host_header
-
-    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self.is_unix:
-            return await asyncio.open_unix_connection(self.path, limit=HEAD_LIMIT)
-        return await asyncio.open_connection(self.host, self.port, limit=HEAD_LIMIT)
-
-
-Target = tuple[str, int] | str | os.PathLike[str] | Endpoint
-
-_V6_RE = re.compile(r"\[([0-9A-Fa-f:.%\w]+)\]:([0-9]{1,5})")
-_V4_RE = re.compile(r"([^:\[\]]+):([0-9]{1,5})")
-
-
-def parse_target(text: str) -> Endpoint:
-    """Parse ``127.0.0.1:8000``, ``[::1]:8000``, ``unix:/run/app.sock`` or ``/run/app.sock``."""
-    if text.startswith("unix:"):
-        return Endpoint.of(text.removeprefix("unix:"))
-    if text.startswith(("/", "./")):
-        return Endpoint.of(text)
-    match = _V6_RE.fullmatch(text) or _V4_RE.fullmatch(text)
-    if match is None:
-        raise LoadConfigError(f"{text!r}: expected HOST:PORT, [V6]:PORT, unix:PATH or /PATH")
-    return Endpoint.tcp(match.group(1), int(match.group(2)))
-
-
-class Mode(enum.StrEnum):
-    CLOSE = "close"
-    KEEPALIVE = "keepalive"
-
-
-_PATH_RE = re.compile(r"/[\x21-\x7e]*")
-_COMMAND_RE = re.compile(r"[\x20-\x7e]+")
-
-
-@dataclass(frozen=True)
-class Request:
-    """One kind of request. Build it with http_get, http_post, http_get_int or line."""
-
-    protocol: Literal["http", "line"]
-    method: str = ""  # HTTP only
-    path: str = ""  # HTTP only
-    command: str = ""  # line protocol only
-    expects_int: bool = False  # the reply carries an integer, recorded as the attempt's value
-    counts: bool = False  # each ok reply acknowledges one increment
-
-    def __post_init__(self) -> None:
-        if self.protocol == "http":
-            if self.method not in ("GET", "POST") or not _PATH_RE.fullmatch(self.path):
-                raise LoadConfigError(f"invalid HTTP request {self.method!r} {self.path!r}")
-        elif self.protocol == "line":
-            if not _COMMAND_RE.fullmatch(self.command):
-                raise LoadConfigError(f"invalid line command {self.command!r}")
-        else:
-            raise LoadConfigError(f"unknown protocol {self.protocol!r}")
-
-    def describe(self) -> str:
-        return f"line {self.command}" if self.protocol == "line" else f"{self.method} {self.path}"
-
-    def encode(self, endpoint: Endpoint, mode: Mode) -> bytes:
-        if self.protocol == "line":
-            return encode_line_request(self.command)
-        return encode_http_request(self.method, self.path, endpoint.host_header, mode is Mode.CLOSE)
-
-
-def http_get(path: str = "/") -> Request:
-    """GET; ok iff status 200 (the body is read and ignored)."""
-    return Request("http", method="GET", path=path)
-
-
-def http_post(path: str = "/incr") -> Request:
-    """POST with an empty body; ok iff 200 and the body is an integer: the counter's new value."""
-    return Request("http", method="POST", path=path, expects_int=True, counts=True)
-
-
-def http_get_int(path: str = "/count") -> Request:
-    """GET whose body is an integer (a read of state, e.g. the final count)."""
-    return Request("http", method="GET", path=path, expects_int=True)
-
-
-def line(command: str = "INCR") -> Request:
-    """Line protocol: send ``COMMAND\\n``, read one line holding an integer. INCR counts."""
-    return Request("line", command=command, expects_int=True, counts=command == "INCR")
 
 
 # --- connections --------------------------------------------------------------------------
