@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import contextlib
 import heapq
 import json
@@ -45,17 +44,13 @@ import signal
 import sys
 import threading
 import time
-from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
 
+from swapd.loadgen.analysis import Gap, longest_gap, percentile, window_span
 from swapd.loadgen.outcomes import (
-    NO_VALUE,
-    OK_CODE,
-    OUTCOMES,
     ConnectionClosed,
     LoadConfigError,
     LoadError,
@@ -65,7 +60,9 @@ from swapd.loadgen.outcomes import (
     classify,
 )
 from swapd.loadgen.records import Attempt, AttemptLog, Timeline, Window
+from swapd.loadgen.report import LoadReport, RunInfo, WindowReport
 from swapd.loadgen.request import Mode, Request, http_get, http_get_int, http_post, line
+from swapd.loadgen.summary import summarise
 from swapd.loadgen.target import Endpoint, Target, parse_target
 from swapd.loadgen.wire import (
     HttpResponse,
@@ -122,7 +119,6 @@ _MAX_DETAILS = 32  # distinct failure texts kept; the rest are counted together
 _STOP_GRACE = 2.0  # beyond the per-request timeout, for clients to notice a stop
 _THREAD_GRACE = 3.0  # beyond the generator's own bound, for the loop to shut down
 _START_TIMEOUT = 10.0
-_MAX_BYTEMAP = 1 << 24  # largest value range checked for duplicates with a byte map
 
 
 # --- connections --------------------------------------------------------------------------
@@ -169,371 +165,6 @@ async def _exchange(conn: _Connection, request: Request, payload: bytes) -> tupl
     if response.status != 200:
         raise ResponseError(f"status {response.status}")
     return (parse_int(response.body) if request.expects_int else None), response.reusable
-
-
-# --- analysis (pure) ----------------------------------------------------------------------
-
-
-class Gap(NamedTuple):
-    length: float
-    start: float
-    end: float
-
-
-def longest_gap(ok_times: Iterable[float], start: float, end: float) -> Gap:
-    """Longest interval of [start, end] containing no successful completion.
-
-    The edges count as boundaries: a span with no success at all is one gap of its full length.
-    Ties go to the earliest gap.
-    """
-    if end <= start:
-        return Gap(0.0, start, start)
-    best = Gap(0.0, start, start)
-    previous = start
-    for t in sorted(t for t in ok_times if start <= t <= end):
-        if t - previous > best.length:
-            best = Gap(t - previous, previous, t)
-        previous = t
-    if end - previous > best.length:
-        best = Gap(end - previous, previous, end)
-    return best
-
-
-def window_span(
-    begin: float, end: float, run_start: float, run_end: float, margin: float = 1.0
-) -> tuple[float, float]:
-    """The measured interval of a window: [begin - margin, end + margin] clipped to the run."""
-    lo = min(max(run_start, begin - margin), run_end)
-    hi = max(min(run_end, end + margin), lo)
-    return lo, hi
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of already sorted values; None when empty."""
-    if not sorted_values:
-        return None
-    rank = math.ceil(q / 100 * len(sorted_values))
-    return sorted_values[min(len(sorted_values), max(rank, 1)) - 1]
-
-
-def _merge(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
-    merged: list[tuple[float, float]] = []
-    for lo, hi in sorted(spans):
-        if merged and lo <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
-        else:
-            merged.append((lo, hi))
-    return merged
-
-
-def _count_duplicates(values: array[int]) -> int:
-    if not values:
-        return 0
-    lo = min(values)
-    span = max(values) - lo + 1
-    if span > _MAX_BYTEMAP:
-        return len(values) - len(set(values))
-    seen = bytearray(span)
-    duplicates = 0
-    for v in values:
-        if seen[v - lo]:
-            duplicates += 1
-        else:
-            seen[v - lo] = 1
-    return duplicates
-
-
-def _rate(count: int, seconds: float) -> float | None:
-    return count / seconds if seconds > 0 else None
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """What summarise() needs to know about a run besides its attempts."""
-
-    started_at: float  # time.monotonic() when the clients were started
-    stopped_at: float  # when new requests stopped being issued
-    stop_reason: str  # duration | max_requests | stopped | running
-    target: str = ""
-    request: str = ""
-    counts: bool = False
-    mode: str = ""
-    clients: int = 0
-    window_margin: float = 1.0
-    connections_opened: int = 0
-    server_ended: int = 0  # by Connection: close or an EOF-framed body
-    closed_while_idle: int = 0  # found closed by the poll before reuse
-    details: tuple[tuple[str, str, int], ...] = ()  # (outcome, text, count)
-
-
-@dataclass(frozen=True)
-class WindowReport:
-    """One window. Times are seconds since the run started; attempts are placed by t_end."""
-
-    label: str
-    begin: float
-    end: float
-    ended: bool  # False: still open when the run stopped, so end = the run's end
-    span_start: float  # [begin - margin, end + margin] clipped to the run
-    span_end: float
-    attempts: int
-    ok: int
-    failed: int
-    failures: dict[str, int]
-    failed_on_reused: int
-    longest_gap: float
-    latency_p99: float | None
-    ok_per_s: float | None
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """The figures of one run. Durations and latencies in seconds, times relative to the start."""
-
-    target: str
-    request: str
-    mode: str
-    clients: int
-    started_at: float  # time.monotonic()
-    stopped_at: float
-    duration: float
-    stop_reason: str
-    attempts: int
-    ok: int
-    failed: int
-    failures: dict[str, int]
-    failed_on_reused: int
-    failures_on_reused: dict[str, int]
-    requests_per_s: float | None
-    ok_per_s: float | None
-    latency_p50: float | None
-    latency_p99: float | None
-    latency_max: float | None
-    longest_gap: float
-    longest_gap_at: float
-    window_margin: float
-    windows: tuple[WindowReport, ...]
-    failed_in_windows: int
-    ok_per_s_outside: float | None
-    latency_p99_outside: float | None
-    inside_outside_ratio: float | None  # ok/s inside windows / ok/s outside
-    marks: tuple[tuple[str, float], ...]
-    connections_opened: int
-    server_ended: int
-    closed_while_idle: int
-    acknowledged: int | None  # counting requests only
-    max_acknowledged: int | None
-    duplicate_values: int | None  # the same value acknowledged twice: state went back
-    value_regressions: int | None  # a client saw a value not above its previous one
-    details: tuple[tuple[str, str, int], ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def format(self) -> str:
-        lines = [
-            f"load      {self.request} -> {self.target}, {self.mode}, {self.clients} clients",
-            f"run       {self.duration:.3f} s, ended by {self.stop_reason}",
-            f"requests  {self.attempts:,} ({_fmt_rate(self.requests_per_s)})   "
-            f"ok {self.ok:,} ({_fmt_rate(self.ok_per_s)})   failed {self.failed:,}"
-            + (f" [{_fmt_counts(self.failures)}]" if self.failed else ""),
-            f"reused    {self.failed_on_reused:,} failures on reused connections"
-            + (f" [{_fmt_counts(self.failures_on_reused)}]" if self.failed_on_reused else ""),
-            f"latency   ok p50 {_ms(self.latency_p50)}  p99 {_ms(self.latency_p99)}  "
-            f"max {_ms(self.latency_max)}",
-            f"gap       longest without a success {_ms(self.longest_gap)} "
-            f"at +{self.longest_gap_at:.3f} s",
-            f"conns     opened {self.connections_opened:,}, ended by server "
-            f"{self.server_ended:,}, found closed before reuse {self.closed_while_idle:,}",
-        ]
-        if self.acknowledged is not None:
-            lines.append(
-                f"counter   acknowledged {self.acknowledged:,}, max value "
-                f"{self.max_acknowledged}, duplicate values {self.duplicate_values}, "
-                f"per-client regressions {self.value_regressions}"
-            )
-        if self.windows:
-            lines.append(
-                f"windows   edges +-{self.window_margin:g} s, clipped to the run; "
-                f"{self.failed_in_windows:,} failures inside"
-            )
-            lines.append(
-                f"  {'label':<16} {'begin s':>8} {'end s':>8} {'ok':>8} {'failed':>7} "
-                f"{'gap':>10} {'p99':>10} {'ok/s':>10}  failures"
-            )
-            for w in self.windows:
-                end = f"{w.end:8.3f}" if w.ended else "    open"
-                lines.append(
-                    f"  {w.label[:16]:<16} {w.begin:8.3f} {end} {w.ok:8,} {w.failed:7,} "
-                    f"{_ms(w.longest_gap):>10} {_ms(w.latency_p99):>10} "
-                    f"{_fmt_number(w.ok_per_s):>10}  {_fmt_counts(w.failures) or '-'}"
-                )
-            ratio = "-" if self.inside_outside_ratio is None else f"{self.inside_outside_ratio:.2f}"
-            lines.append(
-                f"  outside: ok/s {_fmt_number(self.ok_per_s_outside)}, "
-                f"p99 {_ms(self.latency_p99_outside)}; ok/s inside / outside {ratio}"
-            )
-        if self.marks:
-            lines.append("marks     " + ", ".join(f"{lbl} +{t:.3f} s" for lbl, t in self.marks))
-        for outcome, text, count in self.details:
-            lines.append(f"detail    {outcome} x{count:,}: {text}")
-        return "\n".join(lines)
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
-
-
-def _fmt_number(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.1f}"
-
-
-def _fmt_rate(value: float | None) -> str:
-    return f"{_fmt_number(value)}/s"
-
-
-def _fmt_counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v:,}" for k, v in counts.items())
-
-
-def _ordered(counter: Counter[str]) -> dict[str, int]:
-    return {o.value: counter[o.value] for o in OUTCOMES if counter[o.value]}
-
-
-def summarise(
-    log: AttemptLog,
-    run: RunInfo,
-    marks: Sequence[tuple[str, float]] = (),
-    windows: Sequence[Window] = (),
-) -> LoadReport:
-    """Compute a report from recorded attempts. Pure: the same input gives the same report.
-
-    Success and failure times are completion times (t_end). Gaps, windows and rates use the
-    measured interval [started_at, stopped_at]; attempts completing after the stop (in flight
-    when it came) count in the totals only. The overall gap includes the wait for the first
-    success (a service that never answers shows one gap as long as the run); window gaps are
-    the figures to compare across swaps.
-    """
-    start, stop = run.started_at, max(run.started_at, run.stopped_at)
-    t_end, t_start, codes = log.t_end, log.t_start, log.outcome
-    order: Iterable[int] = range(len(log))
-    if any(t_end[i] < t_end[i - 1] for i in range(1, len(log))):
-        order = sorted(order, key=t_end.__getitem__)  # synthetic logs; live ones are in order
-
-    ok_times, ok_latency = array("d"), array("d")
-    fail_times, fail_codes, fail_reused = array("d"), array("B"), array("B")
-    acknowledged = array("q")
-    regressions = 0
-    last_value: dict[int, int] = {}
-    for i in order:
-        if codes[i] == OK_CODE:
-            ok_times.append(t_end[i])
-            ok_latency.append(t_end[i] - t_start[i])
-            value = log.value[i]
-            if run.counts and value != NO_VALUE:
-                acknowledged.append(value)
-                client = log.client[i]
-                if client in last_value and value <= last_value[client]:
-                    regressions += 1
-                last_value[client] = value
-        else:
-            fail_times.append(t_end[i])
-            fail_codes.append(codes[i])
-            fail_reused.append(log.reused[i])
-
-    failures: Counter[str] = Counter(OUTCOMES[c].value for c in fail_codes)
-    on_reused: Counter[str] = Counter(
-        OUTCOMES[c].value for c, r in zip(fail_codes, fail_reused, strict=True) if r
-    )
-    latencies = sorted(ok_latency)
-    gap = longest_gap(ok_times, start, stop)
-
-    window_reports: list[WindowReport] = []
-    spans: list[tuple[float, float]] = []
-    for w in windows:
-        end = stop if w.end is None else w.end
-        lo, hi = window_span(w.begin, end, start, stop, run.window_margin)
-        spans.append((lo, hi))
-        ok_lo, ok_hi = bisect.bisect_left(ok_times, lo), bisect.bisect_right(ok_times, hi)
-        f_lo, f_hi = bisect.bisect_left(fail_times, lo), bisect.bisect_right(fail_times, hi)
-        in_failures: Counter[str] = Counter(OUTCOMES[c].value for c in fail_codes[f_lo:f_hi])
-        window_reports.append(
-            WindowReport(
-                label=w.label,
-                begin=w.begin - start,
-                end=end - start,
-                ended=w.end is not None,
-                span_start=lo - start,
-                span_end=hi - start,
-                attempts=(ok_hi - ok_lo) + (f_hi - f_lo),
-                ok=ok_hi - ok_lo,
-                failed=f_hi - f_lo,
-                failures=_ordered(in_failures),
-                failed_on_reused=sum(fail_reused[f_lo:f_hi]),
-                longest_gap=longest_gap(ok_times[ok_lo:ok_hi], lo, hi).length,
-                latency_p99=percentile(sorted(ok_latency[ok_lo:ok_hi]), 99),
-                ok_per_s=_rate(ok_hi - ok_lo, hi - lo),
-            )
-        )
-
-    merged = _merge(spans)
-    inside_seconds = sum(hi - lo for lo, hi in merged)
-    outside_latency: list[float] = []
-    ok_inside = 0
-    k = 0
-    for t, latency in zip(ok_times, ok_latency, strict=True):
-        if not start <= t <= stop:
-            continue
-        while k < len(merged) and merged[k][1] < t:
-            k += 1
-        if k < len(merged) and merged[k][0] <= t:
-            ok_inside += 1
-        else:
-            outside_latency.append(latency)
-    inside_rate = _rate(ok_inside, inside_seconds)
-    outside_rate = _rate(len(outside_latency), (stop - start) - inside_seconds)
-    failed_inside = sum(w.failed for w in window_reports)  # overlapping windows count twice
-
-    return LoadReport(
-        target=run.target,
-        request=run.request,
-        mode=run.mode,
-        clients=run.clients,
-        started_at=start,
-        stopped_at=stop,
-        duration=stop - start,
-        stop_reason=run.stop_reason,
-        attempts=len(log),
-        ok=len(ok_times),
-        failed=len(fail_times),
-        failures=_ordered(failures),
-        failed_on_reused=sum(fail_reused),
-        failures_on_reused=_ordered(on_reused),
-        requests_per_s=_rate(len(log), stop - start),
-        ok_per_s=_rate(len(ok_times), stop - start),
-        latency_p50=percentile(latencies, 50),
-        latency_p99=percentile(latencies, 99),
-        latency_max=latencies[-1] if latencies else None,
-        longest_gap=gap.length,
-        longest_gap_at=gap.start - start,
-        window_margin=run.window_margin,
-        windows=tuple(window_reports),
-        failed_in_windows=failed_inside,
-        ok_per_s_outside=outside_rate,
-        latency_p99_outside=percentile(sorted(outside_latency), 99),
-        inside_outside_ratio=(
-            inside_rate / outside_rate if inside_rate is not None and outside_rate else None
-        ),
-        marks=tuple((label, t - start) for label, t in marks),
-        connections_opened=run.connections_opened,
-        server_ended=run.server_ended,
-        closed_while_idle=run.closed_while_idle,
-        acknowledged=len(acknowledged) if run.counts else None,
-        max_acknowledged=max(acknowledged) if run.counts and acknowledged else None,
-        duplicate_values=_count_duplicates(acknowledged) if run.counts else None,
-        value_regressions=regressions if run.counts else None,
-        details=run.details,
-    )
 
 
 # --- the generator ------------------------------------------------------------------------
