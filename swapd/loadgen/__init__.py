@@ -39,7 +39,6 @@ import contextlib
 import heapq
 import json
 import math
-import select
 import signal
 import sys
 import threading
@@ -50,6 +49,7 @@ from types import TracebackType
 from typing import Any, NamedTuple
 
 from swapd.loadgen.analysis import Gap, longest_gap, percentile, window_span
+from swapd.loadgen.client import Connection, exchange, fetch, fetch_sync, loop_factory
 from swapd.loadgen.outcomes import (
     ConnectionClosed,
     LoadConfigError,
@@ -119,52 +119,6 @@ _MAX_DETAILS = 32  # distinct failure texts kept; the rest are counted together
 _STOP_GRACE = 2.0  # beyond the per-request timeout, for clients to notice a stop
 _THREAD_GRACE = 3.0  # beyond the generator's own bound, for the loop to shut down
 _START_TIMEOUT = 10.0
-
-
-# --- connections --------------------------------------------------------------------------
-
-
-class _Connection:
-    __slots__ = ("reader", "writer")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    def closed_while_idle(self) -> bool:
-        """True if the server ended (or wrote to) this connection since the last reply."""
-        if self.reader.at_eof() or self.reader.exception() is not None:
-            return True
-        if self.writer.transport.is_closing():
-            return True
-        sock = self.writer.get_extra_info("socket")
-        if sock is None:
-            return True
-        # Readable while idle means EOF, a reset, or unsolicited bytes (a 408 before a close):
-        # none of them leaves a usable connection. The kernel knows before the event loop does.
-        poller = select.poll()
-        poller.register(sock.fileno(), _IDLE_POLL)
-        return bool(poller.poll(0))
-
-    def close(self) -> None:
-        self.writer.close()
-
-    def abort(self) -> None:
-        self.writer.transport.abort()
-
-
-_IDLE_POLL = select.POLLIN | select.POLLPRI | int(getattr(select, "POLLRDHUP", 0))
-
-
-async def _exchange(conn: _Connection, request: Request, payload: bytes) -> tuple[int | None, bool]:
-    """Send one request and read its reply: (value, connection reusable)."""
-    conn.writer.write(payload)
-    if request.protocol == "line":
-        return await read_line_reply(conn.reader), True
-    response = await read_http_response(conn.reader)
-    if response.status != 200:
-        raise ResponseError(f"status {response.status}")
-    return (parse_int(response.body) if request.expects_int else None), response.reusable
 
 
 # --- the generator ------------------------------------------------------------------------
@@ -409,7 +363,7 @@ class LoadGenerator:
         return now
 
     async def _client(self, cid: int) -> None:
-        conn: _Connection | None = None
+        conn: Connection | None = None
         try:
             while (t0 := self._next_start()) is not None:
                 reused = conn is not None
@@ -420,9 +374,9 @@ class LoadGenerator:
                 try:
                     async with asyncio.timeout(self.timeout):
                         if conn is None:
-                            conn = _Connection(*await self.endpoint.open())
+                            conn = Connection(*await self.endpoint.open())
                             self._connections += 1
-                        value, reusable = await _exchange(conn, self.request, self._payload)
+                        value, reusable = await exchange(conn, self.request, self._payload)
                 except Exception as exc:  # every failure is an outcome, recorded with its text
                     outcome, detail = classify(exc)
                     if outcome is Outcome.TIMEOUT:
@@ -479,18 +433,6 @@ class LoadGenerator:
         else:
             self._waiter_seq += 1
             heapq.heappush(self._waiters, (self._ok + count, self._waiter_seq, callback))
-
-
-def _loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop]:
-    if use_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-            return factory
-    return asyncio.new_event_loop
 
 
 class BackgroundLoad:
@@ -618,7 +560,7 @@ class BackgroundLoad:
 
     def _thread_main(self) -> None:
         try:
-            with asyncio.Runner(loop_factory=_loop_factory(self._use_uvloop)) as runner:
+            with asyncio.Runner(loop_factory=loop_factory(self._use_uvloop)) as runner:
                 self._report = runner.run(self._main())
         except BaseException as exc:  # handed to the caller's thread by stop() and wait()
             self._error = exc
@@ -655,34 +597,6 @@ class BackgroundLoad:
         if self._report is None:
             raise LoadError("the load thread ended without a report")
         return self._report
-
-
-# --- one-shot requests --------------------------------------------------------------------
-
-
-async def fetch(target: Target, request: Request, *, timeout: float = 2.0) -> int | None:
-    """Send one request on a fresh connection; return its value. RequestFailed on failure."""
-    endpoint = Endpoint.of(target)
-    conn: _Connection | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            conn = _Connection(*await endpoint.open())
-            value, _ = await _exchange(conn, request, request.encode(endpoint, Mode.CLOSE))
-    except Exception as exc:
-        outcome, detail = classify(exc)
-        raise RequestFailed(outcome, detail) from exc
-    finally:
-        if conn is not None:
-            conn.close()
-    return value
-
-
-def fetch_sync(
-    target: Target, request: Request, *, timeout: float = 2.0, use_uvloop: bool = True
-) -> int | None:
-    """``fetch`` from synchronous code (not from a thread already running an event loop)."""
-    with asyncio.Runner(loop_factory=_loop_factory(use_uvloop)) as runner:
-        return runner.run(fetch(target, request, timeout=timeout))
 
 
 # --- command line -------------------------------------------------------------------------
@@ -755,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoadConfigError as exc:
         print(f"swapd.loadgen: {exc}", file=sys.stderr)
         return 2
-    with asyncio.Runner(loop_factory=_loop_factory(not args.no_uvloop)) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(not args.no_uvloop)) as runner:
         report = runner.run(_cli_run(gen, args.progress))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 1 if args.fail_on_error and report.failed else 0
