@@ -14,8 +14,6 @@ in which failures, the longest no-success gap, p99 and throughput are reported.
 Percentiles of closed-loop clients hide outages (coordinated omission: a stalled client stops
 sending), which is why failures per window and the no-success gap are the headline figures.
 
-The wire formats (HTTP/1.1 and the line protocol, client side) are drawn in wire.py.
-
 Keep-alive rules. A connection is reused until the server sends ``Connection: close``, frames
 its body by EOF, or closes it while it is idle; each of those is a reconnect, not an error. A
 request sent on a reused connection that then gets EOF or a reset is a failure (``eof`` or
@@ -29,6 +27,21 @@ Use ``LoadGenerator`` inside an event loop, ``BackgroundLoad`` from synchronous 
 
     python -m swapd.loadgen --connect 127.0.0.1:8000 --kind http-get --mode keepalive \
         --clients 32 --duration 10
+
+The names below are the package's interface; its modules, from the wire up:
+
+    outcomes    the errors, the outcomes and classify()
+    wire        the HTTP/1.1 and line-protocol codecs (the wire formats are drawn there)
+    target      Endpoint, parse_target()
+    request     Mode, Request and its builders (http_get, http_post, http_get_int, line)
+    client      a client's connection and its idle poll, one exchange, fetch()
+    records     the attempt log and the timeline of marks and windows
+    analysis    pure statistics: gaps, window spans, percentiles
+    report      LoadReport, WindowReport and the report's text
+    summary     summarise(): the attempt log and timeline in, a LoadReport out
+    generator   LoadGenerator: the closed-loop clients and the run's bounds
+    background  BackgroundLoad: a LoadGenerator on its own thread, for synchronous callers
+    cli         the command line (``python -m swapd.loadgen``)
 """
 
 from __future__ import annotations
