@@ -2,6 +2,6 @@
 
 import sys
 
-from swapd.loadgen import main
+from swapd.loadgen.cli import main
 
 sys.exit(main())
