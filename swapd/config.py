@@ -5,6 +5,8 @@ supervisor was started with, so a flag given at start keeps winning.
 
     # swapd.toml
     command = ["python", "app.py"]
+    # or, for an ASGI/WSGI app: app = "main:app" (the worker command becomes
+    # `<this python> -m swapd serve main:app <app_args>`), app_args = ["--root-path", "/api"]
     workers = 2
     mode = "stateless"          # or "stateful": every swap hands state over
     control = "/run/swapd/app.sock"
@@ -31,6 +33,7 @@ supervisor was started with, so a flag given at start keeps winning.
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -72,12 +75,19 @@ class Config:
     env: tuple[tuple[str, str], ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
     config_file: str | None = None
+    app: str | None = None  # `swapd serve` this app (then `command` is derived from it)
+    app_args: tuple[str, ...] = ()
 
 
 _TOP_KEYS = {
     "command", "workers", "mode", "control", "cwd", "readiness", "backlog", "precopy",
-    "fdstore", "bind", "timeouts", "env",
+    "fdstore", "bind", "timeouts", "env", "app", "app_args",
 }
+
+
+def serve_command(app: str, args: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The worker command of `--app`: swapd serve, with the interpreter running swapd."""
+    return (sys.executable, "-m", "swapd", "serve", app, *args)
 _TIMEOUT_KEYS = {"ready", "drain", "quiesce", "restore", "idle_grace"}
 
 
@@ -146,6 +156,22 @@ def build(
     tables = {t: {**dict(file_data.get(t, {})), **dict(overrides.get(t) or {})} for t in _TABLES}
 
     command = merged.get("command")
+    app = merged.get("app")
+    app_args: tuple[str, ...] = ()
+    if app is not None:
+        if not isinstance(app, str) or ":" not in app or not all(app.partition(":")[::2]):
+            raise ConfigError(f"{where}: app must be MODULE:ATTRIBUTE (e.g. main:app), "
+                              f"not {app!r}")
+        if "app" not in overrides and "command" in file_data:
+            raise ConfigError(f"{where}: give either command or app (with app_args), not both")
+        # With an app, what follows `--` on the command line are `swapd serve` options.
+        extra = overrides.get("command")
+        if extra is None:
+            extra = merged.get("app_args", [])
+        if not isinstance(extra, list | tuple) or not all(isinstance(a, str) for a in extra):
+            raise ConfigError(f"{where}: app_args must be a list of strings")
+        app_args = tuple(extra)
+        command = list(serve_command(app, app_args))
     if command is None or command == [] or command == ():
         raise ConfigError(
             f"{where}: no worker command (give it after `--`, or `command = [...]` in the file)"
@@ -220,6 +246,8 @@ def build(
         env=tuple(env),
         timeouts=timeouts,
         config_file=os.path.abspath(config_file) if config_file else None,
+        app=app,
+        app_args=app_args,
     )
 
 
@@ -244,7 +272,7 @@ def load(
 
 def to_overrides(config: Config) -> dict[str, Any]:
     """A Config as the flag dict `build()` takes: how a re-exec'd supervisor gets it back."""
-    return {
+    data: dict[str, Any] = {
         "command": list(config.command),
         "bind": {name: str(address) for name, address in config.binds},
         "control": config.control,
@@ -258,6 +286,9 @@ def to_overrides(config: Config) -> dict[str, Any]:
         "env": dict(config.env),
         "timeouts": {k: getattr(config.timeouts, k) for k in sorted(_TIMEOUT_KEYS)},
     }
+    if config.app is not None:  # the command is derived again (with the new interpreter)
+        data.update(command=None, app=config.app, app_args=list(config.app_args))
+    return data
 
 
 def from_overrides(data: Mapping[str, Any], config_file: str | None) -> Config:

@@ -65,11 +65,42 @@ class Connection:
         self._task: asyncio.Task[None] | None = None
         self.detached = False
         self.closed = False
+        self._pinned = False
+        self._boundary = False
 
     @property
     def draining(self) -> bool:
         """The worker is going away: finish this request and close (e.g. `Connection: close`)."""
         return self._hub.draining
+
+    @property
+    def quiescing(self) -> bool:
+        """A stateful handoff has begun collecting this worker's connections (until it aborts)."""
+        return self._hub.quiescing
+
+    @property
+    def pinned(self) -> bool:
+        """A pinned connection stays with this worker: a handoff neither waits for it nor moves
+        it, and it ends during the drain (a streaming response, a WebSocket that cannot move)."""
+        return self._pinned
+
+    @pinned.setter
+    def pinned(self, value: bool) -> None:
+        self._pinned = value
+        self._hub._changed.set()  # a quiesce waiting for this connection may be done now
+
+    def set_boundary(self, at_boundary: bool) -> None:
+        """For full-duplex protocols whose reader always waits (WebSocket): say whether the
+        connection sits at a boundary now (nothing half received, half sent or in process).
+
+        While it does, a quiescing worker detaches it as it detaches an `idle=True` wait (the
+        pending recv raises HandedOff); unlike `idle=True`, a draining worker does not close
+        it after `idle_grace`: the protocol decides when it ends."""
+        if at_boundary == self._boundary:
+            return
+        self._boundary = at_boundary
+        if at_boundary and self._wait is not None and not self._wait.done():
+            self._hub.became_idle(self)
 
     @property
     def peer(self) -> Any:
@@ -134,7 +165,7 @@ class Connection:
 
     async def _wait_readable(self, idle: bool) -> bool:
         """Wait for input; False means 'treat as EOF' (drain grace expired)."""
-        if idle and self._hub.quiescing:
+        if (idle or self._boundary) and self._hub.quiescing and not self._pinned:
             self._mark_detached()
             raise HandedOff()
         fut: asyncio.Future[bool] = self._loop.create_future()
@@ -158,7 +189,8 @@ class Connection:
 
     def try_detach(self) -> bool:
         """Take an idle connection away from its handler (quiesce); False if not idle now."""
-        if not self._idle or self._wait is None or self._wait.done():
+        if (self._pinned or not (self._idle or self._boundary) or self._wait is None
+                or self._wait.done()):
             return False
         self._mark_detached()
         self._wait.set_exception(HandedOff())
@@ -281,18 +313,19 @@ class ConnectionHub:
             conn.start_grace(self.idle_grace)
 
     async def quiesce(self, deadline: float) -> list[Connection]:
-        """Detach every connection at its next request boundary; the rest must close."""
+        """Detach every connection at its next request boundary; the rest must close (pinned
+        ones excepted: they stay here)."""
         self.quiescing = True
         self.detached = []
         for conn in list(self.conns):
             conn.try_detach()
         loop = self.loop
         end = loop.time() + deadline
-        while any(not c.detached for c in self.conns):
+        while any(not c.detached and not c.pinned for c in self.conns):
             self._changed.clear()
             remaining = end - loop.time()
             if remaining <= 0:
-                busy = sum(1 for c in self.conns if not c.detached)
+                busy = sum(1 for c in self.conns if not c.detached and not c.pinned)
                 raise TimeoutError(f"{busy} connection(s) still busy after {deadline:g}s")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)

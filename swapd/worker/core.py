@@ -60,6 +60,10 @@ class Worker:
         self.mode = env.get("SWAPD_MODE", "stateless")
         self.role = env.get("SWAPD_ROLE", "fresh")
         self.idle_grace = float(env.get("SWAPD_IDLE_GRACE", "1.0"))
+        # How long a drain may take before the supervisor kills us (the drain request says;
+        # SIGTERM without a channel: $SWAPD_DRAIN_TIMEOUT). Set when draining begins:
+        self.drain_timeout = float(env.get("SWAPD_DRAIN_TIMEOUT", "30"))
+        self.drain_deadline: float | None = None  # loop.time() by which the drain must end
         self._parts = StateParts()
         # Versions of predecessor state this code can restore; default: its own and older.
         self.accept_versions: set[int] | None = None
@@ -280,10 +284,12 @@ class Worker:
         if self._channel is not None and not self._channel.closed:
             self._channel.reply(msg, body, fds or [])
 
-    def _begin_drain(self) -> None:
+    def _begin_drain(self, timeout: float | None = None) -> None:
         hub = self._hub
         if hub is None or hub.draining:
             return
+        self.drain_deadline = hub.loop.time() + (self.drain_timeout if timeout is None
+                                                 else timeout)
         log.info("event=drain.begin gen=%d slot=%d connections=%d", self.generation, self.slot,
                  len(hub.conns))
         hub.begin_drain()
@@ -321,7 +327,8 @@ class Worker:
 
     async def _handle_drain(self, msg: Message) -> None:
         msg.close_fds()
-        self._begin_drain()
+        deadline = msg.body.get("deadline")
+        self._begin_drain(float(deadline) if isinstance(deadline, int | float) else None)
 
     async def _handle_quiesce(self, msg: Message) -> None:
         msg.close_fds()

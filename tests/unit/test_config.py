@@ -204,8 +204,8 @@ def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("wokers = 2\n",
-         "unknown key 'wokers' (known: backlog, bind, command, control, cwd, env, fdstore, "
-         "mode, precopy, readiness, timeouts, workers)"),
+         "unknown key 'wokers' (known: app, app_args, backlog, bind, command, control, cwd, env, "
+         "fdstore, mode, precopy, readiness, timeouts, workers)"),
         ("[timeouts]\nready = 1\nboot = 3\n",
          "unknown key 'timeouts.boot' (known: drain, idle_grace, quiesce, ready, restore)"),
         ("bind = \"127.0.0.1:80\"\n", "[bind] must be a table"),

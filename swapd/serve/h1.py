@@ -1,0 +1,362 @@
+"""HTTP/1.1 on a `swapd.worker` Connection: httptools parses, this module frames, bounds and times.
+
+One task per connection (the worker's handler call) reads, parses and runs the app inline,
+request after request: no task per request, one write per ordinary response (head and body
+together). Where a read waits decides what a swap may do with the connection:
+
+    wait                                recv       stateful swap           drain
+    before a request (keep-alive)       idle=True  hand over now           close after idle_grace
+    in an incomplete request head       idle=True  hand over; the partial  close after idle_grace
+      (begun at a chunk boundary)                  head rides in conn.meta
+    request body, app running           busy       wait for it             answer, Connection: close
+    streaming response (more_body)      pinned     stays, ends in the drain
+
+so a slow or stalled client never holds up a swap: its partial head simply moves.
+
+Bounds (options.Limits/Timeouts): request target 414, header count and head bytes 431,
+body 413, head time 408 (slowloris), silence inside a body 408; malformed input 400. Each
+answer closes that connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import httptools
+
+from swapd.serve.context import Context, access, peername, sockname
+from swapd.worker import Connection
+
+log = logging.getLogger("swapd.serve")
+
+PARTIAL = "swapd.serve.partial"  # conn.meta key: (partial head bytes, head deadline)
+RECV_SIZE = 65536
+MAX_PIPELINED = 32  # requests parsed ahead of the one being answered; beyond, stop reading
+
+
+def _status_line(code: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(code).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {code} {phrase}\r\n".encode("latin-1")
+
+
+STATUS_LINES = {code: _status_line(code) for code in range(100, 600)}
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+
+
+class Reject(Exception):
+    """A request refused with `status` (the connection closes after the answer)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Request:
+    """One parsed request (head complete or not), its body as it arrives."""
+
+    __slots__ = ("body", "body_size", "complete", "content_length", "expect_continue",
+                 "forwarded_for", "forwarded_proto", "head_done", "head_size", "headers", "host",
+                 "keep_alive", "method", "upgrade", "url", "version")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = "GET"
+        self.version = "1.1"
+        self.keep_alive = True
+        self.head_done = False
+        self.head_size = 0
+        self.complete = False
+        self.body = bytearray()
+        self.body_size = 0
+        self.content_length: int | None = None
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.host: bytes | None = None
+        self.forwarded_for: bytes | None = None
+        self.forwarded_proto: bytes | None = None
+
+
+Dispatch = Callable[["H1", Request], Awaitable[bool]]  # -> keep the connection open
+
+
+class H1:
+    """The HTTP/1.1 side of one connection (also the httptools callback object)."""
+
+    def __init__(self, ctx: Context, conn: Connection) -> None:
+        self.ctx = ctx
+        self.conn = conn
+        self.loop = ctx.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.requests: deque[Request] = deque()
+        self._cur: Request | None = None
+        self.partial: bytearray | None = None  # raw bytes of an incomplete head (see above)
+        self.head_deadline = 0.0
+        self.upgrade_tail = b""  # bytes after an Upgrade request's head
+        self.closed = False  # the socket failed or we decided to close
+        self.served = False  # a request was answered: idle waits get the keep-alive timeout
+        self.broken: Reject | None = None  # a pipelined request to refuse after this response
+        self.t_request = 0.0  # perf_counter() when the request was dispatched (access log)
+        self.server = sockname(conn.sock)
+        self.client = peername(conn.sock)
+        self._limits = ctx.limits
+
+    # -- httptools callbacks (a Reject raised here ends the feed) ------------------------
+
+    def on_message_begin(self) -> None:
+        req = Request()
+        self._cur = req
+        self.requests.append(req)
+
+    def on_url(self, url: bytes) -> None:
+        assert self._cur is not None
+        self._cur.url += url
+        if len(self._cur.url) > self._limits.request_line:
+            raise Reject(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self._cur
+        assert req is not None
+        name = name.lower()
+        value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace (RFC 9110 5.5)
+        headers = req.headers
+        if len(headers) >= self._limits.request_fields:
+            raise Reject(431, "too many header fields")
+        headers.append((name, value))
+        if name[0] in b"cehux":  # the few headers the server itself looks at
+            if name == b"content-length":
+                try:
+                    req.content_length = int(value)
+                except ValueError:
+                    raise Reject(400, "bad Content-Length") from None
+                if req.content_length > self._limits.request_body:
+                    raise Reject(413, "request body too large")
+            elif name == b"expect":
+                req.expect_continue = value.lower() == b"100-continue"
+            elif name == b"host":
+                req.host = value
+            elif name == b"upgrade":
+                req.upgrade = value.lower()
+            elif name == b"x-forwarded-for":
+                req.forwarded_for = value
+            elif name == b"x-forwarded-proto":
+                req.forwarded_proto = value
+
+    def on_headers_complete(self) -> None:
+        req = self._cur
+        assert req is not None
+        parser = self.parser
+        raw = parser.get_method()
+        req.method = _METHODS.get(raw) or raw.decode("ascii")
+        req.version = parser.get_http_version()
+        # HTTP/1.0 keep-alive is not offered (uvicorn does the same).
+        req.keep_alive = req.version == "1.1" and parser.should_keep_alive()
+        req.head_done = True
+        if not parser.should_upgrade():
+            req.upgrade = None
+
+    def on_body(self, body: bytes) -> None:
+        req = self._cur
+        assert req is not None
+        req.body_size += len(body)
+        if req.body_size > self._limits.request_body:
+            raise Reject(413, "request body too large")
+        req.body += body
+
+    def on_message_complete(self) -> None:
+        assert self._cur is not None
+        self._cur.complete = True
+
+    # -- reading ----------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Parse received bytes; raises Reject for a request to refuse."""
+        cur = self._cur
+        clean = not self.requests
+        continuing = cur is not None and not cur.head_done
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, Reject):
+                raise e.__context__ from None
+            raise
+        except httptools.HttpParserUpgrade as e:
+            self.upgrade_tail = data[int(e.args[0]):]
+        except httptools.HttpParserError as e:
+            raise Reject(400, f"malformed request: {e}") from None
+        cur = self._cur
+        if cur is None or cur.head_done:
+            self.partial = None
+            return
+        # The head is incomplete: bound its size (a header value httptools accumulates
+        # internally counts too) and its time.
+        if continuing:
+            cur.head_size += len(data)
+            if self.partial is not None:
+                self.partial += data
+        else:
+            cur.head_size = len(data)
+            self.head_deadline = self.loop.time() + self.ctx.timeouts.request_head
+            # Only a head that began with this chunk has its raw bytes known: it can move.
+            self.partial = bytearray(data) if clean and len(self.requests) == 1 else None
+        if cur.head_size > self._limits.request_head:
+            raise Reject(431, "request head too large")
+
+    async def recv(self, *, idle: bool, timeout: float | None) -> bytes:
+        """One chunk (b"" at EOF or on a socket error); TimeoutError after `timeout` s."""
+        conn = self.conn
+        try:
+            if timeout is None:
+                return await conn.recv(RECV_SIZE, idle=idle)
+            async with asyncio.timeout(timeout):
+                return await conn.recv(RECV_SIZE, idle=idle)
+        except OSError as e:
+            if isinstance(e, TimeoutError):
+                raise
+            return b""
+
+    async def next_head(self) -> bool:
+        """Read until the first queued request has its head; False: the connection ends."""
+        while not self.requests or not self.requests[0].head_done:
+            queued = bool(self.requests)
+            if not queued:
+                # Nothing of a request yet: a boundary. A new connection gets the head
+                # timeout (it must start talking), one that already served requests the
+                # keep-alive timeout.
+                idle = True
+                timeout = self.ctx.timeouts.keep_alive if self.served else \
+                    self.ctx.timeouts.request_head
+            else:
+                idle = self.partial is not None
+                timeout = max(0.0, self.head_deadline - self.loop.time())
+                if idle:
+                    assert self.partial is not None
+                    self.conn.meta[PARTIAL] = (bytes(self.partial), self.head_deadline)
+            try:
+                data = await self.recv(idle=idle, timeout=timeout)
+            except TimeoutError:
+                if queued:
+                    await self.respond_error(408, "request head timed out")
+                return False
+            finally:
+                if queued and idle:
+                    self.conn.meta.pop(PARTIAL, None)
+            if not data:
+                return False
+            try:
+                self.feed(data)
+            except Reject as e:
+                await self.reject(e)
+                return False
+        return True
+
+    async def finish_body(self, req: Request) -> bool:
+        """After the response: read and drop what is left of the request body."""
+        while not req.complete:
+            if self.closed:
+                return False
+            req.body.clear()
+            try:
+                data = await self.recv(idle=False, timeout=self.ctx.timeouts.read)
+            except TimeoutError:
+                return False
+            if not data:
+                return False
+            try:
+                self.feed(data)
+            except Reject:
+                return False
+        req.body.clear()
+        return True
+
+    # -- writing ----------------------------------------------------------------------
+
+    async def write(self, data: bytes) -> bool:
+        """Send all of `data`; False (and the connection marked closed) if the peer is gone."""
+        if self.closed:
+            return False
+        sock = self.conn.sock
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.closed = True
+            return False
+        if sent == len(data):
+            return True
+        try:
+            await self.loop.sock_sendall(sock, memoryview(data)[sent:])
+        except OSError:
+            self.closed = True
+            return False
+        return True
+
+    async def respond_error(self, status: int, text: str) -> None:
+        """A complete plain-text answer from the server itself, then close."""
+        body = f"{http.HTTPStatus(status).phrase}: {text}\n".encode("latin-1", "replace")
+        await self.write(b"".join([
+            STATUS_LINES[status], self.ctx.default_headers(),
+            b"content-type: text/plain; charset=utf-8\r\ncontent-length: ",
+            str(len(body)).encode(), b"\r\nconnection: close\r\n\r\n", body]))
+        self.closed = True
+
+    async def reject(self, e: Reject) -> None:
+        log.info("event=request.rejected status=%d reason=%r client=%s", e.status, e.reason,
+                 _fmt_client(self.client))
+        await self.respond_error(e.status, e.reason)
+
+    # -- the connection ---------------------------------------------------------------
+
+    async def run(self, dispatch: Dispatch) -> None:
+        conn = self.conn
+        partial = conn.meta.pop(PARTIAL, None)
+        pending = bytes(conn.buffer)
+        conn.buffer.clear()
+        try:
+            if partial is not None:
+                # Handed over inside a request head: parse it again, keep its deadline.
+                self.feed(partial[0])
+                self.head_deadline = float(partial[1])
+            if pending:
+                self.feed(pending)
+        except Reject as e:
+            await self.reject(e)
+            return
+        while True:
+            if not await self.next_head():
+                return
+            req = self.requests[0]
+            keep = await dispatch(self, req)
+            self.served = True
+            self.requests.popleft()
+            if self.broken is not None and not self.closed:
+                await self.reject(self.broken)
+                return
+            if not keep or self.closed:
+                return
+            if not req.complete and not await self.finish_body(req):
+                return
+
+
+def _fmt_client(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "unix"
+
+
+def access_line(client: tuple[str, int] | None, method: str, target: bytes, version: str,
+                status: int, size: int, started: float) -> None:
+    access.info("event=access client=%s method=%s target=%r http=%s status=%d bytes=%d ms=%.2f",
+                _fmt_client(client), method, target.decode("latin-1"), version, status, size,
+                (time.perf_counter() - started) * 1000)
+
+
+
