@@ -129,7 +129,8 @@ class Server:
             ctx.connections += 1
             try:
                 session = ctx.ws_detached.pop(conn, None)
-                if session is not None:  # a handoff aborted before its snapshot: go on
+                if session is not None and session.state == ws.OPEN:
+                    # A handoff aborted before its snapshot: the session goes on.
                     conn.meta.pop(ws.META, None)
                     await session.run(start_app=False)
                     return

@@ -54,7 +54,9 @@ async def _call_all(fns: list[Callable[[], Any]]) -> None:
 
 
 async def snapshot(ctx: Context) -> Any:
-    sessions = [s for s in ctx.ws_detached.values() if s.state == OPEN]
+    # conn.detached, not ws_detached: the quiesce detaches synchronously and calls us before
+    # the readers have run their `except HandedOff`.
+    sessions = [s for s in ctx.ws_sessions if s.conn.detached and s.state == OPEN]
     for s in sessions:
         async with asyncio.timeout(FLUSH_TIMEOUT):
             await s.flushed()

@@ -166,7 +166,8 @@ class Session:
             await self._read()
         except HandedOff:
             self._stop_pings()
-            ctx.ws_detached[self.conn] = self
+            if self.state == OPEN:  # not snapshotted yet: an abort gives it back as it is
+                ctx.ws_detached[self.conn] = self
             raise
         finally:
             if self.state != OPEN or not self.conn.detached:
