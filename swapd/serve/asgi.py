@@ -25,7 +25,6 @@ from swapd.serve.context import Context
 from swapd.serve.h1 import (
     H1,
     MAX_PIPELINED,
-    RECV_SIZE,
     STATUS_LINES,
     Reject,
     Request,
@@ -74,22 +73,42 @@ def client_and_scheme(h: H1, req: Request, *, websocket: bool = False
 
 def http_scope(h: H1, req: Request) -> dict[str, Any]:
     ctx = h.ctx
-    path, raw, query = split_target(req, ctx.options.root_path)
-    client, scheme = client_and_scheme(h, req)
+    root = ctx.options.root_path
+    url = req.url
+    if url[:1] == b"/" and b"?" not in url and b"%" not in url and not root:
+        path, raw, query = url.decode("utf-8", "replace"), url, b""  # the common case
+    else:
+        path, raw, query = split_target(req, root)
+    if req.forwarded_for is None and req.forwarded_proto is None:
+        client, scheme = h.client, "http"
+    else:
+        client, scheme = client_and_scheme(h, req)
     return {
         "type": "http", "asgi": ASGI_VERSION, "http_version": req.version,
         "server": h.server, "client": client, "scheme": scheme, "method": req.method,
-        "root_path": ctx.options.root_path, "path": path, "raw_path": raw,
+        "root_path": root, "path": path, "raw_path": raw,
         "query_string": query, "headers": req.headers, "state": ctx.lifespan_state.copy(),
     }
+
+
+_GOOD_NAMES: dict[bytes, bytes] = {}  # response header names seen valid -> lower case
+
+
+def _check_name(name: bytes) -> bytes:
+    if not isinstance(name, bytes) or not name or _NAME_BAD.search(name):
+        raise RuntimeError(f"invalid response header name {name!r}")
+    lower = name.lower()
+    if len(_GOOD_NAMES) < 4096:  # bounded: names come from the app, but may vary
+        _GOOD_NAMES[name] = lower
+    return lower
 
 
 class Cycle:
     """One request's `receive` and `send`."""
 
     __slots__ = ("body_done", "chunked", "complete", "continued", "disconnected", "h",
-                 "head_only", "head_sent", "keep", "lock", "remaining", "req", "resp_headers",
-                 "sent", "started", "status", "waiter")
+                 "head_only", "head_sent", "keep", "lock", "reader", "remaining", "req",
+                 "resp_headers", "sent", "started", "status", "waiter")
 
     def __init__(self, h: H1, req: Request) -> None:
         self.h = h
@@ -109,6 +128,7 @@ class Cycle:
         self.sent = 0
         self.lock: asyncio.Lock | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.reader: asyncio.Task[None] | None = None  # reads while the app streams
 
     # -- receive --------------------------------------------------------------------------
 
@@ -137,12 +157,10 @@ class Cycle:
             if req.expect_continue and not self.continued and not self.head_sent:
                 self.continued = True
                 await h.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            try:
-                data = await h.recv(idle=False, timeout=h.ctx.timeouts.read)
-            except TimeoutError:
-                await self._abort(408, "request body timed out")
-                continue
+            data = await h.recv(idle=False, deadline=h.loop.time() + h.ctx.timeouts.read)
             if not data:
+                if h.timed_out:
+                    await self._abort(408, "request body timed out")
                 self.disconnected = True
                 h.closed = True
                 continue
@@ -160,41 +178,40 @@ class Cycle:
         self.h.closed = True
 
     async def _wait_disconnect(self) -> None:
-        """Until the response is complete or the client goes; reads pipelined requests."""
+        """Until the response is complete or the client goes. A helper task reads meanwhile
+        (through the Connection, which owns the socket's reader), parsing pipelined requests."""
         if self.complete or self.disconnected:
             return
         h = self.h
-        loop = h.loop
-        self.waiter = fut = loop.create_future()
-        fd = h.conn.sock.fileno()
-        loop.add_reader(fd, self._readable, fd)
+        self.waiter = fut = h.loop.create_future()
+        if self.reader is None and len(h.requests) < MAX_PIPELINED and h.broken is None:
+            self.reader = h.loop.create_task(self._read_ahead())
         try:
             await fut
         finally:
-            loop.remove_reader(fd)
             self.waiter = None
 
-    def _readable(self, fd: int) -> None:
+    async def _read_ahead(self) -> None:
         h = self.h
-        try:
-            data = h.conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if data:
+        while not self.complete:
+            data = await h.recv(idle=False, deadline=h.loop.time() + 86400.0)
+            if not data:
+                self.disconnected = True
+                h.closed = True
+                break
             try:
                 h.feed(data)
             except Reject as e:
                 h.broken = e  # answered after this response
-            if len(h.requests) < MAX_PIPELINED and h.broken is None:
-                return
-            h.loop.remove_reader(fd)  # enough queued: wait for the response only
-            return
-        self.disconnected = True
-        h.closed = True
+                break
+            if len(h.requests) >= MAX_PIPELINED:
+                break  # enough queued: wait for the response only
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+
+    def stop_reading(self) -> None:
+        if self.reader is not None and not self.reader.done():
+            self.reader.cancel()
 
     # -- send -----------------------------------------------------------------------------
 
@@ -224,6 +241,7 @@ class Cycle:
             data = b"" if self.head_only else self._frame(body, more)
         if not more:
             self.complete = True
+            self.stop_reading()
             if self.waiter is not None and not self.waiter.done():
                 self.waiter.set_result(None)
         if self.disconnected:
@@ -254,9 +272,11 @@ class Cycle:
         length = None
         close = False
         for name, value in self.resp_headers:
-            if _NAME_BAD.search(name) or _VALUE_BAD.search(value):
-                raise RuntimeError(f"invalid response header {name!r}: {value!r}")
-            lower = name.lower()
+            lower = _GOOD_NAMES.get(name)
+            if lower is None:
+                lower = _check_name(name)
+            if _VALUE_BAD.search(value):
+                raise RuntimeError(f"invalid response header value {name!r}: {value!r}")
             if lower == b"content-length":
                 length = int(value)
             elif lower == b"connection":
@@ -311,6 +331,7 @@ async def dispatch(h: H1, req: Request) -> bool:
     try:
         await ctx.app(scope, cycle.receive, cycle.send)
     except Exception:
+        cycle.stop_reading()
         log.exception("event=app.error method=%s target=%r", req.method,
                       req.url.decode("latin-1"))
         if not cycle.head_sent and not cycle.disconnected:
@@ -318,6 +339,7 @@ async def dispatch(h: H1, req: Request) -> bool:
         h.closed = True
         return False
     if not cycle.complete:
+        cycle.stop_reading()
         if cycle.disconnected:
             return False
         if not cycle.head_sent:

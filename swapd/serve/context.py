@@ -44,6 +44,7 @@ class Context:
         if options.server_header and not any(n == b"server" for n, _ in options.headers):
             extra.insert(0, b"server: swapd\r\n")
         self._static = b"".join(extra)
+        self._server: dict[str, tuple[str, int | None]] = {}
         self._date_second = -1
         self._headers = self._static
 
@@ -57,6 +58,19 @@ class Context:
             self._headers = (b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
                              + self._static)
         return self._headers
+
+    def server_address(self, conn: Connection) -> tuple[str, int | None]:
+        """ASGI `server` of a connection: its listener's address unless that is a wildcard
+        (then the address the client reached, per connection)."""
+        cached = self._server.get(conn.listener)
+        if cached is not None:
+            return cached
+        address = sockname(conn.sock)
+        listener = self.worker.listeners.get(conn.listener)
+        if (listener is not None and address[0] not in ("0.0.0.0", "::", "")
+                and sockname(listener) == address):
+            self._server[conn.listener] = address
+        return address
 
     def task_done(self, task: asyncio.Task[None]) -> None:
         self.app_tasks.discard(task)

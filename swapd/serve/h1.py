@@ -21,15 +21,17 @@ answer closes that connection only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
 import httptools
 
-from swapd.serve.context import Context, access, peername, sockname
+from swapd.serve.context import Context, access, peername
 from swapd.worker import Connection
 
 log = logging.getLogger("swapd.serve")
@@ -105,8 +107,14 @@ class H1:
         self.closed = False  # the socket failed or we decided to close
         self.served = False  # a request was answered: idle waits get the keep-alive timeout
         self.broken: Reject | None = None  # a pipelined request to refuse after this response
+        # Timeouts without a timer per request: one lazy timer per connection, re-armed when
+        # it fires early; when a wait's deadline has passed it shuts the socket's read side,
+        # which ends the wait as EOF (timed_out tells the two apart).
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
         self.t_request = 0.0  # perf_counter() when the request was dispatched (access log)
-        self.server = sockname(conn.sock)
+        self.server = ctx.server_address(conn)
         self.client = peername(conn.sock)
         self._limits = ctx.limits
 
@@ -211,18 +219,48 @@ class H1:
         if cur.head_size > self._limits.request_head:
             raise Reject(431, "request head too large")
 
-    async def recv(self, *, idle: bool, timeout: float | None) -> bytes:
-        """One chunk (b"" at EOF or on a socket error); TimeoutError after `timeout` s."""
+    async def recv(self, *, idle: bool, deadline: float) -> bytes:
+        """One chunk; b"" at EOF, on a socket error, or once `deadline` (loop time) passed
+        (then `timed_out` is set)."""
         conn = self.conn
+        if not conn.buffer:
+            # What is already there needs no timer (a new connection's first request nearly
+            # always is). conn.recv would try the same read first: same semantics.
+            try:
+                return conn.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return b""
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer)
         try:
-            if timeout is None:
-                return await conn.recv(RECV_SIZE, idle=idle)
-            async with asyncio.timeout(timeout):
-                return await conn.recv(RECV_SIZE, idle=idle)
-        except OSError as e:
-            if isinstance(e, TimeoutError):
-                raise
+            return await conn.recv(RECV_SIZE, idle=idle)
+        except OSError:
             return b""
+        finally:
+            self._deadline = 0.0
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if not deadline or self.conn.detached or self.conn.closed:
+            return  # no wait in progress (the next one arms again), or not ours any more
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            return
+        self.timed_out = True
+        with contextlib.suppress(OSError):
+            self.conn.sock.shutdown(socket.SHUT_RD)
+
+    def stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def next_head(self) -> bool:
         """Read until the first queued request has its head; False: the connection ends."""
@@ -233,24 +271,22 @@ class H1:
                 # timeout (it must start talking), one that already served requests the
                 # keep-alive timeout.
                 idle = True
-                timeout = self.ctx.timeouts.keep_alive if self.served else \
-                    self.ctx.timeouts.request_head
+                deadline = self.loop.time() + (self.ctx.timeouts.keep_alive if self.served
+                                               else self.ctx.timeouts.request_head)
             else:
                 idle = self.partial is not None
-                timeout = max(0.0, self.head_deadline - self.loop.time())
+                deadline = self.head_deadline
                 if idle:
                     assert self.partial is not None
                     self.conn.meta[PARTIAL] = (bytes(self.partial), self.head_deadline)
             try:
-                data = await self.recv(idle=idle, timeout=timeout)
-            except TimeoutError:
-                if queued:
-                    await self.respond_error(408, "request head timed out")
-                return False
+                data = await self.recv(idle=idle, deadline=deadline)
             finally:
                 if queued and idle:
                     self.conn.meta.pop(PARTIAL, None)
             if not data:
+                if queued and self.timed_out:
+                    await self.respond_error(408, "request head timed out")
                 return False
             try:
                 self.feed(data)
@@ -265,10 +301,7 @@ class H1:
             if self.closed:
                 return False
             req.body.clear()
-            try:
-                data = await self.recv(idle=False, timeout=self.ctx.timeouts.read)
-            except TimeoutError:
-                return False
+            data = await self.recv(idle=False, deadline=self.loop.time() + self.ctx.timeouts.read)
             if not data:
                 return False
             try:
@@ -318,20 +351,28 @@ class H1:
     # -- the connection ---------------------------------------------------------------
 
     async def run(self, dispatch: Dispatch) -> None:
-        conn = self.conn
-        partial = conn.meta.pop(PARTIAL, None)
-        pending = bytes(conn.buffer)
-        conn.buffer.clear()
         try:
-            if partial is not None:
-                # Handed over inside a request head: parse it again, keep its deadline.
-                self.feed(partial[0])
-                self.head_deadline = float(partial[1])
-            if pending:
-                self.feed(pending)
-        except Reject as e:
-            await self.reject(e)
-            return
+            await self._run(dispatch)
+        finally:
+            if self._timer is not None:
+                self.stop_timer()
+
+    async def _run(self, dispatch: Dispatch) -> None:
+        conn = self.conn
+        if conn.meta or conn.buffer:  # handed over by a predecessor
+            partial = conn.meta.pop(PARTIAL, None)
+            pending = bytes(conn.buffer)
+            conn.buffer.clear()
+            try:
+                if partial is not None:
+                    # Handed over inside a request head: parse it again, keep its deadline.
+                    self.feed(partial[0])
+                    self.head_deadline = float(partial[1])
+                if pending:
+                    self.feed(pending)
+            except Reject as e:
+                await self.reject(e)
+                return
         while True:
             if not await self.next_head():
                 return
