@@ -330,12 +330,18 @@ async def dispatch(h: H1, req: Request) -> bool:
     cycle = Cycle(h, req)
     try:
         await ctx.app(scope, cycle.receive, cycle.send)
-    except Exception:
+    except Exception as e:
         cycle.stop_reading()
-        log.exception("event=app.error method=%s target=%r", req.method,
-                      req.url.decode("latin-1"))
+        if cycle.disconnected:  # the client went (or we refused the rest): not a bug
+            log.info("event=app.ended_by_disconnect method=%s target=%r error=%r", req.method,
+                     req.url.decode("latin-1"), f"{type(e).__name__}: {e}")
+        else:
+            log.exception("event=app.error method=%s target=%r", req.method,
+                          req.url.decode("latin-1"))
         if not cycle.head_sent and not cycle.disconnected:
             await h.respond_error(500, "the application raised an exception")
+        elif cycle.complete and cycle.keep and not h.closed:
+            return True  # it answered (Starlette sends its 500, then re-raises): go on
         h.closed = True
         return False
     if not cycle.complete:

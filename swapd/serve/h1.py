@@ -39,6 +39,8 @@ log = logging.getLogger("swapd.serve")
 PARTIAL = "swapd.serve.partial"  # conn.meta key: (partial head bytes, head deadline)
 RECV_SIZE = 65536
 MAX_PIPELINED = 32  # requests parsed ahead of the one being answered; beyond, stop reading
+LINGER_TIME = 2.0  # closing with request bytes unread: drain them this long at most ...
+LINGER_BYTES = 1 << 20  # ... and this many, so the client reads our answer, not a reset
 
 
 def _status_line(code: int) -> bytes:
@@ -114,6 +116,7 @@ class H1:
         self._timer: asyncio.TimerHandle | None = None
         self.timed_out = False
         self.t_request = 0.0  # perf_counter() when the request was dispatched (access log)
+        self.unread = False  # the last request's body was not read to its end
         self.server = ctx.server_address(conn)
         self.client = peername(conn.sock)
         self._limits = ctx.limits
@@ -162,6 +165,10 @@ class H1:
     def on_headers_complete(self) -> None:
         req = self._cur
         assert req is not None
+        # The whole head, exactly (feed() bounds a head still arriving by the bytes fed).
+        if len(req.url) + sum(len(n) + len(v) + 4 for n, v in req.headers) \
+                > self._limits.request_head:
+            raise Reject(431, "request head too large")
         parser = self.parser
         raw = parser.get_method()
         req.method = _METHODS.get(raw) or raw.decode("ascii")
@@ -334,6 +341,14 @@ class H1:
             return False
         return True
 
+    async def linger(self) -> None:
+        await linger(self.conn)
+        self.closed = True
+
+    def input_pending(self) -> bool:
+        """The client may still be sending bytes we will not read."""
+        return self.unread or any(not r.complete for r in self.requests) or bool(self.partial)
+
     async def respond_error(self, status: int, text: str) -> None:
         """A complete plain-text answer from the server itself, then close."""
         body = f"{http.HTTPStatus(status).phrase}: {text}\n".encode("latin-1", "replace")
@@ -353,6 +368,8 @@ class H1:
     async def run(self, dispatch: Dispatch) -> None:
         try:
             await self._run(dispatch)
+            if self.closed and self.input_pending() and not self.timed_out:
+                await self.linger()
         finally:
             if self._timer is not None:
                 self.stop_timer()
@@ -379,6 +396,7 @@ class H1:
             req = self.requests[0]
             keep = await dispatch(self, req)
             self.served = True
+            self.unread = not req.complete
             self.requests.popleft()
             if self.broken is not None and not self.closed:
                 await self.reject(self.broken)
@@ -387,6 +405,25 @@ class H1:
                 return
             if not req.complete and not await self.finish_body(req):
                 return
+
+
+async def linger(conn: Connection) -> None:
+    """Close while the client may still be sending: closing a socket with unread bytes sends
+    a reset, which can destroy our last answer before the client reads it. So: end our
+    side, drop what still arrives (bounded in time and bytes), then let the caller close
+    (nginx's lingering close)."""
+    with contextlib.suppress(OSError):
+        conn.sock.shutdown(socket.SHUT_WR)
+    budget = LINGER_BYTES
+    try:
+        async with asyncio.timeout(LINGER_TIME):
+            while budget > 0:
+                data = await conn.recv(RECV_SIZE)
+                if not data:
+                    return
+                budget -= len(data)
+    except (TimeoutError, OSError):
+        pass
 
 
 def _fmt_client(client: tuple[str, int] | None) -> str:

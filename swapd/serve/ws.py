@@ -38,7 +38,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from swapd.serve.asgi import ASGI_VERSION, client_and_scheme, split_target
 from swapd.serve.context import Context
-from swapd.serve.h1 import H1, RECV_SIZE, Reject, Request
+from swapd.serve.h1 import H1, RECV_SIZE, Reject, Request, linger
 from swapd.worker import Connection, HandedOff
 
 log = logging.getLogger("swapd.serve")
@@ -147,6 +147,7 @@ class Session:
         self._ping_payload: bytes | None = None
         self.close_code: int | None = None
         self.close_timeout = ctx.timeouts.ws_close  # for the peer's answer to our close
+        self.failed = False  # ended without a closing handshake: linger before closing
         conn.pinned = True  # until the app opts in
 
     # -- the reader (the worker's handler task) -----------------------------------------
@@ -164,6 +165,8 @@ class Session:
             self._schedule_ping()
         try:
             await self._read()
+            if self.failed:
+                await linger(self.conn)
         except HandedOff:
             self._stop_pings()
             if self.state == OPEN:  # not snapshotted yet: an abort gives it back as it is
@@ -207,7 +210,7 @@ class Session:
         try:
             n = whole_frames(self.buf, self.ctx.limits.ws_max_size)
         except TooLarge:
-            self._close(1009, "message too big")
+            self._fail(1009, "message too big")
             return
         if not n:
             return
@@ -231,7 +234,7 @@ class Session:
             self.frag.append(event.data)
             self.frag_size += len(event.data)
             if self.frag_size > self.ctx.limits.ws_max_size:
-                self._close(1009, "message too big")
+                self._fail(1009, "message too big")
                 return
             if event.message_finished:
                 msg: dict[str, Any] = {"type": "websocket.receive"}
@@ -259,6 +262,7 @@ class Session:
             else:  # a protocol error wsproto reports as a close it wants us to send
                 reply = ev.CloseConnection(code=event.code, reason=event.reason)
                 log.info("event=ws.protocol_error code=%d reason=%r", event.code, event.reason)
+                self.failed = True
             self._write_now(ws.send(reply))
             self.state = CLOSED
             self._push({"type": "websocket.disconnect", "code": event.code,
@@ -449,6 +453,20 @@ class Session:
         self.close_code = code
         self._write_now(self.ws.send(ev.CloseConnection(code=code, reason=reason)))
         self.state = CLOSING
+        self._stop_pings()
+        self._push({"type": "websocket.disconnect", "code": code, "reason": reason})
+        _wake(self._reader_waiter)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """_Fail the WebSocket Connection_ (RFC 6455 7.1.7): send a close frame and end the
+        connection at once, without waiting for the peer (it is still sending junk)."""
+        if self.state != OPEN or self.ws is None:
+            return
+        log.info("event=ws.failed code=%d reason=%r", code, reason)
+        self.failed = True
+        self._write_now(self.ws.send(ev.CloseConnection(code=code, reason=reason)))
+        self.close_code = code
+        self.state = CLOSED
         self._stop_pings()
         self._push({"type": "websocket.disconnect", "code": code, "reason": reason})
         _wake(self._reader_waiter)

@@ -7,6 +7,7 @@ messages. See v1/chat.py for how to run it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
@@ -29,10 +30,8 @@ class Room:
         self.history.append(entry)
         del self.history[:-1000]
         for ws in list(self.members.values()):
-            try:
+            with contextlib.suppress(Exception):  # a member that just left
                 await ws.send_json({"type": "msg", **entry})
-            except Exception:
-                pass
 
 
 rooms: dict[str, Room] = {}
