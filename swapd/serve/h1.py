@@ -286,11 +286,11 @@ class H1:
                 if idle:
                     assert self.partial is not None
                     self.conn.meta[PARTIAL] = (bytes(self.partial), self.head_deadline)
-            try:
-                data = await self.recv(idle=idle, deadline=deadline)
-            finally:
-                if queued and idle:
-                    self.conn.meta.pop(PARTIAL, None)
+            data = await self.recv(idle=idle, deadline=deadline)
+            # Not in a `finally`: when the wait ends with HandedOff the partial head must
+            # stay in conn.meta, which the snapshot may read only after this task has run.
+            if queued and idle:
+                self.conn.meta.pop(PARTIAL, None)
             if not data:
                 if queued and self.timed_out:
                     await self.respond_error(408, "request head timed out")
@@ -383,6 +383,7 @@ class H1:
             try:
                 if partial is not None:
                     # Handed over inside a request head: parse it again, keep its deadline.
+                    log.debug("event=http.partial_resumed bytes=%d", len(partial[0]))
                     self.feed(partial[0])
                     self.head_deadline = float(partial[1])
                 if pending:
