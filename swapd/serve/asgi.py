@@ -157,7 +157,7 @@ class Cycle:
             if req.expect_continue and not self.continued and not self.head_sent:
                 self.continued = True
                 await h.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            data = await h.recv(idle=False, deadline=h.loop.time() + h.ctx.timeouts.read)
+            data = await h.recv_body()
             if not data:
                 if h.timed_out:
                     await self._abort(408, "request body timed out")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from swapd.serve.options import Options
 
 if TYPE_CHECKING:
+    from swapd.serve.h1 import H1
     from swapd.serve.ws import Barrier, Session
     from swapd.worker import Connection, Worker
 
@@ -39,6 +40,7 @@ class Context:
         self.barriers: dict[str, Barrier] = {}  # resumed WebSockets, by handoff
         self.app_tasks: set[asyncio.Task[None]] = set()  # WebSocket apps, flushes
         self.changed = asyncio.Event()  # a connection or app task ended
+        self.body_readers: set[H1] = set()  # waiting inside a request body now
         self.access_log = options.access_log
         extra = [b"%s: %s\r\n" % (n, v) for n, v in options.headers]
         if options.server_header and not any(n == b"server" for n, _ in options.headers):

@@ -39,6 +39,7 @@ log = logging.getLogger("swapd.serve")
 PARTIAL = "swapd.serve.partial"  # conn.meta key: (partial head bytes, head deadline)
 RECV_SIZE = 65536
 MAX_PIPELINED = 32  # requests parsed ahead of the one being answered; beyond, stop reading
+QUIESCE_STALL = 1.0  # during a stateful swap, a request body silent this long gets 408
 LINGER_TIME = 2.0  # closing with request bytes unread: drain them this long at most ...
 LINGER_BYTES = 1 << 20  # ... and this many, so the client reads our answer, not a reset
 
@@ -252,6 +253,28 @@ class H1:
         finally:
             self._deadline = 0.0
 
+    async def recv_body(self) -> bytes:
+        """recv() inside a request body: --timeout-read of silence at most, and only
+        QUIESCE_STALL while a stateful swap waits for this request (a slow client must not
+        make the swap miss its deadline)."""
+        self.ctx.body_readers.add(self)
+        try:
+            limit = self.ctx.timeouts.read
+            if self.conn.quiescing:
+                limit = min(limit, QUIESCE_STALL)
+            return await self.recv(idle=False, deadline=self.loop.time() + limit)
+        finally:
+            self.ctx.body_readers.discard(self)
+
+    def hurry(self) -> None:
+        """A quiesce began: the body read in progress may stall QUIESCE_STALL more at most."""
+        deadline = self.loop.time() + QUIESCE_STALL
+        if self._deadline > deadline:
+            self._deadline = deadline
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
     def _on_timer(self) -> None:
         self._timer = None
         deadline = self._deadline
@@ -308,7 +331,7 @@ class H1:
             if self.closed:
                 return False
             req.body.clear()
-            data = await self.recv(idle=False, deadline=self.loop.time() + self.ctx.timeouts.read)
+            data = await self.recv_body()
             if not data:
                 return False
             try:

@@ -25,7 +25,8 @@ from typing import Any
 
 import swapd
 from swapd.serve.context import Context
-from swapd.serve.ws import OPEN
+from swapd.serve.h1 import QUIESCE_STALL
+from swapd.serve.ws import OPEN, Session
 from swapd.worker import Worker
 
 log = logging.getLogger("swapd.serve")
@@ -42,8 +43,23 @@ def install(ctx: Context, w: Worker) -> None:
         w.accept_versions = set(hooks.accept)
     w.on_snapshot(lambda: snapshot(ctx))
     w.on_restore(restore)
+    w.on_quiesce(lambda: _quiesce(ctx))
     w.on_quiesce(lambda: _call_all(hooks.quiesce))
     w.on_resume(lambda: _call_all(hooks.resume))
+
+
+def _quiesce(ctx: Context) -> None:
+    """A stateful swap waits for every connection to reach a boundary: slow clients may not
+    hold it up. Request bodies in progress may stall QUIESCE_STALL more (then 408); a
+    WebSocket still receiving a message after that long stays here (pinned)."""
+    for h in list(ctx.body_readers):
+        h.hurry()
+    ctx.loop.call_later(QUIESCE_STALL, _pin_stuck, list(ctx.ws_sessions))
+
+
+def _pin_stuck(sessions: list[Session]) -> None:
+    for session in sessions:
+        session.pin_if_stuck()
 
 
 async def _call_all(fns: list[Callable[[], Any]]) -> None:

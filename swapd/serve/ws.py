@@ -24,8 +24,10 @@ zlib context cannot travel), it is pinned: it stays with the old worker and is c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 from collections import deque
 from typing import Any
 
@@ -46,6 +48,7 @@ log = logging.getLogger("swapd.serve")
 META = "swapd.serve.ws"  # conn.meta key of a handed-over WebSocket
 EXT = "swapd.handoff"    # the ASGI scope extension
 HIGH_WATER = 256 * 1024  # bytes queued for sending before the app's send() waits
+MAX_QUEUED = 4 * HIGH_WATER  # queued by the server itself (pongs...) for a peer not reading
 BARRIER_TIMEOUT = 5.0    # resumed connections wait this long for their siblings at most
 CONNECTING, OPEN, CLOSING, CLOSED, HANDED_OFF = range(5)
 _SCOPE_KEYS = ("type", "asgi", "http_version", "scheme", "server", "client", "root_path",
@@ -409,6 +412,12 @@ class Session:
             return
         if self.flushing:
             self.out += data
+            if len(self.out) > MAX_QUEUED:  # the peer does not read (but pings, say): drop it
+                log.info("event=ws.not_reading queued=%d action=close", len(self.out))
+                self.out.clear()
+                self._gone(1006)
+                with contextlib.suppress(OSError):
+                    self.conn.sock.shutdown(socket.SHUT_RDWR)
             return
         sock = self.conn.sock
         try:
@@ -470,6 +479,13 @@ class Session:
         self._stop_pings()
         self._push({"type": "websocket.disconnect", "code": code, "reason": reason})
         _wake(self._reader_waiter)
+
+    def pin_if_stuck(self) -> None:
+        """A quiesce has waited QUIESCE_STALL for this connection to finish receiving a
+        message: it stays with this worker (it cannot hold the swap up)."""
+        if self.frag and not self.conn.detached and not self.conn.pinned:
+            log.info("event=ws.pinned reason='a message still arriving'")
+            self.conn.pinned = True
 
     def close_for_drain(self, wait: float) -> None:
         """The drain deadline is near: 1012 (service restart), the client reconnects."""

@@ -25,7 +25,15 @@ from urllib.parse import unquote_to_bytes
 import httptools
 
 from swapd.serve import proxy
-from swapd.serve.h1 import H1, RECV_SIZE, STATUS_LINES, Reject, Request, access_line
+from swapd.serve.h1 import (
+    H1,
+    QUIESCE_STALL,
+    RECV_SIZE,
+    STATUS_LINES,
+    Reject,
+    Request,
+    access_line,
+)
 
 log = logging.getLogger("swapd.serve")
 
@@ -59,15 +67,21 @@ class Input:
         if req.expect_continue and not self.continued:
             self.continued = True
             _send_all(h, b"HTTP/1.1 100 Continue\r\n\r\n")
-        timeout = h.ctx.timeouts.read
+        silent = 0.0
         while True:
             try:
                 data = sock.recv(RECV_SIZE)
                 break
             except (BlockingIOError, InterruptedError):
-                if not _wait_fd(sock.fileno(), False, timeout):
+                # In slices, to notice a stateful swap waiting for this request: then the
+                # client may stall QUIESCE_STALL at most (as for ASGI, h1.recv_body).
+                limit = QUIESCE_STALL if h.conn.quiescing else h.ctx.timeouts.read
+                if silent >= limit:
                     h.closed = True
                     raise OSError("request body timed out") from None
+                step = min(0.25, limit - silent)
+                if not _wait_fd(sock.fileno(), False, step):
+                    silent += step
             except OSError:
                 data = b""
                 break

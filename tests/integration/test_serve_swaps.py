@@ -29,7 +29,7 @@ from swapd.loadgen import (
     http_get_int,
     http_post,
 )
-from tests.integration.serve_client import RawHTTP
+from tests.integration.serve_client import RawHTTP, RawWebSocket
 from tests.integration.supervised import ROOT, Supervised, supervised
 
 EXAMPLES = ROOT / "examples"
@@ -92,8 +92,14 @@ def test_fastapi_stateful_swaps_lose_no_acknowledged_write(tmp_path: Path) -> No
         # moves with the connection and the request completes on the successor.
         partial = RawHTTP(s.address())
         partial.send(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        # A client stalling inside its request body (the app already reads it): it cannot
+        # hold the swap up (--timeout-read is 30 s, the quiesce deadline 10 s): 408.
+        stalled = RawHTTP(s.address())
+        stalled.send(b"PUT /items/slow HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc")
         with both_modes(s, http_post("/incr")) as loads:
             swaps_under(loads, s, 2)
+        assert stalled.response("PUT")[0] == 408
+        stalled.close()
         partial.send(b"\r\n")
         status, _, body = partial.response()
         partial.close()
@@ -159,9 +165,14 @@ def test_websocket_clients_stay_connected_across_stateful_upgrade_v1_to_v2(
     shutil.copytree(EXAMPLES / "wschat", deploy)
     (deploy / "current").symlink_to("v1")
     with supervised(tmp_path, [], args=["--app", "chat:app", "--cwd", str(deploy / "current"),
-                                        "--mode", "stateful"]) as s:
+                                        "--mode", "stateful", "--drain-timeout", "3"]) as s:
         uri = "ws://{}:{}/chat/lobby".format(*s.address())
         members = [Member(uri, f"m{i}") for i in range(6)]
+        # A client stuck half way through a fragmented message cannot hold the swap up: it
+        # stays with v1, which closes it (1012) at its drain deadline.
+        stuck = RawWebSocket(s.address(), "/chat/lobby?name=stuck")
+        assert json.loads(stuck.read_frame()[1])["type"] == "welcome"
+        stuck.send_frame(0x1, b"half a mess", fin=False)
 
         async def scenario() -> None:
             stop, acked = asyncio.Event(), asyncio.Condition()
@@ -191,6 +202,8 @@ def test_websocket_clients_stay_connected_across_stateful_upgrade_v1_to_v2(
             await asyncio.wait_for(asyncio.gather(*tasks), 60)
 
         asyncio.run(scenario())
+        assert stuck.close_code() == 1012
+        stuck.close()
         room = httpx.get("http://{}:{}/rooms/lobby".format(*s.address()), timeout=10).json()
         assert room["version"] == 2
         assert room["seq"] >= sum(m.sent for m in members)  # plus the members' "left" notes
