@@ -302,9 +302,6 @@ class Cycle:
         self.keep = (req.keep_alive and not close and not waiting and not h.conn.draining
                      and h.broken is None)
         parts.append(b"\r\n" if self.keep else b"connection: close\r\n\r\n")
-        if h.ctx.access_enabled():
-            access_line(h.client, req.method, req.url, req.version, status,
-                        len(final) if final is not None else -1, h.t_request)
         return b"".join(parts)
 
 
@@ -328,6 +325,15 @@ async def dispatch(h: H1, req: Request) -> bool:
         await h.reject(e)
         return False
     cycle = Cycle(h, req)
+    try:
+        return await _run(ctx, h, req, scope, cycle)
+    finally:
+        if ctx.access_enabled():
+            access_line(h.client, req.method, req.url, req.version,
+                        cycle.status if cycle.head_sent else 500, cycle.sent, h.t_request)
+
+
+async def _run(ctx: Context, h: H1, req: Request, scope: dict[str, Any], cycle: Cycle) -> bool:
     try:
         await ctx.app(scope, cycle.receive, cycle.send)
     except Exception as e:

@@ -17,8 +17,19 @@ APPS = ROOT / "tests" / "apps"
 
 def test_wsgi_server_side_of_pep_3333_under_the_validator(tmp_path: Path) -> None:
     """Every endpoint runs behind wsgiref.validate: a breach by the server is a 500."""
-    with supervised(tmp_path, ["--root-path", "/api", "--threads", "2"],
+    with supervised(tmp_path, ["--root-path", "/api", "--threads", "2",
+                               "--limit-concurrency", "2"],
                     args=["--app", "serve_wsgi:app", "--cwd", str(APPS)]) as s:
+        opened: list[RawHTTP] = []
+        try:  # --limit-concurrency 2: requests on a third open connection get 503
+            for expected in (200, 200, 503):
+                opened.append(RawHTTP(s.address()))
+                opened[-1].send(get("/closed"))
+                assert opened[-1].response()[0] == expected
+            assert opened[-1].at_eof()
+        finally:
+            for conn in opened:
+                conn.close()
         with httpx.Client(base_url="http://{}:{}".format(*s.address()), timeout=10) as c:
             assert c.post("/read", content=b"body bytes").content == b"body bytes"
 
