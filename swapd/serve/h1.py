@@ -231,9 +231,10 @@ class H1:
         """One chunk; b"" at EOF, on a socket error, or once `deadline` (loop time) passed
         (then `timed_out` is set)."""
         conn = self.conn
-        if not conn.buffer:
-            # What is already there needs no timer (a new connection's first request nearly
-            # always is). conn.recv would try the same read first: same semantics.
+        if not self.served and not conn.buffer:
+            # A new connection's first request is nearly always there already: read it
+            # without arming a timer (conn.recv would try the same read first: same
+            # semantics). Between keep-alive requests it rarely is: conn.recv tries once.
             try:
                 return conn.sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
