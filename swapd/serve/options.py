@@ -61,6 +61,7 @@ class Options:
     headers: tuple[tuple[bytes, bytes], ...] = ()
     lifespan: str = "auto"
     threads: int = 8
+    accept_batch: int = 4
     ws: bool = True
     ws_per_message_deflate: bool = False
     log_level: str = "info"
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve only this listener (repeatable; default: every one)")
     n.add_argument("--bind", action="append", default=[], metavar="NAME=ADDR",
                    help="without swapd: bind this (default http=127.0.0.1:8000)")
+    n.add_argument("--accept-batch", type=int, default=4, metavar="N",
+                   help="connections taken per wakeup (default 4; 1 spreads long-lived "
+                        "connections most evenly over workers)")
     h = p.add_argument_group("HTTP")
     h.add_argument("--proxy-headers", action=argparse.BooleanOptionalAction, default=True,
                    help="trust X-Forwarded-For/-Proto from --forwarded-allow-ips (default on)")
@@ -138,7 +142,7 @@ def parse(argv: Sequence[str], environ: dict[str, str] | None = None) -> Options
     if ":" not in args.app or not all(args.app.partition(":")[::2]):
         raise OptionsError(f"swapd serve: APP must be MODULE:ATTRIBUTE, not {args.app!r}")
     for name in ("threads", "limit_request_line", "limit_request_fields", "limit_request_head",
-                 "ws_max_size"):
+                 "ws_max_size", "accept_batch"):
         if getattr(args, name) < 1:
             raise OptionsError(f"swapd serve: --{name.replace('_', '-')} must be at least 1")
     if args.limit_request_body < 0:
@@ -171,7 +175,8 @@ def parse(argv: Sequence[str], environ: dict[str, str] | None = None) -> Options
         proxy_headers=args.proxy_headers, forwarded_allow_ips=parse_networks(ips),
         access_log=args.access_log, server_header=args.server_header,
         date_header=args.date_header, headers=tuple(headers), lifespan=args.lifespan,
-        threads=args.threads, ws=args.ws, ws_per_message_deflate=args.ws_per_message_deflate,
+        threads=args.threads, accept_batch=args.accept_batch, ws=args.ws,
+        ws_per_message_deflate=args.ws_per_message_deflate,
         log_level=args.log_level,
         limits=Limits(request_line=args.limit_request_line,
                       request_fields=args.limit_request_fields,

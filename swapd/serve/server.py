@@ -108,7 +108,7 @@ class Server:
         w.on_drain(lambda: self._on_drain(ctx, drained))
         handler = self._handler(ctx)
         for name in names:
-            await w.serve(name, handler)
+            await w.serve(name, handler, accept_batch=opts.accept_batch)
         log.info("event=serve.ready app=%s interface=%s listeners=%s gen=%d slot=%d mode=%s "
                  "pid=%d", opts.app, self.interface, ",".join(names), w.generation, w.slot,
                  w.mode, os.getpid())

@@ -240,6 +240,7 @@ class ConnectionHub:
         self.loop = loop
         self.idle_grace = idle_grace
         self.handlers: dict[str, Handler] = {}
+        self.accept_batch: dict[str, int] = {}
         self.listeners: dict[str, socket.socket] = {}
         self.conns: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -249,7 +250,9 @@ class ConnectionHub:
         self.quiescing = False
         self._changed = asyncio.Event()
 
-    def register(self, name: str, sock: socket.socket, handler: Handler) -> None:
+    def register(self, name: str, sock: socket.socket, handler: Handler,
+                 accept_batch: int = _ACCEPT_BATCH) -> None:
+        self.accept_batch[name] = max(1, accept_batch)
         sock.setblocking(False)
         self.listeners[name] = sock
         self.handlers[name] = handler
@@ -277,7 +280,7 @@ class ConnectionHub:
         # connections to whichever worker woke first. (It still spreads long-lived
         # connections only as evenly as the wakeups do; see docs/worker.md.)
         sock = self.listeners[name]
-        for _ in range(_ACCEPT_BATCH):
+        for _ in range(self.accept_batch.get(name, _ACCEPT_BATCH)):
             if not self.accepting:
                 return
             try:

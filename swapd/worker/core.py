@@ -170,10 +170,14 @@ class Worker:
         self._on_resume.append(fn)
         return fn
 
-    async def serve(self, name: str, handler: Handler) -> None:
-        """Serve connections of listener `name` with `handler(conn)`, once allowed to."""
+    async def serve(self, name: str, handler: Handler, *, accept_batch: int = 1) -> None:
+        """Serve connections of listener `name` with `handler(conn)`, once allowed to.
+
+        `accept_batch`: connections taken per wakeup. 1 (the default) spreads long-lived
+        connections most evenly over the workers; more costs fewer wakeups under a flood of
+        short connections."""
         hub = self._require_hub()
-        hub.register(name, self.listener(name), handler)
+        hub.register(name, self.listener(name), handler, accept_batch)
 
     @property
     def draining(self) -> bool:
