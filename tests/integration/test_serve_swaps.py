@@ -110,6 +110,9 @@ def test_fastapi_stateful_swaps_lose_no_acknowledged_write(tmp_path: Path) -> No
         assert final == keepalive.acknowledged + close.acknowledged, "no write lost"
         for r in (keepalive, close):
             assert r.duplicate_values == 0 and r.value_regressions == 0
+        # Idle keep-alive connections moved between requests rather than being closed: the
+        # keep-alive clients never had to reconnect.
+        assert keepalive.connections_opened == LOAD["clients"], keepalive.format()
         assert httpx.get(url + "/items/greeting", timeout=10).content == b"hi"
         assert s.status()["active"] == 3
 
@@ -215,3 +218,46 @@ def test_websocket_clients_stay_connected_across_stateful_upgrade_v1_to_v2(
                 f"{m.name} missed or reordered messages"
             versions = [msg["v"] for msg in m.seen]
             assert versions == sorted(versions) and set(versions) == {1, 2}
+
+
+@pytest.mark.slow
+def test_websockets_stay_with_the_old_version_when_the_swap_aborts(tmp_path: Path) -> None:
+    """v2's restore raises after v1 has handed its connections over: the swap aborts, and v1
+    resumes them itself (its app is called again with the saved state), still connected."""
+    deploy = tmp_path / "deploy"
+    shutil.copytree(EXAMPLES / "wschat", deploy)
+    broken = deploy / "v2" / "chat.py"
+    broken.write_text(broken.read_text().replace(
+        "    for name, saved in state.items():",
+        "    raise RuntimeError('v2 cannot read this state')\n    for name, saved in "
+        "state.items():", 1))
+    (deploy / "current").symlink_to("v1")
+    with supervised(tmp_path, [], args=["--app", "chat:app", "--cwd", str(deploy / "current"),
+                                        "--mode", "stateful"]) as s:
+        address = s.address()
+        old = s.active_pids()
+
+        async def scenario() -> None:
+            uri = "ws://{}:{}/chat/lobby".format(*address)
+            async with websockets.connect(uri + "?name=a") as a, \
+                    websockets.connect(uri + "?name=b") as b:
+                for ws in (a, b):
+                    assert json.loads(await ws.recv())["type"] == "welcome"
+                await a.send("before")
+                for ws in (a, b):
+                    assert json.loads(await ws.recv())["text"] == "before"
+                (deploy / "current").unlink()
+                (deploy / "current").symlink_to("v2")
+                loop = asyncio.get_running_loop()
+                proc = await loop.run_in_executor(None, s.cli, "upgrade")
+                assert proc.returncode == 1, proc.stdout + proc.stderr
+                assert "v2 cannot read this state" in proc.stderr
+                await b.send("after")
+                for ws in (a, b):
+                    msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+                    assert (msg["text"], msg["v"], msg["seq"]) == ("after", 1, 2), msg
+                assert a.close_code is None and b.close_code is None
+
+        asyncio.run(scenario())
+        assert s.active_pids() == old
+        assert "event=ws.handed_off connections=2" in s.log_text()
