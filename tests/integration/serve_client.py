@@ -61,34 +61,40 @@ def get(path: str = "/", *extra: str, host: str = "t") -> bytes:
     return "\r\n".join(lines).encode()
 
 
+def frame(opcode: int, payload: bytes, *, masked: bool = True, fin: bool = True) -> bytes:
+    """One WebSocket frame as a client sends it (masked), or as it must not (unmasked)."""
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head += bytes([mask_bit | n])
+    elif n < 65536:
+        head += bytes([mask_bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack("!Q", n)
+    if masked:
+        key = os.urandom(4)
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+        head += key
+    return head + payload
+
+
 class RawWebSocket:
     """A WebSocket client that can also send what a correct client never would."""
 
-    def __init__(self, address: tuple[str, int], path: str = "/ws") -> None:
+    def __init__(self, address: tuple[str, int], path: str = "/ws", early: bytes = b"") -> None:
+        """`early`: bytes sent in the same write as the upgrade request (frames a client
+        pipelines behind its handshake)."""
         self.http = RawHTTP(address)
         key = base64.b64encode(os.urandom(16)).decode()
         self.http.send(get(path, "Upgrade: websocket", "Connection: Upgrade",
-                           f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"))
+                           f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13") + early)
         status, _, _ = self.http.response()
         assert status == 101, status
 
     def send_frame(self, opcode: int, payload: bytes, *, masked: bool = True,
                    fin: bool = True) -> None:
-        head = bytes([(0x80 if fin else 0) | opcode])
-        n = len(payload)
-        mask_bit = 0x80 if masked else 0
-        if n < 126:
-            head += bytes([mask_bit | n])
-        elif n < 65536:
-            head += bytes([mask_bit | 126]) + struct.pack("!H", n)
-        else:
-            head += bytes([mask_bit | 127]) + struct.pack("!Q", n)
-        if masked:
-            key = os.urandom(4)
-            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-            head += key
-        self.http.send(head + payload)
-
+        self.http.send(frame(opcode, payload, masked=masked, fin=fin))
     def read_frame(self) -> tuple[int, bytes]:
         f = self.http.file
         b0, b1 = f.read(2)

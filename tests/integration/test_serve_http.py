@@ -15,7 +15,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.integration.serve_client import RawHTTP, RawWebSocket, get
+from tests.integration.serve_client import RawHTTP, RawWebSocket, frame, get
 from tests.integration.supervised import ROOT, Supervised, wait_pid_gone
 
 APPS = ROOT / "tests" / "apps"
@@ -218,18 +218,26 @@ def test_websocket_echo_with_the_websockets_client(served: Served) -> None:
     assert asyncio.run(talk()) == ["echo one", "echo two"]
 
 
-@pytest.mark.parametrize(("frame", "code"), [
+def test_websocket_frames_sent_with_the_handshake_are_not_lost(served: Served) -> None:
+    ws = RawWebSocket(served.address, early=frame(0x1, b"early"))
+    try:
+        assert ws.read_frame() == (0x1, b"echo early")
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize(("kind", "code"), [
     ("unmasked", 1002),
     ("too-big", 1009),
     ("bad-utf8", 1007),
 ])
-def test_websocket_protocol_errors_close_with_the_right_code(served: Served, frame: str,
+def test_websocket_protocol_errors_close_with_the_right_code(served: Served, kind: str,
                                                              code: int) -> None:
     ws = RawWebSocket(served.address)
     try:
-        if frame == "unmasked":
+        if kind == "unmasked":
             ws.send_frame(0x1, b"hi", masked=False)
-        elif frame == "too-big":
+        elif kind == "too-big":
             ws.send_frame(0x2, b"x" * 70000)
         else:
             ws.send_frame(0x1, b"\xff\xfe")
