@@ -40,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="start a supervisor and its first generation",
-                         usage="swapd run [options] -- COMMAND [ARGS...]")
+                         usage="swapd run [options] -- COMMAND [ARGS...]\n"
+                               "       swapd run [options] --app MODULE:APP [-- SERVE-OPTIONS]")
     run.add_argument("--config", help="TOML configuration file")
+    run.add_argument("--app", metavar="MODULE:APP",
+                     help="run this ASGI/WSGI app with `swapd serve` (same interpreter); "
+                          "what follows -- are swapd serve options")
     run.add_argument("--bind", action="append", default=[], metavar="NAME=ADDR",
                      help="listener, e.g. http=127.0.0.1:8000, [::1]:8000, unix:/path (repeatable)")
     run.add_argument("--workers", type=int, help="workers per generation (default 1)")
@@ -110,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     for ops_parser in cli_ops.add_parsers(sub):
         _timeout_flag(ops_parser)
 
+    # Parsed by swapd.serve itself (main() hands it the arguments); listed here for --help.
+    sub.add_parser("serve", help="run an ASGI or WSGI app as a worker: swapd serve MODULE:APP "
+                   "(see swapd serve --help)", add_help=False)
+
     demo = sub.add_parser("demo", help="see swapd work: swaps under load, with a report")
     demo.add_argument("--swaps", type=int, default=5)
     demo.add_argument("--clients", type=int, default=16)
@@ -141,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_reexec-check"]:
         return _reexec_check(argv[1:])
+    if argv[:1] == ["serve"]:
+        from swapd.serve import main as serve_main
+
+        return serve_main(argv[1:])
     try:
         args = build_parser().parse_args(_patch_argv(argv))
         if args.command == "run":
@@ -180,8 +192,9 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     timeouts = {k: getattr(args, f"{k}_timeout")
                 for k in ("ready", "drain", "quiesce", "restore", "probe")}
     timeouts["idle_grace"] = args.idle_grace
+    app = {"app": args.app, "command": command} if args.app else {"command": command or None}
     return {
-        "command": command or None,
+        **app,
         "workers": args.workers,
         "mode": args.mode,
         "control": args.control,

@@ -5,6 +5,8 @@ supervisor was started with, so a flag given at start keeps winning.
 
     # swapd.toml
     command = ["python", "app.py"]
+    # or, for an ASGI/WSGI app: app = "main:app" (the worker command becomes
+    # `<this python> -m swapd serve main:app <app_args>`), app_args = ["--root-path", "/api"]
     workers = 2
     mode = "stateless"          # or "stateful": every swap hands state over
     control = "/run/swapd/app.sock"
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -104,14 +107,21 @@ class Config:
         found = _HEALTH_URL.fullmatch(self.health_url)
         assert found is not None  # checked by build()
         return found.group(1), found.group(2)
+    app: str | None = None  # `swapd serve` this app (then `command` is derived from it)
+    app_args: tuple[str, ...] = ()
 
 
 _TOP_KEYS = {
     "command", "workers", "mode", "control", "cwd", "readiness", "backlog", "precopy",
     "fdstore", "bind", "timeouts", "env", "probe", "watch", "health_url", "health_interval",
-    "health_failures", "worker_output", "state_dir", "metrics",
+    "health_failures", "worker_output", "state_dir", "metrics", "app", "app_args",
 }
 _TIMEOUT_KEYS = {"ready", "drain", "quiesce", "restore", "idle_grace", "probe"}
+
+
+def serve_command(app: str, args: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The worker command of `--app`: swapd serve, with the interpreter running swapd."""
+    return (sys.executable, "-m", "swapd", "serve", app, *args)
 
 
 def default_control_path(environ: Mapping[str, str] = os.environ) -> str:
@@ -179,6 +189,22 @@ def build(
     tables = {t: {**dict(file_data.get(t, {})), **dict(overrides.get(t) or {})} for t in _TABLES}
 
     command = merged.get("command")
+    app = merged.get("app")
+    app_args: tuple[str, ...] = ()
+    if app is not None:
+        if not isinstance(app, str) or ":" not in app or not all(app.partition(":")[::2]):
+            raise ConfigError(f"{where}: app must be MODULE:ATTRIBUTE (e.g. main:app), "
+                              f"not {app!r}")
+        if "app" not in overrides and "command" in file_data:
+            raise ConfigError(f"{where}: give either command or app (with app_args), not both")
+        # With an app, what follows `--` on the command line are `swapd serve` options.
+        extra = overrides.get("command")
+        if extra is None:
+            extra = merged.get("app_args", [])
+        if not isinstance(extra, list | tuple) or not all(isinstance(a, str) for a in extra):
+            raise ConfigError(f"{where}: app_args must be a list of strings")
+        app_args = tuple(extra)
+        command = list(serve_command(app, app_args))
     if command is None or command == [] or command == ():
         raise ConfigError(
             f"{where}: no worker command (give it after `--`, or `command = [...]` in the file)"
@@ -284,6 +310,8 @@ def build(
         worker_output=worker_output,
         state_dir=os.path.abspath(state_dir) if state_dir else None,
         metrics=metrics,
+        app=app,
+        app_args=app_args,
     )
 
 
@@ -352,7 +380,7 @@ def load(
 
 def to_overrides(config: Config) -> dict[str, Any]:
     """A Config as the flag dict `build()` takes: how a re-exec'd supervisor gets it back."""
-    return {
+    data: dict[str, Any] = {
         "command": list(config.command),
         "bind": {name: str(address) for name, address in config.binds},
         "control": config.control,
@@ -374,6 +402,9 @@ def to_overrides(config: Config) -> dict[str, Any]:
         "state_dir": config.state_dir,
         "metrics": config.metrics,
     }
+    if config.app is not None:  # the command is derived again (with the new interpreter)
+        data.update(command=None, app=config.app, app_args=list(config.app_args))
+    return data
 
 
 def from_overrides(data: Mapping[str, Any], config_file: str | None) -> Config:

@@ -61,6 +61,10 @@ class Worker:
         self.mode = env.get("SWAPD_MODE", "stateless")
         self.role = env.get("SWAPD_ROLE", "fresh")
         self.idle_grace = float(env.get("SWAPD_IDLE_GRACE", "1.0"))
+        # How long a drain may take before the supervisor kills us (the drain request says;
+        # SIGTERM without a channel: $SWAPD_DRAIN_TIMEOUT). Set when draining begins:
+        self.drain_timeout = float(env.get("SWAPD_DRAIN_TIMEOUT", "30"))
+        self.drain_deadline: float | None = None  # loop.time() by which the drain must end
         self._parts = StateParts()
         # Versions of predecessor state this code can restore; default: its own and older.
         self.accept_versions: set[int] | None = None
@@ -168,10 +172,14 @@ class Worker:
         self._on_resume.append(fn)
         return fn
 
-    async def serve(self, name: str, handler: Handler) -> None:
-        """Serve connections of listener `name` with `handler(conn)`, once allowed to."""
+    async def serve(self, name: str, handler: Handler, *, accept_batch: int = 1) -> None:
+        """Serve connections of listener `name` with `handler(conn)`, once allowed to.
+
+        `accept_batch`: connections taken per wakeup. 1 (the default) spreads long-lived
+        connections most evenly over the workers; more costs fewer wakeups under a flood of
+        short connections."""
         hub = self._require_hub()
-        hub.register(name, self.listener(name), handler)
+        hub.register(name, self.listener(name), handler, accept_batch)
 
     @property
     def draining(self) -> bool:
@@ -310,11 +318,13 @@ class Worker:
         if self._channel is not None and not self._channel.closed:
             self._channel.reply(msg, body, fds or [])
 
-    def _begin_drain(self) -> None:
+    def _begin_drain(self, timeout: float | None = None) -> None:
         hub = self._hub
         if hub is None or (hub.draining and not self._held):
             return
         self._held = False  # a held worker's window ended (or the supervisor went away)
+        self.drain_deadline = hub.loop.time() + (self.drain_timeout if timeout is None
+                                                 else timeout)
         log.info("event=drain.begin gen=%d slot=%d connections=%d", self.generation, self.slot,
                  len(hub.conns))
         hub.begin_drain()
@@ -352,7 +362,8 @@ class Worker:
 
     async def _handle_drain(self, msg: Message, req: m.Drain) -> None:
         msg.close_fds()
-        self._begin_drain()
+        deadline = msg.body.get("deadline")
+        self._begin_drain(float(deadline) if isinstance(deadline, int | float) else None)
 
     async def _handle_quiesce(self, msg: Message, req: m.Quiesce) -> None:
         msg.close_fds()

@@ -206,8 +206,8 @@ def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("wokers = 2\n",
-         "unknown key 'wokers' (known: backlog, bind, command, control, cwd, env, fdstore, "
-         "health_failures, health_interval, health_url, metrics, mode, precopy, probe, "
+         "unknown key 'wokers' (known: app, app_args, backlog, bind, command, control, cwd, env, "
+         "fdstore, health_failures, health_interval, health_url, metrics, mode, precopy, probe, "
          "readiness, state_dir, timeouts, watch, worker_output, workers)"),
         ("[timeouts]\nready = 1\nboot = 3\n",
          "unknown key 'timeouts.boot' (known: drain, idle_grace, probe, quiesce, ready, restore)"),

@@ -1,0 +1,121 @@
+"""A Starlette app exercising the ASGI details `swapd serve` must get right (tests).
+
+$SERVE_FAIL_STARTUP: a path; if it exists at startup, the lifespan startup fails.
+$SERVE_EVENTS: a path; lifespan events are appended to it ("startup <pid>", "shutdown <pid>").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+disconnects: list[str] = []
+
+
+def greeting() -> str:
+    return "hello"
+
+
+def _event(text: str) -> None:
+    path = os.environ.get("SERVE_EVENTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{text} {os.getpid()}\n")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    fail = os.environ.get("SERVE_FAIL_STARTUP")
+    if fail and os.path.exists(fail):
+        raise RuntimeError("startup refused: the database is unreachable (simulated)")
+    _event("startup")
+    yield {"answer": 42}
+    _event("shutdown")
+
+
+async def hello(request: Request) -> Response:
+    return PlainTextResponse(f"{greeting()} {os.getpid()}")
+
+
+async def echo(request: Request) -> Response:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+    return Response(body, media_type="application/octet-stream")
+
+
+async def stream(request: Request) -> Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(3):
+            yield f"chunk {i}\n".encode()
+            await asyncio.sleep(0.01)
+    return StreamingResponse(chunks(), media_type="text/plain")
+
+
+async def state(request: Request) -> Response:
+    return PlainTextResponse(str(request.state.answer))
+
+
+async def boom(request: Request) -> Response:
+    raise ValueError("boom: a bug in the app")
+
+
+async def scope_view(request: Request) -> Response:
+    s = request.scope
+    return PlainTextResponse(f"{s['scheme']} {s['client'][0]} {s['root_path']} {s['path']} "
+                             f"{s['query_string'].decode()} {s['http_version']}")
+
+
+class WaitDisconnect:
+    """Raw ASGI: start a streaming response, then wait for http.disconnect."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"waiting\n", "more_body": True})
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnects.append(scope["path"])
+                return
+
+
+async def disconnect_count(request: Request) -> Response:
+    return PlainTextResponse(str(len(disconnects)))
+
+
+async def ws_echo(ws: WebSocket) -> None:
+    await ws.accept()
+    try:
+        while True:
+            await ws.send_text("echo " + await ws.receive_text())
+    except WebSocketDisconnect:
+        pass
+
+
+starlette_app = Starlette(lifespan=lifespan, routes=[
+    Route("/", hello),
+    Route("/echo", echo, methods=["POST"]),
+    Route("/stream", stream),
+    Route("/state", state),
+    Route("/boom", boom),
+    Route("/scope/{rest:path}", scope_view),
+    Route("/wait-disconnect", WaitDisconnect()),
+    Route("/disconnects", disconnect_count),
+    WebSocketRoute("/ws", ws_echo),
+])
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    """Outside Starlette's error middleware, /raw-boom raises before any response."""
+    if scope["type"] == "http" and scope["path"] == "/raw-boom":
+        raise ValueError("boom before any response")
+    await starlette_app(scope, receive, send)
