@@ -40,6 +40,7 @@ from swapd.supervisor.lifecycle import GenEvent, GenState
 from swapd.supervisor.listeners import Listener, ListenerError, Listeners
 from swapd.supervisor.manager import ServiceManager, split_inherited
 from swapd.supervisor.process import OsProcesses
+from swapd.supervisor.strays import STRAY_GRACE
 from swapd.supervisor.swap import (
     SwapFailed,
     SwapJob,
@@ -138,9 +139,13 @@ class Supervisor:
         await self._control.start()
         self._install_signals()
         self.manager.start_watchdog(loop)
-        log.info("event=supervisor.start pid=%d version=%s control=%s listeners=%s",
-                 os.getpid(), __version__, self.config.control,
-                 ",".join(f"{lis.name}={describe(lis.sock)}" for lis in self.listeners))
+        # What a worker forks and leaves is reparented to us, not to init: found and ended.
+        subreaper = self.fleet.processes.become_subreaper()
+        log.info("event=supervisor.start pid=%d version=%s control=%s listeners=%s "
+                 "subreaper=%s", os.getpid(), __version__, self.config.control,
+                 ",".join(f"{lis.name}={describe(lis.sock)}" for lis in self.listeners),
+                 "pid1" if os.getpid() == 1 else subreaper)
+        self.fleet.strays.scan()  # after a re-exec: what exited meanwhile
         code = 0
         try:
             if self._resumed is not None:
@@ -159,6 +164,7 @@ class Supervisor:
             raise
         finally:
             self._remove_signals()
+            self.fleet.strays.close()
             self.manager.stop_watchdog()
             if not self._stopped.done():
                 self._stopped.set_result(None)  # lets a waiting `swapd stop` get its answer
@@ -219,11 +225,13 @@ class Supervisor:
         self._loop.add_signal_handler(signal.SIGTERM, self.request_stop, False)
         self._loop.add_signal_handler(signal.SIGINT, self.request_stop, False)
         self._loop.add_signal_handler(signal.SIGQUIT, self.request_stop, True)
+        self._loop.add_signal_handler(signal.SIGCHLD, self.fleet.strays.on_sigchld)
 
     def _remove_signals(self) -> None:
         if self._loop is None:
             return
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                    signal.SIGCHLD):
             self._loop.remove_signal_handler(sig)
 
     def _on_sighup(self) -> None:
@@ -281,6 +289,7 @@ class Supervisor:
                                    ) from e
         finally:
             self.reexec_in_flight = False
+            self.fleet.strays.scan()  # reaping waited while the pre-flight ran
         raise ControlError("re-exec returned without an error")  # not reached
 
     def _capture(self, reply_fd: int | None) -> reexec.Captured:
@@ -476,6 +485,7 @@ class Supervisor:
             warnings.append(f"worker {slot} is in a crash loop ({len(fleet.crashes[slot])} "
                             f"crashes in {CRASH_WINDOW:g}s)")
         warnings += self.journal.warnings()
+        warnings += self.listeners.check(fleet.active.id if fleet.active else None)
         return {
             "patches": self.journal.summaries(),
             "pid": os.getpid(),
@@ -486,6 +496,9 @@ class Supervisor:
             "active": fleet.active.id if fleet.active else None,
             "listeners": self.listeners.describe(),
             "generations": described,
+            "history": list(fleet.history),  # bounded: the last fleet.HISTORY that ended
+            "generations_held": len(fleet.generations),
+            "orphans_reaped": fleet.strays.reaped,
             "swap": self.swap.describe() if self.swap else None,
             "last_swap": self.last_swap,
             "swaps": dict(self.swap_counts),
@@ -503,7 +516,7 @@ class Supervisor:
         t = self.config.timeouts
         # the swap in flight cancelled, the state stored, the drain and its SIGKILLs
         self.manager.stopping("stopping" + (" (fast)" if fast else ", draining"),
-                              t.quiesce + t.drain + 4 * KILL_WAIT)
+                              t.quiesce + t.drain + 4 * KILL_WAIT + STRAY_GRACE)
         fleet = self.fleet
         fleet.cancel_timers()
         job = self.swap
@@ -530,6 +543,11 @@ class Supervisor:
         for gen in fleet.generations.values():
             for w in gen.live():
                 log.error("event=worker.unkillable %s", w.tag)
+        # Their process groups are being ended already; now every other child, so that
+        # nothing a worker started keeps the listeners (and the port) after we exit.
+        fleet.strays.scan(final=True, grace=0 if fast else STRAY_GRACE)
+        for pid in await fleet.strays.wait(STRAY_GRACE + KILL_WAIT):
+            log.error("event=stray.unkillable pid=%d", pid)
 
     def _close_listeners(self) -> None:
         # With the fd store, the sockets live on for the next supervisor (restart, crash):

@@ -392,6 +392,17 @@ class Generation:
     def live(self) -> list[WorkerProcess]:
         return [w for w in self.workers if w is not None and w.child.status is None]
 
+    def summary(self) -> dict[str, Any]:
+        """What the history keeps of a generation that is over: a few fields, no output."""
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "lived": round(time.monotonic() - self.created, 3),
+            "workers": [{"slot": w.slot, "pid": w.pid, "exit": str(w.child.status)}
+                        for w in self.workers if w is not None],
+            "restarts": sum(self.restarts),
+        }
+
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,
