@@ -177,6 +177,9 @@ def build(
         raise ConfigError(
             f"{where}: readiness must be one of {', '.join(READINESS)}, not {readiness!r}"
         )
+    if mode == "stateful" and readiness == "exec":
+        raise ConfigError(f"{where}: mode stateful needs readiness notify (a successor says "
+                          "over swapd's channel when it stands by for state)")
     precopy = merged.get("precopy", False)
     fdstore = merged.get("fdstore", True)
     for key, flag in (("precopy", precopy), ("fdstore", fdstore)):

@@ -151,9 +151,11 @@ class Supervisor:
             if self._resumed is not None:
                 self._resume(self._resumed)
             else:
-                first = await self._start_first()
-                log.info("event=supervisor.ready gen=%d workers=%d", first.id, len(first.workers))
-                self.manager.ready(self._status_line())
+                first = await self._first_unless_stopped()
+                if first is not None:
+                    log.info("event=supervisor.ready gen=%d workers=%d", first.id,
+                             len(first.workers))
+                    self.manager.ready(self._status_line())
             fast = await self._stop_requested
             await self._shutdown(fast)
         except StartupError as e:
@@ -174,6 +176,20 @@ class Supervisor:
             log.info("event=supervisor.exit code=%d", code)
         return code
 
+    async def _first_unless_stopped(self) -> Generation | None:
+        """The first generation; a stop asked for while it starts cancels the start (None):
+        `swapd stop` never waits out a `ready_timeout`."""
+        assert self._stop_requested is not None
+        start = asyncio.ensure_future(self._start_first())
+        await asyncio.wait({start, self._stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        if start.done():
+            return start.result()
+        log.info("event=start.cancelled reason='stop requested'")
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await start
+        return None
+
     async def _start_first(self) -> Generation:
         """The first generation, restoring a snapshot the fd store kept, if there is one."""
         t = self.config.timeouts
@@ -190,8 +206,15 @@ class Supervisor:
             try:
                 await wait_ready(first, first.config.timeouts.ready)
                 first.transition(GenEvent.READY)
+                _check_can_hand_over(first)
                 if stored:
                     await restore_stored(first, stored, self.config)
+            except asyncio.CancelledError:
+                await self.fleet.kill_generation(first)
+                raise
+            except StartupError:
+                await self.fleet.kill_generation(first)
+                raise
             except SwapFailed as e:
                 await self.fleet.kill_generation(first)
                 _report_failure("event=start.failed", e)
@@ -560,6 +583,21 @@ class Supervisor:
                 os.unlink(self.config.control)
             self._control_sock.close()
             self._control_sock = None
+
+
+def _check_can_hand_over(gen: Generation) -> None:
+    """Stateful mode needs workers that speak swapd's channel (swapd.worker): one that
+    announced itself only through NOTIFY_SOCKET (gunicorn, uvicorn...) cannot be asked for
+    a snapshot nor told to commit. Refused at start, not found out 30 s into a commit."""
+    if gen.config.mode != "stateful":
+        return
+    for w in gen.workers:
+        if w is not None and not w.speaks_channel:
+            via = w.ready.result().get("via", "notify") if w.ready.done() else "notify"
+            raise StartupError(
+                f"--mode stateful needs workers that use swapd.worker (they hand over state "
+                f"over swapd's channel); {w.tag} reported ready via {via} and never spoke the "
+                f"channel: run it with --mode stateless", code=2)
 
 
 def _a(kind: str) -> str:

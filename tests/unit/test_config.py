@@ -79,7 +79,7 @@ workers = 2
 mode = "stateful"
 control = "/run/app/ctl.sock"
 cwd = "/srv/app"
-readiness = "exec"
+readiness = "notify"
 backlog = 512
 precopy = true
 fdstore = false
@@ -103,7 +103,7 @@ def test_every_file_setting_is_read(tmp_path: Path) -> None:
     path = write(tmp_path, FULL_FILE)
     cfg = load(path, {}, environ=NO_ENV)
     assert cfg.command == ("python", "app.py")
-    assert cfg.workers == 2 and cfg.mode == "stateful" and cfg.readiness == "exec"
+    assert cfg.workers == 2 and cfg.mode == "stateful" and cfg.readiness == "notify"
     assert cfg.control == "/run/app/ctl.sock" and cfg.cwd == "/srv/app"
     assert cfg.backlog == 512 and cfg.precopy is True and cfg.fdstore is False
     assert cfg.binds == (
@@ -269,6 +269,9 @@ VALIDATION: list[tuple[str, dict[str, Any], str]] = [
      f"{WHERE}: mode must be one of stateless, stateful, not 'Stateful'"),
     ("readiness", {**CMD, "readiness": "tcp"},
      f"{WHERE}: readiness must be one of notify, exec, not 'tcp'"),
+    ("stateful-exec", {**CMD, "mode": "stateful", "readiness": "exec"},
+     f"{WHERE}: mode stateful needs readiness notify (a successor says over swapd's channel "
+     "when it stands by for state)"),
     ("precopy", {**CMD, "precopy": "yes"}, f"{WHERE}: precopy must be true or false"),
     ("fdstore", {**CMD, "fdstore": 1}, f"{WHERE}: fdstore must be true or false"),
     ("timeout-unknown", {**CMD, "timeouts": {"boot": 3}}, f"{WHERE}: unknown timeout 'boot'"),
@@ -420,7 +423,7 @@ OVERRIDES = st.fixed_dictionaries(
                                max_size=3),
         "timeouts": st.dictionaries(st.sampled_from(sorted(config_mod._TIMEOUT_KEYS)), _SECONDS),
     },
-)
+).filter(lambda d: not (d.get("mode") == "stateful" and d.get("readiness") == "exec"))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
