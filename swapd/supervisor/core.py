@@ -181,7 +181,8 @@ class Supervisor:
         `swapd stop` never waits out a `ready_timeout`."""
         assert self._stop_requested is not None
         start = asyncio.ensure_future(self._start_first())
-        await asyncio.wait({start, self._stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {start, self._stop_requested}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if start.done():
             return start.result()
         log.info("event=start.cancelled reason='stop requested'")
