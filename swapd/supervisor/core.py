@@ -7,7 +7,13 @@ nothing polls.
 
 Signals only record an intent that the loop acts on (asyncio's signal handlers
 already run inside the loop): HUP = reload, TERM/INT = graceful stop (drain, exit
-0), QUIT = fast stop (workers killed).
+0), QUIT = fast stop (workers killed), CHLD = look for strays to reap.
+
+SIGHUPs coalesce: with no change in flight the first starts a reload; those that
+arrive while a swap or a patch is in flight (however many) make exactly one more
+reload once it is over. That reload re-reads the configuration, so an edit written
+during the change in flight is never missed, and a burst never makes more than one
+generation per swap it overlaps.
 """
 
 from __future__ import annotations
@@ -82,6 +88,10 @@ class Supervisor:
         self.journal = Journal()  # patches in force in the active generation
         self.patch_in_flight: int | None = None
         self.reexec_in_flight = False
+        self._hup_pending = False  # a SIGHUP asked for a reload not started yet
+        self._hup_deferred = False  # ... and it waits for a change in flight (announced)
+        self._hup_task: asyncio.Task[None] | None = None
+        self._change_ended = asyncio.Event()  # set each time a swap or patch ends
         self.started = time.monotonic()
         self._control_sock: socket.socket | None = None
         self._control: ControlServer | None = None
@@ -260,23 +270,52 @@ class Supervisor:
 
     def _on_sighup(self) -> None:
         log.info("event=signal name=SIGHUP action=reload")
-        self.fleet.background(self._signal_swap())
-
-    async def _signal_swap(self) -> None:
-        # Under Type=notify-reload (systemd >= 253) the SIGHUP comes from systemd, which then
-        # waits for a RELOADING=1 newer than its signal, and READY=1. A SIGHUP that joins the
-        # swap in flight, or is refused, would otherwise leave `systemctl reload` hanging.
-        busy = self.fleet.active is not None and not self._stopping() and (
-            self.swap is not None or self.patch_in_flight is not None or self.reexec_in_flight)
-        if busy:
-            self.manager.reloading(f"reload requested; {self._status_line()}",
+        self._hup_pending = True
+        what = self._change_in_flight()
+        if what is not None and not self._hup_deferred:
+            self._hup_deferred = True
+            log.info("event=signal.deferred name=SIGHUP until=%r", what)
+            # systemd >= 253 (Type=notify-reload) waits for a RELOADING=1 newer than its
+            # signal, then READY=1: the reload to come sends that READY=1.
+            self.manager.reloading(f"reload requested after {what}; {self._status_line()}",
                                    _swap_bound(self.config))
-        try:
-            await self.request_swap("reload", "SIGHUP", None)
-        except ControlError as e:  # a signal has nobody to answer: the log must say it
-            log.warning("event=signal.refused name=SIGHUP reason=%r", str(e))
-            if busy and not self._stopping():
-                self.manager.ready(f"{self._status_line()}; SIGHUP reload refused: {e}")
+        if self._hup_task is None or self._hup_task.done():
+            self._hup_task = asyncio.ensure_future(self._signal_reloads())
+            self.fleet.tasks.add(self._hup_task)
+            self._hup_task.add_done_callback(self.fleet.tasks.discard)
+
+    def _change_in_flight(self) -> str | None:
+        """The swap or patch in flight that a SIGHUP waits for (None: none, or nothing a
+        reload could follow: still starting, a re-exec; the reload is then refused)."""
+        if self.fleet.active is None or self._stopping():
+            return None
+        if self.swap is not None:
+            return f"the {self.swap.kind} in flight (gen={self.swap.gen})"
+        if self.patch_in_flight is not None:
+            return f"patch {self.patch_in_flight}"
+        return None
+
+    async def _signal_reloads(self) -> None:
+        """Act on SIGHUPs: a reload now, or one after the change in flight (coalesced)."""
+        while self._hup_pending and not self._stopping():
+            if self._change_in_flight() is not None:
+                self._change_ended.clear()
+                await self._change_ended.wait()
+                continue
+            self._hup_pending = False
+            deferred, self._hup_deferred = self._hup_deferred, False
+            try:
+                await self.request_swap("reload", "SIGHUP", None)
+            except ControlError as e:  # a signal has nobody to answer: the log must say it
+                log.warning("event=signal.refused name=SIGHUP reason=%r", str(e))
+                if self.fleet.active is not None and not self._stopping():
+                    if not deferred:  # systemd >= 253 waits for both (a re-exec in flight)
+                        self.manager.reloading(f"reload requested; {self._status_line()}",
+                                               _swap_bound(self.config))
+                    self.manager.ready(f"{self._status_line()}; SIGHUP reload refused: {e}")
+
+    def _change_over(self) -> None:
+        self._change_ended.set()
 
     def request_stop(self, fast: bool = False) -> None:
         if self._stop_requested is not None and not self._stop_requested.done():
@@ -434,12 +473,14 @@ class Supervisor:
         # READY=1 ends the reload state whether the swap committed or not: sd_notify has no
         # "reload failed"; the status line and `swapd reload`'s exit code tell which.
         failed = "" if outcome["ok"] else f"; last {job.kind} FAILED: {outcome['error']}"
-        if self._stopping():  # a swap cancelled by a stop: READY=1 after STOPPING=1 is wrong
+        # Not READY=1 either while a SIGHUP waits for its reload: that one is the end of it.
+        if self._stopping() or self._hup_pending:  # READY=1 after STOPPING=1 is wrong too
             self.manager.status(self._status_line() + failed)
         else:
             self.manager.ready(self._status_line() + failed)
         if not job.done.done():
             job.done.set_result(outcome)
+        self._change_over()
 
     def _reread_config(self) -> Config:
         try:
@@ -491,6 +532,7 @@ class Supervisor:
             return await patching.apply(self.fleet.active, self.journal, args, emit, peer)
         finally:
             self.patch_in_flight = None
+            self._change_over()
 
     def status(self) -> dict[str, Any]:
         fleet = self.fleet
