@@ -51,6 +51,7 @@ from swapd.supervisor.swap import (
     SwapFailed,
     SwapJob,
     activate,
+    committed,
     restore_stored,
     run_swap,
     store_state,
@@ -448,7 +449,9 @@ class Supervisor:
             try:
                 result = await run_swap(self.fleet, job, config)
             except BaseException:
-                self.listeners.settle(plan, committed=False, binds=())
+                # (an error after the commit is still a commit: its listeners stay)
+                self.listeners.settle(plan, committed=job.committed,
+                                      binds=config.binds if job.committed else ())
                 raise
             self.listeners.settle(plan, committed=True, binds=config.binds)
             outcome = {"ok": True, **result}
@@ -456,14 +459,22 @@ class Supervisor:
                      result["timings_ms"])
         except SwapFailed as e:
             outcome = {"ok": False, "error": e.reason, "worker": e.worker, "tail": e.tail,
-                       "gen": job.gen, "timings_ms": dict(job.timings)}
+                       "gen": job.gen, "timings_ms": dict(job.timings),
+                       "warnings": list(job.warnings)}
             _report_failure("event=swap.failed", e)
-        except asyncio.CancelledError:
-            outcome = {"ok": False, "error": "swap cancelled (supervisor stopping)",
-                       "gen": job.gen}
-        except Exception as e:
-            log.exception("event=swap.crashed")
-            outcome = {"ok": False, "error": f"internal error: {e!r}", "gen": job.gen}
+        except (asyncio.CancelledError, Exception) as e:
+            if isinstance(e, asyncio.CancelledError):
+                error = "swap cancelled (supervisor stopping)"
+            else:
+                log.exception("event=swap.crashed")
+                error = f"internal error: {e!r}"
+            if job.committed:  # what happened is a commit: say so, and what went wrong after
+                assert job.gen is not None
+                job.warn(f"after the commit: {error}")
+                outcome = {"ok": True, **committed(job, job.gen, job.previous)}
+            else:
+                outcome = {"ok": False, "error": error, "gen": job.gen,
+                           "warnings": list(job.warnings)}
         finally:
             self.swap = None
         outcome.update(kind=job.kind, origin=job.origin,
