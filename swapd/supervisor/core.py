@@ -116,7 +116,8 @@ class Supervisor:
         try:
             self.listeners.adopt_inherited(self.activated, self.stored_listeners,
                                            dict(self.config.binds))
-            self.listeners.bind_missing(self.config.binds, self.config.backlog)
+            self.listeners.bind_missing(self.config.binds, self.config.backlog,
+                                        self.config.timeouts.drain)
             if not self.listeners:
                 raise StartupError("no listeners: give --bind NAME=ADDR (or use socket activation)")
             self._control_sock = bind_control(self.config.control)

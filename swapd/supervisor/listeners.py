@@ -19,6 +19,7 @@ not detected: nothing in its socket options shows it.)
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swapd.sockets import Address, BindError, adopt, bind, describe, same_address, unlink_unix
+from swapd.supervisor import holders
 from swapd.supervisor.manager import ServiceManager
 
 log = logging.getLogger("swapd")
@@ -104,10 +106,31 @@ class Listeners:
             self.manager.forget_listener(name)
             sock.close()
 
-    def bind_missing(self, binds: Sequence[tuple[str, Address]], backlog: int) -> None:
+    def bind_missing(self, binds: Sequence[tuple[str, Address]], backlog: int,
+                     drain_timeout: float = 30.0) -> None:
         for name, address in binds:
             if name not in self.by_name:
-                self.add(Listener(name, address, bind(address, backlog), "bound"))
+                self.add(Listener(name, address, self._bind(address, backlog, drain_timeout),
+                                  "bound"))
+
+    def _bind(self, address: Address, backlog: int, drain_timeout: float) -> socket.socket:
+        """Bind; if workers of an earlier swapd still hold the address (after a crash), wait
+        for them to drain (see `holders`); any other holder is named in the error."""
+        try:
+            return bind(address, backlog)
+        except BindError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            found = holders.holders(address)
+            if not found or any(h.generation is None for h in found):
+                named = f" (held by {', '.join(map(str, found))})" if found else ""
+                raise BindError(e.errno, f"{e.strerror}{named}") from e
+            self.manager.extend(holders.wait_time(found, drain_timeout))
+            left = holders.wait_for(found, address, drain_timeout)
+            if left:
+                raise BindError(e.errno, f"{e.strerror} (still held by "
+                                         f"{', '.join(map(str, left))})") from e
+        return bind(address, backlog)
 
     def store_all(self) -> None:
         for lis in self:

@@ -100,12 +100,18 @@ class Supervised:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def start(self, timeout: float = 30.0) -> Supervised:
+    def launch(self) -> Supervised:
+        """Start the process; `start` also waits until it is ready."""
         self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, cwd=str(ROOT))
         self._log_thread = threading.Thread(target=self._read_log, daemon=True)
         self._log_thread.start()
+        return self
+
+    def start(self, timeout: float = 30.0) -> Supervised:
+        if self.proc is None:
+            self.launch()
         try:
             self.notify.wait_for("READY", "1", timeout)
         except TimeoutError:

@@ -4,12 +4,16 @@ cannot hand over state."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
+
+import psutil
 
 from tests.integration.supervised import (
     MISBEHAVE,
@@ -86,11 +90,7 @@ def test_stop_during_start_does_not_wait_for_readiness(tmp_path: Path) -> None:
     s = Supervised(tmp_path, MISBEHAVE, args=["--ready-timeout", "600"],
                    env={"BEHAVIOR": str(behavior)})
     try:
-        s.proc = subprocess.Popen(s.argv, env=s.env, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                  cwd=str(ROOT))
-        s._log_thread = threading.Thread(target=s._read_log, daemon=True)
-        s._log_thread.start()
+        s.launch()
         m = s.wait_log(r"gen=1 worker=0 pid=(\d+)\| never getting ready, as told")
         worker = int(m.group(1))
         s.worker_pids.add(worker)
@@ -102,3 +102,51 @@ def test_stop_during_start_does_not_wait_for_readiness(tmp_path: Path) -> None:
         assert s.notify.seen == [] or all("READY" not in m for m in s.notify.seen)
     finally:
         s.stop()
+
+
+def test_restart_after_a_supervisor_crash_waits_for_the_orphans(tmp_path: Path) -> None:
+    """SIGKILL the supervisor: its worker (told by PR_SET_PDEATHSIG) drains, holding the
+    port while a keep-alive connection is open. A new supervisor on the same port says
+    why it waits, and serves once the orphan is gone: no "address already in use"."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    crashed = Supervised(tmp_path / "one", MISBEHAVE, args=["--idle-grace", "600"])
+    restarted: Supervised | None = None
+    try:
+        crashed.start()
+        host, port = crashed.address()
+        (orphan,) = crashed.active_pids()
+        client = socket.create_connection((host, port), timeout=10)
+        with contextlib.closing(client):
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.recv(4096).startswith(b"HTTP/1.1 200")  # idle keep-alive from here
+            os.kill(crashed.pid, signal.SIGKILL)
+            assert crashed.wait_exit(30) == -signal.SIGKILL
+            restarted = Supervised(tmp_path / "two", MISBEHAVE, binds=(f"http={host}:{port}",))
+            restarted.launch()
+            restarted.wait_log(rf"event=listener.busy address={host}:{port} holders={orphan} "
+                               r"reason='workers of an earlier swapd")
+        # The connection closed: the orphan's drain ends, and it exits.
+        assert wait_pid_gone(orphan, 30)
+        restarted.start()
+        restarted.wait_log(rf"event=listener.holder_exited address={host}:{port} pid={orphan}")
+        status, body = http_get((host, port))
+        assert status == 200 and int(body.split()[1]) in restarted.active_pids()
+    finally:
+        crashed.stop()
+        if restarted is not None:
+            restarted.stop()
+
+
+def test_a_port_held_by_something_else_fails_at_once_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([*SWAPD, "run", "--control", str(tmp_path / "ctl.sock"), "--bind",
+                               f"http=127.0.0.1:{port}", "--", *MISBEHAVE], capture_output=True,
+                              text=True, timeout=60, cwd=str(ROOT))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"swapd: cannot bind 127.0.0.1:{port}: address already in use (held by pid "
+        f"{os.getpid()} ({psutil.Process().name()}))"]
