@@ -197,7 +197,7 @@ class OsProcesses:
 
     def send_signal(self, child: Child, sig: int) -> bool:
         """Signal the child itself; False if it has already exited (pidfd: no pid reuse race)."""
-        if child.status is not None or self._exited(child):
+        if child.status is not None or self.has_exited(child):
             return False
         try:
             signal.pidfd_send_signal(child.pidfd, sig)
@@ -206,7 +206,7 @@ class OsProcesses:
         return True
 
     @staticmethod
-    def _exited(child: Child) -> bool:
+    def has_exited(child: Child) -> bool:
         # A pidfd is readable once its process has exited, reaped or not; signalling a
         # zombie "succeeds" and would be reported as delivered.
         if child.pidfd < 0:

@@ -31,7 +31,7 @@ from typing import Any
 from swapd import messages as m
 from swapd.config import Config
 from swapd.control import Emit
-from swapd.supervisor.fleet import Fleet, SpawnFailed
+from swapd.supervisor.fleet import KILL_WAIT, Fleet, SpawnFailed
 from swapd.supervisor.generation import Answer, Generation, RequestFailed, WorkerProcess
 from swapd.supervisor.lifecycle import GenEvent
 
@@ -110,6 +110,7 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
     precopying = quiesced = False
     handed: list[Answer[m.QuiesceReply]] = []
     serving = [w for w in old.workers if w is not None and w.child.status is None]
+    sources: list[WorkerProcess] = []  # old workers whose snapshot the new ones received
     try:
         await wait_ready(new, config.timeouts.ready)
         new.transition(GenEvent.READY)
@@ -122,8 +123,9 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
                 await _precopy(fleet, old, new, config, job)
             old.transition(GenEvent.QUIESCE)
             quiesced = True
-            handed = await _handoff(fleet, old, new, config, job, precopied=precopying)
-        _check_alive(new)
+            handed = await _handoff(fleet, old, new, config, job, precopied=precopying,
+                                    sources=sources)
+        await _check_alive(fleet, new)
     except BaseException as e:
         if isinstance(e, RequestFailed):
             e = SwapFailed.from_request(e)
@@ -140,7 +142,7 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
             resumed = await _resume(fleet, old)
         elif precopying:
             await _tell_resume(old)  # ends the pre-copy round the old workers had begun
-        _say_what_became(old, serving, resumed, job)
+        _say_what_became(old, serving, resumed, job, [])
         if isinstance(e, SwapFailed | asyncio.CancelledError):
             raise e
         raise SwapFailed(reason) from e
@@ -151,7 +153,7 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
     fleet.commit(new, old, drain_old=not stateful)
     job.committed = True
     job.mark("committed")
-    _say_what_became(old, serving, None, job)
+    _say_what_became(old, serving, None, job, sources)
     try:
         if stateful:
             await activate(fleet, new, config, job)
@@ -173,24 +175,28 @@ def committed(job: SwapJob, gen: int, previous: int | None) -> dict[str, Any]:
             "warnings": list(job.warnings)}
 
 
-def _check_alive(new: Generation) -> None:
+async def _check_alive(fleet: Fleet, new: Generation) -> None:
     """Right before commit: every new worker still runs (one that died after it was ready
-    or restored would be committed dead, its slot never refilled, its handed state lost)."""
+    or restored would be committed dead, its slot never refilled, its handed state lost).
+    Asked of the kernel (pidfd), not of our bookkeeping, which may not have run yet."""
     for w in new.workers:
-        if w is not None and (w.child.status is not None or w.exited.done()):
-            status = w.exited.result() if w.exited.done() else w.child.status
+        if w is not None and (w.exited.done() or fleet.processes.has_exited(w.child)):
+            await asyncio.wait([w.exited], timeout=KILL_WAIT)  # for the reason: its status
+            status = w.exited.result() if w.exited.done() else "exited"
             raise SwapFailed(f"{w.tag} {status} before commit", worker=w)
 
 
 def _say_what_became(old: Generation, serving: list[WorkerProcess],
-                     resumed: dict[int, str] | None, job: SwapJob) -> None:
+                     resumed: dict[int, str] | None, job: SwapJob,
+                     handed: list[WorkerProcess]) -> None:
     """What the caller is told about the old generation: a worker that died during the swap
-    was a crash (restarted in its slot; in stateful mode its state went with it), and after
-    an aborted handoff each worker either resumed with its state or did not confirm."""
+    was a crash (restarted in its slot; in stateful mode its state went with it, unless it
+    had handed it over: `handed`), and after an aborted handoff each worker either resumed
+    with its state or did not confirm."""
     stateful = old.config.mode == "stateful"
     told = []
     for w in serving:
-        if w.exited.done():
+        if w.exited.done() and w not in handed:
             told.append(f"worker {w.slot} (pid={w.pid}) {w.exited.result()} during the swap: "
                         "restarted in its slot" + (", its state is lost" if stateful else ""))
     if resumed is not None:
@@ -274,7 +280,7 @@ async def _precopy(
 
 async def _handoff(
     fleet: Fleet, old: Generation, new: Generation, config: Config, job: SwapJob, *,
-    precopied: bool
+    precopied: bool, sources: list[WorkerProcess]
 ) -> list[Answer[m.QuiesceReply]]:
     """The pause: quiesce and snapshot each old worker, restore into its successor.
 
@@ -299,6 +305,7 @@ async def _handoff(
             if isinstance(result, BaseException):
                 raise result
         job.mark("snapshotted")
+        sources.extend(src for src, _ in pairs)
         sizes = [a.reply.size for a in snaps]
         job.emit("snapshot", f"gen={old.id} quiesced; {len(sizes)} snapshot(s), "
                  f"{sum(sizes)} bytes")
