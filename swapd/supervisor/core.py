@@ -580,7 +580,7 @@ class Supervisor:
             "swap": self.swap.describe() if self.swap else None,
             "last_swap": self.last_swap,
             "swaps": dict(self.swap_counts),
-            "open_fds": len(os.listdir("/proc/self/fd")),
+            "open_fds": _open_fds(),
             "warnings": warnings,
         }
 
@@ -685,6 +685,13 @@ def _base_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
     """The environment every worker starts from: ours minus what only we may use."""
     drop = (*LISTEN_ENV, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
     return {k: v for k, v in environ.items() if k not in drop and not k.startswith("SWAPD_")}
+
+
+def _open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # at the fd limit: listing them needs one
+        return None
 
 
 def _usage(w: WorkerProcess) -> dict[str, Any]:

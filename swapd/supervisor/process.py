@@ -245,7 +245,8 @@ class OsProcesses:
     # -- processes we did not spawn: what workers left behind --------------------------
 
     def processes(self) -> list[ProcInfo]:
-        """Every process /proc shows (our pid namespace)."""
+        """Every process /proc shows (our pid namespace); OSError (EMFILE: at our fd limit)
+        is the caller's to handle."""
         found = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():

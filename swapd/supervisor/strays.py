@@ -64,7 +64,7 @@ class Strays:
 
     def worker_gone(self, tag: str, pgid: int, grace: float = STRAY_GRACE) -> None:
         """The worker leading group `pgid` has exited and is not reaped yet: end its group."""
-        for info in self.processes.processes():
+        for info in self._processes():
             if info.pgid == pgid and info.pid != pgid and not info.zombie:
                 self._end(info, f"left in the process group of {tag}", grace)
 
@@ -82,7 +82,7 @@ class Strays:
         """Reap exited children that are no worker's; end the children whose generation is
         over (with `final`, every child that is no worker)."""
         me = os.getpid()
-        children = [p for p in self.processes.processes()
+        children = [p for p in self._processes()
                     if p.ppid == me and p.pid not in self.ending and not self.is_worker(p.pid)]
         self._noted &= {p.pid for p in children}
         for info in children:
@@ -99,6 +99,15 @@ class Strays:
                 log.info("event=stray.found pid=%d gen=%s action=%r", info.pid,
                          gen if gen is not None else "-",
                          "ended with its generation" if gen is not None else "ended at stop")
+
+    def _processes(self) -> list[ProcInfo]:
+        # /proc cannot be read at our fd limit: what it would find waits for the next scan
+        # (every exit and SIGCHLD makes one); the caller's own work must go on (a reap).
+        try:
+            return self.processes.processes()
+        except OSError as e:
+            log.warning("event=strays.scan_failed error=%r", e.strerror or str(e))
+            return []
 
     def _reap(self, info: ProcInfo) -> None:
         if not reaping_allowed():
