@@ -91,6 +91,7 @@ class Fleet:
         if gen is not self.active and not gen.live() and gen.id in self.generations:
             del self.generations[gen.id]
             self.history.append(gen.summary())
+            self.processes.trim_heap()
 
     def background(self, coro: Any) -> None:
         """Run `coro` as a task the stop waits for."""

@@ -242,6 +242,17 @@ class OsProcesses:
             os.close(child.pidfd)
         child.pidfd = -1
 
+    def trim_heap(self) -> None:
+        """Give freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+        Worker output passes through the supervisor in transient buffers; freed, they stay
+        in the heap, pinned by long-lived objects allocated between them, and a 500-swap
+        soak with chatty workers grew the RSS by 3.4 MB while Python's own allocations
+        (tracemalloc) stayed flat. Called once a generation is over."""
+        trim = getattr(self._libc, "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
     # -- processes we did not spawn: what workers left behind --------------------------
 
     def processes(self) -> list[ProcInfo]:

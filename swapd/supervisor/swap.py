@@ -197,8 +197,13 @@ def _say_what_became(old: Generation, serving: list[WorkerProcess],
     told = []
     for w in serving:
         if w.exited.done() and w not in handed:
-            told.append(f"worker {w.slot} (pid={w.pid}) {w.exited.result()} during the swap: "
-                        "restarted in its slot" + (", its state is lost" if stateful else ""))
+            # Aborted: the generation serves on and the slot is refilled. Committed: it is
+            # retired, the slot refilled or not meanwhile, so nothing is said of that.
+            fate = [] if job.committed else ["restarted in its slot"]
+            if stateful:
+                fate.append("its state is lost")
+            told.append(f"worker {w.slot} (pid={w.pid}) {w.exited.result()} during the swap"
+                        + (": " + ", ".join(fate) if fate else ""))
     if resumed is not None:
         for w in old.live():
             if w.slot in resumed:
