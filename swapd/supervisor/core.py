@@ -157,11 +157,11 @@ class Supervisor:
                  "subreaper=%s", os.getpid(), __version__, self.config.control,
                  ",".join(f"{lis.name}={describe(lis.sock)}" for lis in self.listeners),
                  "pid1" if os.getpid() == 1 else subreaper)
-        self.fleet.strays.scan()  # after a re-exec: what exited meanwhile
         code = 0
         try:
             if self._resumed is not None:
                 self._resume(self._resumed)
+                self.fleet.strays.scan()  # workers adopted: reap what exited during the exec
             else:
                 first = await self._first_unless_stopped()
                 if first is not None:
