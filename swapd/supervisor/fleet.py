@@ -228,7 +228,7 @@ class Fleet:
             _, pending = await asyncio.wait([w.exited for w in live], timeout=timeout)
             for w in gen.live():
                 log.warning("event=drain.timeout %s timeout=%gs action=SIGKILL", w.tag, timeout)
-                self.processes.signal_group(w.child, signal.SIGKILL)
+                self.kill(w)
             if pending:
                 await asyncio.wait(pending, timeout=KILL_WAIT)
         if gen.state == GenState.DRAINING:
@@ -249,9 +249,12 @@ class Fleet:
             if w.state in (SlotState.STARTING, SlotState.READY, SlotState.BACKOFF):
                 w.transition(SlotEvent.DRAIN)
             if w.child.status is None:
-                self.processes.signal_group(w.child, signal.SIGKILL)
-                # and the process itself, should it have left its group
-                self.processes.send_signal(w.child, signal.SIGKILL)
+                self.kill(w)
+
+    def kill(self, w: WorkerProcess) -> None:
+        """SIGKILL a worker's process group, and the worker itself, should it have left it."""
+        self.processes.signal_group(w.child, signal.SIGKILL)
+        self.processes.send_signal(w.child, signal.SIGKILL)
 
     async def kill_generation(self, gen: Generation) -> None:
         """Abort path: SIGKILL every worker of a generation that never committed."""
@@ -365,7 +368,7 @@ class Fleet:
         elif not done:
             log.error("event=worker.ready_timeout %s timeout=%gs action=SIGKILL", w.tag,
                       gen.config.timeouts.ready)
-            self.processes.signal_group(w.child, signal.SIGKILL)
+            self.kill(w)
 
     # -- messages ------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -353,7 +352,7 @@ async def activate(fleet: Fleet, new: Generation, config: Config, job: SwapJob) 
         else:
             log.error("event=commit.ack_failed %s error=%r action='SIGKILL and restart; the "
                       "state of this slot is lost'", w.tag, str(r))
-            fleet.processes.signal_group(w.child, signal.SIGKILL)
+            fleet.kill(w)
             job.warn(f"{w.tag} did not confirm its commit ({r}): killed and restarted in its "
                      "slot; the state handed to it is lost")
     job.mark("activated")
