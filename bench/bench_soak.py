@@ -16,8 +16,9 @@ Workers are chatty (--chatty lines of 1000 characters at start-up, through a she
 wrapper that then execs the app): their output is what the supervisor keeps a tail of, so a
 supervisor that kept every generation grew by megabytes per hundred swaps.
 
-Recorded every --sample-every swaps: the supervisor's RSS and open fds (from /proc), the
-generations it holds in memory and its bounded history. Reported: failed requests (all,
+Recorded every --sample-every swaps, once the previous generation has exited: the
+supervisor's RSS and open fds (from /proc), the generations it holds in memory and its
+bounded history. Reported: failed requests (all,
 and inside swap windows), failed swaps, lost increments, RSS growth from the first sample
 after --warmup swaps (lazily built caches: psutil, logging) to the last, and the fd range.
 Goal: 0 failed, 0 lost, RSS growth < 2 MB over 500 swaps, fds flat.
@@ -94,8 +95,15 @@ def chatty(lines: int, app: str) -> list[str]:
 
 
 def sample(sup: SwapdProcess, swaps: int) -> Sample:
+    """Once the previous generation is gone (memory is compared between like moments: one
+    generation held, its predecessor's memory handed back), the supervisor's figures."""
     assert sup.sup is not None
     pid = sup.sup.pid
+    deadline = time.monotonic() + 60
+    while sup.call("status", 10.0)["data"].get("generations_held", 1) > 1:
+        if time.monotonic() > deadline:
+            raise BenchError("the previous generation did not exit within 60 s")
+        time.sleep(0.05)  # a benchmark's sampling point, not a test's synchronisation
     rss = psutil.Process(pid).memory_info().rss // 1024
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     data = sup.call("status", 10.0)["data"]
