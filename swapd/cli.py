@@ -329,12 +329,14 @@ def cmd_client(args: argparse.Namespace) -> int:
         request = _patch_request(args)
     client = Client(path, timeout=args.timeout)
     result: dict[str, Any] | None = None
+    shown: set[str] = set()
     try:
         for msg in client.call(args.command, request):
             if args.json:
                 print(json.dumps(msg), flush=True)
             elif msg.get("type") == "progress":
                 print(f"swapd: {msg.get('message')}", flush=True)
+                shown.add(str(msg.get("message")))
             if msg.get("type") == "result":
                 result = msg
     except ClientError as e:
@@ -345,6 +347,9 @@ def cmd_client(args: argparse.Namespace) -> int:
     assert result is not None
     if not args.json:
         _print_result(args.command, result)
+        for warning in (result.get("data") or {}).get("warnings") or []:
+            if f"WARNING: {warning}" not in shown:  # one that happened before we joined
+                print(f"swapd: WARNING: {warning}", flush=True)
     return EXIT_OK if result.get("ok") else EXIT_FAILED
 
 

@@ -237,9 +237,9 @@ def build(
             f"{where}: readiness must be one of {', '.join(READINESS)}, not {readiness!r}"
         )
     probe = _probe(where, merged.get("probe"), readiness)
-    if readiness == "probe" and mode == "stateful":
-        raise ConfigError(f"{where}: mode 'stateful' needs swapd.worker's ready(), which says "
-                          "the worker stands by for state: use readiness 'notify'")
+    if mode == "stateful" and readiness != "notify":
+        raise ConfigError(f"{where}: mode stateful needs readiness notify (a successor says "
+                          f"over swapd's channel when it stands by for state), not {readiness!r}")
     precopy = merged.get("precopy", False)
     fdstore = merged.get("fdstore", True)
     for key, flag in (("precopy", precopy), ("fdstore", fdstore)):

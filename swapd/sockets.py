@@ -12,6 +12,23 @@ Address syntax (one per `--bind NAME=ADDR`):
     [::1]:8000          IPv6 (brackets required)
     0.0.0.0:8000        all IPv4 interfaces (must be asked for explicitly)
     unix:/run/app.sock  Unix stream socket
+
+Socket options of the listeners swapd binds (sockets handed in by systemd are used as
+the socket unit made them: `NoDelay=`, `ReusePort=`... are the unit's business):
+
+- `SO_REUSEADDR`: a restarted supervisor binds its port while connections of the last
+  run are still in TIME_WAIT.
+- `IPV6_V6ONLY` on IPv6 listeners: `[::]:80` is IPv6 only; IPv4 is bound explicitly.
+- `TCP_NODELAY`: Linux copies it to every accepted connection. Services behind swapd
+  answer requests, and Nagle's algorithm with delayed ACKs puts a 40 ms floor under a
+  keep-alive response written in two parts. Servers that set it themselves on each
+  connection (asyncio, uvloop) do not care; one that believes its inherited fd is a
+  Unix socket (uvicorn `--fd`) never sets it and was held to ~360 requests/s. A worker
+  that wants Nagle clears it per connection.
+- not `SO_REUSEPORT`: one socket and one kernel queue shared by every generation is
+  what makes a swap lose no connection; per-process queues would drop what is queued
+  on a worker that exits.
+- the listen backlog: `--backlog` (1024).
 """
 
 from __future__ import annotations
@@ -135,6 +152,7 @@ def bind(address: Address, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if address.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # see the module docstring
         sock.bind((address.host, address.port))
         sock.listen(backlog)
     except OSError as e:

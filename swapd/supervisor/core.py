@@ -7,7 +7,13 @@ nothing polls.
 
 Signals only record an intent that the loop acts on (asyncio's signal handlers
 already run inside the loop): HUP = reload, TERM/INT = graceful stop (drain, exit
-0), QUIT = fast stop (workers killed).
+0), QUIT = fast stop (workers killed), CHLD = look for strays to reap.
+
+SIGHUPs coalesce: with no change in flight the first starts a reload; those that
+arrive while a swap or a patch is in flight (however many) make exactly one more
+reload once it is over. That reload re-reads the configuration, so an edit written
+during the change in flight is never missed, and a burst never makes more than one
+generation per swap it overlaps.
 """
 
 from __future__ import annotations
@@ -54,10 +60,12 @@ from swapd.supervisor.manager import ServiceManager, split_inherited
 from swapd.supervisor.metrics import MetricsUnavailable
 from swapd.supervisor.ops import Operations, Who, who_control, who_signal
 from swapd.supervisor.process import OsProcesses
+from swapd.supervisor.strays import STRAY_GRACE
 from swapd.supervisor.swap import (
     SwapFailed,
     SwapJob,
     activate,
+    committed,
     restore_stored,
     run_swap,
     store_state,
@@ -94,6 +102,10 @@ class Supervisor:
         self.journal = Journal()  # patches in force in the active generation
         self.patch_in_flight: int | None = None
         self.reexec_in_flight = False
+        self._hup_pending = False  # a SIGHUP asked for a reload not started yet
+        self._hup_deferred = False  # ... and it waits for a change in flight (announced)
+        self._hup_task: asyncio.Task[None] | None = None
+        self._change_ended = asyncio.Event()  # set each time a swap or patch ends
         self.started = time.monotonic()
         self._control_sock: socket.socket | None = None
         self._control: ControlServer | None = None
@@ -126,7 +138,8 @@ class Supervisor:
         try:
             self.listeners.adopt_inherited(self.activated, self.stored_listeners,
                                            dict(self.config.binds))
-            self.listeners.bind_missing(self.config.binds, self.config.backlog)
+            self.listeners.bind_missing(self.config.binds, self.config.backlog,
+                                        self.config.timeouts.drain)
             if not self.listeners:
                 raise StartupError("no listeners: give --bind NAME=ADDR (or use socket activation)")
             self._control_sock = bind_control(self.config.control)
@@ -177,20 +190,25 @@ class Supervisor:
         await self._control.start()
         self._install_signals()
         self.manager.start_watchdog(loop)
-        log.info("event=supervisor.start pid=%d version=%s control=%s listeners=%s",
-                 os.getpid(), __version__, self.config.control,
-                 ",".join(f"{lis.name}={describe(lis.sock)}" for lis in self.listeners))
+        # What a worker forks and leaves is reparented to us, not to init: found and ended.
+        subreaper = self.fleet.processes.become_subreaper()
+        log.info("event=supervisor.start pid=%d version=%s control=%s listeners=%s "
+                 "subreaper=%s", os.getpid(), __version__, self.config.control,
+                 ",".join(f"{lis.name}={describe(lis.sock)}" for lis in self.listeners),
+                 "pid1" if os.getpid() == 1 else subreaper)
         code = 0
         try:
             if self._resumed is not None:
                 self._resume(self._resumed)
+                self.fleet.strays.scan()  # workers adopted: reap what exited during the exec
             else:
-                first = await self._start_first()
-                await self._check_health_url(first)
-                log.info("event=supervisor.ready gen=%d workers=%d release=%s", first.id,
-                         len(first.workers), first.release)
-                self.ops.started(first, round((time.monotonic() - self.started) * 1000, 1))
-                self.manager.ready(self._status_line())
+                first = await self._first_unless_stopped()
+                if first is not None:
+                    await self._check_health_url(first)
+                    log.info("event=supervisor.ready gen=%d workers=%d release=%s", first.id,
+                             len(first.workers), first.release)
+                    self.ops.started(first, round((time.monotonic() - self.started) * 1000, 1))
+                    self.manager.ready(self._status_line())
             fast = await self._stop_requested
             await self._shutdown(fast)
         except StartupError as e:
@@ -201,6 +219,7 @@ class Supervisor:
             raise
         finally:
             self._remove_signals()
+            self.fleet.strays.close()
             self.manager.stop_watchdog()
             if not self._stopped.done():
                 self._stopped.set_result(None)  # lets a waiting `swapd stop` get its answer
@@ -210,6 +229,21 @@ class Supervisor:
             self.ops.close()
             log.info("event=supervisor.exit code=%d", code)
         return code
+
+    async def _first_unless_stopped(self) -> Generation | None:
+        """The first generation; a stop asked for while it starts cancels the start (None):
+        `swapd stop` never waits out a `ready_timeout`."""
+        assert self._stop_requested is not None
+        start = asyncio.ensure_future(self._start_first())
+        either: set[asyncio.Future[Any]] = {start, self._stop_requested}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if start.done():
+            return start.result()
+        log.info("event=start.cancelled reason='stop requested'")
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await start
+        return None
 
     async def _start_first(self) -> Generation:
         """The first generation, restoring a snapshot the fd store kept, if there is one."""
@@ -228,8 +262,15 @@ class Supervisor:
             try:
                 await wait_ready(first, first.config.timeouts.ready)
                 first.transition(GenEvent.READY)
+                _check_can_hand_over(first)
                 if stored:
                     await restore_stored(first, stored, self.config)
+            except asyncio.CancelledError:
+                await self.fleet.kill_generation(first)
+                raise
+            except StartupError:
+                await self.fleet.kill_generation(first)
+                raise
             except SwapFailed as e:
                 await self.fleet.kill_generation(first)
                 _report_failure("event=start.failed", e)
@@ -273,33 +314,64 @@ class Supervisor:
         self._loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM", False)
         self._loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT", False)
         self._loop.add_signal_handler(signal.SIGQUIT, self._on_stop_signal, "SIGQUIT", True)
+        self._loop.add_signal_handler(signal.SIGCHLD, self.fleet.strays.on_sigchld)
 
     def _remove_signals(self) -> None:
         if self._loop is None:
             return
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                    signal.SIGCHLD):
             self._loop.remove_signal_handler(sig)
 
     def _on_sighup(self) -> None:
         log.info("event=signal name=SIGHUP action=reload")
-        self.fleet.background(self._signal_swap())
-
-    async def _signal_swap(self) -> None:
-        # Under Type=notify-reload (systemd >= 253) the SIGHUP comes from systemd, which then
-        # waits for a RELOADING=1 newer than its signal, and READY=1. A SIGHUP that joins the
-        # swap in flight, or is refused, would otherwise leave `systemctl reload` hanging.
-        busy = self.fleet.active is not None and not self._stopping() and (
-            self.swap is not None or self.patch_in_flight is not None or self.reexec_in_flight)
-        if busy:
-            self.manager.reloading(f"reload requested; {self._status_line()}",
+        self._hup_pending = True
+        what = self._change_in_flight()
+        if what is not None and not self._hup_deferred:
+            self._hup_deferred = True
+            log.info("event=signal.deferred name=SIGHUP until=%r", what)
+            # systemd >= 253 (Type=notify-reload) waits for a RELOADING=1 newer than its
+            # signal, then READY=1: the reload to come sends that READY=1.
+            self.manager.reloading(f"reload requested after {what}; {self._status_line()}",
                                    _swap_bound(self.config))
-        try:
-            await self.request_swap("reload", "SIGHUP", None,
-                                    SwapOptions(who=who_signal("SIGHUP")))
-        except ControlError as e:  # a signal has nobody to answer: the log must say it
-            log.warning("event=signal.refused name=SIGHUP reason=%r", str(e))
-            if busy and not self._stopping():
-                self.manager.ready(f"{self._status_line()}; SIGHUP reload refused: {e}")
+        if self._hup_task is None or self._hup_task.done():
+            self._hup_task = asyncio.ensure_future(self._signal_reloads())
+            self.fleet.tasks.add(self._hup_task)
+            self._hup_task.add_done_callback(self.fleet.tasks.discard)
+
+    def _change_in_flight(self) -> str | None:
+        """The swap or patch in flight that a SIGHUP waits for (None: none, or nothing a
+        reload could follow: still starting, a re-exec; the reload is then refused)."""
+        if self.fleet.active is None or self._stopping():
+            return None
+        if self.swap is not None:
+            return f"the {self.swap.kind} in flight (gen={self.swap.gen})"
+        if self.patch_in_flight is not None:
+            return f"patch {self.patch_in_flight}"
+        return None
+
+    async def _signal_reloads(self) -> None:
+        """Act on SIGHUPs: a reload now, or one after the change in flight (coalesced)."""
+        while self._hup_pending and not self._stopping():
+            if self._change_in_flight() is not None:
+                self._change_ended.clear()
+                await self._change_ended.wait()
+                continue
+            self._hup_pending = False
+            deferred, self._hup_deferred = self._hup_deferred, False
+            try:
+                await self.request_swap("reload", "SIGHUP", None,
+                                        SwapOptions(who=who_signal("SIGHUP")))
+            except ControlError as e:  # a signal has nobody to answer: the log must say it
+                log.warning("event=signal.refused name=SIGHUP reason=%r", str(e))
+                if self.fleet.active is not None and not self._stopping():
+                    if not deferred:  # systemd >= 253 waits for both (a re-exec in flight)
+                        self.manager.reloading(f"reload requested; {self._status_line()}",
+                                               _swap_bound(self.config))
+                    self.manager.ready(f"{self._status_line()}; SIGHUP reload refused: {e}")
+
+    def _change_over(self) -> None:
+        self._change_ended.set()
 
     def _on_stop_signal(self, name: str, fast: bool) -> None:
         self._stop_who = who_signal(name)
@@ -342,6 +414,7 @@ class Supervisor:
                                    ) from e
         finally:
             self.reexec_in_flight = False
+            self.fleet.strays.scan()  # reaping waited while the pre-flight ran
         raise ControlError("re-exec returned without an error")  # not reached
 
     def _capture(self, reply_fd: int | None) -> reexec.Captured:
@@ -471,7 +544,9 @@ class Supervisor:
             try:
                 result = await run_swap(self.fleet, job, config)
             except BaseException:
-                self.listeners.settle(plan, committed=False, binds=())
+                # (an error after the commit is still a commit: its listeners stay)
+                self.listeners.settle(plan, committed=job.committed,
+                                      binds=config.binds if job.committed else ())
                 raise
             self.listeners.settle(plan, committed=True, binds=config.binds)
             outcome = {"ok": True, **result}
@@ -481,14 +556,22 @@ class Supervisor:
                      result["timings_ms"])
         except SwapFailed as e:
             outcome = {"ok": False, "error": e.reason, "worker": e.worker, "tail": e.tail,
-                       "gen": job.gen, "timings_ms": dict(job.timings)}
+                       "gen": job.gen, "timings_ms": dict(job.timings),
+                       "warnings": list(job.warnings)}
             _report_failure("event=swap.failed", e)
-        except asyncio.CancelledError:
-            outcome = {"ok": False, "error": "swap cancelled (supervisor stopping)",
-                       "gen": job.gen}
-        except Exception as e:
-            log.exception("event=swap.crashed")
-            outcome = {"ok": False, "error": f"internal error: {e!r}", "gen": job.gen}
+        except (asyncio.CancelledError, Exception) as e:
+            if isinstance(e, asyncio.CancelledError):
+                error = "swap cancelled (supervisor stopping)"
+            else:
+                log.exception("event=swap.crashed")
+                error = f"internal error: {e!r}"
+            if job.committed:  # what happened is a commit: say so, and what went wrong after
+                assert job.gen is not None
+                job.warn(f"after the commit: {error}")
+                outcome = {"ok": True, **committed(job, job.gen, job.previous)}
+            else:
+                outcome = {"ok": False, "error": error, "gen": job.gen,
+                           "warnings": list(job.warnings)}
         finally:
             self.swap = None
         outcome.update(kind=job.kind, origin=job.origin,
@@ -500,12 +583,14 @@ class Supervisor:
         # READY=1 ends the reload state whether the swap committed or not: sd_notify has no
         # "reload failed"; the status line and `swapd reload`'s exit code tell which.
         failed = "" if outcome["ok"] else f"; last {job.kind} FAILED: {outcome['error']}"
-        if self._stopping():  # a swap cancelled by a stop: READY=1 after STOPPING=1 is wrong
+        # Not READY=1 either while a SIGHUP waits for its reload: that one is the end of it.
+        if self._stopping() or self._hup_pending:  # READY=1 after STOPPING=1 is wrong too
             self.manager.status(self._status_line() + failed)
         else:
             self.manager.ready(self._status_line() + failed)
         if not job.done.done():
             job.done.set_result(outcome)
+        self._change_over()
 
     def _reread_config(self) -> Config:
         try:
@@ -577,6 +662,7 @@ class Supervisor:
             raise
         finally:
             self.patch_in_flight = None
+            self._change_over()
         self.ops.patch_done(args.action, True, who_control(peer), gen,
                             {**patch_fields(args), **data}, None)
         return data
@@ -599,6 +685,7 @@ class Supervisor:
                             f"crashes in {CRASH_WINDOW:g}s)")
         warnings += self.journal.warnings()
         warnings += self.ops.warnings()
+        warnings += self.listeners.check(fleet.active.id if fleet.active else None)
         return {
             "patches": self.journal.summaries(),
             "pid": os.getpid(),
@@ -609,10 +696,13 @@ class Supervisor:
             "active": fleet.active.id if fleet.active else None,
             "listeners": self.listeners.describe(),
             "generations": described,
+            "history": list(fleet.history),  # bounded: the last fleet.HISTORY that ended
+            "generations_held": len(fleet.generations),
+            "orphans_reaped": fleet.strays.reaped,
             "swap": self.swap.describe() if self.swap else None,
             "last_swap": self.last_swap,
             "swaps": dict(self.swap_counts),
-            "open_fds": len(os.listdir("/proc/self/fd")),
+            "open_fds": _open_fds(),
             "warnings": warnings,
             **self.deploys.describe(),
         }
@@ -623,7 +713,7 @@ class Supervisor:
         """The longest a stop takes: the swap in flight cancelled, the state stored, the drain
         and its SIGKILLs."""
         t = self.config.timeouts
-        return t.quiesce + t.drain + 4 * KILL_WAIT
+        return t.quiesce + t.drain + 4 * KILL_WAIT + STRAY_GRACE
 
     def _stopping(self) -> bool:
         return self._stop_requested is not None and self._stop_requested.done()
@@ -661,6 +751,11 @@ class Supervisor:
         for gen in fleet.generations.values():
             for w in gen.live():
                 log.error("event=worker.unkillable %s", w.tag)
+        # Their process groups are being ended already; now every other child, so that
+        # nothing a worker started keeps the listeners (and the port) after we exit.
+        fleet.strays.scan(final=True, grace=0 if fast else STRAY_GRACE)
+        for pid in await fleet.strays.wait(STRAY_GRACE + KILL_WAIT):
+            log.error("event=stray.unkillable pid=%d", pid)
         self.ops.stopped(self._stop_who, fast, stopped_gen,
                          round((time.monotonic() - began) * 1000, 1))
 
@@ -675,6 +770,21 @@ class Supervisor:
                 os.unlink(self.config.control)
             self._control_sock.close()
             self._control_sock = None
+
+
+def _check_can_hand_over(gen: Generation) -> None:
+    """Stateful mode needs workers that speak swapd's channel (swapd.worker): one that
+    announced itself only through NOTIFY_SOCKET (gunicorn, uvicorn...) cannot be asked for
+    a snapshot nor told to commit. Refused at start, not found out 30 s into a commit."""
+    if gen.config.mode != "stateful":
+        return
+    for w in gen.workers:
+        if w is not None and not w.speaks_channel:
+            via = w.ready.result().get("via", "notify") if w.ready.done() else "notify"
+            raise StartupError(
+                f"--mode stateful needs workers that use swapd.worker (they hand over state "
+                f"over swapd's channel); {w.tag} reported ready via {via} and never spoke the "
+                f"channel: run it with --mode stateless", code=2)
 
 
 def _a(kind: str) -> str:
@@ -707,6 +817,13 @@ def _base_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
     """The environment every worker starts from: ours minus what only we may use."""
     drop = (*LISTEN_ENV, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
     return {k: v for k, v in environ.items() if k not in drop and not k.startswith("SWAPD_")}
+
+
+def _open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # at the fd limit: listing them needs one
+        return None
 
 
 def _usage(w: WorkerProcess) -> dict[str, Any]:

@@ -4,8 +4,12 @@ The supervisor's orchestration (swaps, control, stop) decides *when* a generatio
 commits, drains or dies; this module does it and handles what needs no decision: a worker
 that exits (pidfd readable) is logged, and restarted in its slot with backoff if its
 generation is active; a draining generation is reaped, with SIGKILL at its deadline; a
-`hello` is answered with the patch journal. State changes go through `lifecycle`'s tables
-(via `Generation.transition` / `WorkerProcess.transition`), nowhere else.
+`hello` is answered with the patch journal; what a worker leaves behind is ended
+(`strays`). State changes go through `lifecycle`'s tables (via `Generation.transition` /
+`WorkerProcess.transition`), nowhere else.
+
+Memory stays bounded however many swaps there are: a generation that is over, all its
+workers reaped, leaves `generations` for `history`, a short summary (the last `HISTORY`).
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from swapd.supervisor.generation import (
     spawn_worker,
 )
 from swapd.supervisor.journal import Journal
-from swapd.supervisor.lifecycle import GenEvent, GenState, SlotEvent, SlotState
+from swapd.supervisor.lifecycle import FINAL, GenEvent, GenState, SlotEvent, SlotState
 from swapd.supervisor.listeners import Listeners
 from swapd.supervisor.process import ExitStatus, OsProcesses
+from swapd.supervisor.strays import Strays
 
 log = logging.getLogger("swapd")
 
@@ -42,6 +47,7 @@ CRASH_WINDOW = 60.0  # seconds over which crashes of one slot are counted
 CRASH_LOOP = 5  # crashes in the window that make a crash loop
 BACKOFF_MAX = 30.0
 KILL_WAIT = 5.0  # after SIGKILL, how long to wait for the kernel to report the exit
+HISTORY = 16  # generations that are over, kept as summaries (status shows them)
 
 
 class SpawnFailed(Exception):
@@ -56,7 +62,8 @@ class Fleet:
         self.journal = journal
         self.base_env = dict(base_env)
         self.stopping = stopping  # the supervisor is stopping: restart nothing
-        self.generations: dict[int, Generation] = {}
+        self.generations: dict[int, Generation] = {}  # live ones, and any not yet reaped
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.active: Generation | None = None
         self.next_gen = 1
         self.crashes: dict[int, deque[float]] = {}  # slot -> crash instants (monotonic)
@@ -67,9 +74,29 @@ class Fleet:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Told of restarts and crash loops (metrics); the default does nothing.
         self.on_event: Callable[[str, Generation, int], None] = lambda event, gen, slot: None
+        self.strays = Strays(processes, self._is_worker, self._generation_over)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self.strays.attach(loop)
+
+    def _is_worker(self, pid: int) -> bool:
+        return any(w.pid == pid for g in self.generations.values() for w in g.live())
+
+    def _generation_over(self, gen_id: int) -> bool:
+        gen = self.generations.get(gen_id)
+        return gen is None or gen.state in FINAL
+
+    def settle(self, gen: Generation) -> None:
+        """`gen` may just have ended: end what its workers left, and retire it to the history
+        once every worker of it is reaped."""
+        if gen.state not in FINAL:
+            return
+        self.strays.scan()
+        if gen is not self.active and not gen.live() and gen.id in self.generations:
+            del self.generations[gen.id]
+            self.history.append(gen.summary())
+            self.processes.trim_heap()
 
     def background(self, coro: Any) -> None:
         """Run `coro` as a task the stop waits for."""
@@ -121,6 +148,7 @@ class Fleet:
                          root=root)
         self.next_gen += 1
         self.generations[gen.id] = gen
+        self.listeners.heal(config.backlog)
         fds, names = self.listeners.fds_for(config.binds)
         gen.restarts = [0] * config.workers
         for slot in range(config.workers):
@@ -135,6 +163,7 @@ class Fleet:
             except OSError as e:  # exec failed (SpawnError), or fork/pipe: EAGAIN, EMFILE
                 self.kill_workers(gen)
                 gen.transition(GenEvent.FAIL)
+                self.settle(gen)
                 raise SpawnFailed(f"gen={gen.id} worker={slot}: {e.strerror or e}") from e
             gen.workers.append(worker)
         log.info("event=gen.start gen=%d workers=%d mode=%s release=%s command=%r", gen.id,
@@ -219,13 +248,14 @@ class Fleet:
             _, pending = await asyncio.wait([w.exited for w in live], timeout=timeout)
             for w in gen.live():
                 log.warning("event=drain.timeout %s timeout=%gs action=SIGKILL", w.tag, timeout)
-                self.processes.signal_group(w.child, signal.SIGKILL)
+                self.kill(w)
             if pending:
                 await asyncio.wait(pending, timeout=KILL_WAIT)
         if gen.state == GenState.DRAINING:
             gen.transition(GenEvent.EXITED)
         self.drain_deadlines.pop(gen.id, None)
         log.info("event=gen.exited gen=%d", gen.id)
+        self.settle(gen)
 
     # -- killing -------------------------------------------------------------------------
 
@@ -239,9 +269,12 @@ class Fleet:
             if w.state in (SlotState.STARTING, SlotState.READY, SlotState.BACKOFF):
                 w.transition(SlotEvent.DRAIN)
             if w.child.status is None:
-                self.processes.signal_group(w.child, signal.SIGKILL)
-                # and the process itself, should it have left its group
-                self.processes.send_signal(w.child, signal.SIGKILL)
+                self.kill(w)
+
+    def kill(self, w: WorkerProcess) -> None:
+        """SIGKILL a worker's process group, and the worker itself, should it have left it."""
+        self.processes.signal_group(w.child, signal.SIGKILL)
+        self.processes.send_signal(w.child, signal.SIGKILL)
 
     async def kill_generation(self, gen: Generation) -> None:
         """Abort path: SIGKILL every worker of a generation that never committed."""
@@ -251,6 +284,7 @@ class Fleet:
             await asyncio.wait(live, timeout=KILL_WAIT)
         if gen.state in (GenState.STARTING, GenState.STANDBY):
             gen.transition(GenEvent.FAIL)
+        self.settle(gen)
 
     def cancel_timers(self) -> None:
         for timer in self._timers.values():
@@ -261,6 +295,10 @@ class Fleet:
 
     def _on_pidfd(self, worker: WorkerProcess) -> None:
         assert self._loop is not None
+        if worker.child.status is None:
+            # Before the reap: the exited worker's zombie keeps its process group's id from
+            # being reused while what it left in the group is looked up and ended.
+            self.strays.worker_gone(worker.tag, worker.pid)
         status = self.processes.reap(worker.child)
         if status is None:
             return  # spurious wakeup; the pidfd stays readable until reaped
@@ -268,6 +306,11 @@ class Fleet:
         self.processes.release(worker.child)
         worker.on_exit(status)
         self._after_exit(worker, status)
+        # Some servers shutdown() their listening socket on exit: it is everyone's.
+        self.listeners.check(self.active.id if self.active else None)
+        gen = self.generations.get(worker.gen)
+        if gen is not None:
+            self.settle(gen)
 
     def _after_exit(self, w: WorkerProcess, status: ExitStatus) -> None:
         gen = self.generations[w.gen]
@@ -320,6 +363,7 @@ class Fleet:
             return
         if old is not None and old.state != SlotState.BACKOFF:
             return
+        self.listeners.heal(gen.config.backlog)
         fds, names = self.listeners.fds_for(gen.config.binds)
         spec = self._spec(gen, slot, fds, names, "fresh")
         try:
@@ -346,7 +390,7 @@ class Fleet:
         elif not done:
             log.error("event=worker.ready_timeout %s timeout=%gs action=SIGKILL reason=%r", w.tag,
                       gen.config.timeouts.ready, readiness.waiting_for(w, gen.config))
-            self.processes.signal_group(w.child, signal.SIGKILL)
+            self.kill(w)
 
     # -- messages ------------------------------------------------------------------------
 

@@ -61,7 +61,8 @@ R = TypeVar("R", bound=messages.Body)
 
 class RequestFailed(Exception):
     """A request to one worker failed: it died, broke the protocol, timed out, or answered
-    `ok: false` (`answered`). The reason names the worker; `tail` is its last output."""
+    `ok: false` or a malformed reply (`answered`: it is alive and talking). The reason names
+    the worker; `tail` is its last output."""
 
     def __init__(self, reason: str, worker: WorkerProcess, *, answered: bool = False) -> None:
         super().__init__(reason)
@@ -284,7 +285,9 @@ class WorkerProcess:
             parsed = messages.parse_reply(reply, msg.body)
         except messages.MessageError as e:
             msg.close_fds()
-            raise RequestFailed(f"{self.tag} {what}: malformed reply: {e}", self) from e
+            # Alive and talking, if wrongly: `answered`, as much as an `ok: false`.
+            raise RequestFailed(f"{self.tag} {what}: malformed reply: {e}", self,
+                                answered=True) from e
         if isinstance(parsed, messages.Failure):
             msg.close_fds()
             raise RequestFailed(f"{self.tag} {what} failed: {parsed.error}", self,
@@ -500,6 +503,17 @@ class Generation:
 
     def live(self) -> list[WorkerProcess]:
         return [w for w in self.workers if w is not None and w.child.status is None]
+
+    def summary(self) -> dict[str, Any]:
+        """What the history keeps of a generation that is over: a few fields, no output."""
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "lived": round(time.monotonic() - self.created, 3),
+            "workers": [{"slot": w.slot, "pid": w.pid, "exit": str(w.child.status)}
+                        for w in self.workers if w is not None],
+            "restarts": sum(self.restarts),
+        }
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -5,17 +5,29 @@ commits: `prepare()` binds what the new configuration adds (reusing sockets it
 keeps, by name and then by address), and `settle()` either undoes that (abort)
 or closes what nobody names any more (commit). Every change is mirrored in
 systemd's fd store, so a restarted supervisor gets the current set back.
+
+A listener is one socket shared by the supervisor and every worker: a worker that
+calls shutdown() on its copy (some servers do on exit) stops it for everyone, and
+the kernel then refuses connections. `check()` finds such a TCP listener (its
+SO_ACCEPTCONN is 0; it is checked whenever a worker exits and by `status`) and says
+so loudly; `heal()`, run before any worker is started, binds a new socket at the
+address the dead one had, so every later generation (and restart) serves again. The
+generation already running keeps the dead one: swapd never swaps on its own, so the
+log and `status` ask for a `swapd upgrade`. (A Unix listener shut down this way is
+not detected: nothing in its socket options shows it.)
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from swapd.sockets import Address, adopt, bind, describe, same_address, unlink_unix
+from swapd.sockets import Address, BindError, adopt, bind, describe, same_address, unlink_unix
+from swapd.supervisor import holders
 from swapd.supervisor.manager import ServiceManager
 
 log = logging.getLogger("swapd")
@@ -36,7 +48,8 @@ class Listener:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "address": str(describe(self.sock)),
-                "configured": str(self.address), "fd": self.sock.fileno(), "source": self.source}
+                "configured": str(self.address), "fd": self.sock.fileno(), "source": self.source,
+                "listening": bool(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))}
 
 
 @dataclass
@@ -51,6 +64,7 @@ class Listeners:
     def __init__(self, manager: ServiceManager) -> None:
         self.by_name: dict[str, Listener] = {}
         self.manager = manager
+        self._reported: set[str] = set()  # dead listeners already logged
 
     def __bool__(self) -> bool:
         return bool(self.by_name)
@@ -92,10 +106,31 @@ class Listeners:
             self.manager.forget_listener(name)
             sock.close()
 
-    def bind_missing(self, binds: Sequence[tuple[str, Address]], backlog: int) -> None:
+    def bind_missing(self, binds: Sequence[tuple[str, Address]], backlog: int,
+                     drain_timeout: float = 30.0) -> None:
         for name, address in binds:
             if name not in self.by_name:
-                self.add(Listener(name, address, bind(address, backlog), "bound"))
+                self.add(Listener(name, address, self._bind(address, backlog, drain_timeout),
+                                  "bound"))
+
+    def _bind(self, address: Address, backlog: int, drain_timeout: float) -> socket.socket:
+        """Bind; if workers of an earlier swapd still hold the address (after a crash), wait
+        for them to drain (see `holders`); any other holder is named in the error."""
+        try:
+            return bind(address, backlog)
+        except BindError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            found = holders.holders(address)
+            if not found or any(h.generation is None for h in found):
+                named = f" (held by {', '.join(map(str, found))})" if found else ""
+                raise BindError(e.errno, f"{e.strerror}{named}") from e
+            self.manager.extend(holders.wait_time(found, drain_timeout))
+            left = holders.wait_for(found, address, drain_timeout)
+            if left:
+                raise BindError(e.errno, f"{e.strerror} (still held by "
+                                         f"{', '.join(map(str, left))})") from e
+        return bind(address, backlog)
 
     def store_all(self) -> None:
         for lis in self:
@@ -162,6 +197,57 @@ class Listeners:
             if id(lis.sock) not in in_use and lis.sock.fileno() >= 0:
                 log.info("event=listener.close name=%s address=%s", lis.name, describe(lis.sock))
                 _close(lis)
+
+    # -- health ------------------------------------------------------------------------
+
+    def dead(self) -> list[Listener]:
+        """TCP listeners that no longer listen (a worker shut its copy down)."""
+        found = []
+        for lis in self:
+            if lis.sock.family == socket.AF_UNIX or lis.sock.fileno() < 0:
+                continue
+            try:
+                listening = lis.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            except OSError:
+                listening = 0
+            if not listening:
+                found.append(lis)
+        return found
+
+    def check(self, active_gen: int | None) -> list[str]:
+        """One warning per dead listener (for `status`); each is logged once, as an error."""
+        warnings = []
+        for lis in self.dead():
+            address = describe(lis.sock)
+            warnings.append(f"listener {lis.name} ({address}) does not listen any more (a "
+                            f"worker shut it down): connections are refused; `swapd upgrade` "
+                            f"gives the next generation a new socket")
+            if lis.name not in self._reported:
+                self._reported.add(lis.name)
+                log.error("event=listener.dead name=%s address=%s gen=%s reason='shut down by a "
+                          "worker; connections are refused' action='the next generation or "
+                          "restart gets a new socket: swapd upgrade'", lis.name, address,
+                          active_gen)
+        return warnings
+
+    def heal(self, backlog: int) -> None:
+        """Bind a new socket in place of each dead listener, at the address it had (port 0
+        resolved), so that the workers started next can accept again."""
+        for lis in self.dead():
+            address = describe(lis.sock)
+            try:
+                fresh = bind(address, backlog)
+            except BindError as e:
+                log.error("event=listener.rebind_failed name=%s address=%s error=%r", lis.name,
+                          address, str(e))
+                continue
+            old, lis.sock, lis.source = lis.sock, fresh, "bound"
+            self.manager.forget_listener(lis.name)
+            self.manager.store_listener(lis.name, fresh.fileno())
+            self._reported.discard(lis.name)
+            log.warning("event=listener.rebound name=%s address=%s fd=%d", lis.name, address,
+                        fresh.fileno())
+            old.close()  # the workers that shut it down (or hold it) keep their copies
 
     def describe(self) -> list[dict[str, Any]]:
         return [lis.describe() for lis in self]

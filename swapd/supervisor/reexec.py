@@ -50,6 +50,7 @@ from typing import Any
 from swapd import __version__
 from swapd.config import Config, ConfigError, from_overrides, to_overrides
 from swapd.sockets import Address, AddressError, parse_address
+from swapd.supervisor import process
 from swapd.supervisor.fleet import Fleet
 from swapd.supervisor.generation import GenerationRecord, WorkerRecord
 from swapd.supervisor.journal import PatchRecord
@@ -306,8 +307,9 @@ def preflight(state_fd: int) -> None:
     """Run the new code on the state before committing to the exec."""
     argv = [sys.executable, "-P", "-m", "swapd", "_reexec-check", str(state_fd)]
     try:
-        proc = subprocess.run(argv, pass_fds=[state_fd], capture_output=True, text=True,
-                              timeout=CHECK_TIMEOUT, stdin=subprocess.DEVNULL)
+        with process.foreign_child():  # its exit status is subprocess's to collect
+                proc = subprocess.run(argv, pass_fds=[state_fd], capture_output=True, text=True,
+                                  timeout=CHECK_TIMEOUT, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
         raise ReexecError(f"the new code's pre-flight check hung for {CHECK_TIMEOUT:g}s") from e
     except OSError as e:

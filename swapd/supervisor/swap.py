@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from swapd import messages as m
 from swapd.config import Config
 from swapd.control import DEADLINE, Emit
 from swapd.supervisor import fdbudget, readiness
-from swapd.supervisor.fleet import Fleet, SpawnFailed
+from swapd.supervisor.fleet import KILL_WAIT, Fleet, SpawnFailed
 from swapd.supervisor.generation import Answer, Generation, RequestFailed, WorkerProcess
 from swapd.supervisor.lifecycle import GenEvent
 from swapd.supervisor.watch import hold as hold_generation
@@ -82,6 +81,14 @@ class SwapJob:
         if elapsed + bound > self.bound:
             self.bound = elapsed + bound
             self.emit(DEADLINE, "", {"seconds": self.remaining()})
+    previous: int | None = None  # the generation it replaces
+    committed: bool = False  # past the point of no return: the outcome is a success
+    warnings: list[str] = field(default_factory=list)  # what went wrong that is no failure
+
+    def warn(self, message: str) -> None:
+        """Something the caller must hear even though the swap goes on (or committed)."""
+        self.warnings.append(message)
+        self.emit("warning", f"WARNING: {message}")
 
     def emit(self, event: str, message: str, extra: dict[str, Any] | None = None) -> None:
         for sub in list(self.subscribers):
@@ -113,11 +120,14 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
     except SpawnFailed as e:
         raise SwapFailed(str(e)) from e
     job.gen = new.id
+    job.previous = old.id
     job.mark("spawned")
     job.emit("spawned", f"gen={new.id} started {len(new.workers)} worker(s): "
              + " ".join(f"pid={w.pid}" for w in new.workers if w is not None))
     precopying = quiesced = False
     handed: list[Answer[m.QuiesceReply]] = []
+    serving = [w for w in old.workers if w is not None and w.child.status is None]
+    sources: list[WorkerProcess] = []  # old workers whose snapshot the new ones received
     try:
         await wait_ready(new, config.timeouts.ready)
         new.transition(GenEvent.READY)
@@ -131,7 +141,9 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
             _check_headroom(old)  # again: connections came and went while it got ready
             old.transition(GenEvent.QUIESCE)
             quiesced = True
-            handed = await _handoff(fleet, old, new, config, job, precopied=precopying)
+            handed = await _handoff(fleet, old, new, config, job, precopied=precopying,
+                                    sources=sources)
+        await _check_alive(fleet, new)
     except BaseException as e:
         if isinstance(e, RequestFailed):
             e = SwapFailed.from_request(e)
@@ -140,25 +152,35 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
             reason = "swap cancelled (supervisor stopping)"
         log.warning("event=swap.abort gen=%d reason=%r", new.id, reason)
         job.emit("aborting", f"gen={new.id} failed: {reason}")
+        for answer in handed:
+            answer.close_fds()
         await fleet.kill_generation(new)
+        resumed: dict[int, str] | None = None
         if quiesced:
-            await _resume(fleet, old, job)
+            resumed = await _resume(fleet, old)
         elif precopying:
             await _tell_resume(old)  # ends the pre-copy round the old workers had begun
+        _say_what_became(old, serving, resumed, job, [])
         if isinstance(e, SwapFailed | asyncio.CancelledError):
             raise e
         raise SwapFailed(reason) from e
-    # Committed: from here on nothing is undone; a failure is a crash of a worker. In a
-    # handoff the old generation is told to go only once the new one accepts: its exit
-    # (freeing a large heap) must not compete with the end of the pause.
+    # Committed: from here on nothing is undone; a failure is a crash of a worker, and the
+    # swap is reported as what it is, a success (with warnings). In a handoff the old
+    # generation is told to go only once the new one accepts: its exit (freeing a large
+    # heap) must not compete with the end of the pause.
     held = job.watch > 0
     fleet.commit(new, old, drain_old=not stateful, hold=held)
+    job.committed = True
     if held and not stateful:
         hold_generation(fleet, old)
     job.mark("committed")
+    _say_what_became(old, serving, None, job, sources)
     try:
         if stateful:
             await activate(fleet, new, config, job)
+    except Exception as e:  # a bug: logged, and said, but the swap did commit
+        log.exception("event=swap.activate_crashed gen=%d", new.id)
+        job.warn(f"gen={new.id} committed, but starting it failed: {e!r}")
     finally:
         if stateful and held:
             hold_generation(fleet, old)
@@ -168,7 +190,53 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
             answer.close_fds()
     job.emit("committed", f"gen={new.id} active; gen={old.id} "
              + (f"held for a {job.watch:g}s watch window" if held else "draining"))
-    return {"gen": new.id, "previous": old.id, "timings_ms": dict(job.timings)}
+    return committed(job, new.id, old.id)
+
+
+def committed(job: SwapJob, gen: int, previous: int | None) -> dict[str, Any]:
+    """The result of a swap that committed."""
+    return {"gen": gen, "previous": previous, "timings_ms": dict(job.timings),
+            "warnings": list(job.warnings)}
+
+
+async def _check_alive(fleet: Fleet, new: Generation) -> None:
+    """Right before commit: every new worker still runs (one that died after it was ready
+    or restored would be committed dead, its slot never refilled, its handed state lost).
+    Asked of the kernel (pidfd), not of our bookkeeping, which may not have run yet."""
+    for w in new.workers:
+        if w is not None and (w.exited.done() or fleet.processes.has_exited(w.child)):
+            await asyncio.wait([w.exited], timeout=KILL_WAIT)  # for the reason: its status
+            status = w.exited.result() if w.exited.done() else "exited"
+            raise SwapFailed(f"{w.tag} {status} before commit", worker=w)
+
+
+def _say_what_became(old: Generation, serving: list[WorkerProcess],
+                     resumed: dict[int, str] | None, job: SwapJob,
+                     handed: list[WorkerProcess]) -> None:
+    """What the caller is told about the old generation: a worker that died during the swap
+    was a crash (restarted in its slot; in stateful mode its state went with it, unless it
+    had handed it over: `handed`), and after an aborted handoff each worker either resumed
+    with its state or did not confirm."""
+    stateful = old.config.mode == "stateful"
+    told = []
+    for w in serving:
+        if w.exited.done() and w not in handed:
+            # Aborted: the generation serves on and the slot is refilled. Committed: it is
+            # retired, the slot refilled or not meanwhile, so nothing is said of that.
+            fate = [] if job.committed else ["restarted in its slot"]
+            if stateful:
+                fate.append("its state is lost")
+            told.append(f"worker {w.slot} (pid={w.pid}) {w.exited.result()} during the swap"
+                        + (": " + ", ".join(fate) if fate else ""))
+    if resumed is not None:
+        for w in old.live():
+            if w.slot in resumed:
+                told.append(f"worker {w.slot} (pid={w.pid}) did not confirm the resume "
+                            f"({resumed[w.slot]})")
+    if told:
+        job.warn(f"gen={old.id}: " + "; ".join(told))
+    elif resumed is not None:
+        job.emit("resumed", f"gen={old.id} serving again with its state")
 
 
 def _check_stateful(old: Generation, config: Config) -> None:
@@ -246,7 +314,7 @@ async def _precopy(
 
 async def _handoff(
     fleet: Fleet, old: Generation, new: Generation, config: Config, job: SwapJob, *,
-    precopied: bool
+    precopied: bool, sources: list[WorkerProcess]
 ) -> list[Answer[m.QuiesceReply]]:
     """The pause: quiesce and snapshot each old worker, restore into its successor.
 
@@ -275,6 +343,7 @@ async def _handoff(
             if isinstance(result, BaseException):
                 raise result
         job.mark("snapshotted")
+        sources.extend(src for src, _ in pairs)
         sizes = [a.reply.size for a in snaps]
         job.emit("snapshot", f"gen={old.id} quiesced; {len(sizes)} snapshot(s), "
                  f"{sum(sizes)} bytes")
@@ -313,37 +382,46 @@ async def activate(fleet: Fleet, new: Generation, config: Config, job: SwapJob) 
         elif isinstance(r, RequestFailed) and r.answered:
             log.error("event=commit.failed_in_worker %s error=%r action='serving anyway'",
                       w.tag, r.reason)
+            job.warn(f"{w.tag} could not finish its commit ({r.reason}); it serves anyway")
         else:
             log.error("event=commit.ack_failed %s error=%r action='SIGKILL and restart; the "
                       "state of this slot is lost'", w.tag, str(r))
-            fleet.processes.signal_group(w.child, signal.SIGKILL)
+            fleet.kill(w)
+            job.warn(f"{w.tag} did not confirm its commit ({r}): killed and restarted in its "
+                     "slot; the state handed to it is lost")
     job.mark("activated")
     t_stop = job.timings.pop("t_stop_accept", None)
     if t_stop is not None and starts:
         job.timings["pause"] = round((max(starts) - t_stop) * 1000, 2)
 
 
-async def _resume(fleet: Fleet, old: Generation, job: SwapJob) -> None:
-    """Abort path: the quiesced old generation serves again with its own state."""
-    await _tell_resume(old)
+async def _resume(fleet: Fleet, old: Generation) -> dict[int, str]:
+    """Abort path: the quiesced old generation serves again, each worker with its own state;
+    the slots that did not confirm it, with the reason (the caller says what happened)."""
+    failed = await _tell_resume(old)
     old.transition(GenEvent.RESUME)
     fleet.after_resume(old)
-    job.emit("resumed", f"gen={old.id} serving again with its state")
+    return failed
 
 
-async def _tell_resume(old: Generation) -> None:
-    """Ask every old worker to resume: serve again if quiesced, end any pre-copy round."""
+async def _tell_resume(old: Generation) -> dict[int, str]:
+    """Ask every old worker to resume: serve again if quiesced, end any pre-copy round.
+    Returns the slots that did not confirm, with the reason."""
     # Generous: a worker whose snapshot blocked its loop answers once the snapshot returns.
     timeout = old.config.timeouts.quiesce + old.config.timeouts.restore
+    live = old.live()
     results = await asyncio.gather(
-        *(w.ask(m.Resume(), m.Empty, timeout, "resume") for w in old.live()),
+        *(w.ask(m.Resume(), m.Empty, timeout, "resume") for w in live),
         return_exceptions=True,
     )
-    for r in results:
+    failed = {}
+    for w, r in zip(live, results, strict=True):
         if isinstance(r, Answer):
             r.close_fds()
         else:
-            log.error("event=resume.failed gen=%d error=%r", old.id, str(r))
+            log.error("event=resume.failed %s error=%r", w.tag, str(r))
+            failed[w.slot] = str(r)
+    return failed
 
 
 def _pairs(old: Generation, new: Generation) -> list[tuple[WorkerProcess, WorkerProcess]]:

@@ -15,6 +15,12 @@ start, so a test writes it and then asks for a swap:
     {"say": "text"}                  print this line on stdout at start (output tests)
     {"unhealthy_http": true}         GET /healthz answers 503 (else 200)
   POST /sick makes the worker report itself unhealthy over the channel (report_health)
+    {"orphan": true}                 at start, leave a short-lived grandchild (its parent, a
+                                     shell, exits at once): it prints "orphan pid=N exiting"
+                                     and exits, a zombie of whoever inherited it
+    {"serve": false}                 ready, but accept on no listener
+    {"shutdown_on_drain": true}      when told to drain, shutdown() every listener (on the
+                                     socket the supervisor and every generation share)
   stateful behaviour (POST /incr, GET /count keep a counter handed over by swaps):
     {"state_version": 3}             the state version this code declares (default 1)
     {"restore_raises": true}         restore() raises
@@ -120,8 +126,24 @@ def restore(state: dict[str, int], from_version: int) -> None:
     COUNT = state["count"]
 
 
+def _shutdown_listeners() -> None:
+    import socket
+
+    for sock in worker.current().listeners.values():
+        print(f"shutting down listener fd={sock.fileno()}", flush=True)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError as e:
+            print(f"shutdown failed: {e}", flush=True)
+
+
 async def main(w: worker.Worker) -> None:
     w.on_drain(DRAINING.set)
+    if BEHAVIOR.get("shutdown_on_drain"):
+        w.on_drain(_shutdown_listeners)
+    if BEHAVIOR.get("orphan"):
+        code = "import os; print(f'orphan pid={os.getpid()} exiting', flush=True)"
+        subprocess.run(["sh", "-c", f"{sys.executable} -c \"{code}\" &"], check=True)
     w.state_version = BEHAVIOR.get("state_version", 1)
     if "accept_versions" in BEHAVIOR:
         w.accept_versions = set(BEHAVIOR["accept_versions"])
@@ -129,7 +151,7 @@ async def main(w: worker.Worker) -> None:
         print(BEHAVIOR["say"], flush=True)
     w.on_snapshot(snapshot)
     w.on_restore(restore)
-    for name in w.listeners:
+    for name in w.listeners if BEHAVIOR.get("serve", True) else ():
         await w.serve(name, lambda conn: serve_http(conn, app))
     if "exit_before_ready" in BEHAVIOR:
         if BEHAVIOR.get("leave_child"):

@@ -81,11 +81,14 @@ class Supervised:
 
     def __init__(self, tmp_path: Path, command: Sequence[str], *, args: Sequence[str] = (),
                  env: dict[str, str] | None = None, binds: Sequence[str] = ("http=127.0.0.1:0",),
-                 control: str | None = None) -> None:
+                 control: str | None = None, wrapper: Sequence[str] = ()) -> None:
         self.tmp = tmp_path
         self.control = control or str(tmp_path / "swapd.sock")
         self.notify = NotifyListener(tmp_path)
-        self.argv = [*SWAPD, "run", "--control", self.control,
+        # `wrapper` (e.g. unshare into a pid namespace) runs the supervisor; its worker pids
+        # are then the namespace's and are not recorded (the namespace dies with its PID 1).
+        self.own_pids = not wrapper
+        self.argv = [*wrapper, *SWAPD, "run", "--control", self.control,
                      *[f"--bind={b}" for b in binds], *args, "--", *command]
         self.env = {**os.environ, "NOTIFY_SOCKET": self.notify.path, "PYTHONUNBUFFERED": "1",
                     **(env or {})}
@@ -97,12 +100,18 @@ class Supervised:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def start(self, timeout: float = 30.0) -> Supervised:
+    def launch(self) -> Supervised:
+        """Start the process; `start` also waits until it is ready."""
         self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, cwd=str(ROOT))
         self._log_thread = threading.Thread(target=self._read_log, daemon=True)
         self._log_thread.start()
+        return self
+
+    def start(self, timeout: float = 30.0) -> Supervised:
+        if self.proc is None:
+            self.launch()
         try:
             self.notify.wait_for("READY", "1", timeout)
         except TimeoutError:
@@ -180,7 +189,8 @@ class Supervised:
         data: dict[str, Any] = res["data"]
         for g in data["generations"]:
             for w in g["workers"]:
-                self.worker_pids.add(w["pid"])
+                if self.own_pids:
+                    self.worker_pids.add(w["pid"])
         return data
 
     def cli(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

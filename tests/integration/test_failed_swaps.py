@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -103,6 +104,10 @@ def test_failed_worker_whose_child_keeps_its_output_open(tmp_path: Path, behavio
             assert "exited with status 3 before it was ready" in proc.stderr
             assert "exiting before ready, as told" in proc.stderr
             _assert_untouched(s, old)
+            # The process it left (in a session of its own) goes with its failed generation.
+            left = int(pidfile.read_text())
+            s.wait_log(rf"event=stray.exit pid={left} ")
         finally:
             if pidfile.exists():
-                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pidfile.read_text()), signal.SIGKILL)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from swapd.supervisor.fleet import HISTORY
 from tests.integration.supervised import (
     HELLO,
     children_of,
@@ -37,5 +38,8 @@ def test_no_fd_or_process_leaks_after_many_swaps(tmp_path: Path) -> None:
         assert st["active"] == SWAPS + 2
         assert [g["id"] for g in st["generations"]] == [SWAPS + 2]
         assert st["open_fds"] == baseline
+        # Memory stays bounded: ended generations are summaries, and only the last few.
+        assert st["generations_held"] == 1
+        assert [g["id"] for g in st["history"]] == list(range(SWAPS + 2 - HISTORY, SWAPS + 2))
         assert zombies_of(s.pid) == []
         assert sorted(children_of(s.pid)) == sorted(s.active_pids())

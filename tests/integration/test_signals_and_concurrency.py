@@ -117,36 +117,46 @@ def test_second_upgrade_joins_and_reload_is_refused(gated) -> None:  # type: ign
     assert refused.returncode == 1
     assert "an upgrade is in flight (gen=2" in refused.stderr
 
-    # A SIGHUP is refused the same way; with nobody to answer, the log and the service
-    # manager are told (RELOADING=1 then READY=1: systemd >= 253 waits for both).
+    # A SIGHUP is not refused: it asks for one reload after the upgrade (RELOADING=1 at
+    # once for systemd >= 253, whose READY=1 comes at the end of that reload).
     mark = s.log_mark()
     os.kill(s.pid, signal.SIGHUP)
-    s.wait_log(r"event=signal.refused name=SIGHUP reason='an upgrade is in flight", start=mark)
-    s.notify.wait_for("RELOADING", "1")
-    ready = s.notify.wait_for("READY", "1")
-    assert "SIGHUP reload refused: an upgrade is in flight" in ready["STATUS"]
-
+    s.wait_log(r"event=signal.deferred name=SIGHUP until='the upgrade in flight \(gen=2\)'",
+               start=mark)
+    assert "SIGHUP reload refused" not in s.notify.wait_for("RELOADING", "1")["STATUS"]
     _open_gate(gate, 2)
     out1, _ = first.communicate(timeout=60)
     out2, _ = second.communicate(timeout=60)
     assert first.returncode == 0 and second.returncode == 0
     assert "gen=2 active" in out1 and "gen=2 active" in out2
-    st = s.status()
-    assert st["active"] == 2 and st["swap"] is None
     assert set(s.active_pids()).isdisjoint(old_pids)
+    _open_gate(gate, 2)  # the reload that followed: gen 3, gated like gen 2
+    s.wait_log(r"event=swap.commit kind=reload gen=3", start=mark)
+    ready = s.notify.wait_for("READY", "1")  # the upgrade's end sent none: a reload followed
+    assert "gen 3 active" in ready["STATUS"]
+    st = s.status()
+    assert st["active"] == 3 and st["swap"] is None and st["swaps"]["ok"] == 2
 
 
-def test_sighup_burst_makes_one_generation(gated) -> None:  # type: ignore[no-untyped-def]
+def test_sighup_burst_during_a_reload_makes_exactly_one_more(gated) -> None:  # type: ignore[no-untyped-def]
+    """The reload in flight has read its configuration: SIGHUPs after that (any number)
+    may be about a newer one, so they make one more reload after it, never more."""
     s, gate = gated
     mark = s.log_mark()
-    for _ in range(100):
+    os.kill(s.pid, signal.SIGHUP)
+    s.wait_log(r"event=swap.start kind=reload origin=SIGHUP", start=mark)
+    s.status()  # a round trip: the reload in flight has read its configuration
+    for _ in range(1000):
         os.kill(s.pid, signal.SIGHUP)
-    s.wait_log(r"event=swap.start kind=reload", start=mark)
-    s.status()  # a round trip: every signal delivered before it has been handled
-    _open_gate(gate, 2)
-    s.wait_log(r"event=swap.commit kind=reload gen=2", start=mark)
+    s.status()  # every signal sent before this has been handled
+    s.wait_log(r"event=signal.deferred name=SIGHUP until='the reload in flight \(gen=2\)'",
+               start=mark)
+    _open_gate(gate, 2)  # gen 2
+    s.wait_log(r"event=swap.commit kind=reload gen=2", start=mark)  # its gates are closed
+    _open_gate(gate, 2)  # gen 3, the one more, gated the same way
+    s.wait_log(r"event=swap.commit kind=reload gen=3", start=mark)
     st = s.status()
-    assert st["active"] == 2 and st["swap"] is None
-    assert st["swaps"] == {"ok": 1, "failed": 0}
-    assert max(g["id"] for g in st["generations"]) == 2
-    assert s.log_text().count("event=swap.start") == 1
+    assert st["active"] == 3 and st["swap"] is None
+    assert st["swaps"] == {"ok": 2, "failed": 0}
+    assert s.log_text().count("event=swap.start") == 2
+    assert s.log_text().count("event=signal.deferred") == 1

@@ -197,7 +197,8 @@ def test_socket_activation_starts_swapd_which_adopts_the_fd_by_name(
     }
     assert status["listeners"] == [
         {"name": "http", "address": f"127.0.0.1:{SOCKET_PORT}",
-         "configured": f"127.0.0.1:{SOCKET_PORT}", "fd": 3, "source": "systemd"},
+         "configured": f"127.0.0.1:{SOCKET_PORT}", "fd": 3, "source": "systemd",
+         "listening": True},
     ], props  # fmt: skip
     # ...and it is the very socket PID 1 listens on, not one of swapd's own.
     pid1_sockets = set(sd.run("sh", "-c", "readlink /proc/1/fd/*").stdout.split())

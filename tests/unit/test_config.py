@@ -81,7 +81,7 @@ workers = 2
 mode = "stateful"
 control = "/run/app/ctl.sock"
 cwd = "/srv/app"
-readiness = "exec"
+readiness = "notify"
 backlog = 512
 precopy = true
 fdstore = false
@@ -105,7 +105,7 @@ def test_every_file_setting_is_read(tmp_path: Path) -> None:
     path = write(tmp_path, FULL_FILE)
     cfg = load(path, {}, environ=NO_ENV)
     assert cfg.command == ("python", "app.py")
-    assert cfg.workers == 2 and cfg.mode == "stateful" and cfg.readiness == "exec"
+    assert cfg.workers == 2 and cfg.mode == "stateful" and cfg.readiness == "notify"
     assert cfg.control == "/run/app/ctl.sock" and cfg.cwd == "/srv/app"
     assert cfg.backlog == 512 and cfg.precopy is True and cfg.fdstore is False
     assert cfg.binds == (
@@ -272,6 +272,9 @@ VALIDATION: list[tuple[str, dict[str, Any], str]] = [
      f"{WHERE}: mode must be one of stateless, stateful, not 'Stateful'"),
     ("readiness", {**CMD, "readiness": "tcp"},
      f"{WHERE}: readiness must be one of notify, exec, probe, not 'tcp'"),
+    ("stateful-exec", {**CMD, "mode": "stateful", "readiness": "exec"},
+     f"{WHERE}: mode stateful needs readiness notify (a successor says over swapd's channel "
+     "when it stands by for state), not 'exec'"),
     ("precopy", {**CMD, "precopy": "yes"}, f"{WHERE}: precopy must be true or false"),
     ("fdstore", {**CMD, "fdstore": 1}, f"{WHERE}: fdstore must be true or false"),
     ("timeout-unknown", {**CMD, "timeouts": {"boot": 3}}, f"{WHERE}: unknown timeout 'boot'"),
@@ -431,7 +434,7 @@ OVERRIDES = st.fixed_dictionaries(
         "metrics": st.ip_addresses(v=4).map(str).flatmap(
             lambda h: st.integers(0, 65535).map(lambda p: f"{h}:{p}")),
     },
-)
+).filter(lambda d: not (d.get("mode") == "stateful" and d.get("readiness", "notify") != "notify"))
 
 
 @pytest.mark.slow
@@ -504,7 +507,7 @@ def test_a_probe_goes_with_readiness_probe(probe: str) -> None:
          "probe must be 'tcp' or 'http:/PATH'"),
         ({"probe": "tcp"}, "probe 'tcp' is only used with readiness 'probe', not 'notify'"),
         ({"readiness": "probe", "probe": "tcp", "mode": "stateful"},
-         "mode 'stateful' needs swapd.worker's ready()"),
+         "mode stateful needs readiness notify"),
     ],
 )
 def test_probe_errors(data: dict[str, Any], message: str) -> None:

@@ -215,6 +215,22 @@ def test_bind_tcp_v4_port_zero() -> None:
         sock.close()
 
 
+@pytest.mark.parametrize("address", ["127.0.0.1:0", pytest.param("[::1]:0", marks=needs_ipv6)])
+def test_accepted_connections_inherit_tcp_nodelay(address: str) -> None:
+    """A worker that never sets TCP_NODELAY itself (uvicorn on an inherited fd) still gets
+    it on every connection: no 40 ms Nagle/delayed-ACK floor under keep-alive responses."""
+    sock = bind(parse_address(address))
+    try:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        bound = describe(sock)
+        with socket.create_connection((bound.host, bound.port), timeout=5):
+            conn, _ = sock.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        sock.close()
+
+
 @needs_ipv6
 def test_bind_tcp_v6_port_zero_is_v6_only() -> None:
     sock = bind(parse_address("[::1]:0"))

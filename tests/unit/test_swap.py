@@ -108,6 +108,10 @@ def dies(how: str = "killed by SIGKILL") -> Script:
 class FakeProcesses:
     def __init__(self) -> None:
         self.killed: list[int] = []
+        self.exited: list[Any] = []  # children the kernel says have exited (pidfd)
+
+    def has_exited(self, child: Any) -> bool:
+        return any(c is child for c in self.exited)
 
     def signal_group(self, child: Any, sig: int) -> None:
         self.killed.append(sig)
@@ -173,6 +177,9 @@ class FakeFleet:
     def retire(self, old: Generation) -> None:
         self.retired.append(old.id)
 
+    def kill(self, w: Any) -> None:
+        self.processes.signal_group(w.child, 9)
+
     def after_resume(self, gen: Generation) -> None:
         self.resumed.append(gen.id)
 
@@ -228,6 +235,19 @@ def test_stateless_commit() -> None:
     assert fleet.old.state is GenState.DRAINING and fleet.retired == [1]
     assert {"spawned", "ready", "committed"} <= set(job.timings)
     assert old_workers(fleet)[0].asked == []  # the old generation is never asked anything
+
+
+def test_a_new_worker_dead_but_not_yet_reaped_aborts_the_commit() -> None:
+    # Ready, then exited: the kernel knows (pidfd) before our bookkeeping does.
+    class DiesAfterReady(FakeFleet):
+        def start_generation(self, cfg: Config, successor_of: Generation | None,
+                             release: str | None = None) -> Generation:
+            gen = super().start_generation(cfg, successor_of, release)
+            self.processes.exited.append(gen.workers[0].child)
+            return gen
+
+    fleet, outcome, _ = run_in_loop(DiesAfterReady, config())
+    assert_untouched(fleet, outcome, "before commit")
 
 
 def test_stateless_commit_under_a_watch_window_holds_the_old_generation() -> None:
@@ -370,11 +390,15 @@ def test_commit_failure_in_a_new_worker_is_a_crash_not_an_abort() -> None:
         fleet.scripts[0] = {"Commit": {"ok": False, "error": "SharedBuffer commit failed"}}
         fleet.scripts[1] = {"Commit": dies()}
         return fleet
-    fleet, outcome, _ = run_in_loop(build_fleet, stateful(workers=2))
+    fleet, outcome, job = run_in_loop(build_fleet, stateful(workers=2))
     assert isinstance(outcome, dict), outcome
     assert fleet.new is not None and fleet.new.state is GenState.ACTIVE
     assert fleet.retired == [1]
     assert len(fleet.processes.killed) == 1  # only the silent one
+    # both said as warnings of a success, in the result too
+    assert len(outcome["warnings"]) == 2 and outcome["warnings"] == job.warnings
+    assert "could not finish its commit" in outcome["warnings"][0]
+    assert "did not confirm its commit" in outcome["warnings"][1]
 
 
 def test_cancelled_swap_resumes_the_quiesced_generation() -> None:
