@@ -297,7 +297,7 @@ def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 
 def median(values: Sequence[float]) -> float:
-    """Median; of two values their midpoint (what peers.md calls the median of two runs)."""
+    """Median; of two values their midpoint (the method's median of two runs)."""
     ordered = sorted(values)
     n = len(ordered)
     if n == 0:

@@ -12,7 +12,7 @@ calling dump() to the new one holding the restored, committed state:
     new: recv -> load -> restore (from_bulk/apply_delta for pre-copy) -> commit -> timestamp
 
 Both ends stamp CLOCK_MONOTONIC, which is system-wide. Shapes, as in
-/work/shared/reference/handoff.md:
+the team's reference handoff measurements (not in this repository):
   A  dict "player:%08d" -> 9-field dict (ints, str, bool, 2 floats); 1e4/1e5/1e6 entries
   B  few large buffers, 25 % each: bytes, bytearray, and two memoryviews cast to float64 and
      int64 (stand-ins for numpy arrays: out-of-band, zero-copy); or 4 such memoryviews (all

@@ -20,8 +20,8 @@ For each recipe of docs/servers.md (the exact worker command is printed), one `s
                gated on successes, not time): failed requests per swap, and their kinds
     close      the same with a new connection per request
 
-The load generator (swapd.loadgen, peers.md §10 method) runs in this process and shares the
-two cores with the servers: error counts and ratios count, absolute rates do not.
+The load generator (swapd.loadgen, the method of docs/benchmarks.md) runs in this process
+and shares the two cores with the servers: error counts and ratios count, absolute rates do not.
 """
 
 from __future__ import annotations

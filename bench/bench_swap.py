@@ -8,9 +8,9 @@
 Other people's jobs skew every figure, so a full run measures the CPU time used outside its own
 process tree: before each run it waits for a quiet machine (--quiet-timeout), and a run during
 which others used more than --max-others of a core is redone (--retries), then flagged.
-Results are in docs/benchmarks-swap.md.
+Results are in bench/notes/swap.md.
 
-The method is that of /work/shared/reference/peers.md §10, so the figures sit beside the
+The method is that of docs/benchmarks.md#method, so the figures sit beside the
 peers' (quoted from there, not re-measured): 32 closed-loop clients (swapd.loadgen), a request
 times out after 2 s, a client pauses 10 ms after a failure, runs of 20 s with swaps at
 t = 2, 5.5, 9, 12.5, 16 s, connection modes `close` and `keepalive`, each configuration run
@@ -36,7 +36,7 @@ Scenarios (a fresh service for every run; everything on 127.0.0.1, ports chosen 
                      latency, and the supervisor's own CPU time meanwhile
 
 The load generator runs in this process and shares the machine's cores with the servers, as
-in peers.md: absolute rates mean little, error counts, gaps and ratios are what count.
+in the peers' measurements: absolute rates mean little; errors, gaps and ratios count.
 """
 
 from __future__ import annotations
@@ -387,7 +387,7 @@ def run_swaps(scenario: Scenario, mode: str, run: int, profile: Profile, workdir
         try:
             load.wait_for_successes(50, timeout=profile.offsets[0])
             for i, offset in enumerate(profile.offsets, 1):
-                # The swaps run on a fixed schedule (peers.md's offsets), not on an event:
+                # The swaps run on a fixed schedule (the method's offsets), not on an event:
                 # sleeping until the next offset is the point here.
                 delay = t0 + offset - time.monotonic()
                 if delay > 0:
@@ -590,8 +590,8 @@ def detail_row(r: SwapRun) -> list[str]:
             f"{r.gap_outside * 1000:.0f}", swaps, cpu, text]
 
 
-# Quoted from /work/shared/reference/peers.md §10, "Per swap, in short" (errors per swap,
-# median; worst no-success gap). Not re-measured here.
+# Quoted from the peers' reference measurements (docs/benchmarks.md#method), "Per swap,
+# in short" (errors per swap, median; worst no-success gap). Not re-measured here.
 PEERS_PER_SWAP = [
     ("gunicorn sync, HUP", "0, 245 ms", "0, 35 ms"),
     ("gunicorn sync, USR2+WINCH+QUIT (fg or daemon)", "0, 37 ms", "0, 35 ms"),
@@ -851,7 +851,7 @@ def render(runs: dict[tuple[str, str], list[SwapRun]], tput: Sequence[Throughput
             DETAIL_HEADERS, [detail_row(r) for rs in runs.values() for r in rs]))
         short = [[s.title] + [per_swap_cell(runs.get((s.key, m), [])) for m in MODES]
                  for s in SCENARIOS if any((s.key, m) in runs for m in MODES)]
-        short += [[f"{name} (peers.md, not re-measured)", c, k] for name, c, k in PEERS_PER_SWAP]
+        short += [[f"{name} (quoted, not re-measured)", c, k] for name, c, k in PEERS_PER_SWAP]
         sections.append("### Per swap, in short (errors per swap, median; worst no-success gap)"
                         "\n\n" + md_table(["configuration", "close", "keepalive"], short))
     if tput:

@@ -4,25 +4,11 @@ One AF_UNIX SOCK_SEQPACKET socketpair per worker. SEQPACKET keeps message
 boundaries and ties SCM_RIGHTS fds to exactly one message, so there is no
 stream reassembly and no fd can be attributed to the wrong frame.
 
-Frame (one datagram):
+The frame (magic, version, flags SPILLED and FDS_ONLY, descriptor count, body length)
+and the messages are specified once, in docs/architecture.md, "Wire formats"; the
+message types themselves are `swapd.messages`.
 
-     0        4     5       6         8              12
-    +--------+-----+-------+---------+--------------+---------------------+
-    | "SWPD" | ver | flags | nfds    | body length  | body: UTF-8 JSON    |
-    |  4 B   | u8  | u8    | u16 BE  | u32 BE       | object, <= 32 KiB   |
-    +--------+-----+-------+---------+--------------+---------------------+
-    ancillary: SCM_RIGHTS with `nfds` descriptors
-
-    flags bit 0 (SPILLED): the body did not fit inline; it is in a sealed memfd
-    sent as the first descriptor, `body length` is its size, and the frame carries
-    no body bytes. `nfds` counts that memfd too.
-    flags bit 1 (FDS_ONLY): a carrier frame, no body, only descriptors: the kernel
-    takes at most 253 per datagram, so a message with more (a handoff of thousands
-    of connections) is sent as carriers followed by the frame with the body; the
-    receiver prepends the carried descriptors, in order, to that message's.
-
-The JSON body is an object with a type `t`; requests carry an `id`, replies carry
-`re` (the id they answer). A frame with another magic or version, a truncated
+A frame with another magic or version, a truncated
 datagram or a body that is not a JSON object is a ProtocolError: the receiver
 closes any fds that came with it and reports the error; it never guesses.
 

@@ -7,16 +7,9 @@ credentials (SO_PEERCRED) must show the supervisor's own uid or root, otherwise 
 connection is answered with an error and closed. The client checks the same of the
 server before it sends a byte: a socket answered by another uid is an impostor.
 
-Protocol version 1. One request per line, answered by zero or more progress lines
-and exactly one result line; a connection may carry several requests in turn.
-
-    → {"v": 1, "cmd": "upgrade", "args": {}}
-    ← {"v": 1, "type": "deadline", "seconds": 107.0}
-    ← {"v": 1, "type": "progress", "event": "spawned",
-       "message": "gen=4 started 2 worker(s): pid=812 pid=813"}
-    ← {"v": 1, "type": "progress", "event": "ready", "message": "gen=4 all 2 worker(s) ready"}
-    ← {"v": 1, "type": "result", "ok": true, "data": {...}}
-    ← {"v": 1, "type": "result", "ok": false, "error": "gen=4 worker=0 ...", "data": {...}}
+Protocol version 1, specified once in docs/architecture.md, "Wire formats": one request
+per line, answered by zero or more progress lines and exactly one result line (built by
+`result()`); a connection may carry several requests in turn.
 
 A `deadline` line says the result will come within that many seconds (the
 supervisor's own worst case for the request: a swap with every deadline run out);

@@ -1,7 +1,7 @@
 r"""systemd's process protocols: sd_notify, socket activation (LISTEN_FDS), watchdog, fd store.
 
 Standard library only; no libsystemd, no systemd Python package. Behaviour follows systemd 252
-(see ``reference/systemd.md``) and stays compatible with 253+ (``MONOTONIC_USEC``).
+(docs/systemd.md says what swapd relies on) and stays compatible with 253+ (``MONOTONIC_USEC``).
 
 sd_notify
 ---------

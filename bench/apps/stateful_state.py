@@ -4,7 +4,7 @@
         -- python bench/apps/stateful_state.py          # configured by the variables below
 
 A fresh worker builds its state once; every successor gets it through the handoff and checks
-it (`verify`). Shapes, as in /work/shared/reference/handoff.md:
+it (`verify`). Shapes, as in the team's reference handoff measurements (not in this repository):
 
     dict     "player:%08d" -> 9-field dict record; BENCH_MB * 10,000 records (~0.9 MB of
              pickle per 10,000)

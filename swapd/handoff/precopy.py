@@ -297,7 +297,7 @@ class TrackedDict(MutableMapping[K, V]):
             )
         data = self._data
         # The values replaced here are freed here too. Deferring that past the pause was
-        # measured: collecting them costs as much as freeing them (benchmarks-handoff-pause).
+        # measured: collecting them costs as much as freeing them (bench/notes/handoff-pause.md).
         for key in dels:
             data.pop(key, None)  # a key created and deleted after the bulk was never here
         data.update(_migrated(sets, self._migrate, self._from_version))

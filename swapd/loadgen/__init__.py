@@ -1,6 +1,6 @@
 r"""Bounded closed-loop load generator: the instrument that measures a swap.
 
-It reproduces the method of reference/peers.md §10 so that swapd's figures sit next to the
+It implements the method of docs/benchmarks.md ("Method") so that swapd's figures sit next to the
 peers': N closed-loop clients (each sends its next request only when the previous one has
 finished), one of two connection modes, every attempt timed and classified, and swap windows
 in which failures, the longest no-success gap, p99 and throughput are reported.

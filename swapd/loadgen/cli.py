@@ -29,7 +29,8 @@ _KINDS: dict[str, Callable[[argparse.Namespace], Request]] = {
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m swapd.loadgen",
-        description="Closed-loop load against one endpoint; prints a report (peers.md §10).",
+        description=("Closed-loop load against one endpoint; prints a report (the method of "
+                     "docs/benchmarks.md)."),
     )
     p.add_argument("--connect", required=True, help="HOST:PORT, [V6]:PORT, unix:PATH or /PATH")
     p.add_argument("--kind", choices=sorted(_KINDS), default="http-get")

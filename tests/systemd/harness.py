@@ -1,6 +1,6 @@
 """A real systemd (252 on Debian 12) booted as PID 1 of private namespaces, for integration tests.
 
-The recipe is ``reference/systemd.md`` §6. The host is never touched: systemd runs on a tmpfs
+The host is never touched: systemd runs on a tmpfs
 overlay of ``/`` in its own pid, mount, uts, ipc, net and cgroup namespaces, boots its own target
 instead of ``default.target``, knows it is in a container (``container=``) and lacks the
 capabilities to load modules, set the clock or reboot::

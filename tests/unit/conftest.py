@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.notify_fake import FakeNotifySocket
-from tests.unit.test_patch_support import Mods
+from tests.unit.patch_support import Mods
 
 
 @pytest.fixture

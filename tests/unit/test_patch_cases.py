@@ -7,7 +7,7 @@ import functools
 import pytest
 
 from swapd import patch
-from tests.unit.test_patch_support import Mods, edit
+from tests.unit.patch_support import Mods, edit
 
 NESTED_CLASS = """
 class Outer:

@@ -11,7 +11,7 @@ from types import FunctionType
 from typing import Any
 
 from swapd import patch
-from tests.unit.test_patch_support import Mods, edit
+from tests.unit.patch_support import Mods, edit
 
 RECURSIVE = """
 import sys

@@ -17,7 +17,7 @@ import pytest
 
 from swapd import patch
 from swapd.patch.commit import ModuleState, state_for
-from tests.unit.test_patch_support import Mods
+from tests.unit.patch_support import Mods
 
 
 def test_migration_set_undo_removes_an_instance_attribute_it_added() -> None:
@@ -71,7 +71,7 @@ def in_fresh_interpreter(scenario: Callable[[Mods], None], tmp_path: Path) -> No
     code = (
         "import sys, pathlib\n"
         f"from {__name__} import _audit, {scenario.__name__} as scenario\n"
-        "from tests.unit.test_patch_support import Mods\n"
+        "from tests.unit.patch_support import Mods\n"
         "sys.addaudithook(_audit)\n"
         f"with Mods(pathlib.Path({str(tmp_path)!r})) as mods:\n"
         "    scenario(mods)\n"

@@ -1,4 +1,4 @@
-"""The test matrix of reference/patching.md §11 and the acceptance cases of §10.8.
+"""The patch engine's test matrix (each kind of change a patch can make) and its acceptance cases.
 
 Each case checks four things: state is kept, identity is kept, references taken before the
 patch ("held") run the new code, and rollback restores the old behaviour exactly.
@@ -14,7 +14,7 @@ import pytest
 
 from swapd import patch
 from swapd.patch.code import logical_code
-from tests.unit.test_patch_support import Mods, edit
+from tests.unit.patch_support import Mods, edit
 
 COUNTER = """
 def make_counter():

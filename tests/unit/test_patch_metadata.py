@@ -8,7 +8,7 @@ import inspect
 from typing import Any
 
 from swapd import patch
-from tests.unit.test_patch_support import Mods, edit
+from tests.unit.patch_support import Mods, edit
 
 MUTABLE = """
 def remember(x, seen=[], factor=1, *, sep=",", bag={}):

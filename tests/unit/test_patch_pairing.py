@@ -17,7 +17,7 @@ import pytest
 from swapd import patch
 from swapd.patch.code import CodeIndex
 from swapd.patch.sites import Sites
-from tests.unit.test_patch_support import Mods, edit
+from tests.unit.patch_support import Mods, edit
 
 
 def test_module_lambdas_swapped_keep_their_own_code(mods: Mods) -> None:

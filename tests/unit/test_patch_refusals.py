@@ -10,7 +10,7 @@ import pytest
 
 from swapd import patch
 from swapd.patch.commit import apply_or_undo
-from tests.unit.test_patch_support import Mods, edit
+from tests.unit.patch_support import Mods, edit
 
 
 def fingerprint(m: ModuleType) -> dict[str, Any]:

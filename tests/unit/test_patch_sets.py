@@ -10,7 +10,7 @@ from types import ModuleType
 import pytest
 
 from swapd import patch
-from tests.unit.test_patch_support import Mods, edit
+from tests.unit.patch_support import Mods, edit
 
 PRICES = "RATE = 2\n\ndef price(qty):\n    return qty * RATE\n"
 ORDERS = "import {prices}\n\ndef order(qty):\n    return {prices}.price(qty)\n"

@@ -14,7 +14,7 @@ import pytest
 
 from swapd import patch
 from swapd.patch.source import sha256_text
-from tests.unit.test_patch_support import Mods
+from tests.unit.patch_support import Mods
 
 
 @pytest.fixture

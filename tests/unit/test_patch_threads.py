@@ -31,7 +31,7 @@ import pytest
 
 from swapd import patch
 from swapd.patch.commit import run_atomic
-from tests.unit.test_patch_support import Mods
+from tests.unit.patch_support import Mods
 
 DEADLINE = 30.0
 MAX_SPINS = 50_000_000

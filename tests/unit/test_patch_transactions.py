@@ -19,7 +19,7 @@ from swapd.supervisor.generation import WorkerProcess
 from swapd.supervisor.journal import Journal, PatchRecord
 from swapd.supervisor.lifecycle import SlotState
 from swapd.worker.patches import PatchHost
-from tests.unit.test_patch_support import Mods
+from tests.unit.patch_support import Mods
 
 SRC = "def f():\n    return 1\n"
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the test_patch_* modules (this module holds no tests).
+"""Helpers shared by the test_patch_* modules.
 
 `Mods` writes throw-away modules under a test's tmp_path, imports them under unique names
 and, on exit, removes them from ``sys.modules`` and from the patch engine's state.
