@@ -89,9 +89,10 @@ def draining_server(config: Any, grace: float) -> Any:
 
     uvicorn's shutdown closes every connection that has no request in progress, including
     one it has just accepted whose request has not been read yet: in close mode that client
-    gets a reset (measured on uvicorn's own HUP: 0-9 per swap). Closing the listening sockets
-    first and leaving such connections `grace` seconds (swapd's idle_grace) to deliver their request turns them
-    into requests in flight, which uvicorn's shutdown lets finish.
+    gets a reset (measured on uvicorn's own HUP: 0-9 per swap). Closing the listening
+    sockets first and leaving such connections `grace` seconds (swapd's idle_grace) to
+    deliver their request turns them into requests in flight, which uvicorn's shutdown lets
+    finish.
     """
     import asyncio
     import signal
