@@ -696,7 +696,7 @@ class Supervisor:
             "active": fleet.active.id if fleet.active else None,
             "listeners": self.listeners.describe(),
             "generations": described,
-            "history": list(fleet.history),  # bounded: the last fleet.HISTORY that ended
+            "ended": list(fleet.history),  # bounded: the last fleet.HISTORY generations that ended
             "generations_held": len(fleet.generations),
             "orphans_reaped": fleet.strays.reaped,
             "swap": self.swap.describe() if self.swap else None,

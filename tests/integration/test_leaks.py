@@ -40,6 +40,6 @@ def test_no_fd_or_process_leaks_after_many_swaps(tmp_path: Path) -> None:
         assert st["open_fds"] == baseline
         # Memory stays bounded: ended generations are summaries, and only the last few.
         assert st["generations_held"] == 1
-        assert [g["id"] for g in st["history"]] == list(range(SWAPS + 2 - HISTORY, SWAPS + 2))
+        assert [g["id"] for g in st["ended"]] == list(range(SWAPS + 2 - HISTORY, SWAPS + 2))
         assert zombies_of(s.pid) == []
         assert sorted(children_of(s.pid)) == sorted(s.active_pids())
