@@ -107,7 +107,7 @@ def sample(sup: SwapdProcess, swaps: int) -> Sample:
     rss = psutil.Process(pid).memory_info().rss // 1024
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     data = sup.call("status", 10.0)["data"]
-    return Sample(swaps, rss, fds, data.get("generations_held", -1), len(data.get("history", [])))
+    return Sample(swaps, rss, fds, data.get("generations_held", -1), len(data.get("ended", [])))
 
 
 def soak(mode: str, args: argparse.Namespace, workdir: Path) -> Soak:

@@ -60,6 +60,7 @@ from swapd.supervisor.manager import ServiceManager, split_inherited
 from swapd.supervisor.metrics import MetricsUnavailable
 from swapd.supervisor.ops import Operations, Who, who_control, who_signal
 from swapd.supervisor.process import OsProcesses
+from swapd.supervisor.reloads import ReloadSignals
 from swapd.supervisor.strays import STRAY_GRACE
 from swapd.supervisor.swap import (
     SwapFailed,
@@ -69,6 +70,7 @@ from swapd.supervisor.swap import (
     restore_stored,
     run_swap,
     store_state,
+    swap_bound,
     wait_ready,
 )
 from swapd.supervisor.watch import HealthUrlError, SwapOptions, check_health_url
@@ -102,10 +104,6 @@ class Supervisor:
         self.journal = Journal()  # patches in force in the active generation
         self.patch_in_flight: int | None = None
         self.reexec_in_flight = False
-        self._hup_pending = False  # a SIGHUP asked for a reload not started yet
-        self._hup_deferred = False  # ... and it waits for a change in flight (announced)
-        self._hup_task: asyncio.Task[None] | None = None
-        self._change_ended = asyncio.Event()  # set each time a swap or patch ends
         self.started = time.monotonic()
         self._control_sock: socket.socket | None = None
         self._control: ControlServer | None = None
@@ -122,7 +120,14 @@ class Supervisor:
         self.fleet.on_event = self.ops.worker_event
         self.deploys = Deploys(self.fleet, self.listeners, self.manager, self.ops,
                                self._stopping, self._status_line,
-                               lambda: _swap_bound(self.config))
+                               lambda: swap_bound(self.config))
+        self.reloads = ReloadSignals(
+            self._change_in_flight,
+            lambda: self.request_swap("reload", "SIGHUP", None,
+                                      SwapOptions(who=who_signal("SIGHUP"))),
+            ControlError, self._stopping,
+            lambda: self.fleet.active is not None and not self._stopping(),
+            self.manager, self._status_line, lambda: swap_bound(self.config), self.fleet.tasks)
         self._stop_who: Who = {"via": "control"}
         self._reexec_who: Who = {}  # who asked for the re-exec in flight
         self._reexec_ops: dict[str, Any] = {}  # what the previous image said about it
@@ -310,7 +315,7 @@ class Supervisor:
 
     def _install_signals(self) -> None:
         assert self._loop is not None
-        self._loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        self._loop.add_signal_handler(signal.SIGHUP, self.reloads.on_sighup)
         self._loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM", False)
         self._loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT", False)
         self._loop.add_signal_handler(signal.SIGQUIT, self._on_stop_signal, "SIGQUIT", True)
@@ -323,22 +328,6 @@ class Supervisor:
                     signal.SIGCHLD):
             self._loop.remove_signal_handler(sig)
 
-    def _on_sighup(self) -> None:
-        log.info("event=signal name=SIGHUP action=reload")
-        self._hup_pending = True
-        what = self._change_in_flight()
-        if what is not None and not self._hup_deferred:
-            self._hup_deferred = True
-            log.info("event=signal.deferred name=SIGHUP until=%r", what)
-            # systemd >= 253 (Type=notify-reload) waits for a RELOADING=1 newer than its
-            # signal, then READY=1: the reload to come sends that READY=1.
-            self.manager.reloading(f"reload requested after {what}; {self._status_line()}",
-                                   _swap_bound(self.config))
-        if self._hup_task is None or self._hup_task.done():
-            self._hup_task = asyncio.ensure_future(self._signal_reloads())
-            self.fleet.tasks.add(self._hup_task)
-            self._hup_task.add_done_callback(self.fleet.tasks.discard)
-
     def _change_in_flight(self) -> str | None:
         """The swap or patch in flight that a SIGHUP waits for (None: none, or nothing a
         reload could follow: still starting, a re-exec; the reload is then refused)."""
@@ -349,29 +338,6 @@ class Supervisor:
         if self.patch_in_flight is not None:
             return f"patch {self.patch_in_flight}"
         return None
-
-    async def _signal_reloads(self) -> None:
-        """Act on SIGHUPs: a reload now, or one after the change in flight (coalesced)."""
-        while self._hup_pending and not self._stopping():
-            if self._change_in_flight() is not None:
-                self._change_ended.clear()
-                await self._change_ended.wait()
-                continue
-            self._hup_pending = False
-            deferred, self._hup_deferred = self._hup_deferred, False
-            try:
-                await self.request_swap("reload", "SIGHUP", None,
-                                        SwapOptions(who=who_signal("SIGHUP")))
-            except ControlError as e:  # a signal has nobody to answer: the log must say it
-                log.warning("event=signal.refused name=SIGHUP reason=%r", str(e))
-                if self.fleet.active is not None and not self._stopping():
-                    if not deferred:  # systemd >= 253 waits for both (a re-exec in flight)
-                        self.manager.reloading(f"reload requested; {self._status_line()}",
-                                               _swap_bound(self.config))
-                    self.manager.ready(f"{self._status_line()}; SIGHUP reload refused: {e}")
-
-    def _change_over(self) -> None:
-        self._change_ended.set()
 
     def _on_stop_signal(self, name: str, fast: bool) -> None:
         self._stop_who = who_signal(name)
@@ -506,7 +472,7 @@ class Supervisor:
                 emit("joined", f"joined the {kind} in flight (gen={job.gen})", None)
         else:
             job = SwapJob(kind, origin, release=opts.release, who=opts.who,
-                          bound=_swap_bound(self.config) + KILL_WAIT)
+                          bound=swap_bound(self.config) + KILL_WAIT)
             if emit is not None:
                 job.subscribers.append(emit)
                 emit(control.DEADLINE, "", {"seconds": job.remaining()})
@@ -525,13 +491,13 @@ class Supervisor:
         before = self.fleet.active
         journal = list(self.journal.records)  # the held generation's, should it come back
         self.manager.reloading(f"{job.kind} in progress; {self._status_line()}",
-                               _swap_bound(self.config))
+                               swap_bound(self.config))
         outcome: dict[str, Any]
         try:
             config = self.config
             if job.kind == "reload":
                 config = self._reread_config()
-                job.extend(_swap_bound(config) + KILL_WAIT)  # its timeouts may be longer
+                job.extend(swap_bound(config) + KILL_WAIT)  # its timeouts may be longer
                 job.emit("config", f"configuration re-read ({config.config_file or 'flags only'})")
             job.watch = opts.watch if opts.watch is not None else config.watch
             why = self.deploys.why_not(before, job.watch)
@@ -584,13 +550,13 @@ class Supervisor:
         # "reload failed"; the status line and `swapd reload`'s exit code tell which.
         failed = "" if outcome["ok"] else f"; last {job.kind} FAILED: {outcome['error']}"
         # Not READY=1 either while a SIGHUP waits for its reload: that one is the end of it.
-        if self._stopping() or self._hup_pending:  # READY=1 after STOPPING=1 is wrong too
+        if self._stopping() or self.reloads.pending:  # READY=1 after STOPPING=1 is wrong too
             self.manager.status(self._status_line() + failed)
         else:
             self.manager.ready(self._status_line() + failed)
         if not job.done.done():
             job.done.set_result(outcome)
-        self._change_over()
+        self.reloads.change_over()
 
     def _reread_config(self) -> Config:
         try:
@@ -662,7 +628,7 @@ class Supervisor:
             raise
         finally:
             self.patch_in_flight = None
-            self._change_over()
+            self.reloads.change_over()
         self.ops.patch_done(args.action, True, who_control(peer), gen,
                             {**patch_fields(args), **data}, None)
         return data
@@ -789,18 +755,6 @@ def _check_can_hand_over(gen: Generation) -> None:
 
 def _a(kind: str) -> str:
     return ("an " if kind[:1] in "aeiou" else "a ") + kind
-
-
-def _swap_bound(config: Config) -> float:
-    """The longest a swap can take with every deadline run out: what systemd is promised."""
-    t = config.timeouts
-    bound = t.ready + KILL_WAIT  # all ready, or the new generation killed
-    if config.mode == "stateful":
-        if config.precopy:
-            bound += t.ready + t.restore  # the bulk, shipped and loaded
-        bound += t.quiesce + t.restore  # the pause
-        bound += max(t.restore, t.quiesce + t.restore)  # commit acks, or the old one resumed
-    return bound
 
 
 def _answer(fd: int, data: dict[str, Any]) -> None:

@@ -105,6 +105,18 @@ class SwapJob:
                 "elapsed_ms": round((time.monotonic() - self.started) * 1000, 1)}
 
 
+def swap_bound(config: Config) -> float:
+    """The longest a swap can take with every deadline run out: what systemd is promised."""
+    t = config.timeouts
+    bound = t.ready + KILL_WAIT  # all ready, or the new generation killed
+    if config.mode == "stateful":
+        if config.precopy:
+            bound += t.ready + t.restore  # the bulk, shipped and loaded
+        bound += t.quiesce + t.restore  # the pause
+        bound += max(t.restore, t.quiesce + t.restore)  # commit acks, or the old one resumed
+    return bound
+
+
 async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]:
     """Bring up a new generation from `config` and make it active, or leave all as it was."""
     old = fleet.active

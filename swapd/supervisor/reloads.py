@@ -1,0 +1,97 @@
+"""SIGHUP: a reload, coalesced.
+
+A SIGHUP asks for one reload (re-read the configuration, then swap). While a swap or a
+patch is in flight, any number of SIGHUPs make exactly one reload after it: operators and
+`systemctl reload` send the signal again when nothing seems to happen, and each must not
+become a swap of its own. A signal has nobody to answer, so a reload that is refused (a
+re-exec in flight) says so in the log and to the service manager.
+
+Under systemd >= 253 (Type=notify-reload) the SIGHUP comes from systemd, which then waits
+for a RELOADING=1 newer than its signal, and READY=1: a deferred reload announces
+RELOADING=1 at once, and the reload to come sends READY=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+log = logging.getLogger("swapd")
+
+
+class Announcer(Protocol):
+    """What the service manager is told (supervisor/manager.py)."""
+
+    def reloading(self, status: str, bound: float) -> None: ...
+
+    def ready(self, status: str) -> None: ...
+
+
+class ReloadSignals:
+    """The SIGHUPs received and the one reload they are owed.
+
+    `in_flight()`: the swap or patch a reload must wait for (None: none, or nothing a reload
+    could follow, which then refuses it); `reload()`: start the reload and wait for it (it
+    raises `refused` with the reason); `stopping()`: no more reloads; `serving()`: a
+    generation serves and the supervisor is not stopping; `status_line()` and `bound()`
+    for the service manager.
+    """
+
+    def __init__(self, in_flight: Callable[[], str | None],
+                 reload: Callable[[], Awaitable[object]], refused: type[Exception],
+                 stopping: Callable[[], bool], serving: Callable[[], bool],
+                 manager: Announcer,
+                 status_line: Callable[[], str], bound: Callable[[], float],
+                 tasks: set[asyncio.Task[None]]) -> None:
+        self._in_flight = in_flight
+        self._reload = reload
+        self._refused = refused
+        self._stopping = stopping
+        self._serving = serving
+        self._manager = manager
+        self._status_line = status_line
+        self._bound = bound
+        self._tasks = tasks  # the fleet's: cancelled and awaited at stop
+        self.pending = False  # a SIGHUP asked for a reload not started yet
+        self._deferred = False  # ... and it waits for a change in flight (announced)
+        self._task: asyncio.Task[None] | None = None
+        self._change_ended = asyncio.Event()  # set each time a swap or patch ends
+
+    def on_sighup(self) -> None:
+        log.info("event=signal name=SIGHUP action=reload")
+        self.pending = True
+        what = self._in_flight()
+        if what is not None and not self._deferred:
+            self._deferred = True
+            log.info("event=signal.deferred name=SIGHUP until=%r", what)
+            self._manager.reloading(f"reload requested after {what}; {self._status_line()}",
+                                    self._bound())
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+            self._tasks.add(self._task)
+            self._task.add_done_callback(self._tasks.discard)
+
+    def change_over(self) -> None:
+        """A swap or a patch ended: a deferred reload may go."""
+        self._change_ended.set()
+
+    async def _run(self) -> None:
+        """A reload now, or one after the change in flight (coalesced)."""
+        while self.pending and not self._stopping():
+            if self._in_flight() is not None:
+                self._change_ended.clear()
+                await self._change_ended.wait()
+                continue
+            self.pending = False
+            deferred, self._deferred = self._deferred, False
+            try:
+                await self._reload()
+            except self._refused as e:  # a signal has nobody to answer: the log must say it
+                log.warning("event=signal.refused name=SIGHUP reason=%r", str(e))
+                if self._serving():
+                    if not deferred:  # systemd >= 253 waits for both (a re-exec in flight)
+                        self._manager.reloading(f"reload requested; {self._status_line()}",
+                                                self._bound())
+                    self._manager.ready(f"{self._status_line()}; SIGHUP reload refused: {e}")
