@@ -1,0 +1,54 @@
+"""spawn_worker leaks no descriptor when a step fails half way (EMFILE at the fd limit).
+
+The supervisor retries a failed spawn when descriptors return: each failed attempt that
+left a socketpair or a notify socket open would bring the limit closer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from swapd.config import build
+from swapd.supervisor import generation, notify
+from swapd.supervisor.generation import WorkerSpec, spawn_worker
+from swapd.supervisor.process import OsProcesses
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def _emfile(*_: Any, **__: Any) -> Any:
+    raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+
+@pytest.mark.parametrize("step", ["notify", "pipe", "spawn", "probe-spawn"])
+def test_a_failed_spawn_closes_what_it_opened(step: str, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    cfg = build({"command": ["true"], "bind": {"http": "127.0.0.1:0"}}, {},
+                environ={"SWAPD_CONTROL": "/nonexistent/ctl.sock"})
+    if step == "probe-spawn":
+        cfg = replace(cfg, readiness="probe", probe="tcp")
+    processes = OsProcesses()
+    if step == "notify":
+        monkeypatch.setattr(notify, "notify_socket", _emfile)
+    elif step == "pipe":
+        monkeypatch.setattr(generation.os, "pipe2", _emfile)
+    else:
+        monkeypatch.setattr(processes, "spawn", _emfile)
+    spec = WorkerSpec(1, 0, cfg, [], [], "fresh", {})
+    loop = asyncio.new_event_loop()
+    try:
+        before = _open_fds()
+        with pytest.raises(OSError) as failed:
+            spawn_worker(spec, processes, loop)
+        assert failed.value.errno == errno.EMFILE
+        assert _open_fds() == before
+    finally:
+        loop.close()
