@@ -9,7 +9,10 @@ Stateless (overlap):
 Stateful (handoff), per slot i, old worker i → new worker i:
     spawn N (role=successor) ─▶ all standing by (imported, not accepting)
       ─▶ [pre-copy: bulk state old i → new i while old still serves]
-      ─▶ PAUSE: quiesce old i (stop accepting, finish in-flight, snapshot)
+      ─▶ pre-send: old i passes every connection to new i over a socketpair of their
+         own (the handoff link), while it still serves them; we never hold them
+      ─▶ PAUSE: quiesce old i (stop accepting, finish in-flight, the connections' delta
+         on the link, snapshot)
       ─▶ restore new i ─▶ all acknowledged ─▶ commit (new starts accepting)
       ─▶ old DRAINING (it holds nothing any more and exits)
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,7 +102,7 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
     job.mark("spawned")
     job.emit("spawned", f"gen={new.id} started {len(new.workers)} worker(s): "
              + " ".join(f"pid={w.pid}" for w in new.workers if w is not None))
-    precopying = quiesced = False
+    precopying = linking = quiesced = False
     handed: list[Answer[m.QuiesceReply]] = []
     try:
         await wait_ready(new, config.timeouts.ready)
@@ -110,9 +114,13 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
             if config.precopy:
                 precopying = True
                 await _precopy(fleet, old, new, config, job)
+            linking = _linkable(old, new)
+            if linking:
+                await _presend(old, new, config, job)
             old.transition(GenEvent.QUIESCE)
             quiesced = True
-            handed = await _handoff(fleet, old, new, config, job, precopied=precopying)
+            handed = await _handoff(fleet, old, new, config, job, precopied=precopying,
+                                    linked=linking)
     except BaseException as e:
         if isinstance(e, RequestFailed):
             e = SwapFailed.from_request(e)
@@ -124,8 +132,8 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
         await fleet.kill_generation(new)
         if quiesced:
             await _resume(fleet, old, job)
-        elif precopying:
-            await _tell_resume(old)  # ends the pre-copy round the old workers had begun
+        elif precopying or linking:
+            await _tell_resume(old)  # ends the pre-copy round / pre-send the old ones began
         if isinstance(e, SwapFailed | asyncio.CancelledError):
             raise e
         raise SwapFailed(reason) from e
@@ -214,9 +222,51 @@ async def _precopy(
              f"gen={old.id} kept serving")
 
 
+def _linkable(old: Generation, new: Generation) -> bool:
+    """Both ends of every slot speak the handoff link (a worker of an older swapd.worker
+    does not: its connections then travel in the snapshot, through us)."""
+    pairs = _pairs(old, new)
+    return bool(pairs) and all("link" in w.features() for pair in pairs for w in pair)
+
+
+async def _presend(old: Generation, new: Generation, config: Config, job: SwapJob) -> None:
+    """Outside the pause: each old worker passes its connections to its successor directly.
+
+    A socketpair per slot; one end to each worker, then our copies are closed: the
+    connections' descriptors never pass through the supervisor. The new worker checks its
+    descriptor budget first and refuses with the figures (nothing was paused yet).
+    """
+    bound = config.timeouts.ready + config.timeouts.restore
+
+    async def one(src: WorkerProcess, dst: WorkerProcess) -> int:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours, theirs:  # the channels send duplicates; ours close when both answered
+            results = await asyncio.gather(
+                dst.ask(m.LinkIn(), m.LinkReply, bound, "connection pre-send (receive)",
+                        fds=[theirs.fileno()]),
+                src.ask(m.LinkOut(), m.LinkReply, bound, "connection pre-send",
+                        fds=[ours.fileno()]),
+                return_exceptions=True)
+        for r in results:
+            if isinstance(r, Answer):
+                r.close_fds()
+        # The receiver's reason first: a refusal for lack of descriptors names the figures.
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        answer = results[0]
+        assert isinstance(answer, Answer)
+        return answer.reply.conns
+
+    counts = await asyncio.gather(*(one(s, d) for s, d in _pairs(old, new)))
+    job.mark("present")
+    job.emit("presend", f"gen={new.id} holds {sum(counts)} connection(s) of gen={old.id}, "
+             "pre-sent while it kept serving")
+
+
 async def _handoff(
     fleet: Fleet, old: Generation, new: Generation, config: Config, job: SwapJob, *,
-    precopied: bool
+    precopied: bool, linked: bool = False
 ) -> list[Answer[m.QuiesceReply]]:
     """The pause: quiesce and snapshot each old worker, restore into its successor.
 
@@ -229,7 +279,7 @@ async def _handoff(
     """
     job.mark("quiesce")
     pairs = _pairs(old, new)
-    quiesce = m.Quiesce(deadline=config.timeouts.quiesce, precopied=precopied)
+    quiesce = m.Quiesce(deadline=config.timeouts.quiesce, precopied=precopied, link=linked)
     results = await asyncio.gather(
         *(src.ask(quiesce, m.QuiesceReply, config.timeouts.quiesce, "quiesce and snapshot")
           for src, _ in pairs),
@@ -247,7 +297,8 @@ async def _handoff(
         if snaps:
             job.timings["t_stop_accept"] = min(a.reply.t_stop for a in snaps)
         restored = await asyncio.gather(*(
-            dst.ask(m.Restore(snap.reply.envelope, from_gen=old.id, conns=snap.reply.conns),
+            dst.ask(m.Restore(snap.reply.envelope, from_gen=old.id, conns=snap.reply.conns,
+                              link=linked),
                     m.Empty, config.timeouts.restore, "restore", fds=snap.fds)
             for (_, dst), snap in zip(pairs, snaps, strict=True)
         ))
