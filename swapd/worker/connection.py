@@ -158,8 +158,8 @@ class Connection:
         # The task of the handler call serving it now: after a resume, an earlier one may
         # still be finishing (cleanup after HandedOff) and must not close it under the new one.
         self._task: asyncio.Task[None] | None = None
-        self.handed = False  # belongs to the swap in flight (successor, or resume)
         self.closed = False
+        self._released = False  # handed over and committed: the successor's for good
 
     # -- the application's API ---------------------------------------------------
 
@@ -172,6 +172,12 @@ class Connection:
     def meta(self, value: dict[str, Any]) -> None:
         self._meta = ConnMeta(self, value)
         self.touch()
+
+    @property
+    def handed(self) -> bool:
+        """Handed over by the quiesce in flight: the successor's, unless the swap aborts.
+        (A quiesce hands over every open connection at once; it stays open here.)"""
+        return self._hub.handing and not self.closed
 
     @property
     def draining(self) -> bool:
@@ -292,12 +298,14 @@ class Connection:
         self._disarm()
         if self._wait is not None and not self._wait.done():
             self._wait.set_result(False)  # a handler waiting for input reads EOF
+        self._hub.conns.discard(self)
+        self._hub.busy.discard(self)
         self.sock.close()
 
     # -- request state ---------------------------------------------------------------
 
     def _check_handed(self) -> None:
-        if self.handed:
+        if self._released or self.handed:
             raise HandedOff()
 
     def _parked(self) -> bool:
@@ -411,7 +419,7 @@ class Connection:
             self._grace = None
         if self._wait is not None and not self._wait.done():
             self._wait.set_exception(HandedOff())
-        self.closed = True
+        self.closed = self._released = True
         self.sock.close()
 
 
@@ -430,10 +438,11 @@ class Tracking:
 
 @dataclass
 class Handover:
-    """The connections a quiesced worker hands to its successor."""
+    """The connections a quiesced worker hands to its successor: all it has (`count`; the
+    hub's `conns`), and for a pre-send, what changed since."""
 
-    conns: list[Connection]  # every one, in no particular order
-    gone: list[int]  # pre-sent ids that closed since (or stay here)
+    count: int
+    gone: list[int]  # pre-sent ids that closed since
     changed: list[Connection]  # pre-sent, with new meta or pending bytes
     new: list[Connection]  # not pre-sent
     replayed: int = 0  # handed over mid-request
@@ -450,7 +459,7 @@ class ConnectionHub:
         self.conns: set[Connection] = set()
         self.busy: set[Connection] = set()  # between a request's first byte and its boundary
         self.tasks: set[asyncio.Task[None]] = set()
-        self.handed: list[Connection] = []
+        self.handing = False  # every open connection is handed over (quiesce decided)
         self.orphans: list[Connection] = []  # handed, and their handler ended (resume: restart)
         self.tracking: Tracking | None = None
         self.accepting = False
@@ -566,7 +575,6 @@ class ConnectionHub:
                       conn.listener)
             conn.sock.close()
             return
-        conn.handed = False
         conn._boundary = False  # the handler starts: busy until its first boundary
         self.busy.add(conn)
         self.conns.add(conn)
@@ -577,27 +585,36 @@ class ConnectionHub:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def adopt_many(self, conns: list[Connection], watch: select.epoll | None = None) -> None:
+    def adopt_many(self, conns: list[Connection] | dict[int, Connection],
+                   watch: select.epoll | None = None,
+                   done: Callable[[], None] | None = None) -> None:
         """Start handlers for handed-over connections, a batch per loop turn, those with
         input waiting first, so the listener and active clients are served in between.
 
         `watch`: an epoll set holding these connections' fds (built before the pause by
-        whoever received them); it is closed once every handler has started.
+        whoever received them); it is closed once every handler has started. `done` is
+        called then. `conns` may come keyed by fd already (built before the pause).
         """
-        pending = {c.sock.fileno(): c for c in conns if not c.closed}
+        if isinstance(conns, dict):
+            pending = conns
+        else:
+            pending = {c.sock.fileno(): c for c in conns if not c.closed}
         if len(pending) <= ADOPT_BATCH:
             for conn in pending.values():
                 self.adopt(conn)
             if watch is not None:
                 watch.close()
+            if done is not None:
+                done()
             return
         if watch is None:
             watch = select.epoll(len(pending))
             for fd in pending:
                 watch.register(fd, select.EPOLLIN)
-        self._adopt_batch(pending, watch)
+        self._adopt_batch(pending, watch, done)
 
-    def _adopt_batch(self, pending: dict[int, Connection], watch: select.epoll) -> None:
+    def _adopt_batch(self, pending: dict[int, Connection], watch: select.epoll,
+                     done: Callable[[], None] | None) -> None:
         batch = [fd for fd, _ in watch.poll(0, ADOPT_BATCH) if fd in pending]
         if len(batch) < ADOPT_BATCH:
             chosen = set(batch)
@@ -613,9 +630,11 @@ class ConnectionHub:
             if not conn.closed:
                 self.adopt(conn)
         if pending:
-            self.loop.call_soon(self._adopt_batch, pending, watch)
+            self.loop.call_soon(self._adopt_batch, pending, watch, done)
         else:
             watch.close()
+            if done is not None:
+                done()
 
     async def _serve(self, conn: Connection, handler: Handler) -> None:
         try:
@@ -642,17 +661,16 @@ class ConnectionHub:
             conn.start_grace(self.idle_grace)
 
     def close_all(self) -> int:
-        """The drain deadline: close every remaining connection, cancel its handler."""
+        """The drain deadline: close every remaining connection and cancel every handler
+        (also those still working after handing their connection over)."""
         count = 0
         for conn in list(self.conns):
             if conn.handed:
                 continue
             count += 1
             conn.close()
-            self.conns.discard(conn)
-            self.busy.discard(conn)
-            if conn._task is not None and not conn._task.done():
-                conn._task.cancel()
+        for task in list(self.tasks):
+            task.cancel()
         self._changed.set()
         return count
 
@@ -690,14 +708,13 @@ class ConnectionHub:
         return self._hand_over()
 
     def _hand_over(self) -> Handover:
-        conns = [c for c in self.conns if not c.closed]
-        for c in conns:
-            c.handed = True
+        """Hand every open connection over, at once: from here `conn.handed` is true for all
+        (no per-connection work: the pause must not grow with idle connections)."""
+        self.handing = True
         replayed = sum(1 for c in self.busy if not c.closed)
-        self.handed = conns
         tracking = self.tracking
         if tracking is None:
-            return Handover(conns, [], [], conns, replayed)
+            return Handover(len(self.conns), [], [], list(self.conns), replayed)
         gone: list[int] = []
         changed: list[Connection] = []
         new: list[Connection] = []
@@ -709,14 +726,12 @@ class ConnectionHub:
                 gone.append(c.id)
             else:  # its bytes (or meta) may differ from what was pre-sent
                 changed.append(c)
-        return Handover(conns, gone, changed, new, replayed)
+        return Handover(len(self.conns), gone, changed, new, replayed)
 
     def resume(self) -> None:
         """Abort of a handoff: serve every connection again, as if nothing happened."""
         self.quiescing = False
-        handed, self.handed = self.handed, []
-        for conn in handed:
-            conn.handed = False
+        self.handing = False
         for conn in self.conns:
             conn._resume_wait()
         orphans, self.orphans = self.orphans, []
@@ -728,11 +743,12 @@ class ConnectionHub:
 
     def release_handed(self) -> None:
         """After commit: the successor owns duplicates of these sockets; close ours."""
-        for conn in self.handed:
-            conn._release()
-            self.conns.discard(conn)
-            self.busy.discard(conn)
-        self.handed = []
+        if self.handing:
+            for conn in self.conns:
+                conn._release()
+            self.conns.clear()
+            self.busy.clear()
+            self.handing = False
         self.orphans = []
         self._changed.set()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import logging
 import os
@@ -90,11 +91,12 @@ class Worker:
         self._drained: asyncio.Event | None = None
         self._restored: asyncio.Future[None] | None = None
         self._committed: asyncio.Future[None] | None = None
-        self._handed_over: list[Connection] = []
+        self._handed_over: list[Connection] | dict[int, Connection] = []
         self._handed_watch: select.epoll | None = None
         self._link_out: LinkSender | None = None
         self._link_in: LinkReceiver | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._gc_paused = False
         self._quiesce_task: asyncio.Task[Any] | None = None
         self._quiesced = False  # since a "quiesce" request, until "resume"
         self._patch_host: PatchHost | None = None
@@ -338,6 +340,7 @@ class Worker:
         # before the drain's idle grace could close them under it.
         hub.release_handed()
         self._end_links()
+        self._resume_gc()
         hub.begin_drain()
         for hook in self._on_drain:
             self._run_hook(hook)
@@ -371,13 +374,26 @@ class Worker:
 
     def _drop_handed_over(self) -> None:
         """Connections received for a commit that never came: close our copies."""
-        for conn in self._handed_over:
+        conns = self._handed_over
+        for conn in conns.values() if isinstance(conns, dict) else conns:
             conn.closed = True
             conn.sock.close()
         self._handed_over = []
         if self._handed_watch is not None:
             self._handed_watch.close()
             self._handed_watch = None
+
+    def _pause_gc(self) -> None:
+        """No cyclic collection inside the pause: with thousands of connections (each a
+        handful of objects) a full collection costs tens of ms, more than the pause."""
+        if not self._gc_paused and gc.isenabled():
+            gc.disable()
+            self._gc_paused = True
+
+    def _resume_gc(self) -> None:
+        if self._gc_paused:
+            self._gc_paused = False
+            gc.enable()
 
     def _accepted(self) -> Container[int]:
         if self.accept_versions is None:  # an explicit empty set refuses everything
@@ -408,6 +424,7 @@ class Worker:
 
     async def _handle_quiesce(self, msg: Message, req: m.Quiesce) -> None:
         msg.close_fds()
+        self._pause_gc()
         self._quiesced = True
         self._quiesce_task = asyncio.current_task()
         hub = self._require_hub()
@@ -428,7 +445,7 @@ class Worker:
                 self._link_out.send_delta(handover)
             elif keep:
                 conns = [(c.listener, c.sock, dict(c.meta), c.pending_bytes())
-                         for c in handover.conns]
+                         for c in hub.conns]
             app_state = self._snapshot() if self._snapshot is not None else None
             if inspect.isawaitable(app_state):
                 app_state = await app_state
@@ -438,7 +455,7 @@ class Worker:
             reply = m.QuiesceReply(
                 envelope=snaps[0].envelope.to_dict(),
                 size=sum(s.envelope.size + s.envelope.buffers_size for s in snaps),
-                t_stop=t_stop, conns=len(handover.conns) if keep else 0)
+                t_stop=t_stop, conns=handover.count if keep else 0)
             if handover.replayed:
                 log.info("event=quiesce.replay gen=%d slot=%d connections=%d", self.generation,
                          self.slot, handover.replayed)
@@ -453,6 +470,7 @@ class Worker:
         finally:
             for snap in snaps:
                 snap.close()
+            self._resume_gc()
             self._quiesce_task = None
             if not keep:
                 # A snapshot for systemd's fd store: the connections stay here. Serve them
@@ -517,6 +535,7 @@ class Worker:
     async def _handle_restore(self, msg: Message, req: m.Restore) -> None:
         fds = msg.take_fds()
         hub = self._require_hub()
+        self._pause_gc()  # until the commit has started every handed-over connection
         try:
             # The envelope that travelled beside the fds (None from the fd store) must match
             # the main part's header: a mixed-up fd fails here, not in restore().
@@ -542,6 +561,7 @@ class Worker:
                 ]
         except Exception as e:
             log.exception("event=restore.failed")
+            self._resume_gc()
             self._drop_handed_over()
             self._reply(msg, m.failed(f"{type(e).__name__}: {e}"))
             return
@@ -605,7 +625,7 @@ class Worker:
             error = f"{type(e).__name__}: {e}"
         hub.start_accepting()
         t_start = time.monotonic()
-        hub.adopt_many(self._handed_over, self._handed_watch)
+        hub.adopt_many(self._handed_over, self._handed_watch, done=self._resume_gc)
         self._handed_over = []
         self._handed_watch = None
         self._end_links()

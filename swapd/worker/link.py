@@ -159,7 +159,7 @@ class LinkSender:
                         snap.close()
             snap = _state(handover.changed, delta=True)
             try:
-                delta = m.ConnsDelta(gone=handover.gone, conns=len(handover.conns),
+                delta = m.ConnsDelta(gone=handover.gone, conns=handover.count,
                                      state=snap is not None)
                 self.chan.send(delta.body(), snap.send_fds if snap is not None else [])
             finally:
@@ -180,6 +180,7 @@ class LinkReceiver:
         self.who = who
         loop = asyncio.get_running_loop()
         self.conns: dict[int, Connection] = {}  # by the predecessor's id
+        self.by_fd: dict[int, Connection] = {}  # the same, by our fd (built before the pause)
         self.watch: select.epoll | None = select.epoll()
         self.present: asyncio.Future[int] = loop.create_future()
         self.delta: asyncio.Future[list[Connection]] = loop.create_future()
@@ -263,6 +264,7 @@ class LinkReceiver:
                 conn = Connection(sock, name, self.hub, extra["meta"].get(cid),
                                   extra["bytes"].get(cid, b""))
                 self.conns[cid] = conn
+                self.by_fd[sock.fileno()] = conn
                 made.append(cid)
                 if self.watch is not None:
                     self.watch.register(sock.fileno(), select.EPOLLIN)
@@ -296,6 +298,7 @@ class LinkReceiver:
         return state
 
     def _drop(self, conn: Connection) -> None:
+        self.by_fd.pop(conn.sock.fileno(), None)
         if self.watch is not None:
             with contextlib.suppress(OSError, ValueError):
                 self.watch.unregister(conn.sock.fileno())
@@ -326,9 +329,9 @@ class LinkReceiver:
                             f"{len(self.conns)} arrived")
         self.delta.set_result(list(self.conns.values()))
 
-    def take(self) -> tuple[list[Connection], select.epoll | None]:
-        """The connections (now owned by the caller) and the epoll set watching them."""
-        conns, self.conns = list(self.conns.values()), {}
+    def take(self) -> tuple[dict[int, Connection], select.epoll | None]:
+        """The connections by fd (now owned by the caller) and the epoll set watching them."""
+        conns, self.by_fd, self.conns = self.by_fd, {}, {}
         watch, self.watch = self.watch, None
         return conns, watch
 
@@ -338,6 +341,7 @@ class LinkReceiver:
             conn.closed = True
             conn.sock.close()
         self.conns = {}
+        self.by_fd = {}
         if self.watch is not None:
             self.watch.close()
             self.watch = None
