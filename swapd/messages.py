@@ -179,7 +179,8 @@ class QuiesceReply(Body):
     envelope: dict[str, Any]
     size: int = 0
     t_stop: float = 0.0  # CLOCK_MONOTONIC when it stopped accepting
-    conns: int = 0  # connections in the snapshot
+    conns: int = 0  # connections handed over (in the snapshot, or on the link)
+    replayed: int = 0  # of those, handed over mid-request (their bytes so far travel)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -292,8 +292,11 @@ async def _handoff(
                 raise result
         job.mark("snapshotted")
         sizes = [a.reply.size for a in snaps]
+        conns = sum(a.reply.conns for a in snaps)
+        replayed = sum(a.reply.replayed for a in snaps)
         job.emit("snapshot", f"gen={old.id} quiesced; {len(sizes)} snapshot(s), "
-                 f"{sum(sizes)} bytes")
+                 f"{sum(sizes)} bytes; {conns} connection(s) handed over"
+                 + (f", {replayed} of them mid-request" if replayed else ""))
         if snaps:
             job.timings["t_stop_accept"] = min(a.reply.t_stop for a in snaps)
         restored = await asyncio.gather(*(

@@ -455,10 +455,8 @@ class Worker:
             reply = m.QuiesceReply(
                 envelope=snaps[0].envelope.to_dict(),
                 size=sum(s.envelope.size + s.envelope.buffers_size for s in snaps),
-                t_stop=t_stop, conns=handover.count if keep else 0)
-            if handover.replayed:
-                log.info("event=quiesce.replay gen=%d slot=%d connections=%d", self.generation,
-                         self.slot, handover.replayed)
+                t_stop=t_stop, conns=handover.count if keep else 0,
+                replayed=handover.replayed if keep else 0)
             # An error here (EMFILE duplicating the fds) is answered below, at once.
             self._reply(msg, m.ok(reply), [fd for snap in snaps for fd in snap.send_fds])
         except asyncio.CancelledError:

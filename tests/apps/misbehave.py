@@ -18,10 +18,16 @@ start, so a test writes it and then asks for a swap:
     {"restore_gate": "/path/fifo"}   restore() prints "restoring" and blocks on the FIFO
     {"snapshot_sleep": 3.0}          snapshot() blocks the event loop this long
     {"snapshot_hang": true}          snapshot() awaits forever (async)
+    {"snapshot_emfile": true}        snapshot() lowers the soft RLIMIT_NOFILE so that the
+                                     snapshot's memfd is the last descriptor this process may
+                                     open (sending it then fails: EMFILE); resume restores it
+    {"nofile": 256}                  lower RLIMIT_NOFILE (soft and hard) to this at start
 
 HTTP: GET / -> "<version> <pid>", GET /hang -> never answers (holds a busy
 connection, to test drain deadlines), GET /slow -> prints "slow request in
-flight", answers once the worker starts draining, GET /listeners -> listener names.
+flight", answers once the worker starts draining, GET /linger -> answers at once,
+then keeps working (Response.after) until the worker drains, GET /listeners ->
+listener names.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -57,6 +64,12 @@ async def app(request: Request) -> Response:
     if request.target == "/hang":
         print("hanging request in flight", flush=True)
         await asyncio.Event().wait()
+    if request.target == "/linger":
+        async def linger() -> None:
+            print("lingering after the response", flush=True)
+            await DRAINING.wait()
+
+        return Response(200, f"lingering {os.getpid()}".encode(), after=linger)
     if request.target == "/slow":
         print("slow request in flight", flush=True)
         await DRAINING.wait()
@@ -72,7 +85,27 @@ async def app(request: Request) -> Response:
     return Response(200, f"{VERSION} {os.getpid()}".encode())
 
 
+SAVED_NOFILE: list[tuple[int, int]] = []
+
+
+def _exhaust_fds() -> None:
+    """The lowest free descriptor becomes the last one this process may open."""
+    probe = os.dup(0)
+    os.close(probe)
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    SAVED_NOFILE.append(limits)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe + 1, limits[1]))
+    print(f"descriptor limit lowered to {probe + 1}, as told", flush=True)
+
+
+def _restore_fds() -> None:
+    while SAVED_NOFILE:
+        resource.setrlimit(resource.RLIMIT_NOFILE, SAVED_NOFILE.pop())
+
+
 async def snapshot() -> dict[str, int]:
+    if BEHAVIOR.get("snapshot_emfile"):
+        _exhaust_fds()
     if BEHAVIOR.get("snapshot_sleep"):
         print("snapshot blocking the loop, as told", flush=True)
         time.sleep(BEHAVIOR["snapshot_sleep"])
@@ -93,7 +126,11 @@ def restore(state: dict[str, int], from_version: int) -> None:
 
 
 async def main(w: worker.Worker) -> None:
+    if BEHAVIOR.get("nofile"):
+        limit = int(BEHAVIOR["nofile"])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     w.on_drain(DRAINING.set)
+    w.on_resume(_restore_fds)
     w.state_version = BEHAVIOR.get("state_version", 1)
     w.on_snapshot(snapshot)
     w.on_restore(restore)
