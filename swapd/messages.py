@@ -192,15 +192,22 @@ class Resume(Body):
 
 @dataclasses.dataclass(frozen=True)
 class PrecopyOut(Body):
-    """To the old worker, still serving: ship the bulk of tracked state (reply with fds)."""
+    """To the old worker, still serving: ship the bulk of tracked state (reply with fds).
+
+    `delta`: another round instead (live-migration style): what changed since the previous
+    part, if at least `min_keys` entries did; otherwise the reply carries no part.
+    """
 
     T = "precopy"
+    delta: bool = False
+    min_keys: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class PrecopyOutReply(Body):
     names: list[str] = dataclasses.field(default_factory=list)
     size: int = 0
+    keys: int = 0  # entries shipped (a delta round: set or deleted)
 
 
 @dataclasses.dataclass(frozen=True)

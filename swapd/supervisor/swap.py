@@ -200,26 +200,53 @@ async def wait_ready(gen: Generation, timeout: float) -> None:
                              "(is it using swapd.worker?)", worker=w)
 
 
+# Further pre-copy rounds (live migration's iteration): while at least ROUND_MIN_KEYS entries
+# changed during the previous round, ship them too before the pause, up to ROUND_MAX rounds,
+# and stop early if a round does not halve the changes (writes faster than a round ships).
+ROUND_MIN_KEYS = 1000
+ROUND_MAX = 4
+
+
 async def _precopy(
     fleet: Fleet, old: Generation, new: Generation, config: Config, job: SwapJob
 ) -> None:
-    """Ship bulk state while the old generation still serves (outside the pause)."""
-    async def one(src: WorkerProcess, dst: WorkerProcess) -> int:
-        # Bounded like the rest of a swap, but generously: a bulk is large by definition.
-        bound = config.timeouts.ready + config.timeouts.restore
-        bulk = await src.ask(m.PrecopyOut(), m.PrecopyOutReply, bound, "pre-copy")
-        try:
-            loaded = await dst.ask(m.PrecopyIn(bulk.reply.names), m.Empty, bound,
-                                   "pre-copy load", fds=bulk.fds)
-            loaded.close_fds()
-            return bulk.reply.size
-        finally:
-            bulk.close_fds()
+    """Ship bulk state, then the changes made meanwhile, while the old generation still
+    serves (outside the pause); the pause then carries only the last round's changes."""
+    # Bounded like the rest of a swap, but generously: a bulk is large by definition.
+    bound = config.timeouts.ready + config.timeouts.restore
 
-    sizes = await asyncio.gather(*(one(s, d) for s, d in _pairs(old, new)))
+    async def ship(src: WorkerProcess, dst: WorkerProcess, request: m.PrecopyOut
+                   ) -> m.PrecopyOutReply:
+        out = await src.ask(request, m.PrecopyOutReply, bound, "pre-copy")
+        try:
+            if out.reply.names:
+                loaded = await dst.ask(m.PrecopyIn(out.reply.names), m.Empty, bound,
+                                       "pre-copy load", fds=out.fds)
+                loaded.close_fds()
+            return out.reply
+        finally:
+            out.close_fds()
+
+    async def one(src: WorkerProcess, dst: WorkerProcess) -> tuple[int, int]:
+        size = (await ship(src, dst, m.PrecopyOut())).size
+        rounds, previous = 0, None
+        while rounds < ROUND_MAX:
+            more = await ship(src, dst, m.PrecopyOut(delta=True, min_keys=ROUND_MIN_KEYS))
+            if not more.names:
+                break
+            rounds += 1
+            size += more.size
+            if previous is not None and more.keys * 2 > previous:
+                break  # not converging: the pause takes what is left
+            previous = more.keys
+        return size, rounds
+
+    results = await asyncio.gather(*(one(s, d) for s, d in _pairs(old, new)))
     job.mark("precopied")
-    job.emit("precopy", f"gen={new.id} bulk state loaded ({sum(sizes)} bytes) while "
-             f"gen={old.id} kept serving")
+    rounds = max((r for _, r in results), default=0)
+    job.emit("precopy", f"gen={new.id} bulk state loaded ({sum(s for s, _ in results)} bytes"
+             + (f", {rounds} further round(s) of changes" if rounds else "")
+             + f") while gen={old.id} kept serving")
 
 
 def _linkable(old: Generation, new: Generation) -> bool:

@@ -167,8 +167,9 @@ class Worker:
         return fn
 
     def on_precopied(self, fn: Hook) -> Hook:
-        """Called (synchronously) right after this worker handed its pre-copy bulk over; the
-        pause comes next, and what changes from here on travels in it."""
+        """Called (synchronously) right after this worker handed a pre-copy round over (the
+        bulk, then each further round of changes); what changes from here on travels in
+        the next round or in the pause."""
         self._on_precopied.append(fn)
         return fn
 
@@ -485,10 +486,20 @@ class Worker:
                 return
             names: list[str] = []
             snaps: list[handoff.Snapshot] = []
-            for name, part in self._parts.precopy():  # the old worker, still serving
-                names.append(name)
-                snaps.append(part)
-                await asyncio.sleep(0)  # let requests run between chunks
+            keys = 0
+            if req.delta:  # another round: only worth it if enough changed since
+                keys = self._parts.dirty
+                if keys >= req.min_keys:
+                    for name, part in self._parts.precopy_delta():
+                        names.append(name)
+                        snaps.append(part)
+                else:
+                    keys = 0
+            else:
+                for name, part in self._parts.precopy():  # the old worker, still serving
+                    names.append(name)
+                    snaps.append(part)
+                    await asyncio.sleep(0)  # let requests run between chunks
         except Exception as e:
             log.exception("event=precopy.failed")
             if isinstance(req, m.PrecopyOut):
@@ -496,13 +507,15 @@ class Worker:
             self._reply(msg, m.failed(f"{type(e).__name__}: {e}"))
             return
         try:
-            reply = m.PrecopyOutReply(names, size=sum(s.envelope.size for s in snaps))
+            reply = m.PrecopyOutReply(names, size=sum(s.envelope.size for s in snaps),
+                                      keys=keys)
             self._reply(msg, m.ok(reply), [fd for snap in snaps for fd in snap.send_fds])
         finally:
             for snap in snaps:
                 snap.close()
-        for hook in self._on_precopied:
-            self._run_hook(hook)
+        if snaps:
+            for hook in self._on_precopied:
+                self._run_hook(hook)
 
     async def _handle_resume(self, msg: Message, req: m.Resume) -> None:
         msg.close_fds()
