@@ -741,9 +741,12 @@ class ConnectionHub:
                 self.adopt(conn)
         self._changed.set()
 
-    def release_handed(self) -> None:
-        """After commit: the successor owns duplicates of these sockets; close ours."""
+    def release_handed(self) -> int:
+        """After commit: the successor owns duplicates of these sockets; close ours. Returns
+        how many were released."""
+        count = 0
         if self.handing:
+            count = len(self.conns)
             for conn in self.conns:
                 conn._release()
             self.conns.clear()
@@ -751,6 +754,7 @@ class ConnectionHub:
             self.handing = False
         self.orphans = []
         self._changed.set()
+        return count
 
     async def wait_empty(self) -> None:
         while self.conns or self.tasks:

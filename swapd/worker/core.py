@@ -97,6 +97,7 @@ class Worker:
         self._link_in: LinkReceiver | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
         self._gc_paused = False
+        self._owns_process = False  # started by run(): process-wide settings are ours to touch
         self._quiesce_task: asyncio.Task[Any] | None = None
         self._quiesced = False  # since a "quiesce" request, until "resume"
         self._patch_host: PatchHost | None = None
@@ -339,7 +340,11 @@ class Worker:
                  self.generation, self.slot, os.getpid(), len(hub.conns), deadline)
         # Connections handed over in a committed swap belong to the successor: let them go
         # before the drain's idle grace could close them under it.
-        hub.release_handed()
+        if hub.release_handed() and self._owns_process:
+            # Committed: this process only winds down now (ending thousands of parked
+            # handlers, freeing its heap); leave the CPU to the successor, which serves.
+            with contextlib.suppress(OSError):
+                os.nice(10)
         self._end_links()
         self._resume_gc()
         hub.begin_drain()
@@ -764,6 +769,7 @@ def run(main: Callable[[Worker], Awaitable[None]], *,
     global _current
     raise_nofile()
     w = Worker(default_binds=default_binds)
+    w._owns_process = True
     _current = w
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if use_uvloop is not False and os.environ.get("SWAPD_LOOP", "uvloop") != "asyncio":
