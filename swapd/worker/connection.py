@@ -131,11 +131,16 @@ class Connection:
         hub: ConnectionHub,
         meta: dict[str, Any] | None = None,
         buffered: bytes = b"",
+        *,
+        prepared: bool = False,
     ) -> None:
-        sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # `prepared`: a predecessor set these already; O_NONBLOCK belongs to the open file
+        # description and TCP_NODELAY to the socket, both shared with it.
+        if not prepared:
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.listener = listener
         self.id = hub.new_id()

@@ -249,20 +249,31 @@ class LinkReceiver:
             _close(fds)
             raise
         extra = self._load(state)
+        families = {name: sock.family for name, sock in self.hub.listeners.items()
+                    if sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)}
         made: list[int] = []
         i = 0
         try:
             for i, (cid, name, fd) in enumerate(zip(req.ids, req.listeners, socks, strict=True)):
                 if cid in self.conns:
                     raise LinkError(f"conns.batch: connection {cid} sent twice")
-                sock = socket.socket(fileno=fd)  # ENOTSOCK for anything else
+                family = families.get(name)
+                # Given the listener's family, Python skips its three detection calls; one
+                # SO_TYPE check remains (ENOTSOCK for anything but a socket).
+                sock = (socket.socket(fileno=fd) if family is None
+                        else socket.socket(family, socket.SOCK_STREAM, 0, fd))
                 i += 1  # fd is owned by `sock` from here on
-                if sock.type != socket.SOCK_STREAM:
+                try:
+                    kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+                except OSError as e:
+                    kind = -1
+                    error = e.strerror
+                if kind != socket.SOCK_STREAM:
                     sock.close()
                     raise LinkError(f"conns.batch: descriptor for connection {cid} is not a "
-                                    "stream socket")
+                                    f"stream socket{f' ({error})' if kind < 0 else ''}")
                 conn = Connection(sock, name, self.hub, extra["meta"].get(cid),
-                                  extra["bytes"].get(cid, b""))
+                                  extra["bytes"].get(cid, b""), prepared=True)
                 self.conns[cid] = conn
                 self.by_fd[sock.fileno()] = conn
                 made.append(cid)
