@@ -75,6 +75,7 @@ QUIET_LIMIT = 0.5
 SWAP_TIMEOUT = 120.0
 EXIT_TIMEOUT = 120.0
 ROUND_TIMEOUT = 120.0
+ROUND_BATCH = 200  # idle connections sending at once after a swap
 SWAPD_ARGS = ("--quiesce-timeout", "30", "--restore-timeout", "60", "--ready-timeout", "60",
               "--drain-timeout", "60")
 ROWS = ("1x0", "1x1000", "1x10000", "4x0", "4x1000", "4x10000", "4x16000")
@@ -101,13 +102,23 @@ class IdlePool:
         return sock
 
     def round(self) -> tuple[int, int, bool]:
-        """One request on each: (answered, closed by the server, same TCP connections)."""
+        """One request on each, ROUND_BATCH at a time (10,000 at once would queue the
+        load's requests behind them for seconds): (answered, closed by the server, same
+        TCP connections)."""
         names = [s.getsockname() for s in self.socks]
+        answered = closed = 0
+        for i in range(0, len(self.socks), ROUND_BATCH):
+            a, c = self._round(self.socks[i : i + ROUND_BATCH])
+            answered += a
+            closed += c
+        return answered, closed, [s.getsockname() for s in self.socks] == names
+
+    def _round(self, socks: list[socket.socket]) -> tuple[int, int]:
         poller = select.epoll()
         pending: dict[int, socket.socket] = {}
         data: dict[int, bytes] = {}
         closed: set[int] = set()
-        for sock in self.socks:
+        for sock in socks:
             try:
                 sock.send(REQUEST)
             except OSError:
@@ -145,21 +156,16 @@ class IdlePool:
                     del pending[fd]
         finally:
             poller.close()
-        same = [s.getsockname() for s in self.socks] == names
-        if closed:  # stateless: the drain closed them; reopen for the next swap
+        if closed:  # stateless: the drain closed them; reopen (one request each) for the next
+            fresh = []
             for i, sock in enumerate(self.socks):
                 if sock.fileno() in closed:
                     sock.close()
                     self.socks[i] = self._open()
+                    fresh.append(self.socks[i])
                     self.reopened += 1
-            self._first_requests([s for s in self.socks if s.fileno() not in data])
-        return answered, len(closed), same
-
-    def _first_requests(self, socks: list[socket.socket]) -> None:
-        if socks:
-            sub = IdlePool.__new__(IdlePool)
-            sub.address, sub.socks, sub.reopened = self.address, socks, 0
-            sub.round()
+            self._round(fresh)
+        return answered, len(closed)
 
     def close(self) -> None:
         for sock in self.socks:

@@ -307,16 +307,9 @@ async def _handoff(
     job.mark("quiesce")
     pairs = _pairs(old, new)
     quiesce = m.Quiesce(deadline=config.timeouts.quiesce, precopied=precopied, link=linked)
-    results = await asyncio.gather(
-        *(src.ask(quiesce, m.QuiesceReply, config.timeouts.quiesce, "quiesce and snapshot")
-          for src, _ in pairs),
-        return_exceptions=True,
-    )
-    snaps = [r for r in results if isinstance(r, Answer)]
-    try:
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+    snaps: list[Answer[m.QuiesceReply]] = []
+
+    def all_snapshotted() -> None:
         job.mark("snapshotted")
         sizes = [a.reply.size for a in snaps]
         conns = sum(a.reply.conns for a in snaps)
@@ -324,16 +317,29 @@ async def _handoff(
         job.emit("snapshot", f"gen={old.id} quiesced; {len(sizes)} snapshot(s), "
                  f"{sum(sizes)} bytes; {conns} connection(s) handed over"
                  + (f", {replayed} of them mid-request" if replayed else ""))
-        if snaps:
-            job.timings["t_stop_accept"] = min(a.reply.t_stop for a in snaps)
-        restored = await asyncio.gather(*(
-            dst.ask(m.Restore(snap.reply.envelope, from_gen=old.id, conns=snap.reply.conns,
-                              link=linked),
-                    m.Empty, config.timeouts.restore, "restore", fds=snap.fds)
-            for (_, dst), snap in zip(pairs, snaps, strict=True)
-        ))
-        for ack in restored:
-            ack.close_fds()
+        job.timings["t_stop_accept"] = min(a.reply.t_stop for a in snaps)
+
+    async def one(src: WorkerProcess, dst: WorkerProcess) -> None:
+        snap = await src.ask(quiesce, m.QuiesceReply, config.timeouts.quiesce,
+                             "quiesce and snapshot")
+        snaps.append(snap)
+        if len(snaps) == len(pairs):
+            all_snapshotted()
+        # Each slot restores as soon as its own snapshot is in: with several workers the
+        # pause is the slowest slot's quiesce + restore, not the slowest quiesce plus the
+        # slowest restore.
+        ack = await dst.ask(
+            m.Restore(snap.reply.envelope, from_gen=old.id, conns=snap.reply.conns,
+                      link=linked),
+            m.Empty, config.timeouts.restore, "restore", fds=snap.fds)
+        ack.close_fds()
+
+    results = await asyncio.gather(*(one(src, dst) for src, dst in pairs),
+                                   return_exceptions=True)
+    try:
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         job.mark("restored")
     except BaseException:
         for answer in snaps:
