@@ -15,7 +15,9 @@ opens N keep-alive connections that each send one request (GET /count) and then 
 starts a load of 8 keep-alive clients sending POST /incr (swapd.loadgen, in a thread of this
 process), and runs `upgrade` several times. Per swap it records swapd's `timings_ms` (pause
 = new worker accepts - old worker stopped accepting, from the workers' CLOCK_MONOTONIC
-stamps; the phases are supervisor marks from the request), the upgrade's wall time as the
+stamps; pause_cpu = the CPU time the two workers of the slowest slot used inside it, which,
+unlike the pause, does not count waiting for a CPU on a busy machine; the phases are
+supervisor marks from the request), the upgrade's wall time as the
 client sees it, the load's failures and longest gap without a success in the swap's window
 (what a client waits), and then sends one more request on every idle connection:
 
@@ -343,7 +345,8 @@ def describe(s: Swap) -> str:
     t = s.timings
     if not s.ok:
         return f"FAILED {s.error}"
-    return (f"pause {t.get('pause', float('nan')):.2f} ms, wall {s.wall_ms:.0f} ms (ready "
+    return (f"pause {t.get('pause', float('nan')):.2f} ms (CPU "
+            f"{t.get('pause_cpu', float('nan')):.2f}), wall {s.wall_ms:.0f} ms (ready "
             f"{t.get('ready', 0):.0f}, pre-send {_phase(t, 'ready', 'present'):.1f}, "
             f"quiesce..activated {_phase(t, 'quiesce', 'activated'):.1f}), load failed "
             f"{s.load_failed}, idle answered {s.idle_answered} closed {s.idle_closed}, "
@@ -403,9 +406,11 @@ def headline(rows: list[Row]) -> str:
         if sf is not None:
             ok = [s for s in sf.swaps if s.ok]
             pauses = [s.timings["pause"] for s in ok if "pause" in s.timings]
+            cpus = [s.timings["pause_cpu"] for s in ok if "pause_cpu" in s.timings]
             cells += [
                 f"**{_f(median(pauses))}** ({_f(min(pauses))}-{_f(max(pauses))})" if pauses
                 else "failed",
+                f"{_f(median(cpus))} ({_f(max(cpus))})" if cpus else "-",
                 _f(_med([s.wall_ms for s in ok]), 0),
                 _f(max((s.load_gap_ms for s in ok), default=float("nan"))),
                 f"{sum(s.load_failed for s in sf.swaps)}",
@@ -416,7 +421,7 @@ def headline(rows: list[Row]) -> str:
                 f"{sf.acknowledged - (sf.final_count or 0)}",
             ]
         else:
-            cells += ["-"] * 7
+            cells += ["-"] * 8
         if sl is not None:
             ok = [s for s in sl.swaps if s.ok]
             cells += [
@@ -429,7 +434,8 @@ def headline(rows: list[Row]) -> str:
             cells += ["-"] * 4
         body.append(cells)
     return md_table(
-        ["workers x idle conns", "stateful pause ms median (min-max)", "upgrade wall ms",
+        ["workers x idle conns", "stateful pause ms median (min-max)",
+         "CPU in the pause ms median (max)", "upgrade wall ms",
          "worst load gap ms", "load errors", "idle conns answering after", "split",
          "lost incr.", "stateless: upgrade wall ms", "worst load gap ms", "load errors",
          "idle conns closed by the drain"], body)

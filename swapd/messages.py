@@ -181,6 +181,7 @@ class QuiesceReply(Body):
     t_stop: float = 0.0  # CLOCK_MONOTONIC when it stopped accepting
     conns: int = 0  # connections handed over (in the snapshot, or on the link)
     replayed: int = 0  # of those, handed over mid-request (their bytes so far travel)
+    cpu: float = 0.0  # seconds of CPU this process used from the request to the reply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,8 +238,14 @@ class Commit(Body):
 
 
 @dataclasses.dataclass(frozen=True)
+class RestoreReply(Body):
+    cpu: float = 0.0  # seconds of CPU this process used from the request to the reply
+
+
+@dataclasses.dataclass(frozen=True)
 class CommitReply(Body):
     t_start: float = 0.0  # CLOCK_MONOTONIC when it started accepting
+    cpu: float = 0.0  # seconds of CPU from the request to t_start
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,6 +66,7 @@ class SwapJob:
     gen: int | None = None
     subscribers: list[Emit] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    cpu: dict[int, float] = field(default_factory=dict)  # slot -> CPU s in the pause so far
     done: asyncio.Future[dict[str, Any]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -308,6 +309,7 @@ async def _handoff(
     pairs = _pairs(old, new)
     quiesce = m.Quiesce(deadline=config.timeouts.quiesce, precopied=precopied, link=linked)
     snaps: list[Answer[m.QuiesceReply]] = []
+    cpu: dict[int, float] = {}  # slot -> CPU seconds its two workers used in the pause
 
     def all_snapshotted() -> None:
         job.mark("snapshotted")
@@ -331,8 +333,9 @@ async def _handoff(
         ack = await dst.ask(
             m.Restore(snap.reply.envelope, from_gen=old.id, conns=snap.reply.conns,
                       link=linked),
-            m.Empty, config.timeouts.restore, "restore", fds=snap.fds)
+            m.RestoreReply, config.timeouts.restore, "restore", fds=snap.fds)
         ack.close_fds()
+        cpu[dst.slot] = snap.reply.cpu + ack.reply.cpu
 
     results = await asyncio.gather(*(one(src, dst) for src, dst in pairs),
                                    return_exceptions=True)
@@ -341,6 +344,7 @@ async def _handoff(
             if isinstance(result, BaseException):
                 raise result
         job.mark("restored")
+        job.cpu = cpu
     except BaseException:
         for answer in snaps:
             answer.close_fds()
@@ -360,6 +364,10 @@ async def activate(fleet: Fleet, new: Generation, config: Config, job: SwapJob) 
         return_exceptions=True,
     )
     starts = [r.reply.t_start for r in replies if isinstance(r, Answer)]
+    # CPU the workers of a slot spent inside the pause (quiesce, restore, commit): unlike
+    # the pause itself, it does not include waiting for a CPU on a busy machine.
+    busy = [job.cpu.get(w.slot, 0.0) + r.reply.cpu
+            for w, r in zip(workers, replies, strict=True) if isinstance(r, Answer)]
     for w, r in zip(workers, replies, strict=True):
         if isinstance(r, Answer):
             r.close_fds()
@@ -374,6 +382,8 @@ async def activate(fleet: Fleet, new: Generation, config: Config, job: SwapJob) 
     t_stop = job.timings.pop("t_stop_accept", None)
     if t_stop is not None and starts:
         job.timings["pause"] = round((max(starts) - t_stop) * 1000, 2)
+    if busy and job.cpu:
+        job.timings["pause_cpu"] = round(max(busy) * 1000, 2)
 
 
 async def _resume(fleet: Fleet, old: Generation, job: SwapJob) -> None:

@@ -430,6 +430,7 @@ class Worker:
 
     async def _handle_quiesce(self, msg: Message, req: m.Quiesce) -> None:
         msg.close_fds()
+        cpu = time.process_time()
         self._pause_gc()
         self._quiesced = True
         self._quiesce_task = asyncio.current_task()
@@ -462,7 +463,7 @@ class Worker:
                 envelope=snaps[0].envelope.to_dict(),
                 size=sum(s.envelope.size + s.envelope.buffers_size for s in snaps),
                 t_stop=t_stop, conns=handover.count if keep else 0,
-                replayed=handover.replayed if keep else 0)
+                replayed=handover.replayed if keep else 0, cpu=time.process_time() - cpu)
             # An error here (EMFILE duplicating the fds) is answered below, at once.
             self._reply(msg, m.ok(reply), [fd for snap in snaps for fd in snap.send_fds])
         except asyncio.CancelledError:
@@ -550,6 +551,7 @@ class Worker:
 
     async def _handle_restore(self, msg: Message, req: m.Restore) -> None:
         fds = msg.take_fds()
+        cpu = time.process_time()
         hub = self._require_hub()
         self._pause_gc()  # until the commit has started every handed-over connection
         try:
@@ -581,7 +583,7 @@ class Worker:
             self._drop_handed_over()
             self._reply(msg, m.failed(f"{type(e).__name__}: {e}"))
             return
-        self._reply(msg, m.ok())
+        self._reply(msg, m.ok(m.RestoreReply(cpu=time.process_time() - cpu)))
 
     async def _handle_link_out(self, msg: Message, req: m.LinkOut) -> None:
         """The old worker, still serving: pre-send every connection to the successor."""
@@ -630,6 +632,7 @@ class Worker:
 
     async def _handle_commit(self, msg: Message, req: m.Commit) -> None:
         msg.close_fds()
+        cpu = time.process_time()
         hub = self._require_hub()
         error = None
         try:
@@ -641,6 +644,7 @@ class Worker:
             error = f"{type(e).__name__}: {e}"
         hub.start_accepting()
         t_start = time.monotonic()
+        cpu = time.process_time() - cpu
         hub.adopt_many(self._handed_over, self._handed_watch, done=self._resume_gc)
         self._handed_over = []
         self._handed_watch = None
@@ -648,7 +652,7 @@ class Worker:
         if self._committed is not None and not self._committed.done():
             self._committed.set_result(None)
         if error is None:
-            self._reply(msg, m.ok(m.CommitReply(t_start)))
+            self._reply(msg, m.ok(m.CommitReply(t_start, cpu=cpu)))
         else:
             self._reply(msg, m.failed(error, t_start=t_start))
 
