@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Container
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 # Imported here, not at first use: its import cost must stay outside the handoff pause.
 from swapd import __version__, handoff
@@ -55,6 +55,10 @@ class WorkerError(RuntimeError):
 
 class Worker:
     """The application's handle on its process's lifecycle under swapd."""
+
+    # What this library speaks, said in its hello (the supervisor uses a feature only when
+    # every worker involved has it: "link" needs both ends of a slot).
+    FEATURES: ClassVar[tuple[str, ...]] = ("drain", "state", "conns", "patch", "hold", "link")
 
     def __init__(self, environ: dict[str, str] | None = None,
                  default_binds: dict[str, str] | None = None) -> None:
@@ -285,7 +289,7 @@ class Worker:
     async def _hello(self) -> None:
         assert self._channel is not None
         hello = m.Hello(proto=1, pid=os.getpid(), lib=f"swapd.worker {__version__}",
-                        features=("drain", "state", "conns", "patch", "hold", "link"))
+                        features=self.FEATURES)
         reply = await self._channel.request(hello.body(), timeout=30)
         reply.close_fds()
         answer = m.parse_reply(m.HelloReply, reply.body)

@@ -40,6 +40,9 @@ start, so a test writes it and then asks for a swap:
                                      snapshot's memfd is the last descriptor this process may
                                      open (sending it then fails: EMFILE); resume restores it
     {"nofile": 256}                  lower RLIMIT_NOFILE (soft and hard) to this at start
+    {"no_link": true}                say no "link" in the hello (an older swapd.worker): a
+                                     handoff from it sends the connections through the
+                                     supervisor, not over the link
 
 HTTP: GET / -> "<version> <pid>", GET /hang -> never answers (holds a busy
 connection, to test drain deadlines), GET /slow -> prints "slow request in
@@ -171,6 +174,8 @@ def _shutdown_listeners() -> None:
 
 
 async def main(w: worker.Worker) -> None:
+    if BEHAVIOR.get("no_link"):
+        w.FEATURES = tuple(f for f in w.FEATURES if f != "link")
     if BEHAVIOR.get("nofile"):
         limit = int(BEHAVIOR["nofile"])
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
