@@ -366,6 +366,9 @@ def _linkable(old: Generation, new: Generation) -> bool:
     return bool(pairs) and all("link" in w.features() for pair in pairs for w in pair)
 
 
+LINK_CLOSED = "handoff link from the predecessor closed"  # swapd.worker.link's wording
+
+
 async def _presend(old: Generation, new: Generation, config: Config, job: SwapJob) -> None:
     """Outside the pause: each old worker passes its connections to its successor directly.
 
@@ -378,22 +381,32 @@ async def _presend(old: Generation, new: Generation, config: Config, job: SwapJo
     async def one(src: WorkerProcess, dst: WorkerProcess) -> int:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with ours, theirs:  # the channels send duplicates; ours close when both answered
-            results = await asyncio.gather(
-                dst.ask(m.LinkIn(), m.LinkReply, bound, "connection pre-send (receive)",
-                        fds=[theirs.fileno()]),
-                src.ask(m.LinkOut(), m.LinkReply, bound, "connection pre-send",
-                        fds=[ours.fileno()]),
-                return_exceptions=True)
-        for r in results:
-            if isinstance(r, Answer):
-                r.close_fds()
-        # The receiver's reason first: a refusal for lack of descriptors names the figures.
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        answer = results[0]
-        assert isinstance(answer, Answer)
-        return answer.reply.conns
+            receive = asyncio.ensure_future(dst.ask(
+                m.LinkIn(), m.LinkReply, bound, "connection pre-send (receive)",
+                fds=[theirs.fileno()]))
+            send = asyncio.ensure_future(src.ask(
+                m.LinkOut(), m.LinkReply, bound, "connection pre-send", fds=[ours.fileno()]))
+            pending = {receive, send}
+            while pending:
+                done, pending = await asyncio.wait(pending,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is not None:
+                        # The other end then fails on the link's EOF, once our copy of the
+                        # failed end is closed too (a worker that could not even receive
+                        # its end never held it): it does not wait out `bound`.
+                        (ours if task is send else theirs).close()
+        for task in (receive, send):
+            if task.exception() is None:
+                task.result().close_fds()
+        received, sent = receive.exception(), send.exception()
+        # The receiver's reason first (a refusal for lack of descriptors names the figures),
+        # unless it only saw the link close because the sender failed.
+        if received is not None and (sent is None or LINK_CLOSED not in str(received)):
+            raise received
+        if sent is not None:
+            raise sent
+        return receive.result().reply.conns
 
     counts = await asyncio.gather(*(one(s, d) for s, d in _pairs(old, new)))
     job.mark("present")

@@ -45,10 +45,11 @@ start, so a test writes it and then asks for a swap:
                                      supervisor, not over the link
 
 HTTP: GET / -> "<version> <pid>", GET /hang -> never answers (holds a busy
-connection, to test drain deadlines), GET /slow -> prints "slow request in
-flight", answers once the worker starts draining, GET /linger -> answers at once,
-then keeps working (Response.after) until the worker drains, GET /listeners ->
-listener names.
+connection, to test drain deadlines; the worker's own drain deadline cancels it), GET
+/stubborn -> never answers and ignores cancellation (only SIGKILL ends it), GET /slow ->
+prints "slow request in flight", answers once the worker starts draining, GET /linger ->
+answers at once, then keeps working (Response.after) until the worker drains, GET
+/listeners -> listener names.
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ async def app(request: Request) -> Response:
     if request.target == "/hang":
         print("hanging request in flight", flush=True)
         await asyncio.Event().wait()
+    if request.target == "/stubborn":  # hangs, and swallows the drain deadline's cancellation
+        print("stubborn request in flight", flush=True)
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                print("stubborn request ignores its cancellation", flush=True)
     if request.target == "/linger":
         async def linger() -> None:
             print("lingering after the response", flush=True)
