@@ -4,6 +4,9 @@ What makes keep-alive clients see zero errors across swaps lives here:
 - the receive that waits for the *next* request is marked `idle=True`, so a
   quiescing worker can hand the connection over between requests, and a
   draining worker closes it only after it stayed silent for the grace period;
+- once a response is sent, `conn.boundary()` says so at once: work the app does
+  after its response (`Response.after`, like Django's `request_finished`) does not
+  hold a swap up;
 - a request that arrives while the worker drains is answered normally, with
   `Connection: close`, so the client reconnects (to the new generation) instead
   of finding its connection closed under it.
@@ -33,6 +36,9 @@ class Response:
     status: int
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
+    # Work to do once the response is sent, before the next request is read (cleanup,
+    # logging, Django's request_finished). The connection is at a request boundary then.
+    after: Callable[[], Awaitable[None]] | None = None
 
 
 App = Callable[[Request], Awaitable[Response]]
@@ -54,11 +60,19 @@ async def serve_http(conn: Connection, app: App) -> None:
             raise
         await _respond(conn, h, response, close=conn.draining)
         if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
+            if response.after is not None:
+                await response.after()
             return
         try:
             h.start_next_cycle()
         except h11.LocalProtocolError:
             return
+        if not h.trailing_data[0]:
+            # The response is complete and nothing of the next request is buffered here:
+            # a request boundary, even while `after` still runs.
+            conn.boundary()
+        if response.after is not None:
+            await response.after()
 
 
 async def _read_request(conn: Connection, h: h11.Connection) -> Request | None:

@@ -212,6 +212,7 @@ class Quiesce(Body):
     deadline: float
     precopied: bool = False
     conns: bool = True
+    link: bool = False  # connections travel on the handoff link (a delta of the pre-send)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +220,9 @@ class QuiesceReply(Body):
     envelope: dict[str, Any]
     size: int = 0
     t_stop: float = 0.0  # CLOCK_MONOTONIC when it stopped accepting
-    conns: int = 0  # connections in the snapshot
+    conns: int = 0  # connections handed over (in the snapshot, or on the link)
+    replayed: int = 0  # of those, handed over mid-request (their bytes so far travel)
+    cpu: float = 0.0  # seconds of CPU this process used from the request to the reply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,16 +234,23 @@ class Resume(Body):
 
 @dataclasses.dataclass(frozen=True)
 class PrecopyOut(Body):
-    """To the old worker, still serving: ship the bulk of tracked state (reply with fds)."""
+    """To the old worker, still serving: ship the bulk of tracked state (reply with fds).
+
+    `delta`: another round instead (live-migration style): what changed since the previous
+    part, if at least `min_keys` entries did; otherwise the reply carries no part.
+    """
 
     T = "precopy"
     REPLY_FDS = True
+    delta: bool = False
+    min_keys: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class PrecopyOutReply(Body):
     names: list[str] = dataclasses.field(default_factory=list)
     size: int = 0
+    keys: int = 0  # entries shipped (a delta round: set or deleted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +268,8 @@ class Restore(Body):
     T = "restore"
     envelope: dict[str, Any] | None
     from_gen: int | str
-    conns: int = 0
+    conns: int = 0  # connections handed over (with `link`: what the link must deliver)
+    link: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,8 +280,36 @@ class Commit(Body):
 
 
 @dataclasses.dataclass(frozen=True)
+class RestoreReply(Body):
+    cpu: float = 0.0  # seconds of CPU this process used from the request to the reply
+
+
+@dataclasses.dataclass(frozen=True)
 class CommitReply(Body):
     t_start: float = 0.0  # CLOCK_MONOTONIC when it started accepting
+    cpu: float = 0.0  # seconds of CPU from the request to t_start
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkOut(Body):
+    """To the old worker, still serving, with one end of a socketpair whose other end its
+    successor holds (the handoff link): pre-send every connection on it (docs/state-handoff.md).
+    The reply comes once the successor has taken them all."""
+
+    T = "link.out"
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkIn(Body):
+    """To the new worker, with the other end of the link: receive the pre-send. The reply
+    comes once it has every pre-sent connection (or refuses: descriptor budget)."""
+
+    T = "link.in"
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkReply(Body):
+    conns: int = 0  # connections pre-sent / pre-received
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +336,69 @@ class Empty(Body):
 
 # Requests the worker handles, by wire type; `precopy` is told apart by its `names`.
 WORKER_REQUESTS: dict[str, type[Body]] = {
-    m.T: m for m in (Drain, Quiesce, Resume, Restore, Commit, Hold, Revive)
+    m.T: m for m in (Drain, Quiesce, Resume, Restore, Commit, Hold, Revive, LinkOut,
+                     LinkIn)
+}
+
+
+# -- worker → worker: the handoff link -------------------------------------------------
+#
+# A SOCK_SEQPACKET socketpair the supervisor creates per slot and hands out (`link.out`,
+# `link.in`); the connections' descriptors never pass through the supervisor. Framed as the
+# channel (swapd.channel); every message carries at most LINK_BATCH descriptors, in a single
+# frame, and says how many: `count` sockets, after one snapshot memfd if `state`.
+#
+#   old worker                                      new worker
+#   conns.begin {total}                      ──▶    budget check  ──▶ ok | error (figures)
+#   conns.batch {ids, listeners, count, state} ──▶  sockets kept, not served ──▶ ok (flow)
+#   ...                                       ...
+#   conns.end {total}                        ──▶    ──▶ ok            (link.in/out replies)
+#   ── the pause ──
+#   conns.batch ... (connections accepted since, no reply)
+#   conns.delta {gone, conns, state}         ──▶    applied by `restore`
+#
+# The state memfd (swapd.handoff, pickle5) holds {"meta": {id: dict}, "bytes": {id: bytes}}:
+# per connection its meta (only if set or changed) and the bytes its successor's handler
+# reads first.
+
+LINK_BATCH = 200  # descriptors per link message, memfd included (< swapd.channel.MAX_FDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnsBegin(Body):
+    T = "conns.begin"
+    total: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnsBatch(Body):
+    T = "conns.batch"
+    ids: list[int]
+    listeners: list[str]
+    count: int  # sockets in this message's fds (after the state memfd, if any)
+    state: bool = False
+    ack: bool = True  # pre-send: the receiver replies (flow control); in the pause: not
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnsEnd(Body):
+    T = "conns.end"
+    total: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnsDelta(Body):
+    """The pause: what changed since the pre-send. `conns`: how many the successor must now
+    hold; `gone`: pre-sent ids to drop (closed, or staying here)."""
+
+    T = "conns.delta"
+    gone: list[int]
+    conns: int
+    state: bool = False
+
+
+LINK_MESSAGES: dict[str, type[Body]] = {
+    m.T: m for m in (ConnsBegin, ConnsBatch, ConnsEnd, ConnsDelta)
 }
 
 

@@ -24,6 +24,9 @@ Environment:
     BENCH_DIRTY       fraction of the entries changed once per pre-copy round, in one burst
                       after the bulk has been written and before the quiesce   (default 0)
     BENCH_WRITE_RATE  entries/s changed steadily while a pre-copy round is open (default 0)
+    BENCH_BURST_AT    precopied: the burst follows the bulk (default; a further pre-copy round
+                      ships it before the pause); quiesce: it runs in `on_quiesce`, inside the
+                      pause, so the pause carries all of it (the in-pause cost of a 1 % delta)
     BENCH_GC_FREEZE   1: gc.freeze() after building or restoring the state    (default 1)
 
 Why the burst is placed as it is. Pre-copy ships every entry changed after its round began
@@ -70,6 +73,7 @@ DIRTY = float(os.environ.get("BENCH_DIRTY", "0"))
 WRITE_RATE = float(os.environ.get("BENCH_WRITE_RATE", "0"))
 GC_FREEZE = os.environ.get("BENCH_GC_FREEZE", "1") == "1"
 CODEC = os.environ.get("BENCH_CODEC", "pickle5")
+BURST_AT = os.environ.get("BENCH_BURST_AT", "precopied")
 
 MB = 1_000_000
 BLOB = 64 * 1024
@@ -213,6 +217,9 @@ class App:
 
     def on_quiesce(self) -> None:
         r = self.round
+        if (BURST_AT == "quiesce" and DIRTY > 0 and self.td is not None and self.td.tracking
+                and not r["burst_keys"]):
+            self._burst(max(1, round(len(self.keys) * DIRTY)))
         r["quiesced"] = True
         r["quiesce_at"] = time.monotonic()
         r["dirty_at_quiesce"] = self.td.dirty_count if self.td is not None else None
@@ -241,7 +248,7 @@ class App:
         if td is None or not td.tracking or r["quiesced"] or r["bulk_end_at"] is not None:
             return  # not a pre-copy bulk (a pickle_size measure, a snapshot in the pause)
         r["bulk_end_at"] = time.monotonic()
-        if DIRTY > 0:
+        if DIRTY > 0 and BURST_AT == "precopied":
             self.loop.call_soon(self._burst, max(1, round(len(self.keys) * DIRTY)))
 
     def _burst(self, count: int) -> None:

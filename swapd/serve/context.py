@@ -58,8 +58,8 @@ class Context:
         self.pool: ThreadPoolExecutor | None = None  # WSGI
         self.connections = 0  # open, served by a handler now
         self.requests = 0
-        self.ws_sessions: set[Session] = set()  # open WebSockets (detached ones until moved)
-        self.ws_detached: dict[Connection, Session] = {}  # detached, not yet snapshotted
+        self.ws_sessions: set[Session] = set()  # open WebSockets (handed ones until moved)
+        self.ws_handed: dict[Connection, Session] = {}  # handed, reader ended, not exported
         self.barriers: dict[str, Any] = {}  # ws.Barrier of resumed WebSockets, by handoff
         self.app_tasks: set[asyncio.Task[None]] = set()  # WebSocket apps, flushes
         self.changed = asyncio.Event()  # a connection or app task ended

@@ -8,10 +8,14 @@ together). Where a read waits decides what a swap may do with the connection:
     before a request (keep-alive)       idle=True  hand over now           close after idle_grace
     in an incomplete request head       idle=True  hand over; the partial  close after idle_grace
       (begun at a chunk boundary)                  head rides in conn.meta
-    request body, app running           busy       wait for it             answer, Connection: close
+    request body, app running           busy,      wait for it             answer, Connection: close
+                                        dispatched
     streaming response (more_body)      pinned     stays, ends in the drain
 
-so a slow or stalled client never holds up a swap: its partial head simply moves.
+so a slow or stalled client never holds up a swap: its partial head simply moves. A handed
+connection's handler is not woken (swapd.worker): it stays parked in its wait until the
+commit (HandedOff) or an abort (the wait goes on). A request is marked dispatched before
+the app sees it, so it is never replayed on the successor.
 
 Bounds (options.Limits/Timeouts): request target 414, header count and head bytes 431,
 body 413, head time 408 (slowloris), silence inside a body 408; malformed input 400. Each
@@ -279,8 +283,13 @@ class H1:
     def _on_timer(self) -> None:
         self._timer = None
         deadline = self._deadline
-        if not deadline or self.conn.detached or self.conn.closed:
+        if not deadline or self.conn.closed:
             return  # no wait in progress (the next one arms again), or not ours any more
+        if self.conn.handed:
+            # The socket is the successor's too now: shutting it would end the connection
+            # there. Look again later: after an abort, the timeout applies as before.
+            self._timer = self.loop.call_later(QUIESCE_STALL, self._on_timer)
+            return
         if self.loop.time() < deadline:
             self._timer = self.loop.call_at(deadline, self._on_timer)
             return
@@ -419,6 +428,7 @@ class H1:
             if not await self.next_head():
                 return
             req = self.requests[0]
+            conn.dispatched()  # the app acts on it: a swap never replays its bytes
             keep = await dispatch(self, req)
             self.served = True
             self.unread = not req.complete

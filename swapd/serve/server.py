@@ -128,7 +128,7 @@ class Server:
         async def handle(conn: Any) -> None:
             ctx.connections += 1
             try:
-                session = ctx.ws_detached.pop(conn, None)
+                session = ctx.ws_handed.pop(conn, None)
                 if session is not None and session.state == ws.OPEN:
                     # A handoff aborted before its snapshot: the session goes on.
                     conn.meta.pop(ws.META, None)
@@ -151,7 +151,7 @@ class Server:
         deadline = w.drain_deadline if w.drain_deadline is not None else loop.time() + 30
         margin = min(WS_CLOSE_MARGIN, 0.2 * max(0.0, deadline - loop.time()))
         self._deadline = deadline - margin / 2  # lifespan shutdown starts by then at the latest
-        ctx.ws_detached.clear()  # after a commit: their sockets belong to the successor
+        ctx.ws_handed.clear()  # after a commit: their sockets belong to the successor
         loop.call_at(deadline - margin, self._close_websockets, ctx, margin / 2)
         log.info("event=serve.drain connections=%d websockets=%d deadline_in=%.1fs",
                  ctx.connections, len(ctx.ws_sessions), deadline - loop.time())

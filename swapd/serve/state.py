@@ -1,17 +1,20 @@
 """The app's state hooks (`@swapd.on_snapshot`, ...) wired to `swapd.worker`'s handoff.
 
-At a stateful swap the worker library quiesces (every connection reaches a boundary and is
-detached), then calls the snapshot function installed here, which:
+At a stateful swap the worker library quiesces (every connection but the pinned ones
+reaches a boundary and is handed over, its handler left parked), then calls the snapshot
+function installed here, which:
 
 1. waits until no WebSocket frame is half sent (the socket is about to change hands);
-2. asks each detached WebSocket's app for its per-connection state (`Handoff.save`) and puts
+2. asks each handed WebSocket's app for its per-connection state (`Handoff.save`) and puts
    it, with the scope and any partial frame, into the connection's meta (it travels with the
-   socket);
-3. ends those WebSocket apps with websocket.disconnect 1012, `handed_off` true;
+   socket: the worker sends the handover after this snapshot);
+3. ends those WebSocket readers (`conn.detach()`) and apps (websocket.disconnect 1012,
+   `handed_off` true);
 4. calls the app's `@swapd.on_snapshot`.
 
 If anything fails before step 3 the swap aborts and the sessions simply go on (their apps
-never noticed); after it, an abort resumes them here as the successor would.
+never noticed); after it, an abort resumes them here as the successor would (a fresh
+handler call finds the exported state in conn.meta).
 """
 
 from __future__ import annotations
@@ -70,9 +73,8 @@ async def _call_all(fns: list[Callable[[], Any]]) -> None:
 
 
 async def snapshot(ctx: Context) -> Any:
-    # conn.detached, not ws_detached: the quiesce detaches synchronously and calls us before
-    # the readers have run their `except HandedOff`.
-    sessions = [s for s in ctx.ws_sessions if s.conn.detached and s.state == OPEN]
+    # Handed WebSockets: their readers are parked in a wait (or ended, in ws_handed).
+    sessions = [s for s in ctx.ws_sessions if s.conn.handed and s.state == OPEN]
     for s in sessions:
         async with asyncio.timeout(FLUSH_TIMEOUT):
             await s.flushed()
@@ -81,7 +83,8 @@ async def snapshot(ctx: Context) -> Any:
         s.export(batch)
     for s in sessions:
         s.hand_off()
-        ctx.ws_detached.pop(s.conn, None)
+        s.conn.detach()  # its reader ends: an abort gives it a handler that resumes it
+        ctx.ws_handed.pop(s.conn, None)
         ctx.ws_sessions.discard(s)
     tasks = [s.app_task for s in sessions if s.app_task is not None and not s.app_task.done()]
     if tasks:

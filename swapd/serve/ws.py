@@ -13,12 +13,14 @@ zlib context cannot travel), it is pinned: it stays with the old worker and is c
 1012 at the drain deadline.
 
     old worker                                      new worker (or the old one, on abort)
-    quiesce: detach at the boundary (reader ends;   commit: the connection is adopted; the app
-      the app still waits in receive())               is called again: websocket.connect, its
-    snapshot (state.py): conn.meta <- scope, the      accept is a no-op (no handshake), the
-      app's save(), partial frame bytes; then the     extension says resumed + state. Incoming
-      app gets websocket.disconnect 1012 with         messages wait until every resumed
-      handed_off = True                               connection's app is back in receive().
+    quiesce: handed over at the boundary (the       commit: the connection is adopted; the app
+      reader stays parked, the app still waits        is called again: websocket.connect, its
+      in receive())                                   accept is a no-op (no handshake), the
+    snapshot (state.py): conn.meta <- scope, the      extension says resumed + state. Incoming
+      app's save(), partial frame bytes; the          messages wait until every resumed
+      reader ends (conn.detach()); the app gets       connection's app is back in receive().
+      websocket.disconnect 1012 with
+      handed_off = True
 """
 
 from __future__ import annotations
@@ -173,10 +175,10 @@ class Session:
         except HandedOff:
             self._stop_pings()
             if self.state == OPEN:  # not snapshotted yet: an abort gives it back as it is
-                ctx.ws_detached[self.conn] = self
+                ctx.ws_handed[self.conn] = self
             raise
         finally:
-            if self.state != OPEN or not self.conn.detached:
+            if self.state != OPEN or not self.conn.handed:
                 ctx.ws_sessions.discard(self)
                 self._stop_pings()
 
@@ -295,7 +297,7 @@ class Session:
             conn.pinned = False
         conn.set_boundary(self.state == OPEN and movable and self._app_waiter is not None
                           and not self.inbox and not self.frag and not self.flushing
-                          and not conn.detached)
+                          and not conn.handed)
 
     # -- the app's side ---------------------------------------------------------------------
 
@@ -483,7 +485,7 @@ class Session:
     def pin_if_stuck(self) -> None:
         """A quiesce has waited QUIESCE_STALL for this connection to finish receiving a
         message: it stays with this worker (it cannot hold the swap up)."""
-        if self.frag and not self.conn.detached and not self.conn.pinned:
+        if self.frag and not self.conn.handed and not self.conn.pinned:
             log.info("event=ws.pinned reason='a message still arriving'")
             self.conn.pinned = True
 
@@ -505,7 +507,7 @@ class Session:
 
     def _send_ping(self) -> None:
         self._ping = None
-        if self.state != OPEN or self.conn.detached or self.ws is None:
+        if self.state != OPEN or self.conn.handed or self.ws is None:
             return
         self._ping_payload = os.urandom(4)
         self._write_now(self.ws.send(ev.Ping(payload=self._ping_payload)))

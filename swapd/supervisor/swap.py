@@ -9,7 +9,10 @@ Stateless (overlap):
 Stateful (handoff), per slot i, old worker i → new worker i:
     spawn N (role=successor) ─▶ all standing by (imported, not accepting)
       ─▶ [pre-copy: bulk state old i → new i while old still serves]
-      ─▶ PAUSE: quiesce old i (stop accepting, finish in-flight, snapshot)
+      ─▶ pre-send: old i passes every connection to new i over a socketpair of their
+         own (the handoff link), while it still serves them; we never hold them
+      ─▶ PAUSE: quiesce old i (stop accepting, finish in-flight, the connections' delta
+         on the link, snapshot)
       ─▶ restore new i ─▶ all acknowledged ─▶ commit (new starts accepting)
       ─▶ old DRAINING (it holds nothing any more and exits)
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +67,7 @@ class SwapJob:
     gen: int | None = None
     subscribers: list[Emit] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    cpu: dict[int, float] = field(default_factory=dict)  # slot -> CPU s in the pause so far
     done: asyncio.Future[dict[str, Any]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -125,7 +130,10 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
     stateful = config.mode == "stateful"
     if stateful:
         _check_stateful(old, config)
-        _check_headroom(old)  # before anything starts: nothing to undo
+        # Before anything starts, nothing to undo; not if the old workers pre-send their
+        # connections to their successors directly (checked again if the new ones do not).
+        if not all("link" in w.features() for w in old.live()):
+            _check_headroom(old)
     try:
         new = fleet.start_generation(config, successor_of=old if stateful else None,
                                      release=job.release)
@@ -136,7 +144,7 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
     job.mark("spawned")
     job.emit("spawned", f"gen={new.id} started {len(new.workers)} worker(s): "
              + " ".join(f"pid={w.pid}" for w in new.workers if w is not None))
-    precopying = quiesced = False
+    precopying = linking = quiesced = False
     handed: list[Answer[m.QuiesceReply]] = []
     serving = [w for w in old.workers if w is not None and w.child.status is None]
     sources: list[WorkerProcess] = []  # old workers whose snapshot the new ones received
@@ -150,15 +158,27 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
             if config.precopy:
                 precopying = True
                 await _precopy(fleet, old, new, config, job)
-            _check_headroom(old)  # again: connections came and went while it got ready
+            linking = _linkable(old, new)
+            if linking:
+                await _presend(old, new, config, job)
+            else:  # again: connections came and went while it got ready
+                _check_headroom(old)
             old.transition(GenEvent.QUIESCE)
             quiesced = True
             handed = await _handoff(fleet, old, new, config, job, precopied=precopying,
-                                    sources=sources)
+                                    sources=sources, linked=linking)
         await _check_alive(fleet, new)
     except BaseException as e:
         if isinstance(e, RequestFailed):
             e = SwapFailed.from_request(e)
+        if linking and isinstance(e, SwapFailed) and not any(
+                w is not None and w.tag == e.worker for w in new.workers):
+            # Over the handoff link a successor's death shows first as its predecessor's
+            # broken link (the quiesce fails): name the death, which is what happened.
+            try:
+                await _check_alive(fleet, new)
+            except SwapFailed as dead:
+                e = dead
         reason = e.reason if isinstance(e, SwapFailed) else f"swap aborted: {e!r}"
         if isinstance(e, asyncio.CancelledError):
             reason = "swap cancelled (supervisor stopping)"
@@ -170,8 +190,8 @@ async def run_swap(fleet: Fleet, job: SwapJob, config: Config) -> dict[str, Any]
         resumed: dict[int, str] | None = None
         if quiesced:
             resumed = await _resume(fleet, old)
-        elif precopying:
-            await _tell_resume(old)  # ends the pre-copy round the old workers had begun
+        elif precopying or linking:
+            await _tell_resume(old)  # ends the pre-copy round / pre-send the old ones began
         _say_what_became(old, serving, resumed, job, [])
         if isinstance(e, SwapFailed | asyncio.CancelledError):
             raise e
@@ -302,31 +322,113 @@ async def wait_ready(gen: Generation, timeout: float) -> None:
                              "(is it using swapd.worker?)", worker=w)
 
 
+# Further pre-copy rounds (live migration's iteration): while at least ROUND_MIN_KEYS entries
+# changed during the previous round, ship them too before the pause, up to ROUND_MAX rounds,
+# and stop early if a round does not halve the changes (writes faster than a round ships).
+ROUND_MIN_KEYS = 1000
+ROUND_MAX = 4
+
+
 async def _precopy(
     fleet: Fleet, old: Generation, new: Generation, config: Config, job: SwapJob
 ) -> None:
-    """Ship bulk state while the old generation still serves (outside the pause)."""
-    async def one(src: WorkerProcess, dst: WorkerProcess) -> int:
-        # Bounded like the rest of a swap, but generously: a bulk is large by definition.
-        bound = config.timeouts.ready + config.timeouts.restore
-        bulk = await src.ask(m.PrecopyOut(), m.PrecopyOutReply, bound, "pre-copy")
-        try:
-            loaded = await dst.ask(m.PrecopyIn(bulk.reply.names), m.Empty, bound,
-                                   "pre-copy load", fds=bulk.fds)
-            loaded.close_fds()
-            return bulk.reply.size
-        finally:
-            bulk.close_fds()
+    """Ship bulk state, then the changes made meanwhile, while the old generation still
+    serves (outside the pause); the pause then carries only the last round's changes."""
+    # Bounded like the rest of a swap, but generously: a bulk is large by definition.
+    bound = config.timeouts.ready + config.timeouts.restore
 
-    sizes = await asyncio.gather(*(one(s, d) for s, d in _pairs(old, new)))
+    async def ship(src: WorkerProcess, dst: WorkerProcess, request: m.PrecopyOut
+                   ) -> m.PrecopyOutReply:
+        out = await src.ask(request, m.PrecopyOutReply, bound, "pre-copy")
+        try:
+            if out.reply.names:
+                loaded = await dst.ask(m.PrecopyIn(out.reply.names), m.Empty, bound,
+                                       "pre-copy load", fds=out.fds)
+                loaded.close_fds()
+            return out.reply
+        finally:
+            out.close_fds()
+
+    async def one(src: WorkerProcess, dst: WorkerProcess) -> tuple[int, int]:
+        size = (await ship(src, dst, m.PrecopyOut())).size
+        rounds, previous = 0, None
+        while rounds < ROUND_MAX:
+            more = await ship(src, dst, m.PrecopyOut(delta=True, min_keys=ROUND_MIN_KEYS))
+            if not more.names:
+                break
+            rounds += 1
+            size += more.size
+            if previous is not None and more.keys * 2 > previous:
+                break  # not converging: the pause takes what is left
+            previous = more.keys
+        return size, rounds
+
+    results = await asyncio.gather(*(one(s, d) for s, d in _pairs(old, new)))
     job.mark("precopied")
-    job.emit("precopy", f"gen={new.id} bulk state loaded ({sum(sizes)} bytes) while "
-             f"gen={old.id} kept serving")
+    rounds = max((r for _, r in results), default=0)
+    job.emit("precopy", f"gen={new.id} bulk state loaded ({sum(s for s, _ in results)} bytes"
+             + (f", {rounds} further round(s) of changes" if rounds else "")
+             + f") while gen={old.id} kept serving")
+
+
+def _linkable(old: Generation, new: Generation) -> bool:
+    """Both ends of every slot speak the handoff link (a worker of an older swapd.worker
+    does not: its connections then travel in the snapshot, through us)."""
+    pairs = _pairs(old, new)
+    return bool(pairs) and all("link" in w.features() for pair in pairs for w in pair)
+
+
+LINK_CLOSED = "handoff link from the predecessor closed"  # swapd.worker.link's wording
+
+
+async def _presend(old: Generation, new: Generation, config: Config, job: SwapJob) -> None:
+    """Outside the pause: each old worker passes its connections to its successor directly.
+
+    A socketpair per slot; one end to each worker, then our copies are closed: the
+    connections' descriptors never pass through the supervisor. The new worker checks its
+    descriptor budget first and refuses with the figures (nothing was paused yet).
+    """
+    bound = config.timeouts.ready + config.timeouts.restore
+
+    async def one(src: WorkerProcess, dst: WorkerProcess) -> int:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours, theirs:  # the channels send duplicates; ours close when both answered
+            receive = asyncio.ensure_future(dst.ask(
+                m.LinkIn(), m.LinkReply, bound, "connection pre-send (receive)",
+                fds=[theirs.fileno()]))
+            send = asyncio.ensure_future(src.ask(
+                m.LinkOut(), m.LinkReply, bound, "connection pre-send", fds=[ours.fileno()]))
+            pending = {receive, send}
+            while pending:
+                done, pending = await asyncio.wait(pending,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is not None:
+                        # The other end then fails on the link's EOF, once our copy of the
+                        # failed end is closed too (a worker that could not even receive
+                        # its end never held it): it does not wait out `bound`.
+                        (ours if task is send else theirs).close()
+        for task in (receive, send):
+            if task.exception() is None:
+                task.result().close_fds()
+        received, sent = receive.exception(), send.exception()
+        # The receiver's reason first (a refusal for lack of descriptors names the figures),
+        # unless it only saw the link close because the sender failed.
+        if received is not None and (sent is None or LINK_CLOSED not in str(received)):
+            raise received
+        if sent is not None:
+            raise sent
+        return receive.result().reply.conns
+
+    counts = await asyncio.gather(*(one(s, d) for s, d in _pairs(old, new)))
+    job.mark("present")
+    job.emit("presend", f"gen={new.id} holds {sum(counts)} connection(s) of gen={old.id}, "
+             "pre-sent while it kept serving")
 
 
 async def _handoff(
     fleet: Fleet, old: Generation, new: Generation, config: Config, job: SwapJob, *,
-    precopied: bool, sources: list[WorkerProcess]
+    precopied: bool, sources: list[WorkerProcess], linked: bool = False
 ) -> list[Answer[m.QuiesceReply]]:
     """The pause: quiesce and snapshot each old worker, restore into its successor.
 
@@ -339,36 +441,49 @@ async def _handoff(
     """
     job.mark("quiesce")
     pairs = _pairs(old, new)
-    quiesce = m.Quiesce(deadline=config.timeouts.quiesce, precopied=precopied)
-    # A snapshot carries one descriptor per connection: as many as we can take. Beyond that
-    # (or if the kernel could not give us them all) the reply fails, the worker resumes.
+    quiesce = m.Quiesce(deadline=config.timeouts.quiesce, precopied=precopied, link=linked)
+    snaps: list[Answer[m.QuiesceReply]] = []
+    # A snapshot carries a descriptor per connection unless they went over the link: as
+    # many as we can take. Beyond that (or if the kernel could not give us them all) the
+    # reply fails, the worker resumes.
     room = fdbudget.headroom()
-    results = await asyncio.gather(
-        *(src.ask(quiesce, m.QuiesceReply, config.timeouts.quiesce, "quiesce and snapshot",
-                  reply_fds=room)
-          for src, _ in pairs),
-        return_exceptions=True,
-    )
-    snaps = [r for r in results if isinstance(r, Answer)]
+    cpu: dict[int, float] = {}  # slot -> CPU seconds its two workers used in the pause
+
+    def all_snapshotted() -> None:
+        job.mark("snapshotted")
+        sizes = [a.reply.size for a in snaps]
+        conns = sum(a.reply.conns for a in snaps)
+        replayed = sum(a.reply.replayed for a in snaps)
+        job.emit("snapshot", f"gen={old.id} quiesced; {len(sizes)} snapshot(s), "
+                 f"{sum(sizes)} bytes; {conns} connection(s) handed over"
+                 + (f", {replayed} of them mid-request" if replayed else ""))
+        job.timings["t_stop_accept"] = min(a.reply.t_stop for a in snaps)
+
+    async def one(src: WorkerProcess, dst: WorkerProcess) -> None:
+        snap = await src.ask(quiesce, m.QuiesceReply, config.timeouts.quiesce,
+                             "quiesce and snapshot", reply_fds=room)
+        snaps.append(snap)
+        sources.append(src)
+        if len(snaps) == len(pairs):
+            all_snapshotted()
+        # Each slot restores as soon as its own snapshot is in: with several workers the
+        # pause is the slowest slot's quiesce + restore, not the slowest quiesce plus the
+        # slowest restore.
+        ack = await dst.ask(
+            m.Restore(snap.reply.envelope, from_gen=old.id, conns=snap.reply.conns,
+                      link=linked),
+            m.RestoreReply, config.timeouts.restore, "restore", fds=snap.fds)
+        ack.close_fds()
+        cpu[dst.slot] = snap.reply.cpu + ack.reply.cpu
+
+    results = await asyncio.gather(*(one(src, dst) for src, dst in pairs),
+                                   return_exceptions=True)
     try:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        job.mark("snapshotted")
-        sources.extend(src for src, _ in pairs)
-        sizes = [a.reply.size for a in snaps]
-        job.emit("snapshot", f"gen={old.id} quiesced; {len(sizes)} snapshot(s), "
-                 f"{sum(sizes)} bytes")
-        if snaps:
-            job.timings["t_stop_accept"] = min(a.reply.t_stop for a in snaps)
-        restored = await asyncio.gather(*(
-            dst.ask(m.Restore(snap.reply.envelope, from_gen=old.id, conns=snap.reply.conns),
-                    m.Empty, config.timeouts.restore, "restore", fds=snap.fds)
-            for (_, dst), snap in zip(pairs, snaps, strict=True)
-        ))
-        for ack in restored:
-            ack.close_fds()
         job.mark("restored")
+        job.cpu = cpu
     except BaseException:
         for answer in snaps:
             answer.close_fds()
@@ -388,6 +503,10 @@ async def activate(fleet: Fleet, new: Generation, config: Config, job: SwapJob) 
         return_exceptions=True,
     )
     starts = [r.reply.t_start for r in replies if isinstance(r, Answer)]
+    # CPU the workers of a slot spent inside the pause (quiesce, restore, commit): unlike
+    # the pause itself, it does not include waiting for a CPU on a busy machine.
+    busy = [job.cpu.get(w.slot, 0.0) + r.reply.cpu
+            for w, r in zip(workers, replies, strict=True) if isinstance(r, Answer)]
     for w, r in zip(workers, replies, strict=True):
         if isinstance(r, Answer):
             r.close_fds()
@@ -405,6 +524,8 @@ async def activate(fleet: Fleet, new: Generation, config: Config, job: SwapJob) 
     t_stop = job.timings.pop("t_stop_accept", None)
     if t_stop is not None and starts:
         job.timings["pause"] = round((max(starts) - t_stop) * 1000, 2)
+    if busy and job.cpu:
+        job.timings["pause_cpu"] = round(max(busy) * 1000, 2)
 
 
 async def _resume(fleet: Fleet, old: Generation) -> dict[int, str]:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import logging
 import os
+import resource
+import select
 import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Container
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 # Imported here, not at first use: its import cost must stay outside the handoff pause.
 from swapd import __version__, handoff
@@ -23,6 +26,7 @@ from swapd.patch.source import record_sources
 from swapd.sockets import bind, parse_bind
 from swapd.systemd import Notifier
 from swapd.worker.connection import Connection, ConnectionHub, HandedOff, Handler
+from swapd.worker.link import LinkReceiver, LinkSender
 from swapd.worker.state import Migrate, StateParts, TrackedEntry
 
 if TYPE_CHECKING:
@@ -52,6 +56,10 @@ class WorkerError(RuntimeError):
 class Worker:
     """The application's handle on its process's lifecycle under swapd."""
 
+    # What this library speaks, said in its hello (the supervisor uses a feature only when
+    # every worker involved has it: "link" needs both ends of a slot).
+    FEATURES: ClassVar[tuple[str, ...]] = ("drain", "state", "conns", "patch", "hold", "link")
+
     def __init__(self, environ: dict[str, str] | None = None,
                  default_binds: dict[str, str] | None = None) -> None:
         env = dict(os.environ if environ is None else environ)
@@ -60,10 +68,13 @@ class Worker:
         self.workers = int(env.get("SWAPD_WORKERS", "1"))
         self.mode = env.get("SWAPD_MODE", "stateless")
         self.role = env.get("SWAPD_ROLE", "fresh")
-        self.idle_grace = float(env.get("SWAPD_IDLE_GRACE", "1.0"))
-        # How long a drain may take before the supervisor kills us (the drain request says;
-        # SIGTERM without a channel: $SWAPD_DRAIN_TIMEOUT). Set when draining begins:
-        self.drain_timeout = float(env.get("SWAPD_DRAIN_TIMEOUT", "30"))
+        self.idle_grace = _env_seconds(env, "SWAPD_IDLE_GRACE", 1.0)
+        # How long a drain may last before the remaining connections are closed: the
+        # supervisor's drain request says; an orphan (supervisor gone) uses this.
+        self.drain_timeout = _env_seconds(env, "SWAPD_DRAIN_TIMEOUT", 30.0)
+        # How long a quiesce waits for a connection blocked on its client mid-request before
+        # handing it over with the request's bytes so far (docs/worker.md).
+        self.boundary_wait = _env_seconds(env, "SWAPD_BOUNDARY_WAIT", 0.05)
         self.drain_deadline: float | None = None  # loop.time() by which the drain must end
         self._parts = StateParts()
         # Versions of predecessor state this code can restore; default: its own and older.
@@ -85,7 +96,13 @@ class Worker:
         self._drained: asyncio.Event | None = None
         self._restored: asyncio.Future[None] | None = None
         self._committed: asyncio.Future[None] | None = None
-        self._handed_over: list[Connection] = []
+        self._handed_over: list[Connection] | dict[int, Connection] = []
+        self._handed_watch: select.epoll | None = None
+        self._link_out: LinkSender | None = None
+        self._link_in: LinkReceiver | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._gc_paused = False
+        self._owns_process = False  # started by run(): process-wide settings are ours to touch
         self._quiesce_task: asyncio.Task[Any] | None = None
         self._quiesced = False  # since a "quiesce" request, until "resume"
         self._held = False  # since a "hold" request (watch window), until "revive" or "drain"
@@ -124,7 +141,7 @@ class Worker:
     def state_codec(self) -> str:
         """Codec of `snapshot()`'s state: "pickle5" (default, any picklable object) or
         "marshal" (plain data only: str, int, float, bytes, list, dict...; dumps 1.3-3.4x
-        faster, loads about as fast: see docs/benchmarks-handoff-pause.md)."""
+        faster, loads about as fast: see bench/notes/handoff-pause.md)."""
         return self._parts.codec
 
     @state_codec.setter
@@ -142,7 +159,7 @@ class Worker:
         converts entries of older state versions, outside the pause for the bulk. Mark
         in-place changes of nested values with `td.touch(key)`. `codec="marshal"` takes plain
         data only (str, int, float, bytes, list, dict...); measured through swapd it changes
-        neither the bulk nor the pause much (docs/benchmarks-handoff-pause.md).
+        neither the bulk nor the pause much (bench/notes/handoff-pause.md).
         """
         if not name or name in self._parts.tracked:
             raise WorkerError(f"tracked dict {name!r} is already registered (or empty)")
@@ -157,8 +174,9 @@ class Worker:
         return fn
 
     def on_precopied(self, fn: Hook) -> Hook:
-        """Called (synchronously) right after this worker handed its pre-copy bulk over; the
-        pause comes next, and what changes from here on travels in it."""
+        """Called (synchronously) right after this worker handed a pre-copy round over (the
+        bulk, then each further round of changes); what changes from here on travels in
+        the next round or in the pause."""
         self._on_precopied.append(fn)
         return fn
 
@@ -259,15 +277,19 @@ class Worker:
         finally:
             _restore_signals(loop, previous)
             self._closed.set()
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
             for task in self._background:
                 task.cancel()
+            self._end_links()
+            self._drop_handed_over()
             if self._channel is not None:
                 self._channel.close()
 
     async def _hello(self) -> None:
         assert self._channel is not None
         hello = m.Hello(proto=1, pid=os.getpid(), lib=f"swapd.worker {__version__}",
-                        features=("drain", "state", "conns", "patch", "hold"))
+                        features=self.FEATURES)
         reply = await self._channel.request(hello.body(), timeout=30)
         reply.close_fds()
         answer = m.parse_reply(m.HelloReply, reply.body)
@@ -310,25 +332,55 @@ class Worker:
                 self._channel.reply(msg, m.failed(str(error)))
             msg.close_fds()
             return
-        task = asyncio.ensure_future(handler(self, msg, req))
+        task = asyncio.ensure_future(self._guarded(handler, msg, req))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _guarded(self, handler: Callable[[Worker, Message, Any], Awaitable[None]],
+                       msg: Message, req: Any) -> None:
+        """Every request gets an answer: an exception a handler let escape (an error while
+        sending its reply, such as EMFILE duplicating the snapshot's fds) becomes `ok: false`
+        at once, instead of a silence the supervisor waits out to its deadline."""
+        try:
+            await handler(self, msg, req)
+        except Exception as e:
+            log.exception("event=request.failed type=%s gen=%d slot=%d", msg.type,
+                          self.generation, self.slot)
+            msg.close_fds()
+            with contextlib.suppress(Exception):
+                self._reply(msg, m.failed(f"{type(e).__name__}: {e}"))
 
     def _reply(self, msg: Message, body: dict[str, Any], fds: list[int] | None = None) -> None:
         if self._channel is not None and not self._channel.closed:
             self._channel.reply(msg, body, fds or [])
 
-    def _begin_drain(self, timeout: float | None = None) -> None:
+    def _begin_drain(self, deadline: float | None = None) -> None:
+        """Stop accepting and finish; at the deadline close whatever is left.
+
+        `deadline`: seconds, from the supervisor's drain request; None (SIGTERM, or the
+        channel closed: the supervisor is gone) takes SWAPD_DRAIN_TIMEOUT, so an orphaned
+        worker exits on its own even with a client that never finishes its request.
+        """
         hub = self._hub
         if hub is None or (hub.draining and not self._held):
             return
         self._held = False  # a held worker's window ended (or the supervisor went away)
-        self.drain_deadline = hub.loop.time() + (self.drain_timeout if timeout is None
-                                                 else timeout)
-        log.info("event=drain.begin gen=%d slot=%d connections=%d", self.generation, self.slot,
-                 len(hub.conns))
+        if deadline is None:
+            deadline = self.drain_timeout
+        assert self._loop is not None
+        self.drain_deadline = self._loop.time() + deadline
+        log.info("event=drain.begin gen=%d slot=%d pid=%d connections=%d deadline=%gs",
+                 self.generation, self.slot, os.getpid(), len(hub.conns), deadline)
+        # Connections handed over in a committed swap belong to the successor: let them go
+        # before the drain's idle grace could close them under it.
+        if hub.release_handed() and self._owns_process:
+            # Committed: this process only winds down now (ending thousands of parked
+            # handlers, freeing its heap); leave the CPU to the successor, which serves.
+            with contextlib.suppress(OSError):
+                os.nice(10)
+        self._end_links()
+        self._resume_gc()
         hub.begin_drain()
-        hub.release_detached()
         for hook in self._on_drain:
             self._run_hook(hook)
         if self._committed is not None and not self._committed.done():
@@ -336,7 +388,53 @@ class Worker:
             # and run() ends normally, as documented; cancelling would raise in the app.
             self._committed.set_result(None)
         assert self._drained is not None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        self._drain_timer = self._loop.call_later(deadline, self._drain_deadline, deadline)
         self._drained.set()
+
+    def _drain_deadline(self, deadline: float) -> None:
+        self._drain_timer = None
+        hub = self._hub
+        if hub is None or not hub.conns:
+            return
+        closed = hub.close_all()
+        log.warning("event=drain.deadline gen=%d slot=%d pid=%d deadline=%gs closed=%d",
+                    self.generation, self.slot, os.getpid(), deadline, closed)
+
+    def _end_links(self) -> None:
+        """Close the handoff links of a swap that is over (commit, abort, drain)."""
+        if self._link_out is not None:
+            self._link_out.close()
+            self._link_out = None
+        if self._hub is not None:
+            self._hub.end_tracking()
+        if self._link_in is not None:
+            self._link_in.close()
+            self._link_in = None
+
+    def _drop_handed_over(self) -> None:
+        """Connections received for a commit that never came: close our copies."""
+        conns = self._handed_over
+        for conn in conns.values() if isinstance(conns, dict) else conns:
+            conn.closed = True
+            conn.sock.close()
+        self._handed_over = []
+        if self._handed_watch is not None:
+            self._handed_watch.close()
+            self._handed_watch = None
+
+    def _pause_gc(self) -> None:
+        """No cyclic collection inside the pause: with thousands of connections (each a
+        handful of objects) a full collection costs tens of ms, more than the pause."""
+        if not self._gc_paused and gc.isenabled():
+            gc.disable()
+            self._gc_paused = True
+
+    def _resume_gc(self) -> None:
+        if self._gc_paused:
+            self._gc_paused = False
+            gc.enable()
 
     def _accepted(self) -> Container[int]:
         if self.accept_versions is None:  # an explicit empty set refuses everything
@@ -362,52 +460,67 @@ class Worker:
 
     async def _handle_drain(self, msg: Message, req: m.Drain) -> None:
         msg.close_fds()
-        deadline = msg.body.get("deadline")
-        self._begin_drain(float(deadline) if isinstance(deadline, int | float) else None)
+        # A little before the supervisor's SIGKILL, so the worker closes and exits on its own.
+        self._begin_drain(max(0.0, req.deadline - min(1.0, req.deadline * 0.1)))
 
     async def _handle_quiesce(self, msg: Message, req: m.Quiesce) -> None:
         msg.close_fds()
+        cpu = time.process_time()
+        self._pause_gc()
         self._quiesced = True
         self._quiesce_task = asyncio.current_task()
         hub = self._require_hub()
         t_stop = hub.stop_accepting()
         keep = req.conns
+        snaps: list[handoff.Snapshot] = []
         try:
             for hook in self._on_quiesce:
                 await self._run_hook_async(hook)
-            conns = await hub.quiesce(req.deadline)
+            # Answer a little before the supervisor's own deadline: the reason then names
+            # the connections, instead of "no reply".
+            deadline = max(0.0, req.deadline - min(0.5, req.deadline * 0.1))
+            await hub.quiesce(deadline, self.boundary_wait)
+            if req.link and keep and self._link_out is None:
+                raise WorkerError("quiesce over the handoff link, but no link.out came")
+            # The app's snapshot first: it may still put a handed connection's state into its
+            # meta (swapd serve's WebSockets), which the handover must carry.
             app_state = self._snapshot() if self._snapshot is not None else None
             if inspect.isawaitable(app_state):
                 app_state = await app_state
+            handover = hub.handover()
+            conns: list[tuple[Any, ...]] = []
+            if req.link and keep:
+                assert self._link_out is not None
+                self._link_out.send_delta(handover)
+            elif keep:
+                conns = [(c.listener, c.sock, dict(c.meta), c.pending_bytes())
+                         for c in handover.new]
             # Deltas only when the successor has loaded a pre-copy of this round; otherwise
             # (none, a failed one, a snapshot for the fd store) every tracked dict goes whole.
-            snaps = self._parts.dump(
-                app_state, [(c.listener, c.sock, c.meta, bytes(c.buffer)) for c in conns if keep],
-                precopied=req.precopied,
-            )
+            snaps = self._parts.dump(app_state, conns, precopied=req.precopied)
+            reply = m.QuiesceReply(
+                envelope=snaps[0].envelope.to_dict(),
+                size=sum(s.envelope.size + s.envelope.buffers_size for s in snaps),
+                t_stop=t_stop, conns=handover.count if keep else 0,
+                replayed=handover.replayed if keep else 0, cpu=time.process_time() - cpu)
+            # An error here (EMFILE duplicating the fds) is answered below, at once.
+            self._reply(msg, m.ok(reply), [fd for snap in snaps for fd in snap.send_fds])
         except asyncio.CancelledError:
             log.warning("event=quiesce.cancelled reason='resumed before the snapshot was taken'")
             raise
         except Exception as e:
-            log.exception("event=quiesce.failed")
+            log.exception("event=quiesce.failed gen=%d slot=%d", self.generation, self.slot)
             self._reply(msg, m.failed(f"{type(e).__name__}: {e}"))
-            return
         finally:
+            for snap in snaps:
+                snap.close()
+            self._resume_gc()
             self._quiesce_task = None
             if not keep:
                 # A snapshot for systemd's fd store: the connections stay here. Serve them
                 # again (not accepting) so the drain that follows answers what arrives on
                 # them and closes them at a request boundary, after the idle grace.
                 hub.resume()
-        try:
-            reply = m.QuiesceReply(
-                envelope=snaps[0].envelope.to_dict(),
-                size=sum(s.envelope.size + s.envelope.buffers_size for s in snaps),
-                t_stop=t_stop, conns=len(conns) if keep else 0)
-            self._reply(msg, m.ok(reply), [fd for snap in snaps for fd in snap.send_fds])
-        finally:
-            for snap in snaps:
-                snap.close()
 
     async def _handle_precopy(self, msg: Message, req: m.PrecopyIn | m.PrecopyOut) -> None:
         fds = msg.take_fds()
@@ -418,10 +531,20 @@ class Worker:
                 return
             names: list[str] = []
             snaps: list[handoff.Snapshot] = []
-            for name, part in self._parts.precopy():  # the old worker, still serving
-                names.append(name)
-                snaps.append(part)
-                await asyncio.sleep(0)  # let requests run between chunks
+            keys = 0
+            if req.delta:  # another round: only worth it if enough changed since
+                keys = self._parts.dirty
+                if keys >= req.min_keys:
+                    for name, part in self._parts.precopy_delta():
+                        names.append(name)
+                        snaps.append(part)
+                else:
+                    keys = 0
+            else:
+                for name, part in self._parts.precopy():  # the old worker, still serving
+                    names.append(name)
+                    snaps.append(part)
+                    await asyncio.sleep(0)  # let requests run between chunks
         except Exception as e:
             log.exception("event=precopy.failed")
             if isinstance(req, m.PrecopyOut):
@@ -429,19 +552,23 @@ class Worker:
             self._reply(msg, m.failed(f"{type(e).__name__}: {e}"))
             return
         try:
-            reply = m.PrecopyOutReply(names, size=sum(s.envelope.size for s in snaps))
+            reply = m.PrecopyOutReply(names, size=sum(s.envelope.size for s in snaps),
+                                      keys=keys)
             self._reply(msg, m.ok(reply), [fd for snap in snaps for fd in snap.send_fds])
         finally:
             for snap in snaps:
                 snap.close()
-        for hook in self._on_precopied:
-            self._run_hook(hook)
+        if snaps:
+            for hook in self._on_precopied:
+                self._run_hook(hook)
 
     async def _handle_resume(self, msg: Message, req: m.Resume) -> None:
         msg.close_fds()
         if not self._quiesced:
-            # After a failed pre-copy: the worker kept serving, only the round it began ends.
+            # After a failed pre-copy or pre-send: the worker kept serving; the round it
+            # began ends, and the link goes.
             self._parts.end_rounds()
+            self._end_links()
             log.info("event=resume gen=%d slot=%d quiesced=no", self.generation, self.slot)
             self._reply(msg, m.ok())
             return
@@ -453,6 +580,7 @@ class Worker:
                 await task
         hub = self._require_hub()
         self._parts.end_rounds()
+        self._end_links()
         hub.resume()
         hub.start_accepting()
         for hook in self._on_resume:
@@ -462,28 +590,88 @@ class Worker:
 
     async def _handle_restore(self, msg: Message, req: m.Restore) -> None:
         fds = msg.take_fds()
+        cpu = time.process_time()
         hub = self._require_hub()
+        self._pause_gc()  # until the commit has started every handed-over connection
         try:
             # The envelope that travelled beside the fds (None from the fd store) must match
             # the main part's header: a mixed-up fd fails here, not in restore().
             main = self._parts.load(fds, self._accepted(), req.envelope)
             state = main.state
+            if req.link:
+                if self._link_in is None:
+                    raise WorkerError("restore over the handoff link, but no link.in came")
+                await self._link_in.delta  # usually there already: sent before the snapshot
+                conns, self._handed_watch = self._link_in.take()
+                if len(conns) != req.conns:
+                    raise handoff.FdMismatch(f"the supervisor announced {req.conns} "
+                                             f"connections, the link delivered {len(conns)}")
+                self._handed_over = conns
             if self._restore is not None:
                 result = self._restore(state["app"], main.app_version)
                 if inspect.isawaitable(result):
                     await result
-            self._handed_over = [
-                Connection(sock, listener, hub, meta, buffered)
-                for listener, sock, meta, buffered in state["conns"]
-            ]
+            if not req.link:
+                self._handed_over = [
+                    Connection(sock, listener, hub, meta, buffered)
+                    for listener, sock, meta, buffered in state["conns"]
+                ]
         except Exception as e:
             log.exception("event=restore.failed")
+            self._resume_gc()
+            self._drop_handed_over()
             self._reply(msg, m.failed(f"{type(e).__name__}: {e}"))
             return
-        self._reply(msg, m.ok())
+        self._reply(msg, m.ok(m.RestoreReply(cpu=time.process_time() - cpu)))
+
+    async def _handle_link_out(self, msg: Message, req: m.LinkOut) -> None:
+        """The old worker, still serving: pre-send every connection to the successor."""
+        fds = msg.take_fds()
+        if len(fds) != 1:
+            Message({}, fds).close_fds()
+            self._reply(msg, m.failed(f"link.out needs one descriptor, got {len(fds)}"))
+            return
+        self._end_links()  # a previous swap's, if any
+        sock = socket.socket(fileno=fds[0])
+        sender = LinkSender(sock, self._require_hub(), self._who())
+        self._link_out = sender
+        try:
+            sent = await sender.presend()
+        except Exception as e:
+            log.warning("event=link.presend_failed gen=%d slot=%d error=%r", self.generation,
+                        self.slot, str(e))
+            if self._link_out is sender:
+                self._end_links()
+            self._reply(msg, m.failed(str(e)))
+            return
+        log.info("event=link.presend gen=%d slot=%d connections=%d", self.generation,
+                 self.slot, sent)
+        self._reply(msg, m.ok(m.LinkReply(sent)))
+
+    async def _handle_link_in(self, msg: Message, req: m.LinkIn) -> None:
+        """The new worker: take the predecessor's connections, serve none before commit."""
+        fds = msg.take_fds()
+        if len(fds) != 1:
+            Message({}, fds).close_fds()
+            self._reply(msg, m.failed(f"link.in needs one descriptor, got {len(fds)}"))
+            return
+        if self._link_in is not None:
+            self._link_in.close()
+        receiver = LinkReceiver(socket.socket(fileno=fds[0]), self._require_hub(), self._who())
+        self._link_in = receiver
+        try:
+            count = await receiver.present
+        except Exception as e:
+            self._reply(msg, m.failed(str(e)))
+            return
+        self._reply(msg, m.ok(m.LinkReply(count)))
+
+    def _who(self) -> str:
+        return f"gen={self.generation} worker={self.slot} pid={os.getpid()}"
 
     async def _handle_commit(self, msg: Message, req: m.Commit) -> None:
         msg.close_fds()
+        cpu = time.process_time()
         hub = self._require_hub()
         error = None
         try:
@@ -495,13 +683,15 @@ class Worker:
             error = f"{type(e).__name__}: {e}"
         hub.start_accepting()
         t_start = time.monotonic()
-        for conn in self._handed_over:
-            hub.adopt(conn)
+        cpu = time.process_time() - cpu
+        hub.adopt_many(self._handed_over, self._handed_watch, done=self._resume_gc)
         self._handed_over = []
+        self._handed_watch = None
+        self._end_links()
         if self._committed is not None and not self._committed.done():
             self._committed.set_result(None)
         if error is None:
-            self._reply(msg, m.ok(m.CommitReply(t_start)))
+            self._reply(msg, m.ok(m.CommitReply(t_start, cpu=cpu)))
         else:
             self._reply(msg, m.failed(error, t_start=t_start))
 
@@ -515,8 +705,10 @@ class Worker:
         # them: close our copies now (a client must see the successor's close, not wait for
         # ours). Stateless: the live ones finish their request and leave, as in a drain.
         self._quiesced = False
+        hub.release_handed()  # pinned ones stay, as in a drain
         hub.quiescing = False
-        hub.release_detached()
+        self._end_links()
+        self._resume_gc()
         self._parts.end_rounds()
         hub.begin_drain()
         log.info("event=hold gen=%d slot=%d connections=%d", self.generation, self.slot,
@@ -575,6 +767,8 @@ _HANDLERS: dict[str, Callable[[Worker, Message, Any], Awaitable[None]]] = {
     "commit": Worker._handle_commit,
     "hold": Worker._handle_hold,
     "revive": Worker._handle_revive,
+    "link.out": Worker._handle_link_out,
+    "link.in": Worker._handle_link_in,
 }
 
 
@@ -599,6 +793,30 @@ def _listeners(env: dict[str, str], default_binds: dict[str, str] | None
         name: parse_bind(f"{name}={addr}")[1] for name, addr in (default_binds or {}).items()
     }
     return {name: bind(address) for name, address in binds.items()}
+
+
+def _env_seconds(env: dict[str, str], name: str, default: float) -> float:
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise WorkerError(f"{name}={text!r}: expected a number of seconds >= 0")
+    return value
+
+
+def raise_nofile() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: a handoff takes over every connection of the
+    predecessor, and the default soft limit (1024 under systemd) is far below what the
+    hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("event=rlimit.nofile soft=%d raised_to=%d", soft, hard)
 
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -630,7 +848,9 @@ def run(main: Callable[[Worker], Awaitable[None]], *,
         default_binds: dict[str, str] | None = None, use_uvloop: bool | None = None) -> None:
     """Run `main(worker)` on uvloop (when available) until the worker has drained."""
     global _current
+    raise_nofile()
     w = Worker(default_binds=default_binds)
+    w._owns_process = True
     _current = w
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if use_uvloop is not False and os.environ.get("SWAPD_LOOP", "uvloop") != "asyncio":

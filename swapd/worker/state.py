@@ -58,6 +58,24 @@ class StateParts:
                                                 chunk_entries=CHUNK_ENTRIES):
                 yield name, part
 
+    @property
+    def dirty(self) -> int:
+        """Entries changed since the last part shipped, over every tracked dict in a round."""
+        return sum(e.td.dirty_count for e in self.tracked.values() if e.td.tracking)
+
+    def precopy_delta(self) -> list[tuple[str, Snapshot]]:
+        """Another pre-copy round: what changed since the previous part, per tracked dict."""
+        parts: list[tuple[str, Snapshot]] = []
+        try:
+            for name, entry in self.tracked.items():
+                if entry.td.tracking and entry.td.dirty_count:
+                    parts.append((name, entry.td.delta()))
+        except BaseException:
+            for _, part in parts:
+                part.close()
+            raise
+        return parts
+
     def dump(self, app: Any, conns: list[tuple[Any, ...]], *,
              precopied: bool = False) -> list[Snapshot]:
         """The handoff, main part first. `precopied`: a pre-copy of the round open now has

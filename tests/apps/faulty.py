@@ -21,6 +21,7 @@ a successor: once committed), and a successor "MARK restored ..." once restore()
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from typing import Any
@@ -72,9 +73,11 @@ def restore(state: dict[str, int], from_version: int) -> None:
     global count
     hook("restore")
     count = state["count"]
-    # Its reply to the supervisor follows in the same loop step: seen this line, a test
-    # knows the worker is restored and waits for its commit.
-    print(f"MARK restored gen={GEN} slot={SLOT} pid={os.getpid()}", flush=True)
+    # Said in the next loop step: the worker sends its reply to the supervisor in this one,
+    # so a test that saw this line knows the reply is out and the worker waits for its
+    # commit (printed here, a test could stop the worker between the line and the reply).
+    line = f"MARK restored gen={GEN} slot={SLOT} pid={os.getpid()}"
+    asyncio.get_running_loop().call_soon(lambda: print(line, flush=True))
 
 
 async def main(w: worker.Worker) -> None:

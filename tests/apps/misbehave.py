@@ -36,10 +36,20 @@ start, so a test writes it and then asks for a swap:
                                      "fd flood sent"
     {"flood_body": 268435456}        snapshot() first sends a message whose body (in a sparse
                                      memfd) is that many bytes
+    {"snapshot_emfile": true}        snapshot() lowers the soft RLIMIT_NOFILE so that the
+                                     snapshot's memfd is the last descriptor this process may
+                                     open (sending it then fails: EMFILE); resume restores it
+    {"nofile": 256}                  lower RLIMIT_NOFILE (soft and hard) to this at start
+    {"no_link": true}                say no "link" in the hello (an older swapd.worker): a
+                                     handoff from it sends the connections through the
+                                     supervisor, not over the link
 
 HTTP: GET / -> "<version> <pid>", GET /hang -> never answers (holds a busy
-connection, to test drain deadlines), GET /slow -> prints "slow request in
-flight", answers once the worker starts draining, GET /listeners -> listener names.
+connection, to test drain deadlines; the worker's own drain deadline cancels it), GET
+/stubborn -> never answers and ignores cancellation (only SIGKILL ends it), GET /slow ->
+prints "slow request in flight", answers once the worker starts draining, GET /linger ->
+answers at once, then keeps working (Response.after) until the worker drains, GET
+/listeners -> listener names.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ import array
 import asyncio
 import json
 import os
+import resource
 import socket
 import struct
 import subprocess
@@ -78,6 +89,19 @@ async def app(request: Request) -> Response:
     if request.target == "/hang":
         print("hanging request in flight", flush=True)
         await asyncio.Event().wait()
+    if request.target == "/stubborn":  # hangs, and swallows the drain deadline's cancellation
+        print("stubborn request in flight", flush=True)
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                print("stubborn request ignores its cancellation", flush=True)
+    if request.target == "/linger":
+        async def linger() -> None:
+            print("lingering after the response", flush=True)
+            await DRAINING.wait()
+
+        return Response(200, f"lingering {os.getpid()}".encode(), after=linger)
     if request.target == "/slow":
         print("slow request in flight", flush=True)
         await DRAINING.wait()
@@ -100,6 +124,24 @@ async def app(request: Request) -> Response:
     return Response(200, f"{VERSION} {os.getpid()}".encode())
 
 
+SAVED_NOFILE: list[tuple[int, int]] = []
+
+
+def _exhaust_fds() -> None:
+    """The lowest free descriptor becomes the last one this process may open."""
+    probe = os.dup(0)
+    os.close(probe)
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    SAVED_NOFILE.append(limits)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe + 1, limits[1]))
+    print(f"descriptor limit lowered to {probe + 1}, as told", flush=True)
+
+
+def _restore_fds() -> None:
+    while SAVED_NOFILE:
+        resource.setrlimit(resource.RLIMIT_NOFILE, SAVED_NOFILE.pop())
+
+
 async def snapshot() -> dict[str, int]:
     if BEHAVIOR.get("flood_body"):
         _send_spilled(BEHAVIOR["flood_body"])
@@ -107,6 +149,8 @@ async def snapshot() -> dict[str, int]:
     if BEHAVIOR.get("snapshot_gate"):
         print("snapshot gate", flush=True)
         _wait_gate(BEHAVIOR["snapshot_gate"])
+    if BEHAVIOR.get("snapshot_emfile"):
+        _exhaust_fds()
     if BEHAVIOR.get("snapshot_sleep"):
         print("snapshot blocking the loop, as told", flush=True)
         time.sleep(BEHAVIOR["snapshot_sleep"])
@@ -138,12 +182,18 @@ def _shutdown_listeners() -> None:
 
 
 async def main(w: worker.Worker) -> None:
+    if BEHAVIOR.get("no_link"):
+        w.FEATURES = tuple(f for f in w.FEATURES if f != "link")
+    if BEHAVIOR.get("nofile"):
+        limit = int(BEHAVIOR["nofile"])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     w.on_drain(DRAINING.set)
     if BEHAVIOR.get("shutdown_on_drain"):
         w.on_drain(_shutdown_listeners)
     if BEHAVIOR.get("orphan"):
         code = "import os; print(f'orphan pid={os.getpid()} exiting', flush=True)"
         subprocess.run(["sh", "-c", f"{sys.executable} -c \"{code}\" &"], check=True)
+    w.on_resume(_restore_fds)
     w.state_version = BEHAVIOR.get("state_version", 1)
     if "accept_versions" in BEHAVIOR:
         w.accept_versions = set(BEHAVIOR["accept_versions"])

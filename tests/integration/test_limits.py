@@ -97,9 +97,11 @@ def _incr(conns: list[socket.socket]) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("side", ["new", "old"])
 def test_worker_at_its_fd_limit_fails_the_handoff_only(rig: Rig, side: str) -> None:
-    """new: a successor that cannot receive the snapshot's descriptors (20 connections);
-    old: a worker that cannot create its snapshot's memfd. Either way the swap aborts and
-    the old generation serves on, every connection and every increment kept."""
+    """new: a successor that cannot take the 20 connections (its descriptor budget, checked
+    on the handoff link before anything paused: refused with the figures); old: a worker
+    that cannot even receive its end of the link. Either way the swap aborts before the
+    pause, named after the worker that failed, and the old generation serves on, every
+    connection and every increment kept."""
     s = rig.s
     gen, pids = rig.active()
     conns = _idle_connections(rig, 20)
@@ -119,8 +121,11 @@ def test_worker_at_its_fd_limit_fails_the_handoff_only(rig: Rig, side: str) -> N
                 cli.kill()
                 cli.communicate()
         assert cli.returncode == 1, out + err
-        assert f"gen={gen} serving again with its state" in out
-        assert re.search(rf"FAILED: gen={gen + 1 if side == 'new' else gen} worker=0 ", err)
+        assert re.search(rf"FAILED: gen={gen + 1 if side == 'new' else gen} worker=0 pid=\d+ "
+                         r"connection pre-send", err), err
+        if side == "new":
+            assert re.search(r"handoff needs \d+ descriptors in .*, limit is \d+", err), err
+        assert "state is lost" not in out + err
         assert rig.active() == (gen, pids)
         # The same connections, on the same slots, whose counters went on from where they
         # were: one more increment per connection, none lost.

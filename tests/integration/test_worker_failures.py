@@ -56,7 +56,9 @@ def test_crash_loop_is_reported(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_drain_deadline_kills_stuck_worker(tmp_path: Path) -> None:
-    """A connection busy forever cannot hold the old generation past drain_timeout."""
+    """A connection busy forever cannot hold the old generation past drain_timeout: the
+    worker's own deadline cancels its handler, and one that ignores that (here) is killed
+    by the supervisor."""
     behavior = tmp_path / "b.json"
     write_behavior(behavior, version="v1")
     with supervised(tmp_path, MISBEHAVE, args=["--drain-timeout", "1"],
@@ -65,8 +67,8 @@ def test_drain_deadline_kills_stuck_worker(tmp_path: Path) -> None:
         host, port = s.address()
         stuck = socket.create_connection((host, port), timeout=10)
         try:
-            stuck.sendall(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
-            s.wait_log(r"\| hanging request in flight")
+            stuck.sendall(b"GET /stubborn HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.wait_log(r"\| stubborn request in flight")
             mark = s.log_mark()
             assert s.upgrade()["ok"]
             s.wait_log(rf"event=drain.timeout gen=1 worker=0 pid={old} timeout=1s action=SIGKILL",

@@ -203,30 +203,36 @@ def test_run_app_builds_the_serve_command_and_survives_a_reexec() -> None:
 
 
 def test_pinned_and_full_duplex_connections_in_quiesce_and_drain() -> None:
-    """A pinned connection neither holds a quiesce up nor moves; one whose protocol says it
-    is at a boundary (set_boundary) is detached, and a drain never times it out."""
+    """A pinned connection neither holds a quiesce up nor is handed over: it is served on
+    while the quiesce is in flight and after its commit. One whose protocol says it is at a
+    boundary (set_boundary) is handed over without waking its handler; an abort serves it
+    on, a `detach()` ends its handler and an abort then gives it a fresh call, and a drain
+    never times it out."""
 
     async def main() -> None:
         hub = ConnectionHub(asyncio.get_running_loop(), idle_grace=0.2)
         conns: list[Connection] = []
-        outcomes: dict[str, str] = {}
-        handed: dict[str, asyncio.Event] = {"duplex": asyncio.Event(), "pinned": asyncio.Event()}
+        calls: dict[str, int] = {"pinned": 0, "duplex": 0}
+        handed_off: dict[str, int] = {"pinned": 0, "duplex": 0}
+        ended = asyncio.Event()
 
         async def handler(conn: Connection) -> None:
-            name = "pinned" if not conns else "duplex"
-            conns.append(conn)
+            if conn not in conns:
+                conns.append(conn)
+            name = "pinned" if conn is conns[0] else "duplex"
+            calls[name] += 1
             conn.pinned = name == "pinned"
             try:
                 while True:
                     conn.set_boundary(True)
                     data = await conn.recv()
+                    conn.set_boundary(False)
                     if not data:
-                        outcomes[name] = "eof"
                         return
                     await conn.send(data)
             except HandedOff:
-                outcomes[name] = "handed off"
-                handed[name].set()
+                handed_off[name] += 1
+                ended.set()
                 raise
 
         lsock = socket.create_server(("127.0.0.1", 0))
@@ -238,21 +244,56 @@ def test_pinned_and_full_duplex_connections_in_quiesce_and_drain() -> None:
             writer.write(b"hi")
             assert await asyncio.wait_for(reader.readexactly(2), 5) == b"hi"
             clients.append((reader, writer))
+
+        async def echo(i: int, data: bytes) -> None:
+            reader, writer = clients[i]
+            writer.write(data)
+            assert await asyncio.wait_for(reader.readexactly(len(data)), 5) == data
+
+        pinned, duplex = conns
         hub.stop_accepting()
-        moved = await asyncio.wait_for(hub.quiesce(5), 5)  # does not wait for the pinned one
-        await asyncio.wait_for(handed["duplex"].wait(), 5)
-        assert [c is conns[1] for c in moved] == [True] and "pinned" not in outcomes
-        hub.resume()  # abort: the duplex one gets a fresh handler call, and echoes again
-        reader, writer = clients[1]
-        writer.write(b"again")
-        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"again"
+        # 1. Handed over at once (does not wait for the pinned one), nobody woken; the
+        # pinned one is served during the quiesce. An abort: the duplex one echoes on.
+        handover = await asyncio.wait_for(hub.quiesce(5, 0), 5)
+        assert (handover.count, handover.new) == (1, [duplex])
+        assert duplex.handed and not pinned.handed
+        await echo(0, b"while quiescing")
+        clients[1][1].write(b"later")  # left in the kernel while handed over
+        await asyncio.sleep(0)
+        hub.resume()
+        assert await asyncio.wait_for(clients[1][0].readexactly(5), 5) == b"later"
+        assert calls == {"pinned": 1, "duplex": 1} and handed_off == {"pinned": 0, "duplex": 0}
+        # 2. detach(): the handler ends now; the abort gives it a fresh handler call.
+        await asyncio.wait_for(hub.quiesce(5, 0), 5)
+        duplex.detach()
+        await asyncio.wait_for(ended.wait(), 5)
+        hub.resume()
+        await echo(1, b"again")
+        assert calls == {"pinned": 1, "duplex": 2} and handed_off["duplex"] == 1
+        # 3. Commit: the duplex one goes (its parked handler gets HandedOff, the connection
+        # lives on in the successor's copy); the pinned one stays and is served.
+        successor = duplex.sock.dup()
+        await asyncio.wait_for(hub.quiesce(5, 0), 5)
+        assert hub.release_handed() == 1
+        assert hub.conns == {pinned} and not hub.quiescing
+        await asyncio.wait_for(_until(lambda: handed_off["duplex"] == 2), 5)
+        await echo(0, b"after commit")
+        clients[1][1].write(b"x")
+        successor.settimeout(5)
+        assert successor.recv(1) == b"x"
+        successor.close()
         hub.begin_drain()
         # An idle=True wait would now get an idle_grace timer; a boundary wait does not
         # (checked on the timer itself rather than by waiting for it not to fire).
-        assert all(c._grace is None for c in hub.conns) and len(hub.conns) == 2
+        assert all(c._grace is None for c in hub.conns) and len(hub.conns) == 1
         for _, writer in clients:
             writer.close()
         await asyncio.wait_for(hub.wait_empty(), 5)
         lsock.close()
 
     asyncio.run(main())
+
+
+async def _until(predicate: Any) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)

@@ -173,6 +173,34 @@ def test_quiesce_with_precopied_sends_only_the_changes() -> None:
     drive(app, script)
 
 
+def test_further_precopy_rounds_ship_the_changes_and_leave_the_pause_the_rest() -> None:
+    app = OldWorker()
+
+    async def script(w: Worker, sup: FakeSupervisor) -> None:
+        await sup.expect("ready")
+        td = app.players
+        successor = receiver("players")
+        bulk = await sup.ask(m.PrecopyOut().body())
+        successor.load_precopy(bulk.body["names"], bulk.take_fds(), range(0, 10))
+        td.update({f"n{i}": i for i in range(5)})
+        # fewer changes than asked for: no round, nothing shipped, nothing lost
+        few = await sup.ask(m.PrecopyOut(delta=True, min_keys=6).body())
+        assert few.body["ok"] and few.body["names"] == [] and not few.fds, few.body
+        round2 = await sup.ask(m.PrecopyOut(delta=True, min_keys=5).body())
+        assert round2.body["keys"] == 5 and round2.body["names"] == ["players"]
+        successor.load_precopy(round2.body["names"], round2.take_fds(), range(0, 10))
+        assert td.dirty_count == 0
+        td["late"] = 1
+        reply = await sup.ask(m.Quiesce(deadline=5, precopied=True).body())
+        assert reply.body["ok"], reply.body
+        successor.load(reply.take_fds(), range(0, 10))
+        assert dict(successor.tracked["players"].td) == dict(td)
+        assert (await sup.ask(m.Resume().body())).body["ok"]
+        sup.drain()
+
+    drive(app, script)
+
+
 def test_resume_when_not_quiesced_only_ends_the_precopy_round() -> None:
     app = OldWorker()
 
