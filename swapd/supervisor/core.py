@@ -28,8 +28,6 @@ import time
 from dataclasses import replace
 from typing import Any
 
-import psutil
-
 from swapd import __version__, control
 from swapd.commands import (
     COMMANDS,
@@ -51,8 +49,8 @@ from swapd.sockets import (
 )
 from swapd.supervisor import patching, reexec
 from swapd.supervisor.deploys import Deploys, patch_fields, swap_options
-from swapd.supervisor.fleet import CRASH_WINDOW, KILL_WAIT, Fleet, SpawnFailed
-from swapd.supervisor.generation import Generation, WorkerProcess
+from swapd.supervisor.fleet import KILL_WAIT, Fleet, SpawnFailed
+from swapd.supervisor.generation import Generation
 from swapd.supervisor.journal import Journal
 from swapd.supervisor.lifecycle import GenEvent, GenState
 from swapd.supervisor.listeners import Listener, ListenerError, Listeners
@@ -61,6 +59,7 @@ from swapd.supervisor.metrics import MetricsUnavailable
 from swapd.supervisor.ops import Operations, Who, who_control, who_signal
 from swapd.supervisor.process import OsProcesses
 from swapd.supervisor.reloads import ReloadSignals
+from swapd.supervisor.status import report as status_report
 from swapd.supervisor.strays import STRAY_GRACE
 from swapd.supervisor.swap import (
     SwapFailed,
@@ -634,44 +633,7 @@ class Supervisor:
         return data
 
     def status(self) -> dict[str, Any]:
-        fleet = self.fleet
-        for slot in list(fleet.crash_loop):
-            fleet.recent_crashes(slot)
-        described = []
-        for g in fleet.live_generations():
-            d = g.describe()
-            for wd, w in zip(d["workers"], [w for w in g.workers if w is not None], strict=True):
-                wd.update(_usage(w))
-                if w.slot in fleet.crash_loop and g is fleet.active:
-                    wd["crash_loop"] = True
-            described.append(d)
-        warnings = []
-        for slot in sorted(fleet.crash_loop):
-            warnings.append(f"worker {slot} is in a crash loop ({len(fleet.crashes[slot])} "
-                            f"crashes in {CRASH_WINDOW:g}s)")
-        warnings += self.journal.warnings()
-        warnings += self.ops.warnings()
-        warnings += self.listeners.check(fleet.active.id if fleet.active else None)
-        return {
-            "patches": self.journal.summaries(),
-            "pid": os.getpid(),
-            "version": __version__,
-            "uptime": round(time.monotonic() - self.started, 3),
-            "mode": self.config.mode,
-            "control": self.config.control,
-            "active": fleet.active.id if fleet.active else None,
-            "listeners": self.listeners.describe(),
-            "generations": described,
-            "ended": list(fleet.history),  # bounded: the last fleet.HISTORY generations that ended
-            "generations_held": len(fleet.generations),
-            "orphans_reaped": fleet.strays.reaped,
-            "swap": self.swap.describe() if self.swap else None,
-            "last_swap": self.last_swap,
-            "swaps": dict(self.swap_counts),
-            "open_fds": _open_fds(),
-            "warnings": warnings,
-            **self.deploys.describe(),
-        }
+        return status_report(self)
 
     # -- stop ---------------------------------------------------------------------
 
@@ -771,28 +733,6 @@ def _base_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
     """The environment every worker starts from: ours minus what only we may use."""
     drop = (*LISTEN_ENV, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
     return {k: v for k, v in environ.items() if k not in drop and not k.startswith("SWAPD_")}
-
-
-def _open_fds() -> int | None:
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:  # at the fd limit: listing them needs one
-        return None
-
-
-def _usage(w: WorkerProcess) -> dict[str, Any]:
-    if w.child.status is not None:
-        return {}
-    try:
-        p = psutil.Process(w.pid)
-        with p.oneshot():
-            mem = p.memory_info().rss
-            cpu = p.cpu_times()
-            children = p.children(recursive=True)
-        return {"rss": mem, "cpu_seconds": round(cpu.user + cpu.system, 3),
-                "children": len(children)}
-    except psutil.Error:
-        return {}
 
 
 def _report_failure(event: str, e: SwapFailed) -> None:
