@@ -53,12 +53,13 @@ from swapd.supervisor.fleet import KILL_WAIT, Fleet, SpawnFailed
 from swapd.supervisor.generation import Generation
 from swapd.supervisor.journal import Journal
 from swapd.supervisor.lifecycle import GenEvent, GenState
-from swapd.supervisor.listeners import Listener, ListenerError, Listeners
+from swapd.supervisor.listeners import ListenerError, Listeners
 from swapd.supervisor.manager import ServiceManager, split_inherited
 from swapd.supervisor.metrics import MetricsUnavailable
 from swapd.supervisor.ops import Operations, Who, who_control, who_signal
 from swapd.supervisor.process import OsProcesses
 from swapd.supervisor.reloads import ReloadSignals
+from swapd.supervisor.selfexec import SelfExec
 from swapd.supervisor.status import report as status_report
 from swapd.supervisor.strays import STRAY_GRACE
 from swapd.supervisor.swap import (
@@ -102,7 +103,6 @@ class Supervisor:
         self.swap_counts = {"ok": 0, "failed": 0}
         self.journal = Journal()  # patches in force in the active generation
         self.patch_in_flight: int | None = None
-        self.reexec_in_flight = False
         self.started = time.monotonic()
         self._control_sock: socket.socket | None = None
         self._control: ControlServer | None = None
@@ -127,9 +127,10 @@ class Supervisor:
             ControlError, self._stopping,
             lambda: self.fleet.active is not None and not self._stopping(),
             self.manager, self._status_line, lambda: swap_bound(self.config), self.fleet.tasks)
+        self.selfexec = SelfExec(self.fleet, self.listeners, self.journal, self.manager,
+                                 self.ops, self.deploys, self._owned, self._stopping,
+                                 self._status_line)
         self._stop_who: Who = {"via": "control"}
-        self._reexec_who: Who = {}  # who asked for the re-exec in flight
-        self._reexec_ops: dict[str, Any] = {}  # what the previous image said about it
         # LISTEN_FDS may carry, besides listeners, snapshots a previous supervisor stored.
         inherited = inherited or []
         self._stored_names = [n for n, _ in inherited if STATE_NAME.match(n)]
@@ -203,7 +204,7 @@ class Supervisor:
         code = 0
         try:
             if self._resumed is not None:
-                self._resume(self._resumed)
+                self.selfexec.resume(self._resumed)
                 self.fleet.strays.scan()  # workers adopted: reap what exited during the exec
             else:
                 first = await self._first_unless_stopped()
@@ -349,48 +350,11 @@ class Supervisor:
 
     # -- re-exec (upgrade --self) ----------------------------------------------------
 
-    async def _reexec(self, emit: Emit, peer: Peer) -> dict[str, Any]:
-        self._refuse_if_busy("re-exec")
-        self.reexec_in_flight = True
-        self._reexec_who = who_control(peer)
-        try:
-            state = self._capture(None).state
-            emit("reexec", f"checking that the new code on disk takes over "
-                 f"{len(self.fleet.generations)} generation(s), then exec'ing in place", None)
-            log.info("event=reexec.begin version=%s argv=%r", __version__, reexec.exec_argv())
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(None, reexec.check_state, state)
-                if self._stopping():
-                    raise reexec.ReexecError("supervisor is stopping; no re-exec")
-                reply_fd = os.dup(peer.fd)
-                try:
-                    # No await from here to the exec: the capture is what we own at the exec.
-                    captured = self._capture(reply_fd)
-                    self.manager.ping_watchdog()  # the new image's start-up is a long gap
-                    reexec.execute(captured)
-                finally:
-                    os.close(reply_fd)
-            except (reexec.ReexecError, OSError) as e:
-                tail = e.tail if isinstance(e, reexec.ReexecError) else ""
-                log.error("event=reexec.failed reason=%r", str(e))
-                self.ops.reexec(False, who_control(peer), str(e), __version__, __version__)
-                raise ControlError(str(e), data={"tail": tail, "worker": "pre-flight check"}
-                                   ) from e
-        finally:
-            self.reexec_in_flight = False
-            self.fleet.strays.scan()  # reaping waited while the pre-flight ran
-        raise ControlError("re-exec returned without an error")  # not reached
-
-    def _capture(self, reply_fd: int | None) -> reexec.Captured:
+    def _owned(self) -> reexec.Owned:
+        """For a re-exec's capture: what we own besides the fleet and the listeners."""
         assert self._control_sock is not None
-        owned = reexec.Owned(self.config, self.overrides, self._control_sock.fileno(),
-                             self.started, self.swap_counts, self.last_swap)
-        captured = reexec.capture(self.fleet, self.listeners, owned, reply_fd)
-        # For the new image's history entry: who asked, and when.
-        captured.state["ops"] = {"who": self._reexec_who, "asked": time.time(),
-                                 "last_rollback": self.deploys.last_rollback}
-        return captured
+        return reexec.Owned(self.config, self.overrides, self._control_sock.fileno(),
+                            self.started, self.swap_counts, self.last_swap)
 
     def _refuse_if_busy(self, what: str) -> None:
         """One change at a time: a swap, a patch or a re-exec."""
@@ -398,7 +362,7 @@ class Supervisor:
             raise ControlError(f"supervisor is stopping; no {what}")
         if self.fleet.active is None:
             raise ControlError(f"supervisor is still starting; no {what}")
-        if self.reexec_in_flight:
+        if self.selfexec.in_flight:
             raise ControlError("a re-exec (upgrade --self) is in flight; retry when it finishes")
         if self.swap is not None:
             raise ControlError(f"{_a(self.swap.kind)} is in flight (gen={self.swap.gen}, "
@@ -418,37 +382,8 @@ class Supervisor:
         sup.started = state.started
         sup.swap_counts = dict(state.swaps)
         sup.last_swap = state.last_swap
-        sup.journal.records[:] = state.journal
-        sup.journal.serial = max((r.id for r in state.journal), default=0)
-        for item in state.listeners:
-            sock = socket.socket(fileno=item.fd)
-            sock.set_inheritable(False)
-            sup.listeners.add(Listener(item.name, item.address, sock, item.source))
-        sup._control_sock = socket.socket(fileno=state.control_fd)
-        sup._control_sock.set_inheritable(False)
-        sup._reexec_ops = state.ops
-        sup.deploys.last_rollback = state.ops.get("last_rollback")
-        try:  # the history file again; the metrics port, which the exec closed, again
-            sup.ops.prepare()
-        except (OSError, MetricsUnavailable) as e:  # workers are running: no exit for this
-            log.error("event=metrics.failed address=%s error=%r action='running without "
-                      "metrics'", state.config.metrics, str(e))
+        sup._control_sock = sup.selfexec.adopt(state)
         return sup
-
-    def _resume(self, state: reexec.State) -> None:
-        reexec.unblock_signals()
-        self.fleet.adopt(state.generations, state.active, state.next_gen, state.crashes)
-        log.info("event=reexec.done version=%s previous=%s generations=%d", __version__,
-                 state.version, len(self.fleet.generations))
-        ops = self._reexec_ops
-        asked = ops.get("asked")
-        self.ops.reexec(True, ops.get("who") or {"via": "control"}, None, state.version,
-                        __version__, round((time.time() - asked) * 1000, 1)
-                        if isinstance(asked, int | float) else None)
-        self.manager.status(f"re-exec'd swapd {__version__}; {self._status_line()}")
-        if state.reply_fd is not None:
-            _answer(state.reply_fd, {"reexec": True, "pid": os.getpid(),
-                                     "version": __version__, "previous": state.version})
 
     # -- swaps --------------------------------------------------------------------
 
@@ -579,7 +514,8 @@ class Supervisor:
             return self.status()
         if isinstance(args, UpgradeArgs) and args.self_:
             emit(control.DEADLINE, "", {"seconds": reexec.CHECK_TIMEOUT + KILL_WAIT * 3})
-            return await self._reexec(emit, peer)
+            self._refuse_if_busy("re-exec")
+            return await self.selfexec.run(emit, peer)
         if isinstance(args, UpgradeArgs | ReloadArgs):
             opts = swap_options(args, who_control(peer))
             outcome = await self.request_swap(cmd, f"control {peer}", emit, opts)
@@ -717,16 +653,6 @@ def _check_can_hand_over(gen: Generation) -> None:
 
 def _a(kind: str) -> str:
     return ("an " if kind[:1] in "aeiou" else "a ") + kind
-
-
-def _answer(fd: int, data: dict[str, Any]) -> None:
-    """The result line of `upgrade --self`, written by the new image to the old connection."""
-    try:
-        os.write(fd, control.encode(control.result(True, data=data)))
-    except OSError as e:
-        log.warning("event=reexec.reply_failed error=%r", str(e))
-    finally:
-        os.close(fd)
 
 
 def _base_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
