@@ -43,49 +43,36 @@ from swapd.commands import (
 from swapd.config import Config, ConfigError, load
 from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
 from swapd.sockets import (
-    STATE_NAME,
     AddressError,
     describe,
 )
 from swapd.supervisor import patching, reexec
 from swapd.supervisor.deploys import Deploys, patch_fields, swap_options
-from swapd.supervisor.fleet import KILL_WAIT, Fleet, SpawnFailed
+from swapd.supervisor.fleet import KILL_WAIT, Fleet
 from swapd.supervisor.generation import Generation
 from swapd.supervisor.journal import Journal
 from swapd.supervisor.lifecycle import GenEvent, GenState
 from swapd.supervisor.listeners import ListenerError, Listeners
-from swapd.supervisor.manager import ServiceManager, split_inherited
-from swapd.supervisor.metrics import MetricsUnavailable
+from swapd.supervisor.manager import ServiceManager
 from swapd.supervisor.ops import Operations, Who, who_control, who_signal
 from swapd.supervisor.process import OsProcesses
 from swapd.supervisor.reloads import ReloadSignals
 from swapd.supervisor.selfexec import SelfExec
+from swapd.supervisor.startup import FirstStart, StartupError, prepare_ops
 from swapd.supervisor.status import report as status_report
 from swapd.supervisor.strays import STRAY_GRACE
 from swapd.supervisor.swap import (
     SwapFailed,
     SwapJob,
-    activate,
     committed,
-    restore_stored,
     run_swap,
     store_state,
     swap_bound,
-    wait_ready,
 )
-from swapd.supervisor.watch import HealthUrlError, SwapOptions, check_health_url
+from swapd.supervisor.watch import SwapOptions
 from swapd.systemd import LISTEN_ENV
 
 log = logging.getLogger("swapd")
-
-class StartupError(Exception):
-    """The service could not start; exit code 2 (nothing started) or 1 (workers failed)."""
-
-    def __init__(self, message: str, code: int = 2, tail: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.tail = tail
-
 
 class Supervisor:
     def __init__(
@@ -114,7 +101,6 @@ class Supervisor:
         self.listeners = Listeners(self.manager)
         self.fleet = Fleet(processes or OsProcesses(), self.listeners, self.journal,
                            _base_env(os.environ), self._stopping)
-        self.first_release = release  # the first generation's label (None: derived)
         self.ops = Operations(config)  # history and metrics
         self.fleet.on_event = self.ops.worker_event
         self.deploys = Deploys(self.fleet, self.listeners, self.manager, self.ops,
@@ -132,16 +118,16 @@ class Supervisor:
                                  self._status_line)
         self._stop_who: Who = {"via": "control"}
         # LISTEN_FDS may carry, besides listeners, snapshots a previous supervisor stored.
-        inherited = inherited or []
-        self._stored_names = [n for n, _ in inherited if STATE_NAME.match(n)]
-        self.activated, self.stored_listeners, self.stored_state = split_inherited(inherited)
+        self.first_start = FirstStart(self.fleet, self.listeners, self.manager,
+                                      inherited or [], release)
 
     # -- start-up (synchronous: errors here mean exit 2, nothing started) --------
 
     def prepare(self) -> None:
         """Bind listeners and the control socket; raise StartupError with one line."""
         try:
-            self.listeners.adopt_inherited(self.activated, self.stored_listeners,
+            inherited = self.first_start
+            self.listeners.adopt_inherited(inherited.activated, inherited.stored_listeners,
                                            dict(self.config.binds))
             self.listeners.bind_missing(self.config.binds, self.config.backlog,
                                         self.config.timeouts.drain)
@@ -149,7 +135,7 @@ class Supervisor:
                 raise StartupError("no listeners: give --bind NAME=ADDR (or use socket activation)")
             self._control_sock = bind_control(self.config.control)
             self.listeners.store_all()
-            self._prepare_ops()
+            prepare_ops(self.config, self.listeners, self.ops)
         except OSError as e:
             self._close_listeners()
             raise StartupError(e.strerror or str(e)) from e
@@ -160,20 +146,6 @@ class Supervisor:
             self._close_listeners()
             self._close_control()
             raise
-
-    def _prepare_ops(self) -> None:
-        health = self.config.health
-        if health is not None and health[0] is not None and health[0] not in {
-                lis.name for lis in self.listeners}:
-            raise StartupError(f"health_url {self.config.health_url}: no listener named "
-                               f"{health[0]!r}")
-        try:
-            self.ops.prepare()
-        except MetricsUnavailable as e:
-            raise StartupError(str(e)) from e
-        except OSError as e:
-            raise StartupError(f"metrics endpoint {self.config.metrics}: "
-                               f"{e.strerror or e}") from e
 
     @property
     def config(self) -> Config:
@@ -209,7 +181,7 @@ class Supervisor:
             else:
                 first = await self._first_unless_stopped()
                 if first is not None:
-                    await self._check_health_url(first)
+                    await self.first_start.check_health_url(first, self.config)
                     log.info("event=supervisor.ready gen=%d workers=%d release=%s", first.id,
                              len(first.workers), first.release)
                     self.ops.started(first, round((time.monotonic() - self.started) * 1000, 1))
@@ -239,7 +211,7 @@ class Supervisor:
         """The first generation; a stop asked for while it starts cancels the start (None):
         `swapd stop` never waits out a `ready_timeout`."""
         assert self._stop_requested is not None
-        start = asyncio.ensure_future(self._start_first())
+        start = asyncio.ensure_future(self.first_start.start(self.config))
         either: set[asyncio.Future[Any]] = {start, self._stop_requested}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if start.done():
@@ -249,69 +221,6 @@ class Supervisor:
         with contextlib.suppress(asyncio.CancelledError):
             await start
         return None
-
-    async def _start_first(self) -> Generation:
-        """The first generation, restoring a snapshot the fd store kept, if there is one."""
-        t = self.config.timeouts
-        self.manager.extend(t.ready + t.restore + KILL_WAIT)  # a slow first start is no failure
-        stored = self.stored_state if self.config.mode == "stateful" else {}
-        if self.stored_state and not stored:
-            log.warning("event=state.ignored reason='stored state but mode is stateless'")
-        try:
-            try:
-                first = self.fleet.start_generation(self.config, successor_of=None,
-                                                    restore_slots=set(stored),
-                                                    release=self.first_release)
-            except SpawnFailed as e:
-                raise StartupError(str(e), code=2) from e
-            try:
-                await wait_ready(first, first.config.timeouts.ready)
-                first.transition(GenEvent.READY)
-                _check_can_hand_over(first)
-                if stored:
-                    await restore_stored(first, stored, self.config)
-            except asyncio.CancelledError:
-                await self.fleet.kill_generation(first)
-                raise
-            except StartupError:
-                await self.fleet.kill_generation(first)
-                raise
-            except SwapFailed as e:
-                await self.fleet.kill_generation(first)
-                _report_failure("event=start.failed", e)
-                if not stored:
-                    raise StartupError(e.reason, code=1, tail=e.tail) from e
-                log.error("event=state.restore_failed reason=%r action='start fresh: the stored "
-                          "state is lost'", e.reason)
-                self._drop_stored_state()
-                return await self._start_first()
-        finally:
-            self._drop_stored_state()
-        self.fleet.commit(first, None)
-        if first.config.mode == "stateful":
-            await activate(self.fleet, first, self.config, SwapJob("start", "start"))
-        return first
-
-    async def _check_health_url(self, first: Generation) -> None:
-        """Bad input refused at start: a health URL the first generation does not answer
-        with HTTP 2xx (not an HTTP listener, a 404...) would roll every watched swap back."""
-        try:
-            await check_health_url(self.listeners, self.config)
-        except HealthUrlError as e:
-            log.error("event=start.failed reason=%r", str(e))
-            await self.fleet.kill_generation(first)
-            raise StartupError(str(e), code=2) from e
-
-    def _drop_stored_state(self) -> None:
-        """Close our copies of stored snapshot fds and remove them from the fd store."""
-        self.manager.forget_names(self._stored_names)
-        self._stored_names = []
-        if self.stored_state:
-            for fds in self.stored_state.values():
-                for fd in fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            self.stored_state = {}
 
     def _install_signals(self) -> None:
         assert self._loop is not None
@@ -458,7 +367,7 @@ class Supervisor:
             outcome = {"ok": False, "error": e.reason, "worker": e.worker, "tail": e.tail,
                        "gen": job.gen, "timings_ms": dict(job.timings),
                        "warnings": list(job.warnings)}
-            _report_failure("event=swap.failed", e)
+            e.report("event=swap.failed")
         except (asyncio.CancelledError, Exception) as e:
             if isinstance(e, asyncio.CancelledError):
                 error = "swap cancelled (supervisor stopping)"
@@ -636,21 +545,6 @@ class Supervisor:
             self._control_sock = None
 
 
-def _check_can_hand_over(gen: Generation) -> None:
-    """Stateful mode needs workers that speak swapd's channel (swapd.worker): one that
-    announced itself only through NOTIFY_SOCKET (gunicorn, uvicorn...) cannot be asked for
-    a snapshot nor told to commit. Refused at start, not found out 30 s into a commit."""
-    if gen.config.mode != "stateful":
-        return
-    for w in gen.workers:
-        if w is not None and not w.speaks_channel:
-            via = w.ready.result().get("via", "notify") if w.ready.done() else "notify"
-            raise StartupError(
-                f"--mode stateful needs workers that use swapd.worker (they hand over state "
-                f"over swapd's channel); {w.tag} reported ready via {via} and never spoke the "
-                f"channel: run it with --mode stateless", code=2)
-
-
 def _a(kind: str) -> str:
     return ("an " if kind[:1] in "aeiou" else "a ") + kind
 
@@ -659,9 +553,3 @@ def _base_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
     """The environment every worker starts from: ours minus what only we may use."""
     drop = (*LISTEN_ENV, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
     return {k: v for k, v in environ.items() if k not in drop and not k.startswith("SWAPD_")}
-
-
-def _report_failure(event: str, e: SwapFailed) -> None:
-    log.error("%s reason=%r", event, e.reason)
-    if e.tail:
-        log.error("%s output tail of %s:\n%s", event, e.worker, e.tail)
