@@ -1,5 +1,11 @@
 """The supervisor: owns listeners, the control socket and generations; runs swaps.
 
+This module is the orchestration: the event loop's life, one change at a time (a swap,
+a patch, a re-exec), the control requests, the signals, the swap record. What it calls
+runs in this process too and gets only what it needs: start-up (startup.py), the swap
+itself (swap.py), SIGHUP coalescing (reloads.py), after a commit (deploys.py), `upgrade
+--self` (selfexec.py), the status report (status.py), the stop (shutdown.py).
+
 It is never in the data path: workers accept straight from the shared listen
 queues. Its event loop sleeps until something happens (a pidfd becomes readable,
 a channel or notify datagram arrives, a control request, a signal, a deadline);
@@ -51,22 +57,21 @@ from swapd.supervisor.deploys import Deploys, patch_fields, swap_options
 from swapd.supervisor.fleet import KILL_WAIT, Fleet
 from swapd.supervisor.generation import Generation
 from swapd.supervisor.journal import Journal
-from swapd.supervisor.lifecycle import GenEvent, GenState
 from swapd.supervisor.listeners import ListenerError, Listeners
 from swapd.supervisor.manager import ServiceManager
 from swapd.supervisor.ops import Operations, Who, who_control, who_signal
 from swapd.supervisor.process import OsProcesses
 from swapd.supervisor.reloads import ReloadSignals
 from swapd.supervisor.selfexec import SelfExec
+from swapd.supervisor.shutdown import bound as stop_bound
+from swapd.supervisor.shutdown import shutdown
 from swapd.supervisor.startup import FirstStart, StartupError, prepare_ops
 from swapd.supervisor.status import report as status_report
-from swapd.supervisor.strays import STRAY_GRACE
 from swapd.supervisor.swap import (
     SwapFailed,
     SwapJob,
     committed,
     run_swap,
-    store_state,
     swap_bound,
 )
 from swapd.supervisor.watch import SwapOptions
@@ -126,8 +131,8 @@ class Supervisor:
     def prepare(self) -> None:
         """Bind listeners and the control socket; raise StartupError with one line."""
         try:
-            inherited = self.first_start
-            self.listeners.adopt_inherited(inherited.activated, inherited.stored_listeners,
+            self.listeners.adopt_inherited(self.first_start.activated,
+                                           self.first_start.stored_listeners,
                                            dict(self.config.binds))
             self.listeners.bind_missing(self.config.binds, self.config.backlog,
                                         self.config.timeouts.drain)
@@ -441,7 +446,7 @@ class Supervisor:
             emit(control.DEADLINE, "", {"seconds": patching.bound(len(args.parts or ()) or 1)})
             return await self._patch(args, emit, peer)
         if isinstance(args, StopArgs):
-            emit(control.DEADLINE, "", {"seconds": self._stop_bound() + 2 * KILL_WAIT})
+            emit(control.DEADLINE, "", {"seconds": stop_bound(self.config) + 2 * KILL_WAIT})
             if not self._stopping():
                 self._stop_who = who_control(peer)
             self.request_stop(args.fast)
@@ -482,53 +487,13 @@ class Supervisor:
 
     # -- stop ---------------------------------------------------------------------
 
-    def _stop_bound(self) -> float:
-        """The longest a stop takes: the swap in flight cancelled, the state stored, the drain
-        and its SIGKILLs."""
-        t = self.config.timeouts
-        return t.quiesce + t.drain + 4 * KILL_WAIT + STRAY_GRACE
-
     def _stopping(self) -> bool:
         return self._stop_requested is not None and self._stop_requested.done()
 
     async def _shutdown(self, fast: bool) -> None:
-        log.info("event=supervisor.stopping fast=%s", fast)
-        self.manager.stopping("stopping" + (" (fast)" if fast else ", draining"),
-                              self._stop_bound())
-        fleet = self.fleet
-        stopped_gen = fleet.active
+        stopped_gen = self.fleet.active
         began = time.monotonic()
-        await self.deploys.stop()
-        fleet.cancel_timers()
-        job = self.swap
-        if job is not None and job.task is not None:
-            job.task.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(job.done), KILL_WAIT * 2)
-        active = fleet.active
-        if (not fast and self.manager.fdstore and active is not None
-                and active.state == GenState.ACTIVE and active.config.mode == "stateful"):
-            await store_state(active, self.manager.store_state)
-        for gen in list(fleet.generations.values()):
-            if gen.state in (GenState.ACTIVE, GenState.QUIESCED, GenState.HELD):
-                gen.transition(GenEvent.SUPERSEDE)
-                if not fast:
-                    fleet.drain(gen, gen.config.timeouts.drain)
-            if fast:
-                fleet.kill_workers(gen)
-        waiting: list[asyncio.Future[Any]] = [t for t in fleet.tasks if not t.done()]
-        waiting += [w.exited for g in fleet.generations.values() for w in g.live()]
-        if waiting:
-            await asyncio.wait(waiting,
-                               timeout=self.config.timeouts.drain + KILL_WAIT * 2)
-        for gen in fleet.generations.values():
-            for w in gen.live():
-                log.error("event=worker.unkillable %s", w.tag)
-        # Their process groups are being ended already; now every other child, so that
-        # nothing a worker started keeps the listeners (and the port) after we exit.
-        fleet.strays.scan(final=True, grace=0 if fast else STRAY_GRACE)
-        for pid in await fleet.strays.wait(STRAY_GRACE + KILL_WAIT):
-            log.error("event=stray.unkillable pid=%d", pid)
+        await shutdown(self, fast)
         self.ops.stopped(self._stop_who, fast, stopped_gen,
                          round((time.monotonic() - began) * 1000, 1))
 
