@@ -31,7 +31,6 @@ import os
 import signal
 import socket
 import time
-from dataclasses import replace
 from typing import Any
 
 from swapd import __version__, control
@@ -46,7 +45,7 @@ from swapd.commands import (
     StopArgs,
     UpgradeArgs,
 )
-from swapd.config import Config, ConfigError, load
+from swapd.config import Config
 from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
 from swapd.sockets import (
     AddressError,
@@ -61,7 +60,7 @@ from swapd.supervisor.listeners import ListenerError, Listeners
 from swapd.supervisor.manager import ServiceManager
 from swapd.supervisor.ops import Operations, Who, who_control, who_signal
 from swapd.supervisor.process import OsProcesses
-from swapd.supervisor.reloads import ReloadSignals
+from swapd.supervisor.reloads import ReloadSignals, reread_config
 from swapd.supervisor.selfexec import SelfExec
 from swapd.supervisor.shutdown import bound as stop_bound
 from swapd.supervisor.shutdown import shutdown
@@ -344,7 +343,7 @@ class Supervisor:
         try:
             config = self.config
             if job.kind == "reload":
-                config = self._reread_config()
+                config = reread_config(config, self.overrides)
                 job.extend(swap_bound(config) + KILL_WAIT)  # its timeouts may be longer
                 job.emit("config", f"configuration re-read ({config.config_file or 'flags only'})")
             job.watch = opts.watch if opts.watch is not None else config.watch
@@ -405,20 +404,6 @@ class Supervisor:
         if not job.done.done():
             job.done.set_result(outcome)
         self.reloads.change_over()
-
-    def _reread_config(self) -> Config:
-        try:
-            new = load(self.config.config_file, self.overrides)
-        except ConfigError as e:
-            raise SwapFailed(f"configuration not reloaded: {e}") from e
-        if new.control != self.config.control:
-            log.warning("event=reload.ignored key=control reason='needs a restart'")
-            new = replace(new, control=self.config.control)
-        for key in ("metrics", "state_dir"):  # bound or opened once, at start
-            if getattr(new, key) != getattr(self.config, key):
-                log.warning("event=reload.ignored key=%s reason='needs a restart'", key)
-                new = replace(new, **{key: getattr(self.config, key)})
-        return new
 
     # -- control ------------------------------------------------------------------
 
