@@ -47,10 +47,7 @@ from swapd.commands import (
 )
 from swapd.config import Config
 from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
-from swapd.sockets import (
-    AddressError,
-    describe,
-)
+from swapd.sockets import AddressError, describe
 from swapd.supervisor import patching, reexec
 from swapd.supervisor.deploys import Deploys, patch_fields, swap_options
 from swapd.supervisor.fleet import KILL_WAIT, Fleet
@@ -66,17 +63,12 @@ from swapd.supervisor.shutdown import bound as stop_bound
 from swapd.supervisor.shutdown import shutdown
 from swapd.supervisor.startup import FirstStart, StartupError, prepare_ops
 from swapd.supervisor.status import report as status_report
-from swapd.supervisor.swap import (
-    SwapFailed,
-    SwapJob,
-    committed,
-    run_swap,
-    swap_bound,
-)
+from swapd.supervisor.swap import SwapFailed, SwapJob, committed, run_swap, swap_bound
 from swapd.supervisor.watch import SwapOptions
 from swapd.systemd import LISTEN_ENV
 
 log = logging.getLogger("swapd")
+
 
 class Supervisor:
     def __init__(
