@@ -230,7 +230,8 @@ def _reexec_check(argv: list[str]) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from swapd.supervisor import reexec
-    from swapd.supervisor.core import StartupError, Supervisor
+    from swapd.supervisor.core import Supervisor
+    from swapd.supervisor.startup import StartupError
 
     setup_logging(args.log_level, args.log_format)
     _raise_nofile()

@@ -1,5 +1,11 @@
 """The supervisor: owns listeners, the control socket and generations; runs swaps.
 
+This module is the orchestration: the event loop's life, one change at a time (a swap,
+a patch, a re-exec), the control requests, the signals, the swap record. What it calls
+runs in this process too and gets only what it needs: start-up (startup.py), the swap
+itself (swap.py), SIGHUP coalescing (reloads.py), after a commit (deploys.py), `upgrade
+--self` (selfexec.py), the status report (status.py), the stop (shutdown.py).
+
 It is never in the data path: workers accept straight from the shared listen
 queues. Its event loop sleeps until something happens (a pidfd becomes readable,
 a channel or notify datagram arrives, a control request, a signal, a deadline);
@@ -25,10 +31,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import replace
 from typing import Any
-
-import psutil
 
 from swapd import __version__, control
 from swapd.commands import (
@@ -42,49 +45,29 @@ from swapd.commands import (
     StopArgs,
     UpgradeArgs,
 )
-from swapd.config import Config, ConfigError, load
+from swapd.config import Config
 from swapd.control import ControlError, ControlServer, Emit, Peer, bind_control
-from swapd.sockets import (
-    STATE_NAME,
-    AddressError,
-    describe,
-)
+from swapd.sockets import AddressError, describe
 from swapd.supervisor import patching, reexec
 from swapd.supervisor.deploys import Deploys, patch_fields, swap_options
-from swapd.supervisor.fleet import CRASH_WINDOW, KILL_WAIT, Fleet, SpawnFailed
-from swapd.supervisor.generation import Generation, WorkerProcess
+from swapd.supervisor.fleet import KILL_WAIT, Fleet
+from swapd.supervisor.generation import Generation
 from swapd.supervisor.journal import Journal
-from swapd.supervisor.lifecycle import GenEvent, GenState
-from swapd.supervisor.listeners import Listener, ListenerError, Listeners
-from swapd.supervisor.manager import ServiceManager, split_inherited
-from swapd.supervisor.metrics import MetricsUnavailable
+from swapd.supervisor.listeners import ListenerError, Listeners
+from swapd.supervisor.manager import ServiceManager
 from swapd.supervisor.ops import Operations, Who, who_control, who_signal
 from swapd.supervisor.process import OsProcesses
-from swapd.supervisor.reloads import ReloadSignals
-from swapd.supervisor.strays import STRAY_GRACE
-from swapd.supervisor.swap import (
-    SwapFailed,
-    SwapJob,
-    activate,
-    committed,
-    restore_stored,
-    run_swap,
-    store_state,
-    swap_bound,
-    wait_ready,
-)
-from swapd.supervisor.watch import HealthUrlError, SwapOptions, check_health_url
+from swapd.supervisor.reloads import ReloadSignals, reread_config
+from swapd.supervisor.selfexec import SelfExec
+from swapd.supervisor.shutdown import bound as stop_bound
+from swapd.supervisor.shutdown import shutdown
+from swapd.supervisor.startup import FirstStart, StartupError, prepare_ops
+from swapd.supervisor.status import report as status_report
+from swapd.supervisor.swap import SwapFailed, SwapJob, committed, run_swap, swap_bound
+from swapd.supervisor.watch import SwapOptions
 from swapd.systemd import LISTEN_ENV
 
 log = logging.getLogger("swapd")
-
-class StartupError(Exception):
-    """The service could not start; exit code 2 (nothing started) or 1 (workers failed)."""
-
-    def __init__(self, message: str, code: int = 2, tail: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.tail = tail
 
 
 class Supervisor:
@@ -103,7 +86,6 @@ class Supervisor:
         self.swap_counts = {"ok": 0, "failed": 0}
         self.journal = Journal()  # patches in force in the active generation
         self.patch_in_flight: int | None = None
-        self.reexec_in_flight = False
         self.started = time.monotonic()
         self._control_sock: socket.socket | None = None
         self._control: ControlServer | None = None
@@ -115,7 +97,6 @@ class Supervisor:
         self.listeners = Listeners(self.manager)
         self.fleet = Fleet(processes or OsProcesses(), self.listeners, self.journal,
                            _base_env(os.environ), self._stopping)
-        self.first_release = release  # the first generation's label (None: derived)
         self.ops = Operations(config)  # history and metrics
         self.fleet.on_event = self.ops.worker_event
         self.deploys = Deploys(self.fleet, self.listeners, self.manager, self.ops,
@@ -128,20 +109,21 @@ class Supervisor:
             ControlError, self._stopping,
             lambda: self.fleet.active is not None and not self._stopping(),
             self.manager, self._status_line, lambda: swap_bound(self.config), self.fleet.tasks)
+        self.selfexec = SelfExec(self.fleet, self.listeners, self.journal, self.manager,
+                                 self.ops, self.deploys, self._owned, self._stopping,
+                                 self._status_line)
         self._stop_who: Who = {"via": "control"}
-        self._reexec_who: Who = {}  # who asked for the re-exec in flight
-        self._reexec_ops: dict[str, Any] = {}  # what the previous image said about it
         # LISTEN_FDS may carry, besides listeners, snapshots a previous supervisor stored.
-        inherited = inherited or []
-        self._stored_names = [n for n, _ in inherited if STATE_NAME.match(n)]
-        self.activated, self.stored_listeners, self.stored_state = split_inherited(inherited)
+        self.first_start = FirstStart(self.fleet, self.listeners, self.manager,
+                                      inherited or [], release)
 
     # -- start-up (synchronous: errors here mean exit 2, nothing started) --------
 
     def prepare(self) -> None:
         """Bind listeners and the control socket; raise StartupError with one line."""
         try:
-            self.listeners.adopt_inherited(self.activated, self.stored_listeners,
+            self.listeners.adopt_inherited(self.first_start.activated,
+                                           self.first_start.stored_listeners,
                                            dict(self.config.binds))
             self.listeners.bind_missing(self.config.binds, self.config.backlog,
                                         self.config.timeouts.drain)
@@ -149,7 +131,7 @@ class Supervisor:
                 raise StartupError("no listeners: give --bind NAME=ADDR (or use socket activation)")
             self._control_sock = bind_control(self.config.control)
             self.listeners.store_all()
-            self._prepare_ops()
+            prepare_ops(self.config, self.listeners, self.ops)
         except OSError as e:
             self._close_listeners()
             raise StartupError(e.strerror or str(e)) from e
@@ -160,20 +142,6 @@ class Supervisor:
             self._close_listeners()
             self._close_control()
             raise
-
-    def _prepare_ops(self) -> None:
-        health = self.config.health
-        if health is not None and health[0] is not None and health[0] not in {
-                lis.name for lis in self.listeners}:
-            raise StartupError(f"health_url {self.config.health_url}: no listener named "
-                               f"{health[0]!r}")
-        try:
-            self.ops.prepare()
-        except MetricsUnavailable as e:
-            raise StartupError(str(e)) from e
-        except OSError as e:
-            raise StartupError(f"metrics endpoint {self.config.metrics}: "
-                               f"{e.strerror or e}") from e
 
     @property
     def config(self) -> Config:
@@ -204,12 +172,12 @@ class Supervisor:
         code = 0
         try:
             if self._resumed is not None:
-                self._resume(self._resumed)
+                self.selfexec.resume(self._resumed)
                 self.fleet.strays.scan()  # workers adopted: reap what exited during the exec
             else:
                 first = await self._first_unless_stopped()
                 if first is not None:
-                    await self._check_health_url(first)
+                    await self.first_start.check_health_url(first, self.config)
                     log.info("event=supervisor.ready gen=%d workers=%d release=%s", first.id,
                              len(first.workers), first.release)
                     self.ops.started(first, round((time.monotonic() - self.started) * 1000, 1))
@@ -239,7 +207,7 @@ class Supervisor:
         """The first generation; a stop asked for while it starts cancels the start (None):
         `swapd stop` never waits out a `ready_timeout`."""
         assert self._stop_requested is not None
-        start = asyncio.ensure_future(self._start_first())
+        start = asyncio.ensure_future(self.first_start.start(self.config))
         either: set[asyncio.Future[Any]] = {start, self._stop_requested}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if start.done():
@@ -249,69 +217,6 @@ class Supervisor:
         with contextlib.suppress(asyncio.CancelledError):
             await start
         return None
-
-    async def _start_first(self) -> Generation:
-        """The first generation, restoring a snapshot the fd store kept, if there is one."""
-        t = self.config.timeouts
-        self.manager.extend(t.ready + t.restore + KILL_WAIT)  # a slow first start is no failure
-        stored = self.stored_state if self.config.mode == "stateful" else {}
-        if self.stored_state and not stored:
-            log.warning("event=state.ignored reason='stored state but mode is stateless'")
-        try:
-            try:
-                first = self.fleet.start_generation(self.config, successor_of=None,
-                                                    restore_slots=set(stored),
-                                                    release=self.first_release)
-            except SpawnFailed as e:
-                raise StartupError(str(e), code=2) from e
-            try:
-                await wait_ready(first, first.config.timeouts.ready)
-                first.transition(GenEvent.READY)
-                _check_can_hand_over(first)
-                if stored:
-                    await restore_stored(first, stored, self.config)
-            except asyncio.CancelledError:
-                await self.fleet.kill_generation(first)
-                raise
-            except StartupError:
-                await self.fleet.kill_generation(first)
-                raise
-            except SwapFailed as e:
-                await self.fleet.kill_generation(first)
-                _report_failure("event=start.failed", e)
-                if not stored:
-                    raise StartupError(e.reason, code=1, tail=e.tail) from e
-                log.error("event=state.restore_failed reason=%r action='start fresh: the stored "
-                          "state is lost'", e.reason)
-                self._drop_stored_state()
-                return await self._start_first()
-        finally:
-            self._drop_stored_state()
-        self.fleet.commit(first, None)
-        if first.config.mode == "stateful":
-            await activate(self.fleet, first, self.config, SwapJob("start", "start"))
-        return first
-
-    async def _check_health_url(self, first: Generation) -> None:
-        """Bad input refused at start: a health URL the first generation does not answer
-        with HTTP 2xx (not an HTTP listener, a 404...) would roll every watched swap back."""
-        try:
-            await check_health_url(self.listeners, self.config)
-        except HealthUrlError as e:
-            log.error("event=start.failed reason=%r", str(e))
-            await self.fleet.kill_generation(first)
-            raise StartupError(str(e), code=2) from e
-
-    def _drop_stored_state(self) -> None:
-        """Close our copies of stored snapshot fds and remove them from the fd store."""
-        self.manager.forget_names(self._stored_names)
-        self._stored_names = []
-        if self.stored_state:
-            for fds in self.stored_state.values():
-                for fd in fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            self.stored_state = {}
 
     def _install_signals(self) -> None:
         assert self._loop is not None
@@ -350,48 +255,11 @@ class Supervisor:
 
     # -- re-exec (upgrade --self) ----------------------------------------------------
 
-    async def _reexec(self, emit: Emit, peer: Peer) -> dict[str, Any]:
-        self._refuse_if_busy("re-exec")
-        self.reexec_in_flight = True
-        self._reexec_who = who_control(peer)
-        try:
-            state = self._capture(None).state
-            emit("reexec", f"checking that the new code on disk takes over "
-                 f"{len(self.fleet.generations)} generation(s), then exec'ing in place", None)
-            log.info("event=reexec.begin version=%s argv=%r", __version__, reexec.exec_argv())
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.run_in_executor(None, reexec.check_state, state)
-                if self._stopping():
-                    raise reexec.ReexecError("supervisor is stopping; no re-exec")
-                reply_fd = os.dup(peer.fd)
-                try:
-                    # No await from here to the exec: the capture is what we own at the exec.
-                    captured = self._capture(reply_fd)
-                    self.manager.ping_watchdog()  # the new image's start-up is a long gap
-                    reexec.execute(captured)
-                finally:
-                    os.close(reply_fd)
-            except (reexec.ReexecError, OSError) as e:
-                tail = e.tail if isinstance(e, reexec.ReexecError) else ""
-                log.error("event=reexec.failed reason=%r", str(e))
-                self.ops.reexec(False, who_control(peer), str(e), __version__, __version__)
-                raise ControlError(str(e), data={"tail": tail, "worker": "pre-flight check"}
-                                   ) from e
-        finally:
-            self.reexec_in_flight = False
-            self.fleet.strays.scan()  # reaping waited while the pre-flight ran
-        raise ControlError("re-exec returned without an error")  # not reached
-
-    def _capture(self, reply_fd: int | None) -> reexec.Captured:
+    def _owned(self) -> reexec.Owned:
+        """For a re-exec's capture: what we own besides the fleet and the listeners."""
         assert self._control_sock is not None
-        owned = reexec.Owned(self.config, self.overrides, self._control_sock.fileno(),
-                             self.started, self.swap_counts, self.last_swap)
-        captured = reexec.capture(self.fleet, self.listeners, owned, reply_fd)
-        # For the new image's history entry: who asked, and when.
-        captured.state["ops"] = {"who": self._reexec_who, "asked": time.time(),
-                                 "last_rollback": self.deploys.last_rollback}
-        return captured
+        return reexec.Owned(self.config, self.overrides, self._control_sock.fileno(),
+                            self.started, self.swap_counts, self.last_swap)
 
     def _refuse_if_busy(self, what: str) -> None:
         """One change at a time: a swap, a patch or a re-exec."""
@@ -399,7 +267,7 @@ class Supervisor:
             raise ControlError(f"supervisor is stopping; no {what}")
         if self.fleet.active is None:
             raise ControlError(f"supervisor is still starting; no {what}")
-        if self.reexec_in_flight:
+        if self.selfexec.in_flight:
             raise ControlError("a re-exec (upgrade --self) is in flight; retry when it finishes")
         if self.swap is not None:
             raise ControlError(f"{_a(self.swap.kind)} is in flight (gen={self.swap.gen}, "
@@ -419,37 +287,8 @@ class Supervisor:
         sup.started = state.started
         sup.swap_counts = dict(state.swaps)
         sup.last_swap = state.last_swap
-        sup.journal.records[:] = state.journal
-        sup.journal.serial = max((r.id for r in state.journal), default=0)
-        for item in state.listeners:
-            sock = socket.socket(fileno=item.fd)
-            sock.set_inheritable(False)
-            sup.listeners.add(Listener(item.name, item.address, sock, item.source))
-        sup._control_sock = socket.socket(fileno=state.control_fd)
-        sup._control_sock.set_inheritable(False)
-        sup._reexec_ops = state.ops
-        sup.deploys.last_rollback = state.ops.get("last_rollback")
-        try:  # the history file again; the metrics port, which the exec closed, again
-            sup.ops.prepare()
-        except (OSError, MetricsUnavailable) as e:  # workers are running: no exit for this
-            log.error("event=metrics.failed address=%s error=%r action='running without "
-                      "metrics'", state.config.metrics, str(e))
+        sup._control_sock = sup.selfexec.adopt(state)
         return sup
-
-    def _resume(self, state: reexec.State) -> None:
-        reexec.unblock_signals()
-        self.fleet.adopt(state.generations, state.active, state.next_gen, state.crashes)
-        log.info("event=reexec.done version=%s previous=%s generations=%d", __version__,
-                 state.version, len(self.fleet.generations))
-        ops = self._reexec_ops
-        asked = ops.get("asked")
-        self.ops.reexec(True, ops.get("who") or {"via": "control"}, None, state.version,
-                        __version__, round((time.time() - asked) * 1000, 1)
-                        if isinstance(asked, int | float) else None)
-        self.manager.status(f"re-exec'd swapd {__version__}; {self._status_line()}")
-        if state.reply_fd is not None:
-            _answer(state.reply_fd, {"reexec": True, "pid": os.getpid(),
-                                     "version": __version__, "previous": state.version})
 
     # -- swaps --------------------------------------------------------------------
 
@@ -496,7 +335,7 @@ class Supervisor:
         try:
             config = self.config
             if job.kind == "reload":
-                config = self._reread_config()
+                config = reread_config(config, self.overrides)
                 job.extend(swap_bound(config) + KILL_WAIT)  # its timeouts may be longer
                 job.emit("config", f"configuration re-read ({config.config_file or 'flags only'})")
             job.watch = opts.watch if opts.watch is not None else config.watch
@@ -524,7 +363,7 @@ class Supervisor:
             outcome = {"ok": False, "error": e.reason, "worker": e.worker, "tail": e.tail,
                        "gen": job.gen, "timings_ms": dict(job.timings),
                        "warnings": list(job.warnings)}
-            _report_failure("event=swap.failed", e)
+            e.report("event=swap.failed")
         except (asyncio.CancelledError, Exception) as e:
             if isinstance(e, asyncio.CancelledError):
                 error = "swap cancelled (supervisor stopping)"
@@ -558,20 +397,6 @@ class Supervisor:
             job.done.set_result(outcome)
         self.reloads.change_over()
 
-    def _reread_config(self) -> Config:
-        try:
-            new = load(self.config.config_file, self.overrides)
-        except ConfigError as e:
-            raise SwapFailed(f"configuration not reloaded: {e}") from e
-        if new.control != self.config.control:
-            log.warning("event=reload.ignored key=control reason='needs a restart'")
-            new = replace(new, control=self.config.control)
-        for key in ("metrics", "state_dir"):  # bound or opened once, at start
-            if getattr(new, key) != getattr(self.config, key):
-                log.warning("event=reload.ignored key=%s reason='needs a restart'", key)
-                new = replace(new, **{key: getattr(self.config, key)})
-        return new
-
     # -- control ------------------------------------------------------------------
 
     async def _handle(self, cmd: str, args: Args, emit: Emit, peer: Peer) -> dict[str, Any]:
@@ -580,7 +405,8 @@ class Supervisor:
             return self.status()
         if isinstance(args, UpgradeArgs) and args.self_:
             emit(control.DEADLINE, "", {"seconds": reexec.CHECK_TIMEOUT + KILL_WAIT * 3})
-            return await self._reexec(emit, peer)
+            self._refuse_if_busy("re-exec")
+            return await self.selfexec.run(emit, peer)
         if isinstance(args, UpgradeArgs | ReloadArgs):
             opts = swap_options(args, who_control(peer))
             outcome = await self.request_swap(cmd, f"control {peer}", emit, opts)
@@ -597,7 +423,7 @@ class Supervisor:
             emit(control.DEADLINE, "", {"seconds": patching.bound(len(args.parts or ()) or 1)})
             return await self._patch(args, emit, peer)
         if isinstance(args, StopArgs):
-            emit(control.DEADLINE, "", {"seconds": self._stop_bound() + 2 * KILL_WAIT})
+            emit(control.DEADLINE, "", {"seconds": stop_bound(self.config) + 2 * KILL_WAIT})
             if not self._stopping():
                 self._stop_who = who_control(peer)
             self.request_stop(args.fast)
@@ -634,94 +460,17 @@ class Supervisor:
         return data
 
     def status(self) -> dict[str, Any]:
-        fleet = self.fleet
-        for slot in list(fleet.crash_loop):
-            fleet.recent_crashes(slot)
-        described = []
-        for g in fleet.live_generations():
-            d = g.describe()
-            for wd, w in zip(d["workers"], [w for w in g.workers if w is not None], strict=True):
-                wd.update(_usage(w))
-                if w.slot in fleet.crash_loop and g is fleet.active:
-                    wd["crash_loop"] = True
-            described.append(d)
-        warnings = []
-        for slot in sorted(fleet.crash_loop):
-            warnings.append(f"worker {slot} is in a crash loop ({len(fleet.crashes[slot])} "
-                            f"crashes in {CRASH_WINDOW:g}s)")
-        warnings += self.journal.warnings()
-        warnings += self.ops.warnings()
-        warnings += self.listeners.check(fleet.active.id if fleet.active else None)
-        return {
-            "patches": self.journal.summaries(),
-            "pid": os.getpid(),
-            "version": __version__,
-            "uptime": round(time.monotonic() - self.started, 3),
-            "mode": self.config.mode,
-            "control": self.config.control,
-            "active": fleet.active.id if fleet.active else None,
-            "listeners": self.listeners.describe(),
-            "generations": described,
-            "ended": list(fleet.history),  # bounded: the last fleet.HISTORY generations that ended
-            "generations_held": len(fleet.generations),
-            "orphans_reaped": fleet.strays.reaped,
-            "swap": self.swap.describe() if self.swap else None,
-            "last_swap": self.last_swap,
-            "swaps": dict(self.swap_counts),
-            "open_fds": _open_fds(),
-            "warnings": warnings,
-            **self.deploys.describe(),
-        }
+        return status_report(self)
 
     # -- stop ---------------------------------------------------------------------
-
-    def _stop_bound(self) -> float:
-        """The longest a stop takes: the swap in flight cancelled, the state stored, the drain
-        and its SIGKILLs."""
-        t = self.config.timeouts
-        return t.quiesce + t.drain + 4 * KILL_WAIT + STRAY_GRACE
 
     def _stopping(self) -> bool:
         return self._stop_requested is not None and self._stop_requested.done()
 
     async def _shutdown(self, fast: bool) -> None:
-        log.info("event=supervisor.stopping fast=%s", fast)
-        self.manager.stopping("stopping" + (" (fast)" if fast else ", draining"),
-                              self._stop_bound())
-        fleet = self.fleet
-        stopped_gen = fleet.active
+        stopped_gen = self.fleet.active
         began = time.monotonic()
-        await self.deploys.stop()
-        fleet.cancel_timers()
-        job = self.swap
-        if job is not None and job.task is not None:
-            job.task.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(job.done), KILL_WAIT * 2)
-        active = fleet.active
-        if (not fast and self.manager.fdstore and active is not None
-                and active.state == GenState.ACTIVE and active.config.mode == "stateful"):
-            await store_state(active, self.manager.store_state)
-        for gen in list(fleet.generations.values()):
-            if gen.state in (GenState.ACTIVE, GenState.QUIESCED, GenState.HELD):
-                gen.transition(GenEvent.SUPERSEDE)
-                if not fast:
-                    fleet.drain(gen, gen.config.timeouts.drain)
-            if fast:
-                fleet.kill_workers(gen)
-        waiting: list[asyncio.Future[Any]] = [t for t in fleet.tasks if not t.done()]
-        waiting += [w.exited for g in fleet.generations.values() for w in g.live()]
-        if waiting:
-            await asyncio.wait(waiting,
-                               timeout=self.config.timeouts.drain + KILL_WAIT * 2)
-        for gen in fleet.generations.values():
-            for w in gen.live():
-                log.error("event=worker.unkillable %s", w.tag)
-        # Their process groups are being ended already; now every other child, so that
-        # nothing a worker started keeps the listeners (and the port) after we exit.
-        fleet.strays.scan(final=True, grace=0 if fast else STRAY_GRACE)
-        for pid in await fleet.strays.wait(STRAY_GRACE + KILL_WAIT):
-            log.error("event=stray.unkillable pid=%d", pid)
+        await shutdown(self, fast)
         self.ops.stopped(self._stop_who, fast, stopped_gen,
                          round((time.monotonic() - began) * 1000, 1))
 
@@ -738,64 +487,11 @@ class Supervisor:
             self._control_sock = None
 
 
-def _check_can_hand_over(gen: Generation) -> None:
-    """Stateful mode needs workers that speak swapd's channel (swapd.worker): one that
-    announced itself only through NOTIFY_SOCKET (gunicorn, uvicorn...) cannot be asked for
-    a snapshot nor told to commit. Refused at start, not found out 30 s into a commit."""
-    if gen.config.mode != "stateful":
-        return
-    for w in gen.workers:
-        if w is not None and not w.speaks_channel:
-            via = w.ready.result().get("via", "notify") if w.ready.done() else "notify"
-            raise StartupError(
-                f"--mode stateful needs workers that use swapd.worker (they hand over state "
-                f"over swapd's channel); {w.tag} reported ready via {via} and never spoke the "
-                f"channel: run it with --mode stateless", code=2)
-
-
 def _a(kind: str) -> str:
     return ("an " if kind[:1] in "aeiou" else "a ") + kind
-
-
-def _answer(fd: int, data: dict[str, Any]) -> None:
-    """The result line of `upgrade --self`, written by the new image to the old connection."""
-    try:
-        os.write(fd, control.encode(control.result(True, data=data)))
-    except OSError as e:
-        log.warning("event=reexec.reply_failed error=%r", str(e))
-    finally:
-        os.close(fd)
 
 
 def _base_env(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
     """The environment every worker starts from: ours minus what only we may use."""
     drop = (*LISTEN_ENV, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
     return {k: v for k, v in environ.items() if k not in drop and not k.startswith("SWAPD_")}
-
-
-def _open_fds() -> int | None:
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:  # at the fd limit: listing them needs one
-        return None
-
-
-def _usage(w: WorkerProcess) -> dict[str, Any]:
-    if w.child.status is not None:
-        return {}
-    try:
-        p = psutil.Process(w.pid)
-        with p.oneshot():
-            mem = p.memory_info().rss
-            cpu = p.cpu_times()
-            children = p.children(recursive=True)
-        return {"rss": mem, "cpu_seconds": round(cpu.user + cpu.system, 3),
-                "children": len(children)}
-    except psutil.Error:
-        return {}
-
-
-def _report_failure(event: str, e: SwapFailed) -> None:
-    log.error("%s reason=%r", event, e.reason)
-    if e.tail:
-        log.error("%s output tail of %s:\n%s", event, e.worker, e.tail)

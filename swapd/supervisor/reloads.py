@@ -1,4 +1,8 @@
-"""SIGHUP: a reload, coalesced.
+"""Reloads: the configuration re-read for one, and SIGHUP, a reload coalesced.
+
+A reload (`swapd reload`, or a SIGHUP) is a swap with the configuration file read again
+first; what is bound or opened once at start (the control socket, the metrics endpoint,
+the state directory) keeps its value, with a warning.
 
 A SIGHUP asks for one reload (re-read the configuration, then swap). While a swap or a
 patch is in flight, any number of SIGHUPs make exactly one reload after it: operators and
@@ -16,9 +20,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from dataclasses import replace
+from typing import Any, Protocol
+
+from swapd.config import Config, ConfigError, load
+from swapd.supervisor.swap import SwapFailed
 
 log = logging.getLogger("swapd")
+
+
+def reread_config(current: Config, overrides: dict[str, Any]) -> Config:
+    """The configuration for a reload: the file read again, the same flags on top; what
+    needs a restart keeps its `current` value. SwapFailed if the file is bad."""
+    try:
+        new = load(current.config_file, overrides)
+    except ConfigError as e:
+        raise SwapFailed(f"configuration not reloaded: {e}") from e
+    if new.control != current.control:
+        log.warning("event=reload.ignored key=control reason='needs a restart'")
+        new = replace(new, control=current.control)
+    for key in ("metrics", "state_dir"):  # bound or opened once, at start
+        if getattr(new, key) != getattr(current, key):
+            log.warning("event=reload.ignored key=%s reason='needs a restart'", key)
+            new = replace(new, **{key: getattr(current, key)})
+    return new
 
 
 class Announcer(Protocol):

@@ -58,6 +58,12 @@ class SwapFailed(Exception):
         failed.tail, failed.worker = e.tail, e.worker
         return failed
 
+    def report(self, event: str) -> None:
+        """Log it: the reason, then the output tail of the worker that failed, if any."""
+        log.error("%s reason=%r", event, self.reason)
+        if self.tail:
+            log.error("%s output tail of %s:\n%s", event, self.worker, self.tail)
+
 
 @dataclass
 class SwapJob:
