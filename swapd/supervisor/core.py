@@ -132,11 +132,13 @@ class Supervisor:
             self._control_sock = bind_control(self.config.control)
             self.listeners.store_all()
             prepare_ops(self.config, self.listeners, self.ops)
-        except OSError as e:
+        except OSError as e:  # the control socket too, if it was bound (store_all failed)
             self._close_listeners()
+            self._close_control()
             raise StartupError(e.strerror or str(e)) from e
         except AddressError as e:  # an inherited fd that is not a listening stream socket
             self._close_listeners()
+            self._close_control()
             raise StartupError(f"socket activation: {e}") from e
         except StartupError:
             self._close_listeners()

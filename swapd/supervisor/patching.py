@@ -19,7 +19,7 @@ failed on some workers can simply be retried.
 
 The journal (module, source, sha256, time, who, in order) belongs to the active
 generation: a worker restarted after a crash re-applies it before it is ready
-(`Supervisor.journal_for`), and a swap to new code clears it. A patch and a swap
+(`Fleet.journal_for`), and a swap to new code clears it. A patch and a swap
 never run at the same time.
 """
 
