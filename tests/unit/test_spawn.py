@@ -1,4 +1,4 @@
-"""spawn_worker leaks no descriptor when a step fails half way (EMFILE at the fd limit).
+"""A start that fails half way (EMFILE at the fd limit) leaks no descriptor and no file.
 
 The supervisor retries a failed spawn when descriptors return: each failed attempt that
 left a socketpair or a notify socket open would bring the limit closer.
@@ -10,6 +10,7 @@ import asyncio
 import errno
 import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,3 +53,24 @@ def test_a_failed_spawn_closes_what_it_opened(step: str, monkeypatch: pytest.Mon
         assert _open_fds() == before
     finally:
         loop.close()
+
+
+def test_a_start_that_fails_after_binding_the_control_socket_removes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Storing the listeners in systemd's fd store fails (OSError): the start fails with one
+    # line, and neither a listener nor the control socket (file and descriptor) is left.
+    from swapd.supervisor.core import Supervisor
+    from swapd.supervisor.listeners import Listeners
+    from swapd.supervisor.startup import StartupError
+
+    control = tmp_path / "ctl" / "swapd.sock"
+    control.parent.mkdir(mode=0o700)
+    cfg = build({"command": ["true"], "bind": {"http": "127.0.0.1:0"}}, {},
+                environ={"SWAPD_CONTROL": str(control)})
+    monkeypatch.setattr(Listeners, "store_all", _emfile)
+    before = _open_fds()
+    sup = Supervisor(cfg, {})
+    with pytest.raises(StartupError, match="Too many open files"):
+        sup.prepare()
+    assert not control.exists()
+    assert _open_fds() == before
