@@ -32,13 +32,12 @@ from swapd.supervisor.generation import (
     Generation,
     GenerationRecord,
     WorkerProcess,
-    WorkerSpec,
-    spawn_worker,
 )
 from swapd.supervisor.journal import Journal
 from swapd.supervisor.lifecycle import FINAL, GenEvent, GenState, SlotEvent, SlotState
 from swapd.supervisor.listeners import Listeners
 from swapd.supervisor.process import ExitStatus, OsProcesses
+from swapd.supervisor.spawn import WorkerSpec, spawn_worker
 from swapd.supervisor.strays import Strays
 
 log = logging.getLogger("swapd")

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from swapd.config import build
-from swapd.supervisor import generation, notify
-from swapd.supervisor.generation import WorkerSpec, spawn_worker
+from swapd.supervisor import notify, spawn
 from swapd.supervisor.process import OsProcesses
+from swapd.supervisor.spawn import WorkerSpec, spawn_worker
 
 
 def _open_fds() -> set[int]:
@@ -40,7 +40,7 @@ def test_a_failed_spawn_closes_what_it_opened(step: str, monkeypatch: pytest.Mon
     if step == "notify":
         monkeypatch.setattr(notify, "notify_socket", _emfile)
     elif step == "pipe":
-        monkeypatch.setattr(generation.os, "pipe2", _emfile)
+        monkeypatch.setattr(spawn.os, "pipe2", _emfile)
     else:
         monkeypatch.setattr(processes, "spawn", _emfile)
     spec = WorkerSpec(1, 0, cfg, [], [], "fresh", {})
