@@ -25,7 +25,8 @@ from swapd.handoff import SharedBuffer, TrackedDict
 from swapd.patch.source import record_sources
 from swapd.sockets import bind, parse_bind
 from swapd.systemd import Notifier
-from swapd.worker.connection import Connection, ConnectionHub, HandedOff, Handler
+from swapd.worker.client import Connection, HandedOff, Handler
+from swapd.worker.hub import ConnectionHub
 from swapd.worker.link import LinkReceiver, LinkSender
 from swapd.worker.state import Migrate, StateParts, TrackedEntry
 
