@@ -9,9 +9,7 @@ import gc
 import inspect
 import logging
 import os
-import resource
 import select
-import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Container
@@ -23,11 +21,18 @@ from swapd import messages as m
 from swapd.channel import Channel, ChannelError, Message
 from swapd.handoff import SharedBuffer, TrackedDict
 from swapd.patch.source import record_sources
-from swapd.sockets import bind, parse_bind
 from swapd.systemd import Notifier
 from swapd.worker.client import Connection, HandedOff, Handler
+from swapd.worker.errors import WorkerError
 from swapd.worker.hub import ConnectionHub
 from swapd.worker.link import LinkReceiver, LinkSender
+from swapd.worker.process import (
+    env_seconds,
+    install_signals,
+    listeners_from_env,
+    raise_nofile,
+    restore_signals,
+)
 from swapd.worker.state import Migrate, StateParts, TrackedEntry
 
 if TYPE_CHECKING:
@@ -50,10 +55,6 @@ Hook = Callable[[], Any]
 _current: Worker | None = None
 
 
-class WorkerError(RuntimeError):
-    """Misuse of the worker API, or an environment the worker cannot run in."""
-
-
 class Worker:
     """The application's handle on its process's lifecycle under swapd."""
 
@@ -69,18 +70,18 @@ class Worker:
         self.workers = int(env.get("SWAPD_WORKERS", "1"))
         self.mode = env.get("SWAPD_MODE", "stateless")
         self.role = env.get("SWAPD_ROLE", "fresh")
-        self.idle_grace = _env_seconds(env, "SWAPD_IDLE_GRACE", 1.0)
+        self.idle_grace = env_seconds(env, "SWAPD_IDLE_GRACE", 1.0)
         # How long a drain may last before the remaining connections are closed: the
         # supervisor's drain request says; an orphan (supervisor gone) uses this.
-        self.drain_timeout = _env_seconds(env, "SWAPD_DRAIN_TIMEOUT", 30.0)
+        self.drain_timeout = env_seconds(env, "SWAPD_DRAIN_TIMEOUT", 30.0)
         # How long a quiesce waits for a connection blocked on its client mid-request before
         # handing it over with the request's bytes so far (docs/worker.md).
-        self.boundary_wait = _env_seconds(env, "SWAPD_BOUNDARY_WAIT", 0.05)
+        self.boundary_wait = env_seconds(env, "SWAPD_BOUNDARY_WAIT", 0.05)
         self.drain_deadline: float | None = None  # loop.time() by which the drain must end
         self._parts = StateParts()
         # Versions of predecessor state this code can restore; default: its own and older.
         self.accept_versions: set[int] | None = None
-        self.listeners = _listeners(env, default_binds)
+        self.listeners = listeners_from_env(env, default_binds)
         self._channel_fd = int(env["SWAPD_CHANNEL_FD"]) if env.get("SWAPD_CHANNEL_FD") else None
         self._notify_addr = env.get("NOTIFY_SOCKET") if self._channel_fd is None else None
         self._snapshot: Snapshot | None = None
@@ -268,7 +269,7 @@ class Worker:
             sock.set_inheritable(False)
             self._channel = Channel(sock, self._on_message, self._on_channel_close,
                                     on_refused=self._on_channel_refused)
-        previous = _install_signals(loop, self._begin_drain)
+        previous = install_signals(loop, self._begin_drain)
         try:
             await main(self)
             if not self._ready_called:
@@ -276,7 +277,7 @@ class Worker:
             await self._drained.wait()
             await self._hub.wait_empty()
         finally:
-            _restore_signals(loop, previous)
+            restore_signals(loop, previous)
             self._closed.set()
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
@@ -771,72 +772,6 @@ _HANDLERS: dict[str, Callable[[Worker, Message, Any], Awaitable[None]]] = {
     "link.out": Worker._handle_link_out,
     "link.in": Worker._handle_link_in,
 }
-
-
-def _listeners(env: dict[str, str], default_binds: dict[str, str] | None
-               ) -> dict[str, socket.socket]:
-    """Listeners from LISTEN_FDS (swapd or systemd), else bound here from SWAPD_BIND/defaults."""
-    if env.get("LISTEN_FDS") and env.get("LISTEN_PID") == str(os.getpid()):
-        try:
-            count = int(env["LISTEN_FDS"])
-        except ValueError:
-            raise WorkerError(f"bad LISTEN_FDS={env['LISTEN_FDS']!r}") from None
-        names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
-        result: dict[str, socket.socket] = {}
-        for i in range(count):
-            name = names[i] if i < len(names) and names[i] else f"fd{3 + i}"
-            sock = socket.socket(fileno=3 + i)
-            sock.set_inheritable(False)
-            result[name] = sock
-        return result
-    specs = env.get("SWAPD_BIND")
-    binds = dict(parse_bind(s) for s in specs.split(",")) if specs else {
-        name: parse_bind(f"{name}={addr}")[1] for name, addr in (default_binds or {}).items()
-    }
-    return {name: bind(address) for name, address in binds.items()}
-
-
-def _env_seconds(env: dict[str, str], name: str, default: float) -> float:
-    text = env.get(name)
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise WorkerError(f"{name}={text!r}: expected a number of seconds >= 0")
-    return value
-
-
-def raise_nofile() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit: a handoff takes over every connection of the
-    predecessor, and the default soft limit (1024 under systemd) is far below what the
-    hard limit allows."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            log.info("event=rlimit.nofile soft=%d raised_to=%d", soft, hard)
-
-
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def _install_signals(loop: asyncio.AbstractEventLoop, drain: Callable[[], None]
-                     ) -> dict[int, Any]:
-    previous: dict[int, Any] = {}
-    for sig in _SIGNALS:
-        previous[sig] = signal.getsignal(sig)
-        loop.add_signal_handler(sig, drain)
-    return previous
-
-
-def _restore_signals(loop: asyncio.AbstractEventLoop, previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        loop.remove_signal_handler(sig)
-        with contextlib.suppress(TypeError, ValueError):
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def current() -> Worker:
