@@ -15,7 +15,7 @@ these requests to its `HandoffSide`:
 It keeps what lives from one of these requests to the next: the handoff links, the
 connections received before the commit, the state parts (shared with the `Worker`, which
 registers tracked dicts into them), whether this worker is quiesced or held, the garbage
-collector paused for the pause, and the app's snapshot, restore, quiesce, precopied and
+collector (paused during the pause), and the app's snapshot, restore, quiesce, precopied and
 resume hooks (registered through the `Worker`). The drain stays the `Worker`'s: it ends
 the swap's links and un-pauses the collector through `end_links()` and `resume_gc()`.
 """
