@@ -17,7 +17,7 @@ Rules that keep this exact:
 - the old worker closes a pre-sent connection with shutdown() first, so the client gets
   its FIN although the successor still holds a duplicate (dropped by the delta's `gone`);
 - anything the old worker changes after pre-sending a connection marks it touched
-  (connection.Tracking), and the delta carries every touched connection again;
+  (client.Tracking), and the delta carries every touched connection again;
 - a pinned connection is never pre-sent: it stays with the old worker; one pinned after
   its pre-send is in the delta's `gone` (the successor drops its duplicate), one unpinned
   since travels as new;
@@ -38,7 +38,8 @@ from typing import Any
 from swapd import handoff
 from swapd import messages as m
 from swapd.channel import Channel, ChannelError, Message
-from swapd.worker.connection import Connection, ConnectionHub, Handover
+from swapd.worker.client import Connection
+from swapd.worker.hub import ConnectionHub, Handover
 
 log = logging.getLogger("swapd.worker")
 
