@@ -92,7 +92,6 @@ class Worker:
         self._ready_called = False
         self._closed: asyncio.Event | None = None
         self._drained: asyncio.Event | None = None
-        self._restored: asyncio.Future[None] | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
         self._owns_process = False  # started by run(): process-wide settings are ours to touch
         self._patch_host: PatchHost | None = None
