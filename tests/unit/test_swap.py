@@ -244,6 +244,10 @@ def test_a_new_worker_dead_but_not_yet_reaped_aborts_the_commit() -> None:
                              release: str | None = None) -> Generation:
             gen = super().start_generation(cfg, successor_of, release)
             self.processes.exited.append(gen.workers[0].child)
+            # ... and the reaper catches up a moment later (the abort waits for its status)
+            dead = gen.workers[0]
+            assert isinstance(dead, FakeWorker)
+            asyncio.get_running_loop().call_later(0.01, dead.die)
             return gen
 
     fleet, outcome, _ = run_in_loop(DiesAfterReady, config())
