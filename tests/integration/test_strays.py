@@ -29,7 +29,10 @@ from tests.integration.supervised import (
 # worker's output. "stubborn" ignores SIGTERM: only the SIGKILL after the grace ends it.
 HELPER = ("import os, signal, sys, time\n"
           "if sys.argv[1] == 'stubborn': signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-          "print(f'helper {sys.argv[1]} pid={os.getpid()} pgid={os.getpgid(0)}', flush=True)\n"
+          # one write per line: the two helpers share the pipe, and print() may write a line
+          # and its newline separately, interleaving them
+          "os.write(1, f'helper {sys.argv[1]} pid={os.getpid()} pgid={os.getpgid(0)}\\n'"
+          ".encode())\n"
           "time.sleep(600)\n")
 
 
