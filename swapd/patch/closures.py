@@ -36,19 +36,11 @@ import sys
 from types import CellType, CodeType
 from typing import TypeVar
 
+from swapd.patch.nodes import SCOPES
+
 _OUTER = "__swapd_outer__"
 _LAMBDA = "__swapd_lambda__"
 FuncNode = ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
-_SCOPES = (
-    ast.FunctionDef,
-    ast.AsyncFunctionDef,
-    ast.Lambda,
-    ast.ClassDef,
-    ast.ListComp,
-    ast.SetComp,
-    ast.DictComp,
-    ast.GeneratorExp,
-)
 
 
 class CannotAdapt(Exception):
@@ -244,7 +236,7 @@ def _scan(scope: ast.AST, moved: set[str], own: bool) -> str:
     stack = body
     while stack:
         node = stack.pop()
-        if node is not scope and isinstance(node, _SCOPES):
+        if node is not scope and isinstance(node, SCOPES):
             nested.append(node)
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                 bound.setdefault(node.name, "a def or class")

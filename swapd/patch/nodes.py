@@ -121,7 +121,8 @@ class FunctionNodes:
         return self.nodes.get((name, firstlineno))
 
 
-_SCOPES = (
+# The nodes that open a scope of their own (names bound inside are not the enclosing one's).
+SCOPES = (
     ast.FunctionDef,
     ast.AsyncFunctionDef,
     ast.Lambda,
@@ -152,7 +153,7 @@ def literal_initializer(
             if node.name == var:
                 bindings += 1
             continue
-        if isinstance(node, _SCOPES):
+        if isinstance(node, SCOPES):
             continue
         if (
             (isinstance(node, ast.Name) and node.id == var and not isinstance(node.ctx, ast.Load))

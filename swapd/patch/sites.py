@@ -22,19 +22,10 @@ import dis
 from types import CodeType
 
 from swapd.patch.code import CodeIndex, CodeKey, kind
+from swapd.patch.nodes import SCOPES
 
 Span = tuple[int, int, int, int]  # lineno, end_lineno, col_offset, end_col_offset
 
-_SCOPES = (
-    ast.FunctionDef,
-    ast.AsyncFunctionDef,
-    ast.Lambda,
-    ast.ClassDef,
-    ast.ListComp,
-    ast.SetComp,
-    ast.DictComp,
-    ast.GeneratorExp,
-)
 _BY_NAME: dict[str, tuple[type[ast.AST], ...]] = {
     "<lambda>": (ast.Lambda,),
     "<listcomp>": (ast.ListComp,),
@@ -123,7 +114,7 @@ class Sites:
             for node in ast.walk(self.tree):
                 for child in ast.iter_child_nodes(node):
                     self._parents[id(child)] = node
-                if isinstance(node, _SCOPES):
+                if isinstance(node, SCOPES):
                     span = (node.lineno, node.end_lineno or node.lineno, node.col_offset,
                             node.end_col_offset or 0)
                     self._spans.setdefault(span, []).append(node)
