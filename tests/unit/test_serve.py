@@ -294,6 +294,9 @@ def test_pinned_and_full_duplex_connections_in_quiesce_and_drain() -> None:
     asyncio.run(main())
 
 
-async def _until(predicate: Any) -> None:
+async def _until(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll the loop's own state (nothing to wait on from outside it), with a deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met within 10 s"
         await asyncio.sleep(0.01)
