@@ -131,6 +131,12 @@ class Swapd:
     def main_pid(self) -> int:
         return int(self.show("MainPID")["MainPID"])
 
+    def unit_pids(self) -> set[int]:
+        """The processes in the unit's cgroup now, as pids of the namespace (read inside it)."""
+        group = self.show("ControlGroup")["ControlGroup"]
+        procs = self.sd.run("cat", f"/sys/fs/cgroup{group}/cgroup.procs").stdout
+        return {int(line) for line in procs.split()}
+
     def systemctl(self, verb: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.sd.run("systemctl", verb, self.unit, check=check, timeout=60)
 

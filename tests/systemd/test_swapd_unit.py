@@ -484,8 +484,12 @@ def test_crash_under_load_refuses_no_connection(swapd: Callable[[str], Swapd]) -
     assert new_pid != old_pid
     journal = s.journal()
     assert f"{s.unit}: Main process exited, code=killed, status=9/KILL" in journal
-    for pid in old_workers:
-        assert re.search(rf"{s.unit}: Killing process {pid} \(.*\) with signal SIGKILL", journal)
+    # Every old worker is gone before the restart: SIGKILLed by systemd with the rest of the
+    # cgroup, or already exited on the SIGTERM its parent's death sent it (PR_SET_PDEATHSIG),
+    # whichever came first; an idle worker can exit before systemd gets round to it.
+    in_unit = s.unit_pids()
+    assert new_pid in in_unit and set(s.worker_pids()) <= in_unit
+    assert not set(old_workers) & in_unit
     assert s.show("NFileDescriptorStore")["NFileDescriptorStore"] == "1"
     new = s.status()
     assert s.http_listener(new)["source"] == "stored"
