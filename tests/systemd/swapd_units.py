@@ -146,6 +146,20 @@ class Swapd:
     def journal(self, lines: int = 400) -> str:
         return self.sd.journal(self.unit, lines=lines)
 
+    def journal_shows(self, *texts: str, timeout: float = 10.0) -> str:
+        """Wait until the unit's journal holds every one of ``texts``; return it.
+
+        journald takes stream lines and PID 1's messages asynchronously: a line written just
+        before the test looks may not be readable yet, so a positive check waits for it.
+        """
+
+        def shows() -> str | None:
+            text = self.journal()
+            return text if all(t in text for t in texts) else None
+
+        return self.sd.wait_for(shows, timeout, f"{self.unit}'s journal to show {texts!r}",
+                                interval=0.1)  # fmt: skip
+
     def stop(self) -> None:
         """Stop the service (and its socket unit), forget a failed state; for teardown."""
         self.sd.run("systemctl", "stop", self.socket_unit, self.unit, check=False, timeout=90)

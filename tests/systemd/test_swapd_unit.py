@@ -309,7 +309,7 @@ def test_failing_reload_fails_systemctl_and_leaves_the_service_as_it_was(
     assert {int(body.split()[1]) for _, body in answers} <= set(workers)
     assert {body.split()[0] for _, body in answers} == {"v1"}
     # The reason is in the journal, with the failed worker's output.
-    assert "simulated import failure in the new code" in s.journal()
+    s.journal_shows("simulated import failure in the new code")
 
     # The next good reload works and clears the failure from the status.
     behave(sd, "bad", version="v2")
@@ -334,7 +334,7 @@ def test_watchdog_survives_swaps_and_kills_a_stuck_supervisor(
     main_pid = start(s)
     assert s.show("WatchdogUSec", "Restart") == {"WatchdogUSec": f"{WATCHDOG_SEC}s",
                                                  "Restart": "on-failure"}  # fmt: skip
-    assert "event=watchdog.enabled interval=1.000s" in s.journal()
+    s.journal_shows("event=watchdog.enabled interval=1.000s")
 
     # Swaps back to back for longer than three watchdog periods: the pings keep coming.
     swaps, began = 0, time.monotonic()
@@ -359,9 +359,8 @@ def test_watchdog_survives_swaps_and_kills_a_stuck_supervisor(
     props = s.wait_for(timeout=6 * WATCHDOG_SEC + 10, NRestarts="1", ActiveState="active",
                        SubState="running")  # fmt: skip
     assert s.main_pid() != main_pid, props
-    journal = s.journal()
-    assert f"{s.unit}: Watchdog timeout (limit {WATCHDOG_SEC}s)!" in journal
-    assert f"{s.unit}: Failed with result 'watchdog'." in journal
+    s.journal_shows(f"{s.unit}: Watchdog timeout (limit {WATCHDOG_SEC}s)!",
+                    f"{s.unit}: Failed with result 'watchdog'.")
 
 
 WATCHDOG_MID_SWAP_SEC = 4
@@ -482,8 +481,7 @@ def test_crash_under_load_refuses_no_connection(swapd: Callable[[str], Swapd]) -
     assert report["failed"] <= clients, report["details"]
     assert report["ok"] > 0
     assert new_pid != old_pid
-    journal = s.journal()
-    assert f"{s.unit}: Main process exited, code=killed, status=9/KILL" in journal
+    s.journal_shows(f"{s.unit}: Main process exited, code=killed, status=9/KILL")
     # Every old worker is gone before the restart: SIGKILLed by systemd with the rest of the
     # cgroup, or already exited on the SIGTERM its parent's death sent it (PR_SET_PDEATHSIG),
     # whichever came first; an idle worker can exit before systemd gets round to it.
@@ -511,9 +509,8 @@ def test_stateful_restart_keeps_the_state_once(swapd: Callable[[str], Swapd]) ->
     second_pid = s.main_pid()
     assert second_pid != first_pid
     assert s.http(port, "GET", "/count") == [(200, str(count))]
-    journal = s.journal()
-    assert f"swapd[{first_pid}]: INFO event=fdstore.state slot=0" in journal
-    assert f"swapd[{second_pid}]: INFO event=state.restored source=fdstore slots=[0]" in journal
+    s.journal_shows(f"swapd[{first_pid}]: INFO event=fdstore.state slot=0",
+                    f"swapd[{second_pid}]: INFO event=state.restored source=fdstore slots=[0]")
     # Used once, then removed: only the listener is left in the store.
     assert s.show("NFileDescriptorStore")["NFileDescriptorStore"] == "1"
 
