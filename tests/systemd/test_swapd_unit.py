@@ -8,7 +8,7 @@ tests add are these drop-ins, and ``test_the_units_tested_are_the_units_shipped`
 nothing else differs:
 
     swapd@wd.service.d/test.conf      WatchdogSec=2       (shipped as a comment: #WatchdogSec=30s)
-    swapd@wdswap.service.d/test.conf  WatchdogSec=4       (likewise)
+    swapd@wdswap.service.d/test.conf  WatchdogSec=6       (likewise)
     swapd@main.service.d/test.conf    NotifyAccess=main   (proves swapd does not need "all")
 
 Loads run inside the namespace (swapd_units.InnerLoad) while the test drives systemd; each
@@ -51,7 +51,7 @@ SOCKET_PORT = 8080  # swapd@.socket's shipped ListenStream=127.0.0.1:8080, used 
 
 TEST_DROP_INS = {
     "wd": "[Service]\nWatchdogSec=2\n",
-    "wdswap": "[Service]\nWatchdogSec=4\n",
+    "wdswap": "[Service]\nWatchdogSec=6\n",
     "main": "[Service]\nNotifyAccess=main\n",
 }
 
@@ -363,7 +363,8 @@ def test_watchdog_survives_swaps_and_kills_a_stuck_supervisor(
                     f"{s.unit}: Failed with result 'watchdog'.")
 
 
-WATCHDOG_MID_SWAP_SEC = 4
+# Half of it must cover one reload (the stop comes before the next ping), also on a loaded CI.
+WATCHDOG_MID_SWAP_SEC = 6
 
 
 def test_watchdog_kills_a_supervisor_stuck_right_after_a_swap_began(
