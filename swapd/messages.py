@@ -362,6 +362,9 @@ WORKER_REQUESTS: dict[str, type[Body]] = {
 # reads first.
 
 LINK_BATCH = 200  # descriptors per link message, memfd included (< swapd.channel.MAX_FDS)
+# How a new worker's failed `link.in` reply begins when the link only closed under it (its
+# sender failed): the supervisor then reports the sender's reason, not this echo of it.
+LINK_CLOSED = "handoff link from the predecessor closed"
 
 
 @dataclasses.dataclass(frozen=True)

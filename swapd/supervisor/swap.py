@@ -384,9 +384,6 @@ def _linkable(old: Generation, new: Generation) -> bool:
     return bool(pairs) and all("link" in w.features() for pair in pairs for w in pair)
 
 
-LINK_CLOSED = "handoff link from the predecessor closed"  # swapd.worker.link's wording
-
-
 async def _presend(old: Generation, new: Generation, config: Config, job: SwapJob) -> None:
     """Outside the pause: each old worker passes its connections to its successor directly.
 
@@ -420,7 +417,7 @@ async def _presend(old: Generation, new: Generation, config: Config, job: SwapJo
         received, sent = receive.exception(), send.exception()
         # The receiver's reason first (a refusal for lack of descriptors names the figures),
         # unless it only saw the link close because the sender failed.
-        if received is not None and (sent is None or LINK_CLOSED not in str(received)):
+        if received is not None and (sent is None or m.LINK_CLOSED not in str(received)):
             raise received
         if sent is not None:
             raise sent

@@ -199,7 +199,7 @@ class LinkReceiver:
                 fut.set_exception(LinkError(error))
 
     def _on_close(self, error: ChannelError) -> None:
-        self._fail(f"handoff link from the predecessor closed: {error}")
+        self._fail(f"{m.LINK_CLOSED}: {error}")
 
     def _on_message(self, msg: Message) -> None:
         kind = m.LINK_MESSAGES.get(msg.type)

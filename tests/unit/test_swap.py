@@ -134,6 +134,7 @@ class FakeFleet:
         self.active = self.old
         self.new: Generation | None = None
         self.spawn_error: str | None = None
+        self.new_features: set[str] = set()  # beyond FakeWorker's defaults
 
     def _generation(self, gen_id: int, n: int, role: str, script: dict[str, Any]
                     ) -> Generation:
@@ -151,6 +152,7 @@ class FakeFleet:
         gen = Generation(2, cfg, release=release or "derived")
         for slot in range(cfg.workers):
             w = FakeWorker(2, slot, role, self.scripts.get(slot, {}))
+            w.features_ |= self.new_features
             info = self.ready.get(slot, {"standby": role == "successor", "via": "channel"})
             if info is not None:
                 w.ready.set_result(info)
@@ -370,6 +372,35 @@ def test_precopy_failure_ends_the_round_without_quiesce() -> None:
     assert_untouched(fleet, failure, "pre-copy load failed: PrecopyError: unknown dict")
     assert old_workers(fleet)[0].asked == ["PrecopyOut", "Resume"]
     assert fleet.resumed == []  # it never stopped serving: no generation-level resume
+
+
+@pytest.mark.parametrize(("sent", "received", "reason"), [
+    # The sender failed; the receiver only saw the link close under it: the sender's reason.
+    ({"ok": False, "error": "OSError: [Errno 9] Bad file descriptor"},
+     {"ok": False, "error": f"{m.LINK_CLOSED}: end of stream"},
+     "gen=1 worker=0 pid=100 connection pre-send failed: OSError: [Errno 9] Bad file"),
+    # The receiver refused on its own (its descriptor budget): its reason, with the figures.
+    ({"ok": False, "error": "handoff link closed"},
+     {"ok": False, "error": "3000 connections need 3016 descriptors, RLIMIT_NOFILE is 1024"},
+     "gen=2 worker=0 pid=200 connection pre-send (receive) failed: 3000 connections need"),
+])
+def test_a_presend_failure_names_the_worker_that_failed(
+    sent: dict[str, Any], received: dict[str, Any], reason: str
+) -> None:
+    def build_fleet() -> FakeFleet:
+        fleet = FakeFleet()
+        old = old_workers(fleet)[0]
+        old.features_.add("link")
+        old.script = {**fleet.old_script, "LinkOut": sent}
+        fleet.new_features = {"link"}
+        fleet.scripts[0] = {"LinkIn": received}
+        return fleet
+    fleet, failure, _ = run_in_loop(build_fleet, stateful())
+    assert_untouched(fleet, failure, reason)
+    # Told to end the pre-send it began; it never stopped serving: no generation-level resume.
+    assert old_workers(fleet)[0].asked == ["LinkOut", "Resume"]
+    assert fleet.resumed == []
+    assert new_workers(fleet)[0].asked == ["LinkIn"]
 
 
 def test_refused_before_anything_starts() -> None:
