@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ from swapd.supervisor.generation import (
     Generation,
     GenerationRecord,
     WorkerProcess,
+    WorkerRecord,
 )
 from swapd.supervisor.journal import Journal
 from swapd.supervisor.lifecycle import FINAL, GenEvent, GenState, SlotEvent, SlotState
@@ -124,6 +126,8 @@ class Fleet:
                     w.passthrough = g.config.worker_output == "passthrough"
                     self.watch(w)
                 gen.workers.append(w)
+                if rec is not None and w is not None:
+                    self._resume_readiness(gen, w, rec, now)
             self.generations[gen.id] = gen
             if gen.state == GenState.DRAINING:
                 remaining = max(0.0, (g.drain_deadline or now) - now)
@@ -134,6 +138,23 @@ class Fleet:
             for slot, dead in enumerate(self.active.workers):
                 if dead is None:
                     self.respawn(self.active, slot)
+
+    def _resume_readiness(self, gen: Generation, w: WorkerProcess, rec: WorkerRecord,
+                          now: float) -> None:
+        """A restart the old image was waiting on: wait out the rest of its deadline (and
+        go on probing), as the old image would have. (No swap crosses a re-exec: only an
+        active generation's restarted workers can be starting.)"""
+        probe = None if rec.probe_fd is None else socket.socket(fileno=rec.probe_fd)
+        if probe is not None:
+            probe.set_inheritable(False)
+        if w.ready.done() or gen.state != GenState.ACTIVE:
+            if probe is not None:
+                probe.close()
+            return
+        left = max(0.0, gen.config.timeouts.ready - (now - w.started))
+        if probe is not None:
+            readiness.start_probe(w, gen.config, probe, bound=left)
+        self.background(self._watch_respawn(gen, w, left))
 
     # -- starting ------------------------------------------------------------------------
 
@@ -379,9 +400,11 @@ class Fleet:
         self.on_event("restart", gen, slot)
         self.background(self._watch_respawn(gen, worker))
 
-    async def _watch_respawn(self, gen: Generation, w: WorkerProcess) -> None:
+    async def _watch_respawn(self, gen: Generation, w: WorkerProcess,
+                             timeout: float | None = None) -> None:
         waiting: set[asyncio.Future[Any]] = {w.ready, w.exited}
-        done, _ = await asyncio.wait(waiting, timeout=gen.config.timeouts.ready,
+        timeout = gen.config.timeouts.ready if timeout is None else timeout
+        done, _ = await asyncio.wait(waiting, timeout=timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
         if w.ready in done and not w.exited.done():
             w.transition_ready()

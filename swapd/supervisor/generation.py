@@ -101,6 +101,7 @@ class WorkerRecord:
     status: str
     tail: list[str]
     ready_info: dict[str, Any] | None
+    probe_fd: int | None = None  # a readiness probe's private listener, still probing
 
 
 @dataclass(frozen=True)

@@ -116,13 +116,24 @@ def probe_env(sock: socket.socket, fd_number: int) -> dict[str, str]:
     return {"SWAPD_PROBE_FD": str(fd_number), "SWAPD_PROBE_ADDR": f"{host}:{port}"}
 
 
-def start_probe(worker: WorkerProcess, config: Config, sock: socket.socket) -> None:
-    """Probe `worker` until it is ready, exits or `ready_timeout` passes; owns `sock`."""
+def start_probe(worker: WorkerProcess, config: Config, sock: socket.socket,
+                bound: float | None = None) -> None:
+    """Probe `worker` until it is ready, exits or `bound` (`ready_timeout`) passes; owns
+    `sock`. A re-exec'd supervisor resumes a probe with what is left of the bound."""
     assert config.probe is not None
     probe = Probe(sock, config.probe, config.timeouts.probe)
     worker.ready_via = "probe"  # a READY=1 (gunicorn's arbiter sends one early) must not win
     _probes[worker] = probe
-    probe.task = asyncio.ensure_future(_run(worker, probe, config.timeouts.ready))
+    probe.task = asyncio.ensure_future(
+        _run(worker, probe, config.timeouts.ready if bound is None else bound))
+
+
+def probing(worker: WorkerProcess) -> socket.socket | None:
+    """The private listener of a probe still running (for a re-exec to carry over)."""
+    probe = _probes.get(worker)
+    if probe is None or probe.task is None or probe.task.done():
+        return None
+    return probe.sock
 
 
 async def _run(worker: WorkerProcess, probe: Probe, bound: float) -> None:

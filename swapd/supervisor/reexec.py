@@ -15,7 +15,12 @@ in a memfd:
      "generations": [{"id", "state", "config", "created", "committed", "restarts",
                       "drain_deadline", "workers": [{"slot", "role", "pid", "pidfd",
                       "channel_fd", "notify_fd", "output_fd", "state", "started",
-                      "ready_at", "hello", "status", "tail"} | null]}]}
+                      "ready_at", "hello", "status", "tail", "ready_info",
+                      "probe_fd"} | null]}]}
+
+A worker not ready yet (a restart in progress) keeps its deadline: the new image watches
+its readiness for what is left of `ready_timeout`, and resumes its readiness probe on the
+probe's private listener (`probe_fd`) if it had one.
 
 Order of operations, each step undoable until the exec:
 1. refuse if a swap (or anything else) is in flight, and refuse new ones meanwhile;
@@ -50,7 +55,7 @@ from typing import Any
 from swapd import __version__
 from swapd.config import Config, ConfigError, from_overrides, to_overrides
 from swapd.sockets import Address, AddressError, parse_address
-from swapd.supervisor import process
+from swapd.supervisor import process, readiness
 from swapd.supervisor.fleet import Fleet
 from swapd.supervisor.generation import GenerationRecord, WorkerRecord
 from swapd.supervisor.journal import PatchRecord
@@ -109,6 +114,7 @@ def capture(fleet: Fleet, listeners: Listeners, owned: Owned, reply_fd: int | No
                                                        "state": w.state.value})
                 continue
             pipes = w.pipe_fds()
+            probe = readiness.probing(w)
             workers.append({
                 "slot": w.slot, "role": w.role, "pid": w.pid, "pidfd": keep(w.child.pidfd),
                 "channel_fd": keep(pipes[0]) if pipes[0] is not None else None,
@@ -117,6 +123,7 @@ def capture(fleet: Fleet, listeners: Listeners, owned: Owned, reply_fd: int | No
                 "state": w.state.value, "started": w.started, "ready_at": w.ready_at,
                 "hello": w.hello, "status": w.status_text, "tail": list(w.tail),
                 "ready_info": w.ready.result() if w.ready.done() else None,
+                "probe_fd": keep(probe.fileno()) if probe is not None else None,
             })
         gens.append({
             "id": gen.id, "state": gen.state.value, "config": to_overrides(gen.config),
@@ -230,6 +237,7 @@ def _generation(g: dict[str, Any]) -> GenerationRecord:
             status=str(w.get("status", "")),
             tail=[str(line) for line in w.get("tail", [])],
             ready_info=_get(w, "ready_info", dict, optional=True),
+            probe_fd=_get(w, "probe_fd", int, optional=True),
         ))
     return GenerationRecord(
         id=_get(g, "id", int), state=GenState(_get(g, "state", str)),

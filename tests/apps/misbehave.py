@@ -10,6 +10,8 @@ start, so a test writes it and then asks for a swap:
     {"never_ready": true}            serve nothing, never call ready()
     {"gate": "/path/fifo"}           block before ready() until a line arrives on the FIFO
                                      "<path>-<slot>" (one FIFO per worker slot)
+    {"serve_gate": "/path/fifo"}     the same, before it serves (answers nothing, a readiness
+                                     probe included, until then)
     {"crash_after_ready": true}      call ready(), then exit 1 (crash loop material)
     {"version": "v2"}                text served at GET /
     {"say": "text"}                  print this line on stdout at start (output tests)
@@ -201,6 +203,10 @@ async def main(w: worker.Worker) -> None:
         print(BEHAVIOR["say"], flush=True)
     w.on_snapshot(snapshot)
     w.on_restore(restore)
+    if BEHAVIOR.get("serve_gate"):
+        print("waiting at the serve gate", flush=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _wait_gate, f"{BEHAVIOR['serve_gate']}-{w.slot}")
     for name in w.listeners if BEHAVIOR.get("serve", True) else ():
         await w.serve(name, lambda conn: serve_http(conn, app))
     if "exit_before_ready" in BEHAVIOR:

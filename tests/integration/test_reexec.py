@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from swapd.loadgen import BackgroundLoad, http_get
-from tests.integration.supervised import HELLO, ROOT, Supervised
+from tests.integration.supervised import HELLO, MISBEHAVE, ROOT, Supervised, write_behavior
 
 LOAD = {"clients": 8, "duration": 60.0, "max_requests": 500_000}
 
@@ -100,4 +104,70 @@ def test_failed_reexec_leaves_old_supervisor_running(tmp_path: Path, code: Path)
         assert s.active_pids() == [w["pid"] for w in before["generations"][0]["workers"]]
         s.wait_log(r"event=reexec.failed")
     finally:
+        s.stop()
+
+
+def _open_gate(fifo: str, timeout: float) -> bool:
+    """Let a worker waiting at `fifo` through; False if none came to it within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:  # ENXIO: nobody reads it (yet)
+            if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+            continue
+        try:
+            os.write(fd, b"go\n")
+        finally:
+            os.close(fd)
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("readiness", "gets_ready"), [
+    ("notify", True), ("probe", True), ("probe", False)])
+def test_a_restart_in_progress_keeps_its_readiness_watch_across_a_reexec(
+    tmp_path: Path, code: Path, readiness: str, gets_ready: bool
+) -> None:
+    """A worker restarted just before `upgrade --self` is still starting when the new image
+    takes over: that image must mark it ready when it is (resuming its readiness probe), or
+    kill it when what is left of its ready_timeout runs out, as the old image would have."""
+    behavior, gate = tmp_path / "behavior.json", tmp_path / "gate"
+    os.mkfifo(f"{gate}-0")
+    write_behavior(behavior, version="v1")
+    args = ["--workers", "1", "--ready-timeout", "8"]
+    if readiness == "probe":
+        args += ["--readiness", "probe", "--probe", "http:/"]
+    s = Supervised(tmp_path, MISBEHAVE, args=args,
+                   env={"PYTHONPATH": str(code), "BEHAVIOR": str(behavior)}).start()
+    try:
+        [first] = s.active_pids()
+        write_behavior(behavior, version="v1", serve_gate=str(gate))
+        mark = s.log_mark()
+        os.kill(first, signal.SIGKILL)
+        restarted = int(s.wait_log(r"gen=1 worker=0 pid=(\d+)\| waiting at the serve gate",
+                                   start=mark)[1])
+        assert s.status()["generations"][0]["workers"][0]["state"] == "starting"
+
+        reexec = s.cli("upgrade", "--self")
+        assert reexec.returncode == 0, reexec.stdout + reexec.stderr
+        mark = s.log_mark()
+        assert s.active_pids() == [restarted]
+        assert s.status()["generations"][0]["workers"][0]["state"] == "starting"
+        if gets_ready:
+            assert _open_gate(f"{gate}-0", timeout=10)
+            s.wait_log(rf"event=worker.ready gen=1 worker=0 pid={restarted} restarts=1",
+                       start=mark)
+            assert s.status()["generations"][0]["workers"][0]["state"] == "ready"
+        else:
+            line = s.wait_log(rf"event=worker.ready_timeout gen=1 worker=0 pid={restarted} "
+                              r"timeout=8s action=SIGKILL reason=(.*)", start=mark)
+            # The resumed probe's own account: it went on trying after the re-exec.
+            assert "private probe socket" in line[1] and "attempt(s)" in line[1], line[1]
+            s.wait_log(rf"event=worker.died gen=1 worker=0 pid={restarted}", start=mark)
+    finally:
+        write_behavior(behavior, version="v1")
+        _open_gate(f"{gate}-0", timeout=0)  # a worker still waiting there may go
         s.stop()
