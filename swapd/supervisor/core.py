@@ -63,7 +63,8 @@ from swapd.supervisor.shutdown import bound as stop_bound
 from swapd.supervisor.shutdown import shutdown
 from swapd.supervisor.startup import FirstStart, StartupError, prepare_ops
 from swapd.supervisor.status import report as status_report
-from swapd.supervisor.swap import SwapFailed, SwapJob, committed, run_swap, swap_bound
+from swapd.supervisor.swap import run_swap, swap_bound
+from swapd.supervisor.swapjob import SwapFailed, SwapJob, committed
 from swapd.supervisor.watch import SwapOptions
 from swapd.systemd import LISTEN_ENV
 

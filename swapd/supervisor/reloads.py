@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from swapd.config import Config, ConfigError, load
-from swapd.supervisor.swap import SwapFailed
+from swapd.supervisor.swapjob import SwapFailed
 
 log = logging.getLogger("swapd")
 

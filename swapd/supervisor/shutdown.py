@@ -23,7 +23,8 @@ from swapd.supervisor.fleet import KILL_WAIT, Fleet
 from swapd.supervisor.lifecycle import GenEvent, GenState
 from swapd.supervisor.manager import ServiceManager
 from swapd.supervisor.strays import STRAY_GRACE
-from swapd.supervisor.swap import SwapJob, store_state
+from swapd.supervisor.swapjob import SwapJob
+from swapd.supervisor.transfer import store_state
 
 log = logging.getLogger("swapd")
 

@@ -29,7 +29,9 @@ from swapd.supervisor.listeners import Listeners
 from swapd.supervisor.manager import ServiceManager, split_inherited
 from swapd.supervisor.metrics import MetricsUnavailable
 from swapd.supervisor.ops import Operations
-from swapd.supervisor.swap import SwapFailed, SwapJob, activate, restore_stored, wait_ready
+from swapd.supervisor.swap import wait_ready
+from swapd.supervisor.swapjob import SwapFailed, SwapJob
+from swapd.supervisor.transfer import activate, restore_stored
 from swapd.supervisor.watch import HealthUrlError, check_health_url
 
 log = logging.getLogger("swapd")

@@ -24,7 +24,7 @@ from swapd.supervisor.generation import WorkerProcess
 from swapd.supervisor.journal import Journal
 from swapd.supervisor.listeners import Listeners
 from swapd.supervisor.ops import Operations
-from swapd.supervisor.swap import SwapJob
+from swapd.supervisor.swapjob import SwapJob
 
 
 class Reported(Protocol):

@@ -21,7 +21,8 @@ from swapd.config import Config, Timeouts, build
 from swapd.supervisor.fleet import SpawnFailed
 from swapd.supervisor.generation import Answer, Generation, RequestFailed
 from swapd.supervisor.lifecycle import GenEvent, GenState
-from swapd.supervisor.swap import SwapFailed, SwapJob, run_swap
+from swapd.supervisor.swap import run_swap
+from swapd.supervisor.swapjob import SwapFailed, SwapJob
 
 Script = Callable[["FakeWorker", m.Body], dict[str, Any]]
 HANG = object()  # a script returns this to never answer
