@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -48,6 +49,7 @@ out_log = logging.getLogger("swapd.output")
 
 TAIL_LINES = 40
 _MAX_LINE = 4096
+_PIPE_SIZE_FALLBACK = 1 << 20  # fs.pipe-max-size's default: no pipe holds more
 _EXIT_GRACE = 1.0  # seconds to wait for a pidfd after the channel of a dying worker closed
 # What the supervisor accepts from a worker: nothing it sends unasked carries descriptors,
 # nor does any reply unless its request says how many (a snapshot: see swap.py); no body
@@ -394,12 +396,12 @@ class WorkerProcess:
             self.ready_at = time.monotonic()
             self.ready.set_result(info)
 
-    def _on_output(self) -> bool:
-        """Read one chunk of output; False when there is nothing more to read for now."""
+    def _on_output(self) -> int:
+        """Read one chunk of output; its size, 0 when there is nothing more to read for now."""
         try:
             chunk = os.read(self._output_fd, 65536)
         except BlockingIOError:
-            return False
+            return 0
         except OSError:
             chunk = b""
         if not chunk:
@@ -407,7 +409,7 @@ class WorkerProcess:
             self._loop.remove_reader(self._output_fd)
             os.close(self._output_fd)
             self._output_fd = -1
-            return False
+            return 0
         lines = (self._partial + chunk).split(b"\n")
         self._partial = lines.pop()
         if len(self._partial) > _MAX_LINE:
@@ -415,7 +417,13 @@ class WorkerProcess:
             self._partial = b""
         for raw in lines:
             self._emit_line(raw)
-        return True
+        return len(chunk)
+
+    def _pipe_size(self) -> int:
+        try:
+            return fcntl.fcntl(self._output_fd, fcntl.F_GETPIPE_SZ)
+        except OSError:
+            return _PIPE_SIZE_FALLBACK
 
     def _flush_partial(self) -> None:
         if self._partial:
@@ -431,9 +439,12 @@ class WorkerProcess:
         """Called once the child has been reaped: drain its output, release its pipes."""
         # Whatever the child wrote before dying is still in the pipe: read it now so a
         # failure report carries the traceback. Stop at EAGAIN, not only at EOF: a process
-        # the worker started may still hold the pipe's write end open.
-        while self._output_fd >= 0 and self._on_output():
-            pass
+        # the worker started may still hold the pipe's write end open. And stop after what
+        # the pipe can hold: one that keeps writing (`setsid yes &`) would never let EAGAIN
+        # come, and its output is not the worker's. Closing the pipe then ends its writes.
+        budget = self._pipe_size()
+        while self._output_fd >= 0 and budget > 0 and (read := self._on_output()):
+            budget -= read
         self._flush_partial()
         self.close_pipes()
         if not self.exited.done():

@@ -5,10 +5,12 @@ on: each got SIGTERM from the kernel (PR_SET_PDEATHSIG), drains, and exits withi
 drain deadline, holding the listening sockets until then. A supervisor started meanwhile
 would fail on "address already in use". Instead it looks up who holds the address
 (psutil: the sockets of each process it may see, so those of its own user or all as
-root); if every holder is a worker of an earlier swapd (SWAPD_GENERATION in its
-environment) it waits, by pidfd, until they are gone, at most their drain deadline
-(SWAPD_DRAIN_TIMEOUT, else ours) plus a grace, logging why, and binds then. Any other
-holder fails the start at once, named in the error. Adopting the orphans' sockets is not
+root). If every holder is a worker of an earlier swapd it waits, by pidfd, until they
+are gone, at most their drain deadline (SWAPD_DRAIN_TIMEOUT, else ours) plus a grace,
+logging why, and binds then. A worker is known by SWAPD_GENERATION in its environment,
+believed only of a process of our own uid or root's: anyone can put it in theirs, and
+would otherwise make a restart wait for a day instead of failing. Any other holder
+fails the start at once, named in the error. Adopting the orphans' sockets is not
 attempted: taking an fd from another process (pidfd_getfd) needs ptrace rights that
 most hosts restrict (Yama), and the orphans are draining anyway.
 """
@@ -38,9 +40,13 @@ class Holder:
     name: str
     generation: int | None  # the swapd generation it was a worker of, if it was one
     drain_timeout: float | None
+    impostor_uid: int | None = None  # says it is a worker, but runs as another user
 
     def __str__(self) -> str:
         what = f"gen={self.generation} worker of an earlier swapd" if self.generation else ""
+        if self.impostor_uid is not None:
+            what = (f"runs as uid {self.impostor_uid} with SWAPD_GENERATION in its "
+                    "environment: not taken for a worker of ours")
         return f"pid {self.pid} ({self.name}{', ' + what if what else ''})"
 
 
@@ -59,12 +65,17 @@ def holders(address: Address) -> list[Holder]:
             proc = psutil.Process(pid)
             name = proc.name()
             env = proc.environ()
+            uid = proc.uids().real
         except psutil.Error:
             continue
         gen = env.get("SWAPD_GENERATION", "")
-        drain = env.get("SWAPD_DRAIN_TIMEOUT", "")
-        found.append(Holder(pid, name, int(gen) if gen.isdigit() else None,
-                            _seconds(drain)))
+        if not gen.isdigit():
+            found.append(Holder(pid, name, None, None))
+        elif uid not in (os.geteuid(), 0):
+            found.append(Holder(pid, name, None, None, impostor_uid=uid))
+        else:
+            found.append(Holder(pid, name, int(gen),
+                                _seconds(env.get("SWAPD_DRAIN_TIMEOUT", ""))))
     return found
 
 

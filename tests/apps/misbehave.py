@@ -10,6 +10,8 @@ start, so a test writes it and then asks for a swap:
     {"never_ready": true}            serve nothing, never call ready()
     {"gate": "/path/fifo"}           block before ready() until a line arrives on the FIFO
                                      "<path>-<slot>" (one FIFO per worker slot)
+    {"claim_mainpid": true}          at start, send MAINPID=<own pid> to systemd's well-known
+                                     socket, /run/systemd/notify (a unit's NotifyAccess decides)
     {"serve_gate": "/path/fifo"}     the same, before it serves (answers nothing, a readiness
                                      probe included, until then)
     {"crash_after_ready": true}      call ready(), then exit 1 (crash loop material)
@@ -203,6 +205,10 @@ async def main(w: worker.Worker) -> None:
         print(BEHAVIOR["say"], flush=True)
     w.on_snapshot(snapshot)
     w.on_restore(restore)
+    if BEHAVIOR.get("claim_mainpid"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+            systemd.sendto(f"MAINPID={os.getpid()}".encode(), "/run/systemd/notify")
+        print("sent MAINPID to systemd", flush=True)
     if BEHAVIOR.get("serve_gate"):
         print("waiting at the serve gate", flush=True)
         loop = asyncio.get_running_loop()

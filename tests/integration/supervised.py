@@ -10,6 +10,7 @@ worker pid it ever reported, by pid.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -290,3 +291,20 @@ def supervised(tmp_path: Path, command: Sequence[str], **kw: Any) -> Iterator[Su
     finally:
         s.stop()
 
+
+def open_gate(fifo: str, timeout: float) -> bool:
+    """Let a worker waiting at `fifo` through; False if none came to it within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:  # ENXIO: nobody reads it (yet)
+            if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+            continue
+        try:
+            os.write(fd, b"go\n")
+        finally:
+            os.close(fd)
+        return True

@@ -15,6 +15,7 @@ import resource
 import select
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,10 @@ import pytest
 from swapd.control import MAX_CLIENTS, Client
 from tests.integration.supervised import (
     MISBEHAVE,
+    SWAPD,
     Supervised,
     fd_count,
+    open_gate,
     supervised,
     wait_pid_gone,
     write_behavior,
@@ -306,3 +309,81 @@ def test_at_the_fd_limit_a_handoff_fails_cleanly_and_keeps_the_state(
         assert wait_pid_gone(old, 30)
     finally:
         s.stop()
+
+
+# A worker that leaves a writer behind: `yes` in a session of its own, deaf to SIGTERM, holding
+# the worker's stdout and writing to it as fast as it can; the worker exits 1 once told.
+LEAVES_A_WRITER = """
+import os, signal, subprocess, sys
+deaf = lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen(["yes", "y" * 99], start_new_session=True, preexec_fn=deaf)
+with open(sys.argv[1], "a") as f:
+    f.write(f"{child.pid}\\n")
+with open(sys.argv[2]) as gate:
+    gate.readline()
+os._exit(1)
+"""
+
+
+@pytest.mark.slow
+def test_a_leftover_that_keeps_writing_does_not_freeze_the_supervisor(tmp_path: Path) -> None:
+    """Once a worker has exited, its output is read up to what its pipe holds, then the pipe
+    is closed: a writer it left behind can neither keep the supervisor reading forever (its
+    loop never got back to anything else) nor outlive the closed pipe."""
+    script, writers, gate = tmp_path / "worker.py", tmp_path / "writers", tmp_path / "gate"
+    script.write_text(LEAVES_A_WRITER)
+    os.mkfifo(gate)
+    s = Supervised(tmp_path, [sys.executable, str(script), str(writers), str(gate)],
+                   args=["--readiness", "exec"]).start()
+    try:
+        [worker] = s.active_pids()
+        mark = s.log_mark()
+        assert open_gate(str(gate), timeout=30)
+        s.wait_log(rf"event=worker.died gen=1 worker=0 pid={worker}", start=mark)
+        status = s.cli("status")  # its own deadline: 10 s for an answer
+        assert status.returncode == 0, status.stderr
+        first_writer = int(writers.read_text().split()[0])
+        assert wait_pid_gone(first_writer, 10), "the leftover writer outlived its closed pipe"
+    finally:
+        s.stop()  # ends what is left of the workers' trees (their SWAPD_GENERATION)
+        for pid in map(int, writers.read_text().split()) if writers.exists() else ():
+            # A writer still there despite that is ended, if the pid is still that writer.
+            with contextlib.suppress(psutil.Error):
+                if psutil.Process(pid).cmdline() == ["yes", "y" * 99]:
+                    psutil.Process(pid).kill()
+
+
+SQUAT = """
+import os, socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen()
+os.write(1, b"%d\\n" % s.getsockname()[1])
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+@as_root
+def test_a_port_squatter_posing_as_a_worker_fails_the_start_at_once(tmp_path: Path) -> None:
+    """Another user's process that holds the port with SWAPD_GENERATION in its environment is
+    not taken for an orphan of a crashed swapd (whose drain the start would wait out: here
+    "wait up to 86005s"): the start fails at once, naming it."""
+    env = {"PATH": os.environ["PATH"], "SWAPD_GENERATION": "7", "SWAPD_DRAIN_TIMEOUT": "86000"}
+    # The system interpreter: the test's own (a venv) may be in a directory uid 65534 cannot read.
+    squatter = subprocess.Popen(
+        ["/usr/bin/python3", "-c", SQUAT], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        user=NOBODY, group=NOBODY, extra_groups=[])
+    try:
+        assert squatter.stdout is not None
+        port = int(squatter.stdout.readline())
+        control = tmp_path / "ctl.sock"
+        proc = subprocess.run([*SWAPD, "run", "--control", str(control),
+                               "--bind", f"http=127.0.0.1:{port}", "--", *MISBEHAVE],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert "event=listener.busy" not in proc.stderr
+        assert (f"address already in use (held by pid {squatter.pid} (python3, runs as uid "
+                f"{NOBODY} with SWAPD_GENERATION") in proc.stderr.splitlines()[-1], proc.stderr
+    finally:
+        squatter.kill()
+        squatter.communicate(timeout=10)

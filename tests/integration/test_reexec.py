@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
 from swapd.loadgen import BackgroundLoad, http_get
-from tests.integration.supervised import HELLO, MISBEHAVE, ROOT, Supervised, write_behavior
+from tests.integration.supervised import (
+    HELLO,
+    MISBEHAVE,
+    ROOT,
+    Supervised,
+    open_gate,
+    write_behavior,
+)
 
 LOAD = {"clients": 8, "duration": 60.0, "max_requests": 500_000}
 
@@ -107,24 +112,6 @@ def test_failed_reexec_leaves_old_supervisor_running(tmp_path: Path, code: Path)
         s.stop()
 
 
-def _open_gate(fifo: str, timeout: float) -> bool:
-    """Let a worker waiting at `fifo` through; False if none came to it within `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as e:  # ENXIO: nobody reads it (yet)
-            if e.errno != errno.ENXIO or time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-            continue
-        try:
-            os.write(fd, b"go\n")
-        finally:
-            os.close(fd)
-        return True
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("readiness", "gets_ready"), [
     ("notify", True), ("probe", True), ("probe", False)])
@@ -157,7 +144,7 @@ def test_a_restart_in_progress_keeps_its_readiness_watch_across_a_reexec(
         assert s.active_pids() == [restarted]
         assert s.status()["generations"][0]["workers"][0]["state"] == "starting"
         if gets_ready:
-            assert _open_gate(f"{gate}-0", timeout=10)
+            assert open_gate(f"{gate}-0", timeout=10)
             s.wait_log(rf"event=worker.ready gen=1 worker=0 pid={restarted} restarts=1",
                        start=mark)
             assert s.status()["generations"][0]["workers"][0]["state"] == "ready"
@@ -169,5 +156,5 @@ def test_a_restart_in_progress_keeps_its_readiness_watch_across_a_reexec(
             s.wait_log(rf"event=worker.died gen=1 worker=0 pid={restarted}", start=mark)
     finally:
         write_behavior(behavior, version="v1")
-        _open_gate(f"{gate}-0", timeout=0)  # a worker still waiting there may go
+        open_gate(f"{gate}-0", timeout=0)  # a worker still waiting there may go
         s.stop()

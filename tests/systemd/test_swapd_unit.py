@@ -9,7 +9,6 @@ nothing else differs:
 
     swapd@wd.service.d/test.conf      WatchdogSec=2       (shipped as a comment: #WatchdogSec=30s)
     swapd@wdswap.service.d/test.conf  WatchdogSec=6       (likewise)
-    swapd@main.service.d/test.conf    NotifyAccess=main   (proves swapd does not need "all")
 
 Loads run inside the namespace (swapd_units.InnerLoad) while the test drives systemd; each
 waits for successes after the operation, so it measures across it, never beside it. Ports are
@@ -52,7 +51,6 @@ SOCKET_PORT = 8080  # swapd@.socket's shipped ListenStream=127.0.0.1:8080, used 
 TEST_DROP_INS = {
     "wd": "[Service]\nWatchdogSec=2\n",
     "wdswap": "[Service]\nWatchdogSec=6\n",
-    "main": "[Service]\nNotifyAccess=main\n",
 }
 
 
@@ -96,7 +94,7 @@ INSTANCES = {
             ),
         ),
         Instance("self", 18160, _hello(18160)),
-        Instance("main", 18170, _hello(18170)),
+        Instance("main", 18170, _misbehave("main", 18170, workers=2)),
     ]
 }
 
@@ -587,7 +585,7 @@ def test_the_units_tested_are_the_units_shipped(units: BootedSystemd) -> None:
     shipped = sd.show("swapd@users.service", *SERVICE_PROPS, "DropInPaths")
     assert shipped == {
         "Type": "notify",
-        "NotifyAccess": "all",
+        "NotifyAccess": "main",
         "KillMode": "mixed",
         "TimeoutStopUSec": "1min",
         "TimeoutStartUSec": "1min 30s",
@@ -602,7 +600,6 @@ def test_the_units_tested_are_the_units_shipped(units: BootedSystemd) -> None:
     overridden: dict[str, dict[str, str]] = {
         "wd": {},
         "wdswap": {},
-        "main": {"NotifyAccess": "main"},
     }
     assert set(overridden) == set(TEST_DROP_INS)
     for name in INSTANCES:
@@ -632,21 +629,42 @@ def test_the_units_tested_are_the_units_shipped(units: BootedSystemd) -> None:
     }
 
 
-def test_swapd_speaks_only_from_its_main_pid(swapd: Callable[[str], Swapd]) -> None:
-    """NotifyAccess=all is shipped as a safety net; swapd itself needs no more than "main"."""
+def test_only_swapd_itself_speaks_to_systemd(swapd: Callable[[str], Swapd]) -> None:
+    """NotifyAccess=main (shipped): swapd needs no more, and a worker cannot speak for the
+    service. A MAINPID= it sends to systemd's well-known socket is refused; under "all"
+    systemd took that worker for the main process and, once a swap drained it, ended the
+    whole service ("Deactivated successfully": no restart either)."""
     s = swapd("main")
     assert s.show("NotifyAccess")["NotifyAccess"] == "main"
     # At debug level PID 1 logs every notification it refuses, with the sender's PID.
     s.sd.run("systemd-analyze", "log-level", "debug")
     try:
-        _exercise_under_notify_access_main(s)
+        main_pid = _exercise_under_notify_access_main(s)
+        behave(s.sd, "main", version="v2", claim_mainpid=True)
+        s.systemctl("reload")
+        claimers = s.worker_pids()
+        journal = s.journal_shows(*(f"Got notification message from PID {pid}, but reception "
+                                    f"only permitted for main PID {main_pid}"
+                                    for pid in claimers), timeout=15)
     finally:
         s.sd.run("systemd-analyze", "log-level", "info")
-    refused = re.findall(r".*reception only permitted for main PID.*", s.journal(lines=5000))
-    assert refused == []
+    # swapd's own messages, through reloads and a re-exec, were never refused: only the claims.
+    refused = re.findall(r"Got notification message from PID (\d+), but reception only "
+                         r"permitted for main PID", journal)
+    assert set(map(int, refused)) == set(claimers), refused
+    behave(s.sd, "main", version="v3")
+    s.systemctl("reload")  # the next swap drains the claimers: the service lives on
+    assert s.show("MainPID", "ActiveState", "SubState", "StatusText") == {
+        "MainPID": str(main_pid),
+        "ActiveState": "active",
+        "SubState": "running",
+        "StatusText": status_line(5, 2),
+    }
+    s.systemctl("stop")  # STOPPING=1, drain, exit 0
+    assert s.show("ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
 
 
-def _exercise_under_notify_access_main(s: Swapd) -> None:
+def _exercise_under_notify_access_main(s: Swapd) -> int:
     main_pid = start(s)
     # Workers get a notify socket of swapd's, never systemd's.
     systemd_notify = s.environ(main_pid)["NOTIFY_SOCKET"]
@@ -661,5 +679,4 @@ def _exercise_under_notify_access_main(s: Swapd) -> None:
         "MainPID": str(main_pid),
         "SubState": "running",
     }
-    s.systemctl("stop")  # STOPPING=1, drain, exit 0
-    assert s.show("ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
+    return main_pid

@@ -178,7 +178,7 @@ def test_shipped_units_on_real_systemd(booted_systemd: BootedSystemd) -> None:
     )  # fmt: skip
     assert props == {
         "Type": "notify",
-        "NotifyAccess": "all",
+        "NotifyAccess": "main",
         "KillMode": "mixed",
         "TimeoutStopUSec": "1min",
         "FileDescriptorStoreMax": "256",
