@@ -44,6 +44,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
+from swapd import strictjson
 from swapd.commands import Args
 from swapd.messages import MessageError
 from swapd.throttle import Throttle
@@ -409,7 +410,7 @@ def _answer_and_close(conn: socket.socket, error: str) -> None:
 def parse_request(line: bytes, commands: Mapping[str, type[Args]]) -> tuple[str, Args]:
     """Validate one request line; every problem is a one-line ControlError."""
     try:
-        req = json.loads(line)
+        req = strictjson.loads(line)
     except json.JSONDecodeError as e:
         raise ControlError(f"malformed request: not JSON ({e.msg})") from None
     except RecursionError:

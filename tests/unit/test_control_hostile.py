@@ -69,6 +69,11 @@ def line(args: dict[str, Any], cmd: str = "stop") -> bytes:
          "malformed request: patch argument 'module': list is not str | None"),
         (line({"dry_run": "true", "module": "m", "source": ""}, "patch"),
          "malformed request: patch argument 'dry_run': str is not bool"),
+        # The last of duplicate keys would win in json.loads: a "status" that is a "stop".
+        (b'{"v": 1, "cmd": "status", "cmd": "stop"}',
+         "malformed request: key 'cmd' given twice"),
+        (b'{"v": 1, "cmd": "stop", "args": {"fast": false, "fast": true}}',
+         "malformed request: key 'fast' given twice"),
     ],
 )
 def test_arguments_are_typed_strictly(request_line: bytes, error: str) -> None:
