@@ -60,12 +60,16 @@ class SignatureChange:
     parameters: bool
     annotations: bool
     defaults: bool
+    compatible: bool  # every call written for the old parameters binds the same way
 
     def text(self) -> str:
         return f"from {self.before} to {self.after}"
 
 
-def _params(a: ast.arguments) -> tuple[tuple[str, str, bool], ...]:
+Params = tuple[tuple[str, str, bool], ...]  # (kind, name, has a default) per parameter
+
+
+def _params(a: ast.arguments) -> Params:
     """(kind, name, has a default) for each parameter, in order."""
     positional = [*a.posonlyargs, *a.args]
     first_default = len(positional) - len(a.defaults)
@@ -78,6 +82,38 @@ def _params(a: ast.arguments) -> tuple[tuple[str, str, bool], ...]:
     if a.kwarg is not None:
         out.append(("**", a.kwarg.arg, False))
     return tuple(out)
+
+
+def _compatible(old: Params, new: Params) -> bool:
+    """Whether every call that binds to ``old`` binds to ``new``, each argument to the
+    parameter of the same name: the old parameters keep their positions, names, ways of
+    being passed and defaults, and what the new ones add has a default and takes no argument
+    that ``*args`` or ``**kwargs`` used to take."""
+    def split(ps: Params) -> tuple[Params, dict[str, tuple[str, str, bool]], bool, bool]:
+        positional = tuple(p for p in ps if p[0] in ("positional-only", "positional"))
+        by_keyword = {p[1]: p for p in ps if p[0] in ("positional", "keyword-only")}
+        return (positional, by_keyword, any(p[0] == "*" for p in ps),
+                any(p[0] == "**" for p in ps))
+
+    opos, okw, ostar, ostars = split(old)
+    npos, nkw, nstar, nstars = split(new)
+    if (ostar and not nstar) or (ostars and not nstars) or len(npos) < len(opos):
+        return False
+    for (kind, name, default), (new_kind, new_name, new_default) in zip(
+            opos, npos[:len(opos)], strict=True):
+        if name != new_name or (default and not new_default):
+            return False
+        if kind == "positional" and new_kind != "positional":
+            return False
+    # A parameter now after the old positional ones: old calls pass it by keyword, if at all.
+    if any(ostar or (p[1] not in okw and not p[2]) for p in npos[len(opos):]):
+        return False
+    for name, (_, _, default) in okw.items():
+        if name not in nkw or (default and not nkw[name][2]):
+            return False
+    positional_only = {p[1] for p in opos if p[0] == "positional-only"}
+    return not any(ostars or (name not in positional_only and not p[2])
+                   for name, p in nkw.items() if name not in okw)
 
 
 def _annotations(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> list[str]:
@@ -108,13 +144,14 @@ def compare(qualname: str, display: str, old: ast.AST | None, new: ast.AST | Non
     kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
     if not isinstance(old, kinds) or not isinstance(new, kinds):
         return None
-    parameters = _params(old.args) != _params(new.args)
+    before, after = _params(old.args), _params(new.args)
+    parameters = before != after
     annotations = _annotations(old) != _annotations(new)
     defaults = defaults_follow or _defaults(old.args) != _defaults(new.args)
     if not (parameters or annotations or defaults):
         return None
     return SignatureChange(qualname, f"{display}:{new.lineno}", _text(old), _text(new),
-                           parameters, annotations, defaults)
+                           parameters, annotations, defaults, _compatible(before, after))
 
 
 # ---------------------------------------------------------------- who read the old one
@@ -286,4 +323,7 @@ def check(inp: Inputs, out: PlanData, updates: Updates) -> None:
             ))
         elif change.parameters:
             out.note(f"{change.where}: warning: signature of {change.qualname} changed "
-                     f"{change.text()}: callers that pass the old arguments break")
+                     f"{change.text()}: " + (
+                         "calls written for the old one still bind the same way; what "
+                         "analysed the old one keeps it" if change.compatible else
+                         "callers that pass the old arguments break"))

@@ -175,6 +175,10 @@ def annotated(x: int) -> int:
     return x
 
 
+def fee(amount):
+    return 1
+
+
 def total(items):
     return sum(price(a, 2) for a in items)
 """
@@ -185,16 +189,23 @@ def test_plain_signature_change_commits_with_a_warning(mods: Mods) -> None:
     held = m.price
     new = edit(PLAIN, ("def price(amount, rate):\n    return amount * rate",
                        "def price(amount, *, rate=3):\n    return amount * rate"),
-               ("def annotated(x: int) -> int:", "def annotated(x: str) -> str:"))
+               ("def annotated(x: int) -> int:", "def annotated(x: str) -> str:"),
+               ("def fee(amount):\n    return 1",
+                "def fee(amount, minimum=0):\n    return max(1, minimum)"))
     plan = patch.prepare(m, new)
     assert plan.committable and plan.refused == []
-    warning = (f"{m.__file__}:2: warning: signature of price changed from (amount, rate) "
-               "to (amount, *, rate=3): callers that pass the old arguments break")
-    assert plan.notes == [warning], "one warning, for the parameters: not for annotations"
-    assert plan.to_dict()["notes"] == [warning]
+    warnings = [
+        f"{m.__file__}:2: warning: signature of price changed from (amount, rate) to "
+        "(amount, *, rate=3): callers that pass the old arguments break",
+        f"{m.__file__}:10: warning: signature of fee changed from (amount) to "
+        "(amount, minimum=0): calls written for the old one still bind the same way; what "
+        "analysed the old one keeps it",
+    ]
+    assert sorted(plan.notes) == sorted(warnings), "for the parameters, not for annotations"
+    assert sorted(plan.to_dict()["notes"]) == sorted(warnings)
     assert ("function", "price", "code, defaults (rate), signature; 1 object(s)") in plan.changed
     plan.commit()
-    assert held(2) == 6
+    assert held(2) == 6 and m.fee(5) == 1
     with pytest.raises(TypeError):
         m.total([1])  # the old call, as the warning says
 
