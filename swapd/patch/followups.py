@@ -41,7 +41,7 @@ def follow(inp: Inputs, out: PlanData, updates: Updates) -> None:
     dispatch(inp, out, updates)
     caches(inp, out, updates)
     runners(inp, out)
-    introspected.check(inp, out, updates)
+    introspected.check(out, updates.signatures, updates.functions)
 
 
 def property_docs(inp: Inputs, out: PlanData, updates: Updates) -> None:

@@ -41,8 +41,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from swapd.patch.model import Refusal
 
 if TYPE_CHECKING:
-    from swapd.patch.functions import Updates
-    from swapd.patch.planning import Inputs, PlanData
+    from swapd.patch.planning import PlanData
 
 _TEXT_LIMIT = 80
 
@@ -299,19 +298,21 @@ def _who(labels: list[str]) -> str:
     return ", ".join(shown[:3]) + more
 
 
-def check(inp: Inputs, out: PlanData, updates: Updates) -> None:
-    """Refuse the signature changes of functions an introspector holds; warn about the
-    others that change parameters."""
-    if not updates.signatures:
+def check(out: PlanData, changes: dict[int, SignatureChange],
+          functions: dict[int, FunctionType]) -> None:
+    """Refuse the signature changes (by function id) of functions an introspector holds;
+    warn about the others that change parameters."""
+    if not changes:
         return
-    wanted = {fid: updates.functions[fid] for fid in updates.signatures}
+    wanted = {fid: functions[fid] for fid in changes}
     # Even when the plan was asked not to scan the heap: this scan runs only for a signature
     # change in a process that loaded one of these frameworks, and without it the patch could
     # break every request of a route.
     held = _holders(wanted)
-    by_function: dict[str, tuple[SignatureChange, list[str]]] = {}
-    for fid, change in updates.signatures.items():
-        entry = by_function.setdefault(change.qualname, (change, []))
+    # One entry per definition (closures made by calls share theirs).
+    by_function: dict[tuple[str, str], tuple[SignatureChange, list[str]]] = {}
+    for fid, change in changes.items():
+        entry = by_function.setdefault((change.qualname, change.where), (change, []))
         entry[1].extend(x for x in held.get(fid, ()) if x not in entry[1])
     for change, labels in by_function.values():
         if labels:
