@@ -43,7 +43,9 @@ Semantics (see ``docs/patching.md`` for the operator's view)
   expressions, a function turning into (or from) a generator or coroutine, a name that
   turns from a function or class into anything else, definitions that cannot be paired, a
   changed non-literal module statement without ``__swapd_migrate__``, ``from __future__``
-  changes.  ``docs/patching.md`` lists each with its reason.
+  changes, the signature of a function an object analysed when it was registered (a FastAPI
+  route or dependency: `swapd.patch.introspected`).  ``docs/patching.md`` lists each with
+  its reason.  Any other change to a function's parameters commits with a warning note.
 
 What the engine diffs against (the *base*)
 ------------------------------------------

@@ -8,7 +8,10 @@
 * an ``lru_cache``/``cache`` holds results computed by the old code: cleared after the
   commit when the cached function changed, or when it reads, directly or through other
   functions of the module, a name the patch changes (a constant, a function, a member);
-* generators, coroutines and threads still running old code are reported.
+* generators, coroutines and threads still running old code are reported;
+* objects that analysed the old signature of a function whose signature changes (a FastAPI
+  route) make the plan refused; other signature changes are a warning
+  (`swapd.patch.introspected`).
 
 Each of these becomes stores of the plan (undone by a rollback) or an action run right after
 the commit and after a rollback (cache clears).
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from types import CodeType, FunctionType
 from typing import TYPE_CHECKING, Any
 
+from swapd.patch import introspected
 from swapd.patch.code import nested_codes, runner_code, threads_running
 from swapd.patch.commit import DELETE
 from swapd.patch.model import Change
@@ -37,6 +41,7 @@ def follow(inp: Inputs, out: PlanData, updates: Updates) -> None:
     dispatch(inp, out, updates)
     caches(inp, out, updates)
     runners(inp, out)
+    introspected.check(out, updates.signatures, updates.functions)
 
 
 def property_docs(inp: Inputs, out: PlanData, updates: Updates) -> None:

@@ -30,6 +30,7 @@ from swapd.patch.code import (
     same_code,
 )
 from swapd.patch.commit import MISSING
+from swapd.patch.introspected import SignatureChange, compare
 from swapd.patch.model import AbsentCell, Change, PatchExecError, Refusal, Removed, short
 from swapd.patch.nodes import default_exprs, literal_initializer
 
@@ -51,6 +52,7 @@ class Updates:
     functions: dict[int, FunctionType] = field(default_factory=dict)
     docs: dict[int, tuple[str | None, str | None]] = field(default_factory=dict)
     annotations: dict[int, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
+    signatures: dict[int, SignatureChange] = field(default_factory=dict)  # changed ones
 
 
 @dataclass(eq=False)
@@ -104,6 +106,7 @@ class _FunctionPlanner:
         self.changed: dict[CodeKey, list[str]] = {}
         self.superseded_ids: set[int] = set()
         self.installed_ids: set[int] = set()
+        self.signature_changes: dict[CodeKey, SignatureChange | None] = {}
         self.updates = Updates()
 
     def run(self, revived: list[tuple[LiveFunction, CodeKey]], constants: set[str]) -> None:
@@ -343,6 +346,11 @@ class _FunctionPlanner:
             self.updates.docs[id(fn)] = (old_doc, new_doc)
             out.store("attr", fn, "__doc__", new_doc)
             parts.append("docstring")
+        signature = self.signature_change(key, params)
+        if signature is not None:
+            self.updates.signatures[id(fn)] = signature
+            if signature.parameters:
+                parts.append("signature")
         self.changed.setdefault(key, []).append(", ".join(parts) or "line numbers")
         out.touched.add(id(fn))
         self.updates.functions[id(fn)] = fn
@@ -351,6 +359,16 @@ class _FunctionPlanner:
                 self.superseded_ids.add(id(superseded))
                 out.superseded.append((superseded, key))
         self.install(new, key)
+
+    def signature_change(self, key: CodeKey, new_defaults: list[str]) -> SignatureChange | None:
+        """How the source changes the signature of the functions of ``key`` (once per key);
+        ``new_defaults``: the parameters whose default value the plan changes."""
+        if key not in self.signature_changes:
+            old_key = self.match.to_old.get(key)
+            old = self.match.old_sites.node(old_key) if old_key is not None else None
+            self.signature_changes[key] = compare(
+                key[0], self.display, old, self.match.new_sites.node(key), bool(new_defaults))
+        return self.signature_changes[key]
 
     def adapt(self, inst: _Instance, joined: dict[str, CellType], own: dict[str, CellType]
               ) -> CodeType | None:
