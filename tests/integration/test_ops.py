@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import urllib.request
@@ -114,6 +115,37 @@ def test_history_across_restart_reexec_and_a_corrupt_file(tmp_path: Path) -> Non
         assert [p.name for p in state.iterdir()] == ["history.jsonl"]
         s.wait_log(r"event=history.bad_lines path=\S+ count=1 action=skipped")
     assert path.read_bytes().startswith(data[:-10] + b"\n{")
+
+
+def test_rollback_after_the_window_names_the_previous_release_directory(tmp_path: Path) -> None:
+    """With the release-directory layout, `swapd rollback` outside a window names the
+    directory to point `current` at: the release before the active one, from the history
+    (so also after a plain upgrade, and after a restart)."""
+    top = tmp_path / "srv"
+    for release in ("v41", "v42"):
+        (top / "releases" / release).mkdir(parents=True)
+        for name in ("hello.py", "httpkit.py"):
+            shutil.copy(ROOT / "examples" / name, top / "releases" / release / name)
+    current = top / "current"
+    current.symlink_to("releases/v41")
+    args = ["--cwd", str(current), "--state-dir", str(tmp_path / "state")]
+    control = str(tmp_path / "swapd.sock")
+    want = (f"point the `current` symlink at {top / 'releases' / 'v41'} and run "
+            "`swapd upgrade`")
+    (tmp_path / "a").mkdir()
+    with supervised(tmp_path / "a", [PY, "hello.py"], args=args, control=control) as s:
+        tmp = top / "current.new"
+        tmp.symlink_to("releases/v42")
+        tmp.rename(current)
+        assert s.result("upgrade")["ok"]  # no window
+        late = s.cli("rollback")
+        assert late.returncode == 1 and "no watch window is open" in late.stderr, late
+        assert want in late.stderr, late.stderr
+    (tmp_path / "b").mkdir()
+    with supervised(tmp_path / "b", [PY, "hello.py"], args=args, control=control) as s:
+        assert [g["release"] for g in s.status()["generations"]] == ["v42"]
+        late = s.cli("rollback")
+        assert late.returncode == 1 and want in late.stderr, late.stderr
 
 
 def test_metrics_scraped_and_json_logs(tmp_path: Path) -> None:
