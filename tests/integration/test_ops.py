@@ -39,7 +39,7 @@ def history(s: Supervised) -> list[dict[str, Any]]:
     return entries
 
 
-def test_history_across_restart_reexec_and_a_corrupt_file(tmp_path: Path) -> None:
+def test_history_across_restart_reexec_and_a_torn_line(tmp_path: Path) -> None:
     state = tmp_path / "state"
     control = str(tmp_path / "swapd.sock")
     args = ["--state-dir", str(state), "--release", "r1"]
