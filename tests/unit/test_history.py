@@ -1,5 +1,6 @@
-"""The history file: where it lives, what an entry holds, rotation, and a corrupt file set
-aside (reported, kept, a new one started) instead of a crash."""
+"""The history file: where it lives, what an entry holds, rotation, bad lines skipped and
+the file kept, what is not a regular file set aside (reported, kept, a new one started),
+and a full disk (a real tmpfs): no torn line, the lost entries said once writing works."""
 
 from __future__ import annotations
 
