@@ -88,13 +88,18 @@ def swap_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def history_fallback(args: argparse.Namespace, error: str) -> int:
-    """`swapd history` with no supervisor to ask: read its file directly."""
-    from swapd.supervisor.history import history_path, read
+    """`swapd history` with no supervisor to ask: read its file directly, if it and its
+    directory are the caller's or root's (not entries another user made up)."""
+    from swapd.supervisor.history import history_path, read, untrusted
 
     control = args.control or default_control_path()
     path = history_path(args.state_dir, control)
     if not os.path.exists(path):
         print(f"swapd history: {error}; and no history file at {path}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    why = untrusted(path)
+    if why is not None:
+        print(f"swapd history: {error}; and refusing to read {path}: {why}", file=sys.stderr)
         return EXIT_UNREACHABLE
     entries, bad = read(path, max(0, args.n))
     data = {"path": path, "entries": entries, "unreadable_lines": bad}

@@ -22,7 +22,7 @@ from swapd.supervisor.listeners import Listeners
 from swapd.supervisor.manager import ServiceManager
 from swapd.supervisor.metrics import Snapshot, listen_queue
 from swapd.supervisor.ops import Operations, Who, who_control
-from swapd.supervisor.release import ReleaseError, check_label
+from swapd.supervisor.release import RELEASES_DIR, ReleaseError, check_label
 from swapd.supervisor.watch import SwapOptions, Watch, unholdable
 
 log = logging.getLogger("swapd")
@@ -116,7 +116,13 @@ class Deploys:
     async def rollback(self, peer: Peer) -> dict[str, Any]:
         watch = self.watch
         if watch is None:
-            raise ControlError(_no_watch(self.fleet.active, self.last_watch))
+            active, previous = self.fleet.active, None
+            if active is not None and _in_releases(active.root):
+                loop = asyncio.get_running_loop()
+                entries, _ = await loop.run_in_executor(None, histories.read,
+                                                        self.ops.history.path, None)
+                previous = previous_release(entries, active.release)
+            raise ControlError(_no_watch(active, self.last_watch, previous))
         result = await watch.request_rollback(who_control(peer))
         if result["outcome"] == "rolled-back":
             return result
@@ -172,16 +178,45 @@ def patch_fields(args: PatchArgs) -> dict[str, Any]:
             "name": ",".join(str(p.get("name") or "") for p in parts), "dry_run": args.dry_run}
 
 
-def _no_watch(active: Generation | None, last: Watch | None) -> str:
-    """What `swapd rollback` says when no generation is held: how to go back anyway."""
+def previous_release(entries: list[dict[str, Any]], release: str) -> str | None:
+    """The release served before `release` came: `release_before` of the newest swap that
+    brought it (the history survives restarts; a watch window's held generation does not)."""
+    for e in reversed(entries):
+        if (e.get("kind") in ("upgrade", "reload") and e.get("outcome") == "ok"
+                and e.get("release_after") == release and e.get("release_before") != release
+                and isinstance(e.get("release_before"), str)):
+            return str(e["release_before"])
+    return None
+
+
+def _in_releases(root: str | None) -> bool:
+    return root is not None and os.path.basename(os.path.dirname(root)) == RELEASES_DIR
+
+
+_SEE_DOCS = (". Roll back by upgrading to the previous release's code: see "
+             "docs/operations.md (release directories)")
+
+
+def _no_watch(active: Generation | None, last: Watch | None, previous: str | None) -> str:
+    """What `swapd rollback` says when no generation is held: how to go back anyway. With the
+    release-directory layout, the directory of the previous release: the one the last
+    window held, if that window was the active generation's, else the one of `previous`
+    (from the history) beside the active one."""
     text = "no watch window is open: no generation is held to go back to"
-    if last is not None and active is not None and last.watched.id == active.id:
-        text += (f" (gen={last.held.id}, release {last.held.release}, was let go when the "
-                 f"window of gen={active.id} ended: {last.phase})")
-    root = active.root if active is not None else None
-    if (root is not None and os.path.basename(os.path.dirname(root)) == "releases"
-            and last is not None and last.held.root):
+    if active is None:
+        return text + _SEE_DOCS
+    held = last.held if last is not None and last.watched.id == active.id else None
+    if held is not None and last is not None:
+        text += (f" (gen={held.id}, release {held.release}, was let go when the window of "
+                 f"gen={active.id} ended: {last.phase})")
+    root, target = active.root, None
+    if root is not None and _in_releases(root):
+        if held is not None and held.root and held.root != root:
+            target = held.root
+        elif previous is not None and previous not in (".", "..") and "/" not in previous:
+            candidate = os.path.join(os.path.dirname(root), previous)
+            target = candidate if candidate != root and os.path.isdir(candidate) else None
+    if target is not None:
         return text + (f". Roll back by upgrading to the previous release: point the "
-                       f"`current` symlink at {last.held.root} and run `swapd upgrade`")
-    return text + (". Roll back by upgrading to the previous release's code: see "
-                   "docs/operations.md (release directories)")
+                       f"`current` symlink at {target} and run `swapd upgrade`")
+    return text + _SEE_DOCS

@@ -10,8 +10,9 @@ appends one JSON object, one line, to `history.jsonl` in the state directory:
      "duration_ms": 812.4, "timings_ms": {"spawned": 1.2, "ready": 640.3, ...}, "watch": 30}
 
     kind      start | upgrade | reload | reexec | patch | patch.rollback | watch |
-              rollback | stop | history (this file was found corrupt and restarted)
-    outcome   ok | failed | refused | rolled-back (watch) | passed (watch)
+              rollback | stop | history (reset: a file found here was set aside;
+              gap: entries that could not be written)
+    outcome   ok | failed | refused | rolled-back (watch) | passed (watch) | reset, gap
     who.via   control (uid, pid from the socket's peer credentials) | signal (signal) |
               watch (trigger: what made swapd roll back) | start | stop
 
@@ -20,12 +21,21 @@ Where (first that applies): `state_dir` (flag or file); systemd's $STATE_DIRECTO
 socket's path, so that two supervisors never share a file); else next to the control
 socket, as `<socket name>.history.jsonl`. Restarts and re-execs append to the same file.
 
-Bounded: past MAX_BYTES the file is rotated (`.1` … `.KEEP`, the oldest dropped). A file
-that is not what swapd writes (a line that is not an entry, a last line without its
-newline, not a regular file) is reported, kept aside as `history.jsonl.corrupt-<time>`,
-and a new one started; writing never raises into the supervisor (a failure is logged once
-and shown by `swapd status`). One write per event, from the event loop, no fsync: an
-entry survives a crash of swapd, not necessarily one of the kernel.
+Bounded: past MAX_BYTES the file is rotated (`.1` … `.KEEP`, the oldest dropped). A line
+that is not an entry (a torn write of an older swapd, a hand edit) is skipped and counted
+by every reader; the file is kept: it is the deploy record. A write is all or nothing: a
+full disk cuts a write short, and what it wrote is cut back off the file (else the next
+entry would be glued to half a line); the entries that could not be written are counted,
+and the first write that works again starts with a `history gap: N entries lost` entry.
+
+Other users: a directory of another user, or one others may write to without the sticky
+bit, is refused (the control socket's rule). In a sticky shared directory (/tmp) another
+user may have made the file first: a file that is not a regular file of ours (another
+user's, a symlink, a FIFO, a directory) is set aside as `history.jsonl.foreign-<time>`
+(`.corrupt-<time>` if not a regular file) and ours created with O_EXCL, and readers skip
+files that are not ours or root's. Writing never raises into the supervisor (a failure is
+logged once and shown by `swapd status`). One write per event, from the event loop, no
+fsync: an entry survives a crash of swapd, not necessarily one of the kernel.
 """
 
 from __future__ import annotations
@@ -87,29 +97,62 @@ def check_entry(entry: Any) -> dict[str, Any]:
     return entry
 
 
-def parse(data: bytes, *, strict: bool) -> tuple[list[dict[str, Any]], int]:
-    """Entries of one file and the number of bad lines (strict: CorruptHistory at the first)."""
+def parse(data: bytes) -> tuple[list[dict[str, Any]], int]:
+    """Entries of one file and the number of lines that are not entries (skipped)."""
     entries: list[dict[str, Any]] = []
     bad = 0
-    if strict and data and not data.endswith(b"\n"):
-        last = data.count(b"\n") + 1
-        raise CorruptHistory(f"line {last}: truncated (no newline at the end)")
-    for number, line in enumerate(data.splitlines(), 1):
+    for line in data.splitlines():
         if not line.strip():
             continue
         try:
             entries.append(check_entry(json.loads(line)))
-        except (ValueError, RecursionError) as e:
-            if strict:
-                reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
-                raise CorruptHistory(f"line {number}: {reason}") from None
+        except (ValueError, RecursionError):
             bad += 1
     return entries, bad
 
 
+def check_directory(directory: str, st: os.stat_result) -> None:
+    """The control socket's rule (swapd.control) for the history's directory: `st` (of
+    the directory as opened) must belong to us or root and be writable by nobody else
+    unless sticky, and a symlink to it must be ours or root's. OSError says why."""
+    link = os.lstat(directory)
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (os.geteuid(), 0):
+        raise OSError(errno.EPERM, f"history directory {directory} is a symlink of uid "
+                      f"{link.st_uid}")
+    if st.st_uid not in (os.geteuid(), 0):
+        raise OSError(errno.EPERM, f"history directory {directory} belongs to uid "
+                      f"{st.st_uid}, not to us")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise OSError(errno.EPERM, f"history directory {directory} is writable by others "
+                      "and not sticky")
+
+
+def untrusted(path: str) -> str | None:
+    """Why the history file at `path` is not to be believed by a reader (its directory or
+    itself is another user's: the entries could be made up), or None."""
+    directory = os.path.dirname(path) or "."
+    try:
+        check_directory(directory, os.stat(directory))
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return e.strerror or str(e)
+    if not stat.S_ISREG(st.st_mode):
+        return f"history file {path} is not a regular file"
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"history file {path} belongs to uid {st.st_uid}, not to us or root"
+    return None
+
+
+def _line(entry: Mapping[str, Any]) -> bytes:
+    return json.dumps(entry, separators=(",", ":"), default=str).encode() + b"\n"
+
+
 def _read_file(path: str, limit: int) -> bytes | None:
     """A regular file's bytes (None: there is none). Never follows a symlink, never blocks
-    on a FIFO; CorruptHistory for anything that is not a regular file."""
+    on a FIFO; CorruptHistory for anything that is not a regular file of ours or root's
+    (another user's file in a shared directory would be entries they made up)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -122,6 +165,8 @@ def _read_file(path: str, limit: int) -> bytes | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise CorruptHistory("not a regular file")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise CorruptHistory(f"owned by uid {st.st_uid}, not by us or root")
         chunks = []
         remaining = min(st.st_size, limit)
         while remaining > 0:
@@ -149,7 +194,7 @@ def read(path: str, limit: int | None = None) -> tuple[list[dict[str, Any]], int
             continue
         if data is None:
             continue
-        got, skipped = parse(data, strict=False)
+        got, skipped = parse(data)
         entries += got
         bad += skipped
     if limit is not None:
@@ -164,49 +209,84 @@ class History:
         self.path = path
         self.max_bytes = max_bytes
         self.error: str | None = None  # the last write problem, for `swapd status`
-        self.warning: str | None = None  # a corrupt file found at start
+        self.warning: str | None = None  # a file found at start that was set aside
         self._fd = -1
         self._size = 0
+        self._torn = False  # the file does not end with a newline: the next write starts one
         self._pending: dict[str, Any] | None = None  # the entry saying a file was set aside
+        self._lost = 0  # entries not written since the last one that was
+        self._lost_why = ""
 
     def open(self) -> None:
         """Open for appending, checking what is there first; never raises."""
         try:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            try:
-                data = _read_file(self.path, self.max_bytes + MAX_ENTRY)
-                if data is not None and len(data) <= self.max_bytes:
-                    parse(data, strict=True)
-            except CorruptHistory as e:
-                self._set_aside(str(e))
             self._open()
+            self._count_bad_lines()
         except OSError as e:
             self._failed("open", e)
-
-    def _set_aside(self, reason: str) -> None:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = f"{self.path}.corrupt-{stamp}"
-        os.rename(self.path, aside)
-        self.warning = (f"history file {self.path} was corrupt ({reason}); kept as {aside}, "
-                        "a new one started")
-        log.warning("event=history.corrupt path=%s reason=%r kept_as=%s", self.path, reason,
-                    aside)
-        self._pending = {"kind": "history", "outcome": "reset", "reason": reason,
-                         "kept_as": aside}
+            return
+        if self._pending is not None:
+            self._write(b"")
 
     def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                           | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
-        st = os.fstat(self._fd)
-        if not stat.S_ISREG(st.st_mode):  # raced in between: not ours to write to
-            os.close(self._fd)
-            self._fd = -1
-            raise OSError(errno.EINVAL, "not a regular file")
+        """Open the file in a directory that passes `check_directory`; a file that is not a
+        regular file of ours is set aside first and ours created (O_EXCL), so that nothing
+        another user made (a sticky /tmp) is appended to or read back as ours."""
+        directory, name = os.path.split(self.path)
+        dfd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            check_directory(directory or ".", os.fstat(dfd))
+            flags = (os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC)
+            try:
+                st: os.stat_result | None = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()):
+                self._set_aside(name, dfd, st)
+                flags |= os.O_EXCL
+            fd = os.open(name, flags, 0o600, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():  # raced in between
+            os.close(fd)
+            raise OSError(errno.EPERM, f"not a regular file of ours (uid {st.st_uid})")
+        self._fd = fd
         self._size = st.st_size
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self.append(pending.pop("kind"), pending.pop("outcome"), {"via": "swapd"},
-                        **pending)
+        # A write cut short by a crash of the machine leaves no newline: start a new line.
+        self._torn = st.st_size > 0 and os.pread(fd, 1, st.st_size - 1) != b"\n"
+
+    def _set_aside(self, name: str, dfd: int, st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else
+                    "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file")
+            suffix = "corrupt"
+        else:
+            what = f"owned by uid {st.st_uid}, not by us (uid {os.geteuid()})"
+            suffix = "foreign"
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = f"{name}.{suffix}-{stamp}"
+        try:
+            os.rename(name, aside, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except OSError as e:
+            raise OSError(e.errno, f"{what}, and it cannot be set aside: {e.strerror}") from e
+        aside = os.path.join(os.path.dirname(self.path), aside)
+        self.warning = f"history file {self.path} was {what}; kept as {aside}, a new one started"
+        log.warning("event=history.set_aside path=%s reason=%r kept_as=%s", self.path, what,
+                    aside)
+        self._pending = {"v": FORMAT, "time": now_iso(), "kind": "history", "who": {"via": "swapd"},
+                         "outcome": "reset", "reason": what, "kept_as": aside}
+
+    def _count_bad_lines(self) -> None:
+        """Lines that are not entries (a torn write of an older swapd, an edit) are skipped
+        by every reader and counted; the file is kept: it is the deploy record."""
+        limit = self.max_bytes + MAX_ENTRY
+        data = os.pread(self._fd, min(self._size, limit), max(0, self._size - limit))
+        _, bad = parse(data)
+        if bad:
+            log.warning("event=history.bad_lines path=%s count=%d action=skipped", self.path, bad)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -219,25 +299,76 @@ class History:
         entry: dict[str, Any] = {"v": FORMAT, "time": now_iso(), "kind": kind, "who": dict(who),
                                  "outcome": outcome}
         entry.update({k: v for k, v in fields.items() if v is not None})
-        line = json.dumps(entry, separators=(",", ":"), default=str).encode() + b"\n"
+        line = _line(entry)
         if len(line) > MAX_ENTRY:  # e.g. a very long reason: keep what identifies it
             entry = {k: entry[k] for k in ("v", "time", "kind", "who", "outcome")}
             entry["reason"] = str(fields.get("reason", ""))[:1000] + " [cut]"
-            line = json.dumps(entry, separators=(",", ":"), default=str).encode() + b"\n"
+            line = _line(entry)
+        self._write(line)
+        return entry
+
+    def _write(self, line: bytes) -> None:
+        """Write `line` after what is owed (the set-aside note, the gap), all or nothing."""
         try:
             if self._fd < 0:  # it failed before (e.g. the directory was not writable yet)
                 os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
                 self._open()
-            if self._size and self._size + len(line) > self.max_bytes:
+            data = self._owed() + line
+            if self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()
-            written = os.write(self._fd, line)
-            self._size += written
-            if written != len(line):
-                raise OSError(errno.ENOSPC, "short write")
-            self.error = None
+                data = self._owed() + line
+            self._write_all(data)
         except OSError as e:
+            if line:
+                self._lost += 1
+                self._lost_why = e.strerror or str(e)
             self._failed("write", e)
-        return entry
+            return
+        if self._lost:
+            log.warning("event=history.gap path=%s lost=%d reason=%r", self.path, self._lost,
+                        self._lost_why)
+        self._pending = None
+        self._lost = 0
+        self.error = None
+
+    def _owed(self) -> bytes:
+        owed = b"\n" if self._torn else b""
+        if self._pending is not None:
+            owed += _line(self._pending)
+        if self._lost:
+            owed += _line({"v": FORMAT, "time": now_iso(), "kind": "history",
+                           "who": {"via": "swapd"}, "outcome": "gap",
+                           "reason": f"history gap: {self._lost} "
+                                     f"entr{'y' if self._lost == 1 else 'ies'} lost "
+                                     f"({self._lost_why})",
+                           "lost": self._lost})
+        return owed
+
+    def _write_all(self, data: bytes) -> None:
+        """Write all of `data`, or none of it: what a failed write left (a full disk cuts
+        a write short) is cut back off, so the next entry is not glued to half a line."""
+        start = os.fstat(self._fd).st_size
+        done = 0
+        try:
+            while done < len(data):  # a short write: the next one says why (ENOSPC)
+                written = os.write(self._fd, data[done:])
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += written
+        except OSError:
+            self._cut(start)
+            raise
+        self._size = start + done
+        self._torn = False
+
+    def _cut(self, size: int) -> None:
+        try:
+            os.ftruncate(self._fd, size)
+            self._size = size
+        except OSError:  # then the next entry starts on a line of its own
+            with contextlib.suppress(OSError):
+                self._size = os.fstat(self._fd).st_size
+            self._torn = True
 
     def _rotate(self) -> None:
         self.close()

@@ -114,17 +114,17 @@ class Listeners:
                                   "bound"))
 
     def _bind(self, address: Address, backlog: int, drain_timeout: float) -> socket.socket:
-        """Bind; if workers of an earlier swapd still hold the address (after a crash), wait
-        for them to drain (see `holders`); any other holder is named in the error."""
+        """Bind; if workers of an earlier swapd whose supervisor is gone still hold the
+        address (after a crash), wait for them to drain (see `holders`); any other holder,
+        a live supervisor first, is named in the error."""
         try:
             return bind(address, backlog)
         except BindError as e:
             if e.errno != errno.EADDRINUSE:
                 raise
             found = holders.holders(address)
-            if not found or any(h.generation is None for h in found):
-                named = f" (held by {', '.join(map(str, found))})" if found else ""
-                raise BindError(e.errno, f"{e.strerror}{named}") from e
+            if not found or not all(h.orphan for h in found):
+                raise BindError(e.errno, f"{e.strerror}{holders.named(found)}") from e
             self.manager.extend(holders.wait_time(found, drain_timeout))
             left = holders.wait_for(found, address, drain_timeout)
             if left:

@@ -6,11 +6,15 @@ about to run, in this order:
 
 1. the release-directory layout: workers started in `.../releases/<label>` (typically
    through a `current` symlink, see docs/operations.md) are release `<label>`;
-2. the git commit checked out in the workers' directory or a parent: `git:<12 hex>`
-   (read from `.git` directly: HEAD, loose refs, packed-refs, worktrees; no `git` process);
-3. otherwise a hash of the command and of its main module's content (the first `*.py`
-   argument, or `-m module` under the directory), or, for a program that is not a Python
-   script, of the executable's size and mtime: `sha:<12 hex>`.
+2. the git commit checked out in the workers' directory or a parent, and what runs of
+   it: `git:<12 hex>+<8 hex>` (the commit read from `.git` directly: HEAD, loose refs,
+   packed-refs, worktrees; no `git` process; then the code hash below). A commit alone
+   hid two commands run from one checkout (game_v1.py, then game_v2.py) and an
+   uncommitted edit of the main module: both change the part after `+` (an edit of another
+   module is not seen: hashing every import is not cheap; pass `--release`);
+3. otherwise `sha:<12 hex>`, the code hash: of the command and of its main module's
+   content (the first `*.py` argument, or `-m module` under the directory), or, for a
+   program that is not a Python script, of the executable's size and mtime.
 
 The workers' directory is resolved once per generation (`root`): a `current` symlink
 that a deploy flips later does not move a running generation, nor a worker of it that
@@ -83,9 +87,10 @@ def derive(config: Config, root: str | None) -> str:
     if os.path.basename(parent) == RELEASES_DIR and LABEL.fullmatch(name):
         return name
     commit = git_commit(directory)
+    code = code_hash(config.command, directory)
     if commit is not None:
-        return f"git:{commit[:12]}"
-    return "sha:" + code_hash(config.command, directory)[:12]
+        return f"git:{commit[:12]}+{code[:8]}"
+    return "sha:" + code[:12]
 
 
 def git_commit(start: str) -> str | None:

@@ -150,3 +150,31 @@ def test_a_port_held_by_something_else_fails_at_once_naming_it(tmp_path: Path) -
     assert proc.stderr.strip().splitlines() == [
         f"swapd: cannot bind 127.0.0.1:{port}: address already in use (held by pid "
         f"{os.getpid()} ({psutil.Process().name()}))"]
+
+
+def test_a_second_swapd_on_a_live_supervisors_port_fails_at_once_naming_it(
+        tmp_path: Path) -> None:
+    """The operator forgot the first `swapd run`. Its workers carry SWAPD_GENERATION, but
+    their supervisor is alive: nothing will drain, so the second start fails at once
+    (it waited out the workers' drain deadline, here 600 s, blaming "a crashed
+    supervisor"), naming the supervisor, its control socket and every process holding
+    the socket (psutil names only one)."""
+    (tmp_path / "one").mkdir()
+    with supervised(tmp_path / "one", MISBEHAVE,
+                    args=["--workers", "2", "--drain-timeout", "600"]) as live:
+        host, port = live.address()
+        workers = sorted(live.active_pids())
+        proc = subprocess.run([*SWAPD, "run", "--control", str(tmp_path / "two.sock"),
+                               "--bind", f"http={host}:{port}", "--", *MISBEHAVE],
+                              capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+        assert proc.returncode == 2, proc.stderr
+        assert "event=listener.busy" not in proc.stderr
+        name = psutil.Process(workers[0]).name()
+        held = ", ".join([f"pid {live.pid} ({psutil.Process(live.pid).name()}, a running swapd "
+                          "supervisor)",
+                          *(f"pid {w} ({name}, gen=1 worker of the running swapd pid "
+                            f"{live.pid})" for w in workers)])
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"swapd: cannot bind {host}:{port}: address already in use (held by the running "
+            f"swapd pid {live.pid} (control {live.control}): {held})")
+        assert live.status()["generations"][0]["state"] == "active"  # untouched

@@ -1,11 +1,12 @@
 """Operations with a real supervisor: the history across restarts and re-execs (and a
-corrupt file), the metrics endpoint scraped by a real client, JSON logs, and worker
+torn line), the metrics endpoint scraped by a real client, JSON logs, and worker
 output passed through untouched."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import urllib.request
@@ -38,7 +39,7 @@ def history(s: Supervised) -> list[dict[str, Any]]:
     return entries
 
 
-def test_history_across_restart_reexec_and_a_corrupt_file(tmp_path: Path) -> None:
+def test_history_across_restart_reexec_and_a_torn_line(tmp_path: Path) -> None:
     state = tmp_path / "state"
     control = str(tmp_path / "swapd.sock")
     args = ["--state-dir", str(state), "--release", "r1"]
@@ -97,19 +98,54 @@ def test_history_across_restart_reexec_and_a_corrupt_file(tmp_path: Path) -> Non
             ("watch", "passed")]
         assert entries[0]["module"] == "rules" and entries[4]["who"]["via"] == "control"
         assert entries[4]["trigger"] == "manual" and entries[6]["release_before"] == "r4"
-    # a file cut in the middle of a line: reported, kept aside, a new one started
+    # a file cut in the middle of a line (a crash of the machine, or an older swapd's torn
+    # write at ENOSPC): the line is skipped and counted, the file and its record kept
     path = state / "history.jsonl"
     data = path.read_bytes()
     path.write_bytes(data[:-10])
+    before = len(data.splitlines()) - 1
     (tmp_path / "c").mkdir()
     with supervised(tmp_path / "c", HELLO, args=args, control=control) as s:
         st = s.status()
-        [warning] = [w for w in st["warnings"] if "history" in w]
-        assert "was corrupt (line 13: truncated (no newline at the end))" in warning
-        assert [(e["kind"], e["outcome"]) for e in history(s)] == [("history", "reset"),
-                                                                  ("start", "ok")]
-        [aside] = [p for p in state.iterdir() if ".corrupt-" in p.name]
-        assert aside.read_bytes() == data[:-10]
+        assert [w for w in st["warnings"] if "history" in w] == []
+        res = s.result("history", n=100)["data"]
+        assert res["unreadable_lines"] == 1
+        assert [(e["kind"], e["outcome"]) for e in res["entries"][before - 2:]] == [
+            ("upgrade", "ok"), ("watch", "passed"), ("start", "ok")]
+        assert [p.name for p in state.iterdir()] == ["history.jsonl"]
+        s.wait_log(r"event=history.bad_lines path=\S+ count=1 action=skipped")
+    assert path.read_bytes().startswith(data[:-10] + b"\n{")
+
+
+def test_rollback_after_the_window_names_the_previous_release_directory(tmp_path: Path) -> None:
+    """With the release-directory layout, `swapd rollback` outside a window names the
+    directory to point `current` at: the release before the active one, from the history
+    (so also after a plain upgrade, and after a restart)."""
+    top = tmp_path / "srv"
+    for release in ("v41", "v42"):
+        (top / "releases" / release).mkdir(parents=True)
+        for name in ("hello.py", "httpkit.py"):
+            shutil.copy(ROOT / "examples" / name, top / "releases" / release / name)
+    current = top / "current"
+    current.symlink_to("releases/v41")
+    args = ["--cwd", str(current), "--state-dir", str(tmp_path / "state")]
+    control = str(tmp_path / "swapd.sock")
+    want = (f"point the `current` symlink at {top / 'releases' / 'v41'} and run "
+            "`swapd upgrade`")
+    (tmp_path / "a").mkdir()
+    with supervised(tmp_path / "a", [PY, "hello.py"], args=args, control=control) as s:
+        tmp = top / "current.new"
+        tmp.symlink_to("releases/v42")
+        tmp.rename(current)
+        assert s.result("upgrade")["ok"]  # no window
+        late = s.cli("rollback")
+        assert late.returncode == 1 and "no watch window is open" in late.stderr, late
+        assert want in late.stderr, late.stderr
+    (tmp_path / "b").mkdir()
+    with supervised(tmp_path / "b", [PY, "hello.py"], args=args, control=control) as s:
+        assert [g["release"] for g in s.status()["generations"]] == ["v42"]
+        late = s.cli("rollback")
+        assert late.returncode == 1 and want in late.stderr, late.stderr
 
 
 def test_metrics_scraped_and_json_logs(tmp_path: Path) -> None:

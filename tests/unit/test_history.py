@@ -1,10 +1,15 @@
-"""The history file: where it lives, what an entry holds, rotation, and a corrupt file set
-aside (reported, kept, a new one started) instead of a crash."""
+"""The history file: where it lives, what an entry holds, rotation, bad lines skipped and
+the file kept, what is not a regular file set aside (reported, kept, a new one started),
+and a full disk (a real tmpfs): no torn line, the lost entries said once writing works."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,30 +91,33 @@ def test_an_overlong_entry_is_cut_not_lost(tmp_path: Path) -> None:
     assert h.read(path)[0][0]["outcome"] == "failed"
 
 
-@pytest.mark.parametrize(("content", "why"), [
-    (b'{"v": 1, "time": "t", "kind": "start", "outcome": "ok"}\n{"v": 1, "ti', "truncated"),
-    (b'{"v": 1, "time": "t", "kind": "start", "outcome": "ok"}\nnot json\n', "line 2"),
-    (b'[1, 2]\n', "line 1: a list, not an object"),
-    (b'{"v": 9, "time": "t", "kind": "start", "outcome": "ok"}\n', "format 9"),
-    (b'\x00\x00\x00\x00', "truncated"),
+GOOD = b'{"v": 1, "time": "t", "kind": "start", "outcome": "ok"}'
+
+
+@pytest.mark.parametrize(("content", "good", "bad_lines"), [
+    (GOOD + b"\n" + GOOD[:20], 1, 1),  # the last line torn (a crash of the machine)
+    (GOOD + b"\n" + GOOD[:30] + GOOD + b"\n" + GOOD + b"\n", 2, 1),  # a torn write, glued
+    (GOOD + b"\nnot json\n[1, 2]\n" + GOOD.replace(b"1", b"9", 1) + b"\n", 1, 3),
+    (b"\x00\x00\x00\x00", 0, 1),
 ])
-def test_a_corrupt_file_is_set_aside_and_a_new_one_started(tmp_path: Path, content: bytes,
-                                                          why: str) -> None:
+def test_bad_lines_are_skipped_and_counted_and_the_file_kept(tmp_path: Path, content: bytes,
+                                                              good: int, bad_lines: int) -> None:
+    """The file is the deploy record (`release_before` for a rollback after the window): a
+    bad line costs that line, not the file (it was renamed away at the next start)."""
     path = tmp_path / "history.jsonl"
     path.write_bytes(content)
     hist = History(str(path))
     hist.open()  # no exception
     hist.append("start", "ok", {"via": "start"})
     hist.close()
-    aside = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
-    assert len(aside) == 1 and aside[0].read_bytes() == content  # kept, untouched
-    [warning] = hist.warnings()
-    assert why in warning and str(aside[0]) in warning
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.jsonl"]  # nothing set aside
+    assert hist.warnings() == []
+    data = path.read_bytes()
+    assert data.startswith(content) and data.endswith(b"\n")
     entries, bad = h.read(str(path))
-    assert bad == 0
-    assert [(e["kind"], e["outcome"]) for e in entries] == [("history", "reset"),
-                                                            ("start", "ok")]
-    assert why in entries[0]["reason"]
+    assert bad == bad_lines  # the new entry is on a line of its own, not glued to a torn one
+    assert [e["kind"] for e in entries] == ["start"] * good + ["start"]
+    assert entries[-1]["who"] == {"via": "start"}
 
 
 @pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
@@ -141,13 +149,16 @@ def test_write_failures_are_reported_not_raised(tmp_path: Path) -> None:
     assert entry["kind"] == "stop"
     [warning] = hist.warnings()
     assert "history write failed" in warning and "not-a-dir/history.jsonl: File exists" in warning
-    # once the problem is gone, writing resumes (retried per entry)
+    # once the problem is gone, writing resumes (retried per entry), after a note of the gap
     blocker.unlink()
     blocker.mkdir()
     hist.append("start", "ok", WHO)
     hist.close()
     assert hist.warnings() == []
-    assert [e["kind"] for e in h.read(str(blocker / "history.jsonl"))[0]] == ["start"]
+    entries = h.read(str(blocker / "history.jsonl"))[0]
+    assert [(e["kind"], e["outcome"]) for e in entries] == [("history", "gap"), ("start", "ok")]
+    assert entries[0]["lost"] == 1
+    assert entries[0]["reason"] == "history gap: 1 entry lost (File exists)"
 
 
 def test_reading_skips_bad_lines_and_counts_them(tmp_path: Path) -> None:
@@ -156,3 +167,73 @@ def test_reading_skips_bad_lines_and_counts_them(tmp_path: Path) -> None:
     path.write_text(f"{good}\n{{broken\n{good}\n")
     entries, bad = h.read(str(path))
     assert len(entries) == 2 and bad == 1
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB tmpfs (root, and mount allowed: skipped otherwise)."""
+    where = tmp_path / "fs"
+    where.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) for a tmpfs that fills up")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs",
+                           str(where)], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        # lazy: a writer a failed assertion left open must not fail the teardown
+        subprocess.run(["umount", "-l", str(where)], check=True, timeout=30)
+
+
+def _fill(directory: Path) -> Path:
+    """Take every free block of the filesystem."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for _ in range(1000):  # 64 KiB: far fewer are needed
+            try:
+                f.write(b"\0" * 4096)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                break
+        else:
+            raise AssertionError("the tmpfs never filled up")
+    return filler
+
+
+def test_a_full_disk_tears_no_line_and_the_gap_is_recorded(tiny_tmpfs: Path) -> None:
+    """ENOSPC cuts writes short: what they wrote is cut back off (else the next entry is
+    glued to half a line, and the file was thrown away at the next start); the entries
+    lost are counted, and said once writing works again."""
+    path = tiny_tmpfs / "history.jsonl"
+    hist = History(str(path))
+    hist.open()
+    hist.append("start", "ok", {"via": "start"}, release_after="v41")
+    hist.append("upgrade", "ok", WHO, release_before="v41", release_after="v42")
+    size = path.stat().st_size
+    assert size % 4096  # room left in the file's last block: the next write is cut short
+    filler = _fill(tiny_tmpfs)
+    for i in range(5):  # each longer than a block: at best a part of it fits
+        hist.append("upgrade", "failed", WHO, reason=f"{i}:" + "x" * 5000)
+        assert path.read_bytes().endswith(b"\n") and path.stat().st_size == size
+        [warning] = hist.warnings()
+        assert "history write failed" in warning and "No space left on device" in warning
+    entries, bad = h.read(str(path))
+    assert bad == 0 and len(entries) == 2
+    filler.unlink()
+    hist.append("stop", "ok", WHO)
+    hist.close()
+    assert hist.warnings() == []
+    entries, bad = h.read(str(path))
+    assert bad == 0
+    assert [(e["kind"], e["outcome"]) for e in entries] == [
+        ("start", "ok"), ("upgrade", "ok"), ("history", "gap"), ("stop", "ok")]
+    assert entries[2]["reason"] == "history gap: 5 entries lost (No space left on device)"
+    # the next start keeps the file, and the release to go back to with it
+    again = History(str(path))
+    again.open()
+    again.close()
+    assert again.warnings() == [] and sorted(p.name for p in tiny_tmpfs.iterdir()) == [
+        "history.jsonl"]
+    assert h.read(str(path))[0][1]["release_before"] == "v41"

@@ -67,8 +67,29 @@ def test_git_commit_of_the_working_directory(tmp_path: Path) -> None:
     git("add", ".")
     git("commit", "-q", "-m", "one")
     head = git("rev-parse", "HEAD")
+    sub = str(tmp_path / "sub")
     cfg = config(tmp_path / "sub")
-    assert r.derive(cfg, str(tmp_path / "sub")) == f"git:{head[:12]}"  # type: ignore[arg-type]
+    label = r.derive(cfg, sub)  # type: ignore[arg-type]
+    code = r.code_hash(["python3", "app.py"], sub)
+    assert label == f"git:{head[:12]}+{code[:8]}"
+    assert r.derive(cfg, sub) == label  # type: ignore[arg-type]  # the same code, the same label
+    # one commit, what runs of it differs: another command, an uncommitted edit of the main
+    # module (both were `git:<commit>` alone, e.g. game_v1.py then game_v2.py)
+    (tmp_path / "sub" / "app2.py").write_text("print(3)\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "two commands")
+    head = git("rev-parse", "HEAD")
+    one = r.derive(config(tmp_path / "sub", "python3", "app.py"), sub)  # type: ignore[arg-type]
+    two = r.derive(config(tmp_path / "sub", "python3", "app2.py"), sub)  # type: ignore[arg-type]
+    assert one.startswith(f"git:{head[:12]}+") and two.startswith(f"git:{head[:12]}+")
+    assert one != two
+    (tmp_path / "sub" / "app.py").write_text("print(1.5)\n")  # not committed
+    edited = r.derive(config(tmp_path / "sub", "python3", "app.py"), sub)  # type: ignore[arg-type]
+    assert edited.startswith(f"git:{head[:12]}+") and edited != one
+    assert r.check_label(edited) == edited and len(edited) == len("git:") + 12 + 1 + 8
+    git("checkout", "-q", "--", "sub/app.py")
+    assert r.derive(config(tmp_path / "sub", "python3", "app.py"), sub) == one  # type: ignore[arg-type]
+    first = git("rev-parse", "HEAD~1")
     # a packed ref, as after `git gc`
     git("pack-refs", "--all")
     assert not (tmp_path / ".git" / "refs" / "heads" / "main").exists()
@@ -78,9 +99,9 @@ def test_git_commit_of_the_working_directory(tmp_path: Path) -> None:
     git("add", ".")
     git("commit", "-q", "-m", "two")
     second = git("rev-parse", "HEAD")
-    git("worktree", "add", "-q", "--detach", str(tmp_path / "wt"), head)
+    git("worktree", "add", "-q", "--detach", str(tmp_path / "wt"), first)
     assert (tmp_path / "wt" / ".git").is_file()
-    assert r.git_commit(str(tmp_path / "wt")) == head
+    assert r.git_commit(str(tmp_path / "wt")) == first
     assert r.git_commit(str(tmp_path)) == second
 
 
