@@ -1,12 +1,15 @@
 """The Prometheus/OpenMetrics endpoint (`--metrics HOST:PORT`, extra `swapd[metrics]`).
 
-Served by prometheus-client's own HTTP server, in its threads: a slow or stuck scraper
-never holds up the supervisor's event loop. Counters and histograms are prometheus-client
-objects, updated from the loop as things happen (they lock internally). What is read at
-scrape time (generations, workers, listener queues, the watch window) is built *by the
-loop*: the scrape thread asks for it with `call_soon_threadsafe` and waits at most
-SNAPSHOT_WAIT; the loop spends microseconds on it, and a scrape while the loop is stuck
-gets the counters without the gauges rather than a torn read of live structures.
+The exposition is prometheus-client's (its WSGI app: formats, content negotiation, gzip);
+the HTTP serving is metricsserver.py's, in threads of its own and bounded (connections,
+deadlines, request size, threads), so that neither a slow scraper nor a local user
+holding connections touches the supervisor's event loop or its descriptors. Counters and
+histograms are prometheus-client objects, updated from the loop as things happen (they
+lock internally). What is read at scrape time (generations, workers, listener queues, the
+watch window) is built *by the loop*: the answering thread asks for it with
+`call_soon_threadsafe` and waits at most SNAPSHOT_WAIT; the loop spends microseconds on
+it, and a scrape while the loop is stuck gets the counters without the gauges rather than
+a torn read of live structures.
 
 The names, for dashboards (docs/operations.md has the list with suggested queries):
 
@@ -34,12 +37,12 @@ import concurrent.futures
 import logging
 import socket
 import struct
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from swapd import __version__
+from swapd.supervisor.metricsserver import MetricsServer, bind
 
 log = logging.getLogger("swapd")
 
@@ -127,26 +130,30 @@ class Metrics:
         r.register(_Live(self))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._provider: Callable[[], Snapshot] | None = None
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self.server: MetricsServer | None = None
 
-    def start(self) -> None:
-        """Bind and serve; OSError (e.g. EADDRINUSE) if the address cannot be had."""
-        from prometheus_client import start_http_server
+    def start(self, **bounds: Any) -> None:
+        """Bind and serve; OSError (e.g. EADDRINUSE) if the address cannot be had.
+        `bounds`: MetricsServer's keyword arguments (tests use smaller ones)."""
+        from prometheus_client import make_wsgi_app
 
-        self._server, self._thread = start_http_server(self._port, self._host, self.registry)
-        bound = self._server.socket.getsockname()
+        sock = bind(self._host, self._port)
+        try:
+            self.server = MetricsServer(sock, make_wsgi_app(self.registry), **bounds)
+        except BaseException:
+            sock.close()
+            raise
+        self.server.start()
         host = f"[{self._host}]" if ":" in self._host else self._host
-        self.address = f"{host}:{bound[1]}"
+        self.address = f"{host}:{sock.getsockname()[1]}"
 
     def attach(self, loop: asyncio.AbstractEventLoop, provider: Callable[[], Snapshot]) -> None:
         self._loop, self._provider = loop, provider
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None
 
     # -- updates, from the loop -------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Hostile local users and misbehaving workers against a real supervisor (issue 9, items 1-5, 7):
-forged readiness, hostile control clients, a worker flooding its channel, the fd limit.
+forged readiness, hostile control clients, a worker flooding its channel, the fd limit, idle
+connections to the metrics endpoint.
 
 Other uids are played by forked children that drop to uid 65534 (these tests need root;
 they are skipped, with the reason, elsewhere)."""
@@ -17,6 +18,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import psutil
 import pytest
 
 from swapd.control import MAX_CLIENTS, Client
+from swapd.supervisor.metricsserver import MAX_CONNECTIONS, WORKERS
 from tests.integration.supervised import (
     MISBEHAVE,
     SWAPD,
@@ -387,3 +391,96 @@ def test_a_port_squatter_posing_as_a_worker_fails_the_start_at_once(tmp_path: Pa
     finally:
         squatter.kill()
         squatter.communicate(timeout=10)
+
+
+# -- the metrics endpoint: idle connections from any local user ----------------------------------
+
+
+def accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the TCP listener on `port` (the
+    kernel's rx_queue of a LISTEN socket in /proc/net/tcp is its accept backlog)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in list(f)[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no listener on port {port}")
+
+
+@contextlib.contextmanager
+def idle_connections(address: tuple[str, int], count: int, uid: int | None
+                     ) -> Iterator[int]:
+    """A forked child (as `uid`) connects `count` times, one after another, and holds the
+    connections without sending a byte until the block ends; yields how many connected."""
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            ours.close()
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            held = []
+            with contextlib.suppress(OSError):  # a connect that does not complete in time
+                for _ in range(count):
+                    held.append(socket.create_connection(address, timeout=5))
+            theirs.sendall(f"{len(held)}\n".encode())
+            theirs.recv(1)  # hold them until told (or the test is gone)
+            code = 0
+        finally:
+            os._exit(code)
+    theirs.close()
+    pidfd = os.pidfd_open(pid)
+    try:
+        ours.settimeout(60)
+        yield int(ours.recv(64))
+    finally:
+        ours.close()  # the child's recv returns: it exits, its connections close
+        if not select.select([pidfd], [], [], 30)[0]:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(pidfd)
+
+
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(x for x in f if x.startswith("Threads:")).split()[1])
+
+
+def scrape(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=30) as resp:
+        assert resp.status == 200
+        return str(resp.read().decode())
+
+
+@pytest.mark.slow
+def test_idle_metrics_connections_cannot_exhaust_the_supervisor(tmp_path: Path) -> None:
+    """The reported attack: 600 idle connections to the metrics port (from uid nobody when
+    we are root) against a supervisor whose RLIMIT_NOFILE is 512."""
+    with supervised(tmp_path, MISBEHAVE, args=["--metrics", "127.0.0.1:0"]) as s:
+        address = s.status()["metrics"]
+        port = int(address.rpartition(":")[2])
+        hard = resource.prlimit(s.pid, resource.RLIMIT_NOFILE)[1]
+        resource.prlimit(s.pid, resource.RLIMIT_NOFILE, (512, hard))
+        assert "swapd_swaps_total" in scrape(address)  # the answering threads exist now
+        fds, threads = s.status()["open_fds"], threads_of(s.pid)
+        with idle_connections(("127.0.0.1", port), 600,
+                              NOBODY if os.geteuid() == 0 else None) as connected:
+            assert connected == 600  # none left hanging in a full backlog
+            deadline = time.monotonic() + 30
+            while accept_queue(port):  # the supervisor has taken what it will take
+                assert time.monotonic() < deadline, "the metrics accept queue stays full"
+                time.sleep(0.01)
+            assert s.status()["open_fds"] <= fds + MAX_CONNECTIONS
+            assert threads_of(s.pid) <= threads + WORKERS  # not one per connection
+            # a scrape is answered now, not after the idle ones' deadline
+            text = scrape(address)
+            assert "swapd_workers{" in text, "gauges too: the supervisor's loop answered"
+            out = s.cli("status", "--timeout", "10")
+            assert out.returncode == 0, out.stderr
+        s.wait_log(r"event=metrics.busy connections=16 limit=16 action='closed the oldest "
+                   r"idle one'")
+        assert s.status()["open_fds"] <= fds + MAX_CONNECTIONS
