@@ -148,7 +148,7 @@ class Deploys:
         fleet = self.fleet
         snap = Snapshot(crash_loop_slots=len(fleet.crash_loop),
                         watch_remaining=self.watch.remaining if self.watch else 0.0,
-                        swap_in_progress=swap_in_progress)
+                        swap_in_progress=swap_in_progress, last_swap=self.ops.last_swap)
         for g in fleet.live_generations():
             snap.generations.append((g.id, g.state.value, g.release))
             snap.workers += [(w.state.value, g.state.value) for w in g.live()]

@@ -67,6 +67,7 @@ class Snapshot:
     crash_loop_slots: int = 0
     watch_remaining: float = 0.0
     swap_in_progress: bool = False
+    last_swap: tuple[float, bool] | None = None  # when the last swap ended, and if it committed
 
 
 def listen_queue(sock: socket.socket) -> tuple[int, int] | None:
@@ -117,10 +118,6 @@ class Metrics:
         self.pause_seconds = pc.Histogram("swapd_handoff_pause_seconds",
                                           "Time no worker accepted during a stateful handoff",
                                           buckets=_PAUSE_BUCKETS, registry=r)
-        self.last_swap = pc.Gauge("swapd_last_swap_timestamp_seconds",
-                                  "When the last swap ended (Unix time)", registry=r)
-        self.last_swap_ok = pc.Gauge("swapd_last_swap_success",
-                                     "1 if the last swap committed, else 0", registry=r)
         pc.Info("swapd_build", "This supervisor", registry=r).info({"version": __version__})
         for kind in ("upgrade", "reload"):
             for outcome in ("ok", "failed"):
@@ -157,14 +154,12 @@ class Metrics:
 
     # -- updates, from the loop -------------------------------------------------------
 
-    def swap_done(self, kind: str, ok: bool, duration_s: float, pause_ms: float | None,
-                  wall_time: float) -> None:
+    def swap_done(self, kind: str, ok: bool, duration_s: float, pause_ms: float | None
+                  ) -> None:
         self.swaps.labels(kind, "ok" if ok else "failed").inc()
         self.swap_seconds.labels(kind).observe(duration_s)
         if pause_ms is not None:
             self.pause_seconds.observe(pause_ms / 1000)
-        self.last_swap.set(wall_time)
-        self.last_swap_ok.set(1 if ok else 0)
 
     # -- scrape time, in a server thread ----------------------------------------------
 
@@ -238,3 +233,11 @@ class _Live:
                     "Seconds left in the watch window (0: none open)", value=snap.watch_remaining)
         yield gauge("swapd_swap_in_progress", "1 while a swap is in flight",
                     value=1 if snap.swap_in_progress else 0)
+        # Absent until a swap has ended (kept across `upgrade --self`): a 0 at start would
+        # fire a "last swap failed" alert on every restart.
+        if snap.last_swap is not None:
+            ended, ok = snap.last_swap
+            yield gauge("swapd_last_swap_timestamp_seconds",
+                        "When the last swap ended (Unix time)", value=ended)
+            yield gauge("swapd_last_swap_success", "1 if the last swap committed, else 0",
+                        value=1 if ok else 0)

@@ -44,6 +44,7 @@ class Operations:
         self.history = History(history_path(config.state_dir, config.control, environ))
         self.metrics_address = config.metrics
         self.metrics: Metrics | None = None
+        self.last_swap: tuple[float, bool] | None = None  # ended (Unix time), committed
 
     def prepare(self) -> None:
         """Open the history (never fails) and bind the metrics endpoint (OSError, e.g. the
@@ -90,10 +91,11 @@ class Operations:
             release_after=after.release if after else None,
             duration_ms=outcome.get("duration_ms"), timings_ms=outcome.get("timings_ms"),
             watch=watch or None)
+        self.last_swap = (time.time(), ok)
         if self.metrics is not None:
             pause = (outcome.get("timings_ms") or {}).get("pause")
             self.metrics.swap_done(kind, ok, float(outcome.get("duration_ms", 0)) / 1000,
-                                   pause, time.time())
+                                   pause)
 
     def refused(self, kind: str, who: Who, reason: str) -> None:
         """A swap asked for and refused (another change in flight, a watch window...)."""

@@ -100,7 +100,8 @@ class SelfExec:
         captured = reexec.capture(self._fleet, self._listeners, self._owned(), reply_fd)
         # For the new image's history entry: who asked, and when.
         captured.state["ops"] = {"who": self._who, "asked": time.time(),
-                                 "last_rollback": self._deploys.last_rollback}
+                                 "last_rollback": self._deploys.last_rollback,
+                                 "last_swap": self._ops.last_swap}
         return captured
 
     # -- the new image ------------------------------------------------------------------
@@ -117,6 +118,10 @@ class SelfExec:
         control_sock = socket.socket(fileno=state.control_fd)
         control_sock.set_inheritable(False)
         self._deploys.last_rollback = state.ops.get("last_rollback")
+        last = state.ops.get("last_swap")
+        if (isinstance(last, list) and len(last) == 2 and isinstance(last[0], int | float)
+                and isinstance(last[1], bool)):
+            self._ops.last_swap = (float(last[0]), last[1])
         try:  # the history file again; the metrics port, which the exec closed, again
             self._ops.prepare()
         except (OSError, MetricsUnavailable) as e:  # workers are running: no exit for this

@@ -39,15 +39,29 @@ def history(s: Supervised) -> list[dict[str, Any]]:
     return entries
 
 
+def last_swap_gauges(address: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {x.name: x.value for f in text_string_to_metric_families(text) for x in f.samples
+            if x.name.startswith("swapd_last_swap")}
+
+
 def test_history_across_restart_reexec_and_a_torn_line(tmp_path: Path) -> None:
     state = tmp_path / "state"
     control = str(tmp_path / "swapd.sock")
     args = ["--state-dir", str(state), "--release", "r1"]
     (tmp_path / "a").mkdir()
-    with supervised(tmp_path / "a", HELLO, args=args, control=control) as s:
+    with supervised(tmp_path / "a", HELLO, args=[*args, "--metrics", "127.0.0.1:0"],
+                    control=control) as s:
         assert s.result("upgrade", release="r2")["ok"]
+        last_swap = last_swap_gauges(s.status()["metrics"])
+        assert last_swap["swapd_last_swap_success"] == 1
         reexec = s.cli("upgrade", "--self")
         assert reexec.returncode == 0, reexec
+        # The new image's counters start from 0, but it knows how the last swap went.
+        assert last_swap_gauges(s.status()["metrics"]) == last_swap
         entries = history(s)  # the new image appends to the file the old one wrote
         assert [(e["kind"], e["outcome"]) for e in entries] == [
             ("start", "ok"), ("upgrade", "ok"), ("reexec", "ok")]
@@ -154,13 +168,20 @@ def test_metrics_scraped_and_json_logs(tmp_path: Path) -> None:
     args = ["--workers", "2", "--metrics", "127.0.0.1:0", "--log-format", "json",
             "--release", "m1"]
     with supervised(tmp_path, HELLO, args=args) as s:
-        assert s.result("upgrade", release="m2", watch=120)["ok"]  # gen 1 held
         address = s.status()["metrics"]
-        request = urllib.request.Request(f"http://{address}/metrics",
-                                         headers={"Accept": "application/openmetrics-text"})
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            text = resp.read().decode()
-        samples = [x for f in text_string_to_metric_families(text) for x in f.samples]
+
+        def scrape() -> tuple[str, list[Any]]:
+            request = urllib.request.Request(
+                f"http://{address}/metrics", headers={"Accept": "application/openmetrics-text"})
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                text = resp.read().decode()
+            return text, [x for f in text_string_to_metric_families(text) for x in f.samples]
+
+        # No swap yet: no "last swap" to fail an alert on.
+        text, samples = scrape()
+        assert not [x for x in samples if x.name.startswith("swapd_last_swap")], text
+        assert s.result("upgrade", release="m2", watch=120)["ok"]  # gen 1 held
+        text, samples = scrape()
 
         def value(name: str, **labels: str) -> float:
             for x in samples:
@@ -179,6 +200,7 @@ def test_metrics_scraped_and_json_logs(tmp_path: Path) -> None:
         assert value("process_open_fds") > 5
         assert value("process_resident_memory_bytes") > 1e6
         assert value("swapd_last_swap_success") == 1
+        assert value("swapd_last_swap_timestamp_seconds") > 0
         s.wait_log(r'"event": "metrics.listening"')
         gen1 = [w["pid"] for g in s.status()["generations"] if g["id"] == 1
                 for w in g["workers"]]

@@ -114,7 +114,8 @@ def test_scraped_by_a_real_client_and_parsed_strictly() -> None:
     try:
         def snapshot() -> Snapshot:
             assert threading.current_thread() is runner  # built on the loop, not the scraper
-            snap = Snapshot(crash_loop_slots=1, watch_remaining=12.5)
+            snap = Snapshot(crash_loop_slots=1, watch_remaining=12.5,
+                            last_swap=(1700000001.0, False))
             snap.generations = [(3, "held", "v41"), (4, "active", "v42")]
             snap.workers = [("ready", "active"), ("ready", "active"), ("ready", "held")]
             queue = listen_queue(lis)
@@ -123,8 +124,8 @@ def test_scraped_by_a_real_client_and_parsed_strictly() -> None:
             return snap
 
         metrics.attach(loop, snapshot)
-        metrics.swap_done("upgrade", True, 0.8, 2.5, 1700000000.0)
-        metrics.swap_done("reload", False, 31.0, None, 1700000001.0)
+        metrics.swap_done("upgrade", True, 0.8, 2.5)
+        metrics.swap_done("reload", False, 31.0, None)
         metrics.rollbacks.labels("health-probe", "ok").inc()
         metrics.restarts.inc()
         request = urllib.request.Request(f"http://{metrics.address}/metrics",
@@ -151,6 +152,7 @@ def test_scraped_by_a_real_client_and_parsed_strictly() -> None:
         assert value("swapd_rollbacks_total", trigger="health-probe", outcome="ok") == 1
         assert value("swapd_worker_restarts_total") == 1
         assert value("swapd_last_swap_success") == 0
+        assert value("swapd_last_swap_timestamp_seconds") == 1700000001.0
         assert value("swapd_release_info", release="v42", generation="4", state="active") == 1
         assert value("swapd_release_info", release="v41", generation="3", state="held") == 1
         assert value("swapd_workers", state="ready", generation_state="active") == 2
