@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-fdstore", dest="fdstore", action="store_false", default=None,
                      help="under systemd, do not keep listeners and state in the fd store")
     for name in ("ready", "drain", "quiesce", "restore", "probe"):
-        run.add_argument(f"--{name}-timeout", type=float, metavar="SECONDS")
-    run.add_argument("--idle-grace", type=float, metavar="SECONDS",
+        run.add_argument(f"--{name}-timeout", type=cli_ops.seconds_type(), metavar="SECONDS")
+    run.add_argument("--idle-grace", type=cli_ops.seconds_type(), metavar="SECONDS",
                      help="how long a draining worker keeps an idle keep-alive connection")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     cli_ops.add_run_options(run)
@@ -129,20 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _timeout_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--timeout", type=_seconds, metavar="SECONDS",
+        "--timeout", type=cli_ops.seconds_type(), metavar="SECONDS",
         help=f"give up after this long (default: {CLIENT_WAIT:g}s for an answer; a long "
              "command waits as long as the supervisor says it may take, plus "
              f"{DEADLINE_GRACE:g}s)")
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < 1e9:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,6 +58,7 @@ MODES: tuple[Mode, ...] = ("stateless", "stateful")
 READINESS: tuple[Readiness, ...] = ("notify", "exec", "probe")
 WORKER_OUTPUT: tuple[WorkerOutput, ...] = ("prefixed", "passthrough")
 _PROBE_PATH_MAX = 1024
+MAX_SECONDS = 10**7  # any duration in seconds, file or flag: four months is already a typo
 _HEALTH_URL = re.compile(r"(?:([A-Za-z0-9_.-]{1,64}):)?(/[\x21-\x7e]{0,1000})")
 
 
@@ -250,9 +251,9 @@ def build(
     for key, value in tables["timeouts"].items():
         if key not in _TIMEOUT_KEYS:
             raise ConfigError(f"{where}: unknown timeout {key!r}")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ConfigError(f"{where}: timeouts.{key} must be a positive number of seconds")
-        timeouts = replace(timeouts, **{key: float(value)})
+        # bounded like every other duration: an infinite one would overflow every deadline
+        # computed from it (the client's wait, systemd's EXTEND_TIMEOUT_USEC)
+        timeouts = replace(timeouts, **{key: _seconds(where, f"timeouts.{key}", value)})
 
     env: list[tuple[str, str]] = []
     for key, value in tables["env"].items():
@@ -332,10 +333,11 @@ def metrics_address(where: str, value: Any) -> str:
 
 
 def _seconds(where: str, key: str, value: Any, *, zero: bool = False) -> float:
+    """A finite number of seconds, > 0 (>= 0 with `zero`), at most MAX_SECONDS."""
     if (isinstance(value, bool) or not isinstance(value, int | float)
-            or not (value >= 0 if zero else value > 0) or value != value or value > 10**7):
+            or not (value >= 0 if zero else value > 0) or not value <= MAX_SECONDS):
         kind = "a number of seconds >= 0" if zero else "a positive number of seconds"
-        raise ConfigError(f"{where}: {key} must be {kind}")
+        raise ConfigError(f"{where}: {key} must be {kind} (at most {MAX_SECONDS})")
     return float(value)
 
 

@@ -55,6 +55,10 @@ MAX_CLIENTS = 32
 IDLE_TIMEOUT = 10.0  # seconds for a complete request line (and for a client to read a reply)
 CLIENT_WAIT = 10.0  # the client's default wait for an answer or a deadline line
 DEADLINE_GRACE = 10.0  # the client's wait beyond the deadline the server announced
+# The longest the client waits for anything (about three years): a deadline beyond it
+# (from an unbounded timeout in some supervisor's configuration, or a hostile server) would
+# overflow the socket timeout; NaN or a negative one is ignored.
+MAX_WAIT = 1e8
 DEADLINE = "deadline"  # an `emit` of this event is written as a deadline line
 _ACCEPT_BATCH = 16  # connections accepted per wakeup: bounded work under a flood
 _UCRED = struct.Struct("3i")
@@ -482,7 +486,7 @@ class Client:
 
     def call(self, cmd: str, args: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """Send one request; yield progress messages, then the result message (last)."""
-        wait = self.timeout if self.timeout is not None else CLIENT_WAIT
+        wait = _clamp(self.timeout if self.timeout is not None else CLIENT_WAIT)
         deadline = time.monotonic() + wait
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(wait)
@@ -520,8 +524,9 @@ class Client:
                     raise ClientError("malformed reply from supervisor: not a JSON object")
                 if msg.get("type") == DEADLINE:
                     seconds = msg.get("seconds")
-                    if self.timeout is None and isinstance(seconds, int | float):
-                        wait = float(seconds) + DEADLINE_GRACE
+                    if (self.timeout is None and isinstance(seconds, int | float)
+                            and seconds == seconds):  # not NaN
+                        wait = _clamp(float(seconds) + DEADLINE_GRACE)
                         deadline = time.monotonic() + wait
                     continue
                 yield msg
@@ -557,3 +562,7 @@ class Client:
                 f"refusing to talk to {self.path}: it is served by uid {peer.uid} (pid "
                 f"{peer.pid}), not by uid {os.geteuid()} or root; it is not our supervisor"
             )
+
+
+def _clamp(seconds: float) -> float:
+    return min(max(seconds, 0.001), MAX_WAIT)

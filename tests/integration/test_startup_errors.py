@@ -71,6 +71,8 @@ def test_port_in_use(tmp_path: Path) -> None:
         ('command = ["x"]\nmode = "magic"\n', "mode must be one of stateless, stateful"),
         ("command = [\n", "invalid TOML"),
         ('command = ["x"]\n[bind]\nadmin = "nope"\n', "bad address 'nope'"),
+        ('command = ["x"]\n[timeouts]\nready = inf\n',
+         "timeouts.ready must be a positive number of seconds (at most 10000000)"),
     ],
 )
 def test_bad_config_file(tmp_path: Path, toml: str, message: str) -> None:

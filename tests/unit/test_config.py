@@ -279,13 +279,13 @@ VALIDATION: list[tuple[str, dict[str, Any], str]] = [
     ("fdstore", {**CMD, "fdstore": 1}, f"{WHERE}: fdstore must be true or false"),
     ("timeout-unknown", {**CMD, "timeouts": {"boot": 3}}, f"{WHERE}: unknown timeout 'boot'"),
     ("timeout-zero", {**CMD, "timeouts": {"ready": 0}},
-     f"{WHERE}: timeouts.ready must be a positive number of seconds"),
+     f"{WHERE}: timeouts.ready must be a positive number of seconds (at most 10000000)"),
     ("timeout-negative", {**CMD, "timeouts": {"drain": -1.5}},
-     f"{WHERE}: timeouts.drain must be a positive number of seconds"),
+     f"{WHERE}: timeouts.drain must be a positive number of seconds (at most 10000000)"),
     ("timeout-string", {**CMD, "timeouts": {"quiesce": "10"}},
-     f"{WHERE}: timeouts.quiesce must be a positive number of seconds"),
+     f"{WHERE}: timeouts.quiesce must be a positive number of seconds (at most 10000000)"),
     ("timeout-bool", {**CMD, "timeouts": {"restore": True}},
-     f"{WHERE}: timeouts.restore must be a positive number of seconds"),
+     f"{WHERE}: timeouts.restore must be a positive number of seconds (at most 10000000)"),
     ("env-value", {**CMD, "env": {"PORT": 8000}}, f"{WHERE}: env.PORT must be a string"),
     ("env-empty-key", {**CMD, "env": {"": "x"}}, f"{WHERE}: env. must be a string"),
     ("env-key-with-equals", {**CMD, "env": {"A=B": "x"}}, f"{WHERE}: env.A=B must be a string"),
@@ -334,8 +334,30 @@ def test_command_of_the_wrong_type(command: object) -> None:
 
 def test_nan_timeout_is_refused() -> None:
     assert error_of({**CMD, "timeouts": {"ready": float("nan")}}, {}) == (
-        f"{WHERE}: timeouts.ready must be a positive number of seconds"
+        f"{WHERE}: timeouts.ready must be a positive number of seconds (at most 10000000)"
     )
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("[timeouts]\nready = inf\n", "ready"),
+    ("[timeouts]\nready = 1e12\n", "ready"),
+    ("[timeouts]\ndrain = 1e300\n", "drain"),
+    ("[timeouts]\nidle_grace = nan\n", "idle_grace"),
+    ("[timeouts]\nquiesce = 10000001\n", "quiesce"),
+])
+def test_timeouts_in_the_file_are_bounded_like_every_duration(tmp_path: Path, text: str,
+                                                               key: str) -> None:
+    """An unbounded timeout was accepted at start, then overflowed every client deadline."""
+    path = write(tmp_path, 'command = ["x"]\n' + text)
+    with pytest.raises(ConfigError) as info:
+        load(path, {}, environ=NO_ENV)
+    assert str(info.value) == (f"{path}: timeouts.{key} must be a positive number of seconds "
+                               "(at most 10000000)")
+
+
+def test_the_largest_timeout_is_accepted() -> None:
+    cfg = build({**CMD, "timeouts": {"drain": 10**7}}, {}, environ=NO_ENV)
+    assert cfg.timeouts.drain == 1e7
 
 
 @pytest.mark.parametrize(
