@@ -1,7 +1,11 @@
 """Command line: argument parsing and output; a thin client of the control socket.
 
 Exit codes: 0 success; 1 the operation failed (the service is unchanged); 2 bad
-usage or configuration (nothing started or changed); 3 no supervisor reachable.
+usage or configuration (nothing started or changed); 3 no supervisor reachable (or one
+of another uid, refused); 4 outcome unknown: the supervisor took the request on, then
+the client stopped waiting (its timeout, or the connection broke), and the operation may
+go on; 130 interrupted (Ctrl-C). A reader of stdout that goes away (`| head`) changes
+nothing: the command goes on and its exit code says how it went.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -20,9 +25,10 @@ from typing import Any
 from swapd import __version__, cli_ops
 from swapd.commands import HistoryArgs, PatchArgs, StopArgs, UpgradeArgs
 from swapd.config import ConfigError, default_control_path, load
-from swapd.control import CLIENT_WAIT, DEADLINE_GRACE, Client, ClientError
+from swapd.control import CLIENT_WAIT, DEADLINE_GRACE, Client, ClientError, ClientTimeout
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 128 + 2  # SIGINT, as a shell reports a command it interrupted
 
 
 class UsageError(Exception):
@@ -146,17 +152,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(_patch_argv(argv))
         if args.command == "run":
-            return cmd_run(args)
-        if args.command == "demo":
+            code = cmd_run(args)
+        elif args.command == "demo":
             from swapd.demo import run_demo
 
-            return run_demo(args)
-        return cmd_client(args)
+            code = run_demo(args)
+        else:
+            code = cmd_client(args)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would make a traceback
+        return code
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # whoever read stdout went away: nothing to say, no traceback
+        _stdout_gone()
         return EXIT_FAILED
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null: what is still buffered, and whatever comes, goes nowhere
+    (the recipe of the `signal` module's documentation, note on SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _out(text: str) -> None:
+    """A line on stdout; a reader that went away does not stop the command."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _stdout_gone()
 
 
 # -- run -----------------------------------------------------------------------------
@@ -321,27 +349,61 @@ def cmd_client(args: argparse.Namespace) -> int:
     client = Client(path, timeout=args.timeout)
     result: dict[str, Any] | None = None
     shown: set[str] = set()
+    gen: str | None = None  # the generation a swap started (or joined), for "see status"
     try:
         for msg in client.call(args.command, request):
+            if msg.get("event") in ("spawned", "joined") and gen is None:
+                found = re.search(r"\bgen=(\d+)", str(msg.get("message")))
+                gen = found.group(1) if found else None
             if args.json:
-                print(json.dumps(msg), flush=True)
+                _out(json.dumps(msg))
             elif msg.get("type") == "progress":
-                print(f"swapd: {msg.get('message')}", flush=True)
+                _out(f"swapd: {msg.get('message')}")
                 shown.add(str(msg.get("message")))
             if msg.get("type") == "result":
                 result = msg
+    except KeyboardInterrupt:
+        if client.sent and _changes(args):
+            _left(args.command, gen, "stopped waiting (interrupted)",
+                  "continues" if client.answered else "may go on")
+        return EXIT_INTERRUPTED
     except ClientError as e:
         if args.command == "history" and result is None:
             return cli_ops.history_fallback(args, str(e))
+        if client.answered:  # it took the request on: not "unreachable", and maybe not over
+            _left(args.command, gen, f"{e}; stopped waiting",
+                  "continues" if isinstance(e, ClientTimeout) else "unknown")
+            return EXIT_UNKNOWN
         print(f"swapd {args.command}: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
     assert result is not None
     if not args.json:
-        _print_result(args.command, result)
-        for warning in (result.get("data") or {}).get("warnings") or []:
-            if f"WARNING: {warning}" not in shown:  # one that happened before we joined
-                print(f"swapd: WARNING: {warning}", flush=True)
+        try:
+            _print_result(args.command, result)
+            if args.command != "status":  # status prints its warnings itself
+                for warning in (result.get("data") or {}).get("warnings") or []:
+                    if f"WARNING: {warning}" not in shown:  # one from before we joined
+                        print(f"swapd: WARNING: {warning}")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_gone()
     return EXIT_OK if result.get("ok") else EXIT_FAILED
+
+
+def _changes(args: argparse.Namespace) -> bool:
+    """Whether the command changes the service (so that it may go on without us)."""
+    if args.command in ("status", "history"):
+        return False
+    return not (args.command == "patch" and (args.list or args.dry_run))
+
+
+def _left(command: str, gen: str | None, why: str, fate: str) -> None:
+    """The one line of a client that stops waiting for an operation that may go on."""
+    what = f"the {command}" + (f" (gen={gen})" if gen else "")
+    said = {"continues": f"{what} continues in the supervisor",
+            "may go on": f"the supervisor may still carry out {what}",
+            "unknown": f"the outcome of {what} is unknown"}[fate]
+    print(f"swapd {command}: {why}; {said}: see `swapd status`", file=sys.stderr)
 
 
 def _patch_argv(argv: list[str]) -> list[str]:

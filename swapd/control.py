@@ -81,6 +81,10 @@ class ClientError(Exception):
     """The client could not talk to a supervisor (no socket, refused, broken reply)."""
 
 
+class ClientTimeout(ClientError):
+    """No result within the client's deadline (whether or not the supervisor said anything)."""
+
+
 class Peer:
     """Who is asking (SO_PEERCRED), and the connection's fd (for answers across a re-exec)."""
 
@@ -483,9 +487,16 @@ class Client:
     def __init__(self, path: str, timeout: float | None = None) -> None:
         self.path = path
         self.timeout = timeout
+        # Of the last call: the request was sent (the supervisor may act on it), and the
+        # supervisor said something back (a deadline or a progress line: it took the request
+        # on). After either, giving up on the wait is not "no supervisor": the outcome is
+        # unknown and the operation may go on without us.
+        self.sent = False
+        self.answered = False
 
     def call(self, cmd: str, args: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """Send one request; yield progress messages, then the result message (last)."""
+        self.sent = self.answered = False
         wait = _clamp(self.timeout if self.timeout is not None else CLIENT_WAIT)
         deadline = time.monotonic() + wait
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -497,6 +508,7 @@ class Client:
             # answer is still there to read.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
+                self.sent = True  # (as good as: part of it may be on its way)
                 sock.sendall(json.dumps(request).encode() + b"\n")
             buf = bytearray()
             while True:
@@ -522,6 +534,7 @@ class Client:
                     raise ClientError(f"malformed reply from supervisor: {e}") from e
                 if not isinstance(msg, dict):
                     raise ClientError("malformed reply from supervisor: not a JSON object")
+                self.answered = True
                 if msg.get("type") == DEADLINE:
                     seconds = msg.get("seconds")
                     if (self.timeout is None and isinstance(seconds, int | float)
@@ -533,7 +546,8 @@ class Client:
                 if msg.get("type") == "result":
                     return
         except TimeoutError:
-            raise ClientError(f"no answer from supervisor within {wait:g}s") from None
+            what = "no result" if self.answered else "no answer"
+            raise ClientTimeout(f"{what} from supervisor within {wait:g}s") from None
         except ConnectionResetError:
             raise ClientError("supervisor closed the connection before answering") from None
         finally:
@@ -548,21 +562,48 @@ class Client:
                 f"no supervisor: control socket {self.path} does not exist"
             ) from None
         except ConnectionRefusedError:
+            _not_a_socket(self.path)
             raise ClientError(
                 f"no supervisor listening on {self.path} (stale socket?)"
             ) from None
         except PermissionError:
             raise ClientError(f"permission denied on control socket {self.path}") from None
         except OSError as e:
+            _not_a_socket(self.path)
             raise ClientError(f"cannot reach control socket {self.path}: "
                               f"{e.strerror or e}") from None
         peer = peer_of(sock)
         if not allowed(peer):
+            # The rule stays (a socket of another uid may be anyone's); the way to manage a
+            # service that runs as a user of its own is to ask as that user.
+            user = _user_name(peer.uid)
             raise ClientError(
                 f"refusing to talk to {self.path}: it is served by uid {peer.uid} (pid "
-                f"{peer.pid}), not by uid {os.geteuid()} or root; it is not our supervisor"
+                f"{peer.pid}), not by uid {os.geteuid()} or root; it is not our supervisor. "
+                f"If it is a service running as {user}, ask as that user: "
+                f"runuser -u {user} -- swapd ..."
             )
 
 
 def _clamp(seconds: float) -> float:
     return min(max(seconds, 0.001), MAX_WAIT)
+
+
+def _not_a_socket(path: str) -> None:
+    """A connect that failed on something that is not a socket at all says so."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
+        raise ClientError(f"{path} is not a socket ({kind}): not a control socket")
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

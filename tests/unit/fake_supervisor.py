@@ -23,6 +23,7 @@ class FakeSupervisor:
                         else json.dumps(r).encode() + b"\n" for r in replies]
         self.hold = hold
         self.requests: list[dict[str, Any]] = []
+        self.received = threading.Event()  # a request arrived
         self.answered = threading.Event()  # the replies of a connection were written
         self._closing = threading.Event()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -52,6 +53,7 @@ class FakeSupervisor:
                     data += chunk
                 if data:
                     self.requests.append(json.loads(data))
+                    self.received.set()
                 for line in self.replies:
                     if isinstance(line, threading.Event):
                         line.wait(10)
