@@ -199,13 +199,16 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for spec in args.bind:
         name, sep, addr = spec.partition("=")
         if not sep:
-            raise UsageError(f"swapd run: bad --bind {spec!r}: expected NAME=ADDR")
+            raise UsageError(f"bad --bind {spec!r}: expected NAME=ADDR")
+        if name in binds:  # the second would silently replace the first
+            raise UsageError(f"listener {name!r} given twice (--bind "
+                             f"{name}={binds[name]}, --bind {spec}): give each its own name")
         binds[name] = addr
     env: dict[str, str] = {}
     for spec in args.env:
         key, sep, value = spec.partition("=")
         if not sep or not key:
-            raise UsageError(f"swapd run: bad --env {spec!r}: expected KEY=VALUE")
+            raise UsageError(f"bad --env {spec!r}: expected KEY=VALUE")
         env[key] = value
     timeouts = {k: getattr(args, f"{k}_timeout")
                 for k in ("ready", "drain", "quiesce", "restore", "probe")}

@@ -44,6 +44,10 @@ def last_line(text: str) -> str:
         (["--workers", "0", "--bind", "http=127.0.0.1:0", "--", *HELLO],
          "workers must be an integer >= 1"),
         (["--bogus-flag", "--", *HELLO], "unrecognized arguments"),
+        (["--bind", "http=127.0.0.1:0", "--bind", "http=[::1]:0", "--", *HELLO],
+         "swapd: listener 'http' given twice (--bind http=127.0.0.1:0, --bind http=[::1]:0)"),
+        (["--ready-timeout", "inf", "--bind", "http=127.0.0.1:0", "--", *HELLO],
+         "argument --ready-timeout: must be a positive number of seconds (at most 10000000)"),
     ],
 )
 def test_bad_arguments(tmp_path: Path, argv: list[str], message: str) -> None:

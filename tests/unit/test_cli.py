@@ -42,3 +42,17 @@ def test_bad_numbers_are_usage_errors(capsys: pytest.CaptureFixture[str], tmp_pa
     assert code == 2, err
     assert out == "" and len(err.splitlines()) == 1, err
     assert message in err
+
+
+def test_one_listener_name_given_twice_is_refused() -> None:
+    """The second `--bind http=` replaced the first: `--bind http=127.0.0.1:8000 --bind
+    http=[::1]:8000` listened on IPv6 only, without a word."""
+    args = cli.build_parser().parse_args(["run", "--bind", "http=127.0.0.1:0", "--bind",
+                                          "http=[::1]:0", "--", "x"])
+    with pytest.raises(cli.UsageError) as info:
+        cli.run_overrides(args)
+    assert str(info.value) == ("listener 'http' given twice (--bind http=127.0.0.1:0, --bind "
+                               "http=[::1]:0): give each its own name")
+    two = cli.build_parser().parse_args(["run", "--bind", "http=127.0.0.1:0", "--bind",
+                                         "http6=[::1]:0", "--", "x"])
+    assert cli.run_overrides(two)["bind"] == {"http": "127.0.0.1:0", "http6": "[::1]:0"}
