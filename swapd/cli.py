@@ -16,13 +16,12 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from swapd import __version__, cli_ops
+from swapd import __version__, cli_check, cli_ops
 from swapd.commands import HistoryArgs, PatchArgs, StopArgs, UpgradeArgs
 from swapd.config import ConfigError, default_control_path, load
 from swapd.control import CLIENT_WAIT, DEADLINE_GRACE, Client, ClientError, ClientTimeout
@@ -48,36 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="start a supervisor and its first generation",
                          usage="swapd run [options] -- COMMAND [ARGS...]\n"
                                "       swapd run [options] --app MODULE:APP [-- SERVE-OPTIONS]")
-    run.add_argument("--config", help="TOML configuration file")
-    run.add_argument("--app", metavar="MODULE:APP",
-                     help="run this ASGI/WSGI app with `swapd serve` (same interpreter); "
-                          "what follows -- are swapd serve options")
-    run.add_argument("--bind", action="append", default=[], metavar="NAME=ADDR",
-                     help="listener, e.g. http=127.0.0.1:8000, [::1]:8000, unix:/path (repeatable)")
-    run.add_argument("--workers", type=int, help="workers per generation (default 1)")
-    run.add_argument("--mode", choices=["stateless", "stateful"], help="swap mode")
-    run.add_argument("--control", help="control socket path")
-    run.add_argument("--cwd", help="working directory of the workers")
-    run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                     help="extra environment for workers (repeatable)")
-    run.add_argument("--readiness", choices=["notify", "exec", "probe"],
-                     help="notify: READY=1 or swapd.worker.ready(); exec: ready once exec'd; "
-                          "probe: once --probe passes on the worker's private probe socket")
-    run.add_argument("--probe", metavar="http:/PATH|tcp",
-                     help="with --readiness probe: a 2xx/3xx answer to GET PATH, or (tcp) "
-                          "the worker accepting, on a socket only this worker serves")
-    run.add_argument("--backlog", type=int, help="listen backlog of bound listeners")
-    run.add_argument("--precopy", action="store_true", default=None,
-                     help="stateful: ship bulk state before the pause")
-    run.add_argument("--no-fdstore", dest="fdstore", action="store_false", default=None,
-                     help="under systemd, do not keep listeners and state in the fd store")
-    for name in ("ready", "drain", "quiesce", "restore", "probe"):
-        run.add_argument(f"--{name}-timeout", type=cli_ops.seconds_type(), metavar="SECONDS")
-    run.add_argument("--idle-grace", type=cli_ops.seconds_type(), metavar="SECONDS",
-                     help="how long a draining worker keeps an idle keep-alive connection")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    cli_ops.add_run_options(run)
-    run.add_argument("worker_command", nargs=argparse.REMAINDER, help="the worker command")
+    _run_arguments(run)
+    check = sub.add_parser("check", help="check what `swapd run` with these options would "
+                                         "start (like nginx -t): binds and starts nothing",
+                           usage="swapd check [run options] [-- COMMAND [ARGS...]]")
+    _run_arguments(check)
 
     for name, text in (("upgrade", "swap to a new generation with the same configuration"),
                        ("reload", "re-read the configuration, then swap"),
@@ -133,6 +107,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_arguments(run: argparse.ArgumentParser) -> None:
+    """The options of `swapd run` (and of `swapd check`, which takes the same)."""
+    run.add_argument("--config", help="TOML configuration file")
+    run.add_argument("--app", metavar="MODULE:APP",
+                     help="run this ASGI/WSGI app with `swapd serve` (same interpreter); "
+                          "what follows -- are swapd serve options")
+    run.add_argument("--bind", action="append", default=[], metavar="NAME=ADDR",
+                     help="listener, e.g. http=127.0.0.1:8000, [::1]:8000, unix:/path (repeatable)")
+    run.add_argument("--workers", type=int, help="workers per generation (default 1)")
+    run.add_argument("--mode", choices=["stateless", "stateful"], help="swap mode")
+    run.add_argument("--control", help="control socket path")
+    run.add_argument("--cwd", help="working directory of the workers")
+    run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra environment for workers (repeatable)")
+    run.add_argument("--readiness", choices=["notify", "exec", "probe"],
+                     help="notify: READY=1 or swapd.worker.ready(); exec: ready once exec'd; "
+                          "probe: once --probe passes on the worker's private probe socket")
+    run.add_argument("--probe", metavar="http:/PATH|tcp",
+                     help="with --readiness probe: a 2xx/3xx answer to GET PATH, or (tcp) "
+                          "the worker accepting, on a socket only this worker serves")
+    run.add_argument("--backlog", type=int, help="listen backlog of bound listeners")
+    run.add_argument("--precopy", action="store_true", default=None,
+                     help="stateful: ship bulk state before the pause")
+    run.add_argument("--no-fdstore", dest="fdstore", action="store_false", default=None,
+                     help="under systemd, do not keep listeners and state in the fd store")
+    for name in ("ready", "drain", "quiesce", "restore", "probe"):
+        run.add_argument(f"--{name}-timeout", type=cli_ops.seconds_type(), metavar="SECONDS")
+    run.add_argument("--idle-grace", type=cli_ops.seconds_type(), metavar="SECONDS",
+                     help="how long a draining worker keeps an idle keep-alive connection")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    cli_ops.add_run_options(run)
+    run.add_argument("worker_command", nargs=argparse.REMAINDER, help="the worker command")
+
+
 def _timeout_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=cli_ops.seconds_type(), metavar="SECONDS",
@@ -153,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(_patch_argv(argv))
         if args.command == "run":
             code = cmd_run(args)
+        elif args.command == "check":
+            code = cmd_check(args)
         elif args.command == "demo":
             from swapd.demo import run_demo
 
@@ -266,7 +276,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         overrides = run_overrides(args)
         config = load(args.config, overrides)
-        _check_command(config.command, config.cwd, dict(config.env))
+        cli_check.preflight(config)
         release = cli_ops.release_arg(args)
         inherited = _inherited_listeners()
         sup = Supervisor(config, overrides, inherited=inherited, release=release)
@@ -298,16 +308,18 @@ def _raise_nofile() -> None:
         logging.getLogger("swapd").info("event=rlimit.nofile soft=%d raised_to=%d", soft, hard)
 
 
-def _check_command(command: Sequence[str], cwd: str | None, env: dict[str, str]) -> None:
-    program = command[0]
-    path = env.get("PATH", os.environ.get("PATH", os.defpath))
-    if os.sep in program:
-        full = program if os.path.isabs(program) else os.path.join(cwd or os.getcwd(), program)
-        found = full if os.path.isfile(full) and os.access(full, os.X_OK) else None
-    else:
-        found = shutil.which(program, path=path)
-    if found is None:
-        raise UsageError(f"worker command not found or not executable: {program}")
+def cmd_check(args: argparse.Namespace) -> int:
+    """`swapd check`: what `swapd run` with the same options would refuse at start, short of
+    binding and starting (exit 2, one line), or one line that says what it would start."""
+    try:
+        config = load(args.config, run_overrides(args))
+        summary = cli_check.check(config)
+        cli_ops.release_arg(args)
+    except (ConfigError, UsageError, ValueError) as e:
+        print(f"swapd check: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"swapd check: ok: {summary}")
+    return EXIT_OK
 
 
 def _inherited_listeners() -> list[tuple[str, int]]:

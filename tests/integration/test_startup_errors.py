@@ -46,6 +46,8 @@ def last_line(text: str) -> str:
         (["--bogus-flag", "--", *HELLO], "unrecognized arguments"),
         (["--bind", "http=127.0.0.1:0", "--bind", "http=[::1]:0", "--", *HELLO],
          "swapd: listener 'http' given twice (--bind http=127.0.0.1:0, --bind http=[::1]:0)"),
+        (["--cwd", "/nonexistent/dir", "--bind", "http=127.0.0.1:0", "--", *HELLO],
+         "swapd: cwd /nonexistent/dir: no such directory"),
         (["--ready-timeout", "inf", "--bind", "http=127.0.0.1:0", "--", *HELLO],
          "argument --ready-timeout: must be a positive number of seconds (at most 10000000)"),
     ],
