@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from swapd import __version__, cli_check, cli_ops
+from swapd import __version__, cli_check, cli_ops, cli_status
 from swapd.commands import HistoryArgs, PatchArgs, StopArgs, UpgradeArgs
 from swapd.config import ConfigError, default_control_path, load
 from swapd.control import CLIENT_WAIT, DEADLINE_GRACE, Client, ClientError, ClientTimeout
@@ -480,7 +480,7 @@ def _print_result(command: str, result: dict[str, Any]) -> None:
     if ops_text is not None:
         print(ops_text)
     elif command == "status":
-        print(format_status(data))
+        print(cli_status.format_status(data))
     elif command == "patch":
         print(_format_patch(data))
     elif data.get("reexec"):
@@ -585,56 +585,6 @@ def _grouped(label: str, entries: list[tuple[int, list[str]]]) -> list[str]:
 
 def _indent(text: str, prefix: str = "  ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
-
-
-def format_status(s: dict[str, Any]) -> str:
-    lines = [f"swapd {s['version']}  pid {s['pid']}  up {_dur(s['uptime'])}  mode {s['mode']}  "
-             f"control {s['control']}"]
-    lines.append("listeners:")
-    for lis in s["listeners"]:
-        lines.append(f"  {lis['name']:<10} {lis['address']:<28} ({lis['source']})")
-    lines.append("generations:")
-    for g in s["generations"]:
-        lines.append(f"  gen {g['id']:<4} {g['state'].upper():<9} {len(g['workers'])} worker(s)  "
-                     f"release {g.get('release') or '?'}  age {_dur(g['age'])}  "
-                     f"command: {' '.join(g['command'])}")
-        for w in g["workers"]:
-            usage = ""
-            if "rss" in w:
-                usage = f"  rss {w['rss'] / 2**20:.1f} MiB  cpu {w['cpu_seconds']:.2f}s"
-            restarts = g["restarts"][w["slot"]] if w["slot"] < len(g["restarts"]) else 0
-            flag = "  CRASH-LOOP" if w.get("crash_loop") else ""
-            lines.append(f"    worker {w['slot']}  pid {w['pid']:<7} {w['state']:<9} "
-                         f"up {_dur(w['uptime'])}{usage}  restarts {restarts}{flag}")
-    if s.get("swap"):
-        sw = s["swap"]
-        lines.append(f"swap in flight: {sw['kind']} gen={sw['gen']} for {sw['elapsed_ms']:.0f} ms")
-    last = s.get("last_swap")
-    if last:
-        outcome = "ok" if last.get("ok") else f"FAILED ({last.get('error')})"
-        t = last.get("timings_ms", {})
-        parts = ", ".join(f"{k} {v:.1f} ms" for k, v in t.items())
-        lines.append(f"last swap: {last.get('kind')} from {last.get('origin')}: {outcome}; "
-                     f"{parts or 'no timings'}; total {last.get('duration_ms', 0):.0f} ms")
-    for p in s.get("patches", []):
-        disk = {True: "on disk", False: "NOT on disk", None: "disk unknown"}[p["on_disk"]]
-        modules = ",".join(p.get("modules") or [p["module"]])
-        squashed = ", squashed" if p.get("squashed") else ""
-        lines.append(f"patch #{p['id']} in force: {modules} from {p['name']} "
-                     f"(sha256 {p['sha256'][:12]}, {disk}{squashed})")
-    lines += cli_ops.format_watch(s)
-    for warning in s.get("warnings", []):
-        lines.append(f"WARNING: {warning}")
-    return "\n".join(lines)
-
-
-def _dur(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 if __name__ == "__main__":

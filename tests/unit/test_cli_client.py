@@ -271,3 +271,59 @@ def test_a_supervisor_of_another_user_is_refused_with_the_way_to_ask() -> None:
         server.kill()
         server.wait(10)
         shutil.rmtree(shared, ignore_errors=True)
+
+
+# -- `swapd status` for a human (L6) ------------------------------------------------------
+
+
+def _status(**over: Any) -> dict[str, Any]:
+    """A report with the keys and shapes of swapd.supervisor.status.report()."""
+    worker = {"slot": 0, "pid": 11919, "state": "backoff", "role": "fresh", "uptime": 8.2,
+              "speaks_channel": True, "exit": "exited with status 1", "crash_loop": True}
+    ended = [{"id": i, "state": "exited", "lived": 61.5, "restarts": 0,
+              "workers": [{"slot": 0, "pid": 100 + i, "exit": "exited with status 0"},
+                          {"slot": 1, "pid": 200 + i, "exit": "killed by SIGKILL"}]}
+             for i in range(1, 8)]
+    return {"version": "0.1.0", "pid": 4000, "uptime": 600.0, "mode": "stateless",
+            "control": "/run/x.sock", "active": 8,
+            "listeners": [{"name": "http", "address": "127.0.0.1:8000", "configured":
+                           "127.0.0.1:8000", "fd": 5, "source": "bound", "listening": False},
+                          {"name": "admin", "address": "127.0.0.1:8001", "configured":
+                           "127.0.0.1:8001", "fd": 6, "source": "bound", "listening": True}],
+            "generations": [{"id": 8, "state": "active", "mode": "stateless", "release": "v8",
+                             "command": ["python", "app.py"], "age": 30.0, "restarts": [5, 0],
+                             "workers": [worker, {**worker, "slot": 1, "pid": 12000,
+                                                  "state": "ready", "uptime": 30.0,
+                                                  "rss": 2**24, "cpu_seconds": 0.5,
+                                                  "exit": None, "crash_loop": False}]}],
+            "ended": ended, "warnings": ["worker 0 is in a crash loop (5 crashes in 60s)",
+                                         "listener http (127.0.0.1:8000) does not listen"],
+            **over}
+
+
+def test_human_status_tells_only_what_is_true(sock_path: Path) -> None:
+    """Warnings were printed twice; `ended` (promised by the README) never shown; a dead
+    listener looked like a live one; a worker in backoff showed its dead pid, up 8s."""
+    status = _status()
+    del status["generations"][0]["workers"][1]["exit"]  # a live worker has no "exit"
+    fake = FakeSupervisor(sock_path, [result(**status)])
+    try:
+        out = cli(sock_path, "status")
+    finally:
+        fake.close()
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line for line in lines if "WARNING" in line] == [
+        "WARNING: worker 0 is in a crash loop (5 crashes in 60s)",
+        "WARNING: listener http (127.0.0.1:8000) does not listen"]
+    assert f"  http       {'127.0.0.1:8000':<28} (bound)  listening: no" in lines
+    assert f"  admin      {'127.0.0.1:8001':<28} (bound)" in lines
+    assert ("    worker 0  pid -       backoff   (pid 11919 exited with status 1)  restarts 5"
+            "  CRASH-LOOP") in lines
+    assert not any("11919" in line and "up " in line for line in lines)
+    assert "    worker 1  pid 12000   ready     up 30s  rss 16.0 MiB  cpu 0.50s  restarts 0" \
+        in lines
+    at = lines.index("ended: (2 earlier: swapd status --json)")
+    assert lines[at + 1:at + 6] == [
+        f"  gen {i:<4} EXITED    lived 1m01s  restarts 0  worker(s): 1 exited with status 0, "
+        "1 killed by SIGKILL" for i in range(3, 8)]
