@@ -3,6 +3,8 @@ asked of a supervisor (the control path given here does not exist: nothing may r
 
 from __future__ import annotations
 
+import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,50 @@ def test_one_listener_name_given_twice_is_refused() -> None:
     two = cli.build_parser().parse_args(["run", "--bind", "http=127.0.0.1:0", "--bind",
                                          "http6=[::1]:0", "--", "x"])
     assert cli.run_overrides(two)["bind"] == {"http": "127.0.0.1:0", "http6": "[::1]:0"}
+
+
+def _run_options_table() -> list[tuple[list[str], list[str]]]:
+    """README's `swapd run` options: (flags, file keys) of each row."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = text[text.index("`swapd run` options"):].split("\n\n")[1]
+    rows = []
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        flags = [f for t in re.findall(r"`(--[^`]*)`", cells[0]) if (f := t.split()[0]) != "--"]
+        keys = []
+        for token in re.findall(r"`([^`]+)`", cells[1]):
+            token = token.split("=")[0].strip()
+            keys.append(token.strip("[]"))
+        rows.append((flags, keys))
+    return rows
+
+
+def test_the_readme_gives_each_run_flag_its_file_key(tmp_path: Path) -> None:
+    """README said every flag is a key with `_` for `-`; the timeouts are a table, and
+    --no-fdstore is `fdstore = false`. Each flag's row names its real key, and that flag's
+    name written as a key in a file is either that key or refused naming it."""
+    from swapd import config
+
+    rows = _run_options_table()
+    parser = cli.build_parser()
+    run = next(a for a in parser._actions
+               if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    flags = {o for a in run._actions for o in a.option_strings if o.startswith("--")}
+    listed = {f for row_flags, _ in rows for f in row_flags}
+    assert flags - {"--help"} <= listed, flags - listed
+    known = config._TOP_KEYS | config._TIMEOUT_KEYS | {"NAME", "KEY"}
+    for row_flags, keys in rows:
+        assert set(keys) <= known, (row_flags, keys)
+        named = [k for k in keys if k not in ("timeouts", "NAME", "KEY")]
+        if len(named) != len(row_flags) or row_flags == ["--config"]:
+            continue
+        for flag, key in zip(row_flags, named, strict=True):
+            flat = flag[2:].replace("-", "_")
+            if flat in config._TOP_KEYS:
+                assert flat == key, (flag, key)
+                continue
+            path = tmp_path / "c.toml"
+            path.write_text(f"{flat} = 1\n")
+            with pytest.raises(config.ConfigError,
+                               match=rf"did you mean (\[timeouts\] )?{re.escape(key)}\b"):
+                config.read_file(str(path))
