@@ -562,14 +562,16 @@ class Client:
                 f"no supervisor: control socket {self.path} does not exist"
             ) from None
         except ConnectionRefusedError:
-            _not_a_socket(self.path)
+            if (why := _not_a_socket(self.path)) is not None:
+                raise ClientError(why) from None
             raise ClientError(
                 f"no supervisor listening on {self.path} (stale socket?)"
             ) from None
         except PermissionError:
             raise ClientError(f"permission denied on control socket {self.path}") from None
         except OSError as e:
-            _not_a_socket(self.path)
+            if (why := _not_a_socket(self.path)) is not None:
+                raise ClientError(why) from None
             raise ClientError(f"cannot reach control socket {self.path}: "
                               f"{e.strerror or e}") from None
         peer = peer_of(sock)
@@ -589,15 +591,16 @@ def _clamp(seconds: float) -> float:
     return min(max(seconds, 0.001), MAX_WAIT)
 
 
-def _not_a_socket(path: str) -> None:
-    """A connect that failed on something that is not a socket at all says so."""
+def _not_a_socket(path: str) -> str | None:
+    """Why a connect failed, if the path is not a socket at all (None: it is, or is gone)."""
     try:
         st = os.stat(path)
     except OSError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
-        raise ClientError(f"{path} is not a socket ({kind}): not a control socket")
+        return None
+    if stat.S_ISSOCK(st.st_mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
+    return f"{path} is not a socket ({kind}): not a control socket"
 
 
 def _user_name(uid: int) -> str:
