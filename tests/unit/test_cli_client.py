@@ -111,11 +111,11 @@ def test_an_answer_is_what_tells_unknown_from_unreachable(sock_path: Path) -> No
     assert "the stop continues in the supervisor: see `swapd status`" in out.stderr
     silent = FakeSupervisor(tmp := sock_path.with_name("silent.sock"), [], hold=True)
     try:
-        out = cli(tmp, "stop", "--timeout", "1")
+        out = cli(tmp, "stop", "--timeout", "0.5")
     finally:
         silent.close()
     assert out.returncode == 3, out
-    assert out.stderr == "swapd stop: no answer from supervisor within 1s\n"
+    assert out.stderr == "swapd stop: no answer from supervisor within 0.5s\n"
 
 
 def test_a_connection_lost_after_progress_is_outcome_unknown(sock_path: Path) -> None:
