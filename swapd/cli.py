@@ -1,7 +1,11 @@
 """Command line: argument parsing and output; a thin client of the control socket.
 
 Exit codes: 0 success; 1 the operation failed (the service is unchanged); 2 bad
-usage or configuration (nothing started or changed); 3 no supervisor reachable.
+usage or configuration (nothing started or changed); 3 no supervisor reachable (or one
+of another uid, refused); 4 outcome unknown: the supervisor took the request on, then
+the client stopped waiting (its timeout, or the connection broke), and the operation may
+go on; 130 interrupted (Ctrl-C). A reader of stdout that goes away (`| head`) changes
+nothing: the command goes on and its exit code says how it went.
 """
 
 from __future__ import annotations
@@ -11,18 +15,19 @@ import asyncio
 import json
 import logging
 import os
-import shutil
+import re
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from swapd import __version__, cli_ops
+from swapd import __version__, cli_check, cli_ops, cli_status
 from swapd.commands import HistoryArgs, PatchArgs, StopArgs, UpgradeArgs
 from swapd.config import ConfigError, default_control_path, load
-from swapd.control import CLIENT_WAIT, DEADLINE_GRACE, Client, ClientError
+from swapd.control import CLIENT_WAIT, DEADLINE_GRACE, Client, ClientError, ClientTimeout
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 128 + 2  # SIGINT, as a shell reports a command it interrupted
 
 
 class UsageError(Exception):
@@ -42,36 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="start a supervisor and its first generation",
                          usage="swapd run [options] -- COMMAND [ARGS...]\n"
                                "       swapd run [options] --app MODULE:APP [-- SERVE-OPTIONS]")
-    run.add_argument("--config", help="TOML configuration file")
-    run.add_argument("--app", metavar="MODULE:APP",
-                     help="run this ASGI/WSGI app with `swapd serve` (same interpreter); "
-                          "what follows -- are swapd serve options")
-    run.add_argument("--bind", action="append", default=[], metavar="NAME=ADDR",
-                     help="listener, e.g. http=127.0.0.1:8000, [::1]:8000, unix:/path (repeatable)")
-    run.add_argument("--workers", type=int, help="workers per generation (default 1)")
-    run.add_argument("--mode", choices=["stateless", "stateful"], help="swap mode")
-    run.add_argument("--control", help="control socket path")
-    run.add_argument("--cwd", help="working directory of the workers")
-    run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                     help="extra environment for workers (repeatable)")
-    run.add_argument("--readiness", choices=["notify", "exec", "probe"],
-                     help="notify: READY=1 or swapd.worker.ready(); exec: ready once exec'd; "
-                          "probe: once --probe passes on the worker's private probe socket")
-    run.add_argument("--probe", metavar="http:/PATH|tcp",
-                     help="with --readiness probe: a 2xx/3xx answer to GET PATH, or (tcp) "
-                          "the worker accepting, on a socket only this worker serves")
-    run.add_argument("--backlog", type=int, help="listen backlog of bound listeners")
-    run.add_argument("--precopy", action="store_true", default=None,
-                     help="stateful: ship bulk state before the pause")
-    run.add_argument("--no-fdstore", dest="fdstore", action="store_false", default=None,
-                     help="under systemd, do not keep listeners and state in the fd store")
-    for name in ("ready", "drain", "quiesce", "restore", "probe"):
-        run.add_argument(f"--{name}-timeout", type=float, metavar="SECONDS")
-    run.add_argument("--idle-grace", type=float, metavar="SECONDS",
-                     help="how long a draining worker keeps an idle keep-alive connection")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    cli_ops.add_run_options(run)
-    run.add_argument("worker_command", nargs=argparse.REMAINDER, help="the worker command")
+    _run_arguments(run)
+    check = sub.add_parser("check", help="check what `swapd run` with these options would "
+                                         "start (like nginx -t): binds and starts nothing",
+                           usage="swapd check [run options] [-- COMMAND [ARGS...]]")
+    _run_arguments(check)
 
     for name, text in (("upgrade", "swap to a new generation with the same configuration"),
                        ("reload", "re-read the configuration, then swap"),
@@ -127,22 +107,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_arguments(run: argparse.ArgumentParser) -> None:
+    """The options of `swapd run` (and of `swapd check`, which takes the same)."""
+    run.add_argument("--config", help="TOML configuration file")
+    run.add_argument("--app", metavar="MODULE:APP",
+                     help="run this ASGI/WSGI app with `swapd serve` (same interpreter); "
+                          "what follows -- are swapd serve options")
+    run.add_argument("--bind", action="append", default=[], metavar="NAME=ADDR",
+                     help="listener, e.g. http=127.0.0.1:8000, [::1]:8000, unix:/path (repeatable)")
+    run.add_argument("--workers", type=int, help="workers per generation (default 1)")
+    run.add_argument("--mode", choices=["stateless", "stateful"], help="swap mode")
+    run.add_argument("--control", help="control socket path")
+    run.add_argument("--cwd", help="working directory of the workers")
+    run.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra environment for workers (repeatable)")
+    run.add_argument("--readiness", choices=["notify", "exec", "probe"],
+                     help="notify: READY=1 or swapd.worker.ready(); exec: ready once exec'd; "
+                          "probe: once --probe passes on the worker's private probe socket")
+    run.add_argument("--probe", metavar="http:/PATH|tcp",
+                     help="with --readiness probe: a 2xx/3xx answer to GET PATH, or (tcp) "
+                          "the worker accepting, on a socket only this worker serves")
+    run.add_argument("--backlog", type=int, help="listen backlog of bound listeners")
+    run.add_argument("--precopy", action="store_true", default=None,
+                     help="stateful: ship bulk state before the pause")
+    run.add_argument("--no-fdstore", dest="fdstore", action="store_false", default=None,
+                     help="under systemd, do not keep listeners and state in the fd store")
+    for name in ("ready", "drain", "quiesce", "restore", "probe"):
+        run.add_argument(f"--{name}-timeout", type=cli_ops.seconds_type(), metavar="SECONDS")
+    run.add_argument("--idle-grace", type=cli_ops.seconds_type(), metavar="SECONDS",
+                     help="how long a draining worker keeps an idle keep-alive connection")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    cli_ops.add_run_options(run)
+    run.add_argument("worker_command", nargs=argparse.REMAINDER, help="the worker command")
+
+
 def _timeout_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--timeout", type=_seconds, metavar="SECONDS",
+        "--timeout", type=cli_ops.seconds_type(), metavar="SECONDS",
         help=f"give up after this long (default: {CLIENT_WAIT:g}s for an answer; a long "
              "command waits as long as the supervisor says it may take, plus "
              f"{DEADLINE_GRACE:g}s)")
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < 1e9:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,17 +160,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(_patch_argv(argv))
         if args.command == "run":
-            return cmd_run(args)
-        if args.command == "demo":
+            code = cmd_run(args)
+        elif args.command == "check":
+            code = cmd_check(args)
+        elif args.command == "demo":
             from swapd.demo import run_demo
 
-            return run_demo(args)
-        return cmd_client(args)
+            code = run_demo(args)
+        else:
+            code = cmd_client(args)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe would make a traceback
+        return code
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # whoever read stdout went away: nothing to say, no traceback
+        _stdout_gone()
         return EXIT_FAILED
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null: what is still buffered, and whatever comes, goes nowhere
+    (the recipe of the `signal` module's documentation, note on SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _out(text: str) -> None:
+    """A line on stdout; a reader that went away does not stop the command."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _stdout_gone()
 
 
 # -- run -----------------------------------------------------------------------------
@@ -181,13 +209,16 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for spec in args.bind:
         name, sep, addr = spec.partition("=")
         if not sep:
-            raise UsageError(f"swapd run: bad --bind {spec!r}: expected NAME=ADDR")
+            raise UsageError(f"bad --bind {spec!r}: expected NAME=ADDR")
+        if name in binds:  # the second would silently replace the first
+            raise UsageError(f"listener {name!r} given twice (--bind "
+                             f"{name}={binds[name]}, --bind {spec}): give each its own name")
         binds[name] = addr
     env: dict[str, str] = {}
     for spec in args.env:
         key, sep, value = spec.partition("=")
         if not sep or not key:
-            raise UsageError(f"swapd run: bad --env {spec!r}: expected KEY=VALUE")
+            raise UsageError(f"bad --env {spec!r}: expected KEY=VALUE")
         env[key] = value
     timeouts = {k: getattr(args, f"{k}_timeout")
                 for k in ("ready", "drain", "quiesce", "restore", "probe")}
@@ -245,7 +276,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         overrides = run_overrides(args)
         config = load(args.config, overrides)
-        _check_command(config.command, config.cwd, dict(config.env))
+        cli_check.preflight(config)
         release = cli_ops.release_arg(args)
         inherited = _inherited_listeners()
         sup = Supervisor(config, overrides, inherited=inherited, release=release)
@@ -277,16 +308,18 @@ def _raise_nofile() -> None:
         logging.getLogger("swapd").info("event=rlimit.nofile soft=%d raised_to=%d", soft, hard)
 
 
-def _check_command(command: Sequence[str], cwd: str | None, env: dict[str, str]) -> None:
-    program = command[0]
-    path = env.get("PATH", os.environ.get("PATH", os.defpath))
-    if os.sep in program:
-        full = program if os.path.isabs(program) else os.path.join(cwd or os.getcwd(), program)
-        found = full if os.path.isfile(full) and os.access(full, os.X_OK) else None
-    else:
-        found = shutil.which(program, path=path)
-    if found is None:
-        raise UsageError(f"worker command not found or not executable: {program}")
+def cmd_check(args: argparse.Namespace) -> int:
+    """`swapd check`: what `swapd run` with the same options would refuse at start, short of
+    binding and starting (exit 2, one line), or one line that says what it would start."""
+    try:
+        config = load(args.config, run_overrides(args))
+        summary = cli_check.check(config)
+        cli_ops.release_arg(args)
+    except (ConfigError, UsageError, ValueError) as e:
+        print(f"swapd check: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"swapd check: ok: {summary}")
+    return EXIT_OK
 
 
 def _inherited_listeners() -> list[tuple[str, int]]:
@@ -331,27 +364,61 @@ def cmd_client(args: argparse.Namespace) -> int:
     client = Client(path, timeout=args.timeout)
     result: dict[str, Any] | None = None
     shown: set[str] = set()
+    gen: str | None = None  # the generation a swap started (or joined), for "see status"
     try:
         for msg in client.call(args.command, request):
+            if msg.get("event") in ("spawned", "joined") and gen is None:
+                found = re.search(r"\bgen=(\d+)", str(msg.get("message")))
+                gen = found.group(1) if found else None
             if args.json:
-                print(json.dumps(msg), flush=True)
+                _out(json.dumps(msg))
             elif msg.get("type") == "progress":
-                print(f"swapd: {msg.get('message')}", flush=True)
+                _out(f"swapd: {msg.get('message')}")
                 shown.add(str(msg.get("message")))
             if msg.get("type") == "result":
                 result = msg
+    except KeyboardInterrupt:
+        if client.sent and _changes(args):
+            _left(args.command, gen, "stopped waiting (interrupted)",
+                  "continues" if client.answered else "may go on")
+        return EXIT_INTERRUPTED
     except ClientError as e:
         if args.command == "history" and result is None:
             return cli_ops.history_fallback(args, str(e))
+        if client.answered:  # it took the request on: not "unreachable", and maybe not over
+            _left(args.command, gen, f"{e}; stopped waiting",
+                  "continues" if isinstance(e, ClientTimeout) else "unknown")
+            return EXIT_UNKNOWN
         print(f"swapd {args.command}: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
     assert result is not None
     if not args.json:
-        _print_result(args.command, result)
-        for warning in (result.get("data") or {}).get("warnings") or []:
-            if f"WARNING: {warning}" not in shown:  # one that happened before we joined
-                print(f"swapd: WARNING: {warning}", flush=True)
+        try:
+            _print_result(args.command, result)
+            if args.command != "status":  # status prints its warnings itself
+                for warning in (result.get("data") or {}).get("warnings") or []:
+                    if f"WARNING: {warning}" not in shown:  # one from before we joined
+                        print(f"swapd: WARNING: {warning}")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_gone()
     return EXIT_OK if result.get("ok") else EXIT_FAILED
+
+
+def _changes(args: argparse.Namespace) -> bool:
+    """Whether the command changes the service (so that it may go on without us)."""
+    if args.command in ("status", "history"):
+        return False
+    return not (args.command == "patch" and (args.list or args.dry_run))
+
+
+def _left(command: str, gen: str | None, why: str, fate: str) -> None:
+    """The one line of a client that stops waiting for an operation that may go on."""
+    what = f"the {command}" + (f" (gen={gen})" if gen else "")
+    said = {"continues": f"{what} continues in the supervisor",
+            "may go on": f"the supervisor may still carry out {what}",
+            "unknown": f"the outcome of {what} is unknown"}[fate]
+    print(f"swapd {command}: {why}; {said}: see `swapd status`", file=sys.stderr)
 
 
 def _patch_argv(argv: list[str]) -> list[str]:
@@ -413,7 +480,7 @@ def _print_result(command: str, result: dict[str, Any]) -> None:
     if ops_text is not None:
         print(ops_text)
     elif command == "status":
-        print(format_status(data))
+        print(cli_status.format_status(data))
     elif command == "patch":
         print(_format_patch(data))
     elif data.get("reexec"):
@@ -518,56 +585,6 @@ def _grouped(label: str, entries: list[tuple[int, list[str]]]) -> list[str]:
 
 def _indent(text: str, prefix: str = "  ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
-
-
-def format_status(s: dict[str, Any]) -> str:
-    lines = [f"swapd {s['version']}  pid {s['pid']}  up {_dur(s['uptime'])}  mode {s['mode']}  "
-             f"control {s['control']}"]
-    lines.append("listeners:")
-    for lis in s["listeners"]:
-        lines.append(f"  {lis['name']:<10} {lis['address']:<28} ({lis['source']})")
-    lines.append("generations:")
-    for g in s["generations"]:
-        lines.append(f"  gen {g['id']:<4} {g['state'].upper():<9} {len(g['workers'])} worker(s)  "
-                     f"release {g.get('release') or '?'}  age {_dur(g['age'])}  "
-                     f"command: {' '.join(g['command'])}")
-        for w in g["workers"]:
-            usage = ""
-            if "rss" in w:
-                usage = f"  rss {w['rss'] / 2**20:.1f} MiB  cpu {w['cpu_seconds']:.2f}s"
-            restarts = g["restarts"][w["slot"]] if w["slot"] < len(g["restarts"]) else 0
-            flag = "  CRASH-LOOP" if w.get("crash_loop") else ""
-            lines.append(f"    worker {w['slot']}  pid {w['pid']:<7} {w['state']:<9} "
-                         f"up {_dur(w['uptime'])}{usage}  restarts {restarts}{flag}")
-    if s.get("swap"):
-        sw = s["swap"]
-        lines.append(f"swap in flight: {sw['kind']} gen={sw['gen']} for {sw['elapsed_ms']:.0f} ms")
-    last = s.get("last_swap")
-    if last:
-        outcome = "ok" if last.get("ok") else f"FAILED ({last.get('error')})"
-        t = last.get("timings_ms", {})
-        parts = ", ".join(f"{k} {v:.1f} ms" for k, v in t.items())
-        lines.append(f"last swap: {last.get('kind')} from {last.get('origin')}: {outcome}; "
-                     f"{parts or 'no timings'}; total {last.get('duration_ms', 0):.0f} ms")
-    for p in s.get("patches", []):
-        disk = {True: "on disk", False: "NOT on disk", None: "disk unknown"}[p["on_disk"]]
-        modules = ",".join(p.get("modules") or [p["module"]])
-        squashed = ", squashed" if p.get("squashed") else ""
-        lines.append(f"patch #{p['id']} in force: {modules} from {p['name']} "
-                     f"(sha256 {p['sha256'][:12]}, {disk}{squashed})")
-    lines += cli_ops.format_watch(s)
-    for warning in s.get("warnings", []):
-        lines.append(f"WARNING: {warning}")
-    return "\n".join(lines)
-
-
-def _dur(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 if __name__ == "__main__":

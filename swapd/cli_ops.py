@@ -8,22 +8,53 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from swapd.config import default_control_path
+from swapd.commands import HISTORY_MAX, MAX_WATCH
+from swapd.config import MAX_SECONDS, default_control_path
 
 EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE = 0, 1, 3
+
+
+def seconds_type(*, zero: bool = False, limit: float = MAX_SECONDS) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds > 0 (>= 0 with `zero`), at most `limit`;
+    the same bounds as the configuration file's, so that a flag and a key fail alike."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not ((value >= 0 if zero else value > 0) and value <= limit):
+            kind = "a number of seconds >= 0" if zero else "a positive number of seconds"
+            raise argparse.ArgumentTypeError(f"must be {kind} (at most {limit:.0f}): {text!r}")
+        return value
+    return parse
+
+
+def count_type(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer {low}-{high}: {text!r}")
+        return value
+    return parse
 
 
 def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--release", metavar="LABEL",
                      help="the first generation's release label (default: $SWAPD_RELEASE, "
                           "else derived from the code)")
-    run.add_argument("--watch", type=float, metavar="SECONDS",
+    run.add_argument("--watch", type=seconds_type(zero=True, limit=MAX_WATCH),
+                     metavar="SECONDS",
                      help="after each swap, hold the old generation this long for a rollback")
     run.add_argument("--health-url", metavar="[LISTENER:]PATH",
                      help="probed over the listener during a watch window (HTTP 2xx = healthy)")
-    run.add_argument("--health-interval", type=float, metavar="SECONDS",
+    run.add_argument("--health-interval", type=seconds_type(), metavar="SECONDS",
                      help="seconds between health probes (default 1)")
     run.add_argument("--health-failures", type=int, metavar="N",
                      help="failed probes in a row that roll back (default 3)")
@@ -56,7 +87,7 @@ def add_swap_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--release", metavar="LABEL",
                    help="the new generation's release label (default: $SWAPD_RELEASE, else "
                         "derived from the code)")
-    c.add_argument("--watch", type=float, metavar="SECONDS",
+    c.add_argument("--watch", type=seconds_type(zero=True, limit=MAX_WATCH), metavar="SECONDS",
                    help="hold the old generation this long for a rollback (0: drain it now)")
     c.add_argument("--wait-watch", action="store_true",
                    help="answer when the watch window is over: exit 1 if it rolled back")
@@ -66,7 +97,8 @@ def add_parsers(sub: Any) -> list[argparse.ArgumentParser]:
     """`rollback` and `history`; returned so that the caller adds the common client flags."""
     rb = sub.add_parser("rollback", help="roll back to the generation held by a watch window")
     h = sub.add_parser("history", help="what was done to the service: swaps, patches, ...")
-    h.add_argument("-n", type=int, default=20, metavar="N", help="the last N entries (20)")
+    h.add_argument("-n", type=count_type(0, HISTORY_MAX), default=20, metavar="N",
+                   help="the last N entries (20)")
     h.add_argument("--state-dir", metavar="DIR",
                    help="read the file there when no supervisor answers")
     for c in (rb, h):

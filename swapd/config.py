@@ -58,6 +58,7 @@ MODES: tuple[Mode, ...] = ("stateless", "stateful")
 READINESS: tuple[Readiness, ...] = ("notify", "exec", "probe")
 WORKER_OUTPUT: tuple[WorkerOutput, ...] = ("prefixed", "passthrough")
 _PROBE_PATH_MAX = 1024
+MAX_SECONDS = 10**7  # any duration in seconds, file or flag: four months is already a typo
 _HEALTH_URL = re.compile(r"(?:([A-Za-z0-9_.-]{1,64}):)?(/[\x21-\x7e]{0,1000})")
 
 
@@ -166,9 +167,42 @@ def read_file(path: str) -> dict[str, Any]:
 def _check_keys(path: str, data: Mapping[str, Any], known: set[str], prefix: str) -> None:
     for key in data:
         if key not in known:
-            raise ConfigError(
-                f"{path}: unknown key '{prefix}{key}' (known: {', '.join(sorted(known))})"
-            )
+            hint = _suggest(key, known, prefix)
+            raise ConfigError(f"{path}: unknown key '{prefix}{key}'"
+                              + (f": {hint}" if hint else
+                                 f" (known: {', '.join(sorted(known))})"))
+
+
+# Flags whose file key is not the flag's name with `_` for `-` (README, "swapd run options").
+_FLAG_KEYS = {**{f"{k}_timeout": f"[timeouts] {k}"
+                 for k in ("ready", "drain", "quiesce", "restore", "probe")},
+              "no_fdstore": "fdstore = false", "listen": "[bind] NAME = ADDR"}
+_FLAG_ONLY = {"release": "--release (or $SWAPD_RELEASE)", "log_level": "--log-level",
+              "log_format": "--log-format", "config": "--config"}
+
+
+def _suggest(key: str, known: set[str], prefix: str) -> str | None:
+    """What an unknown key probably meant: a flag's name, a key of another table, a typo."""
+    name = key.replace("-", "_")
+    if prefix == "timeouts.":
+        if name in _TOP_KEYS:
+            return f"{key} is a top-level key: move it above [timeouts]"
+        name = name.removesuffix("_timeout")
+        if name in known:
+            return f"did you mean {name}?"
+    else:
+        if name in _FLAG_KEYS:
+            return f"did you mean {_FLAG_KEYS[name]}?"
+        if name in _TIMEOUT_KEYS:
+            return f"did you mean [timeouts] {name}?"
+        if name in _FLAG_ONLY:
+            return f"{key} is not a file key: give {_FLAG_ONLY[name]}"
+        if name in known:
+            return f"did you mean {name}?"
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f"did you mean {close[0]}?" if close else None
 
 
 def build(
@@ -184,6 +218,10 @@ def build(
     merged key by key (a flag `--bind http=...` replaces only `http`).
     """
     where = config_file or "command line"
+
+    def misplaced(table: str, key: str) -> str:
+        return _misplaced(file_data, overrides, table, key)
+
     merged: dict[str, Any] = {k: v for k, v in file_data.items() if k not in _TABLES}
     merged.update({k: v for k, v in overrides.items() if k not in _TABLES and v is not None})
     tables = {t: {**dict(file_data.get(t, {})), **dict(overrides.get(t) or {})} for t in _TABLES}
@@ -208,6 +246,7 @@ def build(
     if command is None or command == [] or command == ():
         raise ConfigError(
             f"{where}: no worker command (give it after `--`, or `command = [...]` in the file)"
+            + (misplaced("bind", "command") or misplaced("env", "command"))
         )
     if not isinstance(command, list | tuple) or not all(isinstance(a, str) for a in command):
         raise ConfigError(f"{where}: command must be a list of strings")
@@ -217,14 +256,19 @@ def build(
     binds: list[tuple[str, Address]] = []
     for name, addr in tables["bind"].items():
         if not isinstance(addr, str):
-            raise ConfigError(f"{where}: bind.{name} must be a string address")
+            raise ConfigError(f"{where}: bind.{name} must be a string address"
+                              + misplaced("bind", name))
         if name.startswith(RESERVED_PREFIX):
             raise ConfigError(f"{where}: listener name {name!r} is reserved ({RESERVED_PREFIX}*: "
                               "what swapd keeps in systemd's fd store)")
         try:
-            binds.append((check_name(name), parse_address(addr)))
+            check_name(name)
         except AddressError as e:
             raise ConfigError(f"{where}: {e}") from None
+        try:
+            binds.append((name, parse_address(addr)))
+        except AddressError as e:
+            raise ConfigError(f"{where}: bind.{name}: {e}{misplaced('bind', name)}") from None
 
     workers = _int(where, "workers", merged.get("workers", 1), minimum=1)
     backlog = _int(where, "backlog", merged.get("backlog", 1024), minimum=1)
@@ -250,14 +294,14 @@ def build(
     for key, value in tables["timeouts"].items():
         if key not in _TIMEOUT_KEYS:
             raise ConfigError(f"{where}: unknown timeout {key!r}")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ConfigError(f"{where}: timeouts.{key} must be a positive number of seconds")
-        timeouts = replace(timeouts, **{key: float(value)})
+        # bounded like every other duration: an infinite one would overflow every deadline
+        # computed from it (the client's wait, systemd's EXTEND_TIMEOUT_USEC)
+        timeouts = replace(timeouts, **{key: _seconds(where, f"timeouts.{key}", value)})
 
     env: list[tuple[str, str]] = []
     for key, value in tables["env"].items():
         if not isinstance(value, str) or "=" in key or not key:
-            raise ConfigError(f"{where}: env.{key} must be a string")
+            raise ConfigError(f"{where}: env.{key} must be a string" + misplaced("env", key))
         if "\0" in key or "\0" in value:
             raise ConfigError(f"{where}: env.{key!r} cannot contain NUL characters")
         env.append((key, value))
@@ -315,6 +359,16 @@ def build(
     )
 
 
+def _misplaced(file_data: Mapping[str, Any], overrides: Mapping[str, Any], table: str,
+               key: str) -> str:
+    """A hint for a top-level key written below a table's header in the file (a classic TOML
+    slip: every key after `[bind]`, up to the next header, is in that table)."""
+    if (key in _TOP_KEYS and key in dict(file_data.get(table) or {})
+            and key not in dict(overrides.get(table) or {})):
+        return f" ({key} is a top-level key: in the file, put it above [{table}])"
+    return ""
+
+
 def metrics_address(where: str, value: Any) -> str:
     """`HOST:PORT`, `[V6]:PORT` or a bare `PORT` (then on 127.0.0.1), normalised."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -332,10 +386,11 @@ def metrics_address(where: str, value: Any) -> str:
 
 
 def _seconds(where: str, key: str, value: Any, *, zero: bool = False) -> float:
+    """A finite number of seconds, > 0 (>= 0 with `zero`), at most MAX_SECONDS."""
     if (isinstance(value, bool) or not isinstance(value, int | float)
-            or not (value >= 0 if zero else value > 0) or value != value or value > 10**7):
+            or not (value >= 0 if zero else value > 0) or not value <= MAX_SECONDS):
         kind = "a number of seconds >= 0" if zero else "a positive number of seconds"
-        raise ConfigError(f"{where}: {key} must be {kind}")
+        raise ConfigError(f"{where}: {key} must be {kind} (at most {MAX_SECONDS})")
     return float(value)
 
 

@@ -56,6 +56,10 @@ MAX_CLIENTS = 32
 IDLE_TIMEOUT = 10.0  # seconds for a complete request line (and for a client to read a reply)
 CLIENT_WAIT = 10.0  # the client's default wait for an answer or a deadline line
 DEADLINE_GRACE = 10.0  # the client's wait beyond the deadline the server announced
+# The longest the client waits for anything (about three years): a deadline beyond it
+# (from an unbounded timeout in some supervisor's configuration, or a hostile server) would
+# overflow the socket timeout; NaN or a negative one is ignored.
+MAX_WAIT = 1e8
 DEADLINE = "deadline"  # an `emit` of this event is written as a deadline line
 _ACCEPT_BATCH = 16  # connections accepted per wakeup: bounded work under a flood
 _UCRED = struct.Struct("3i")
@@ -76,6 +80,10 @@ class ControlError(Exception):
 
 class ClientError(Exception):
     """The client could not talk to a supervisor (no socket, refused, broken reply)."""
+
+
+class ClientTimeout(ClientError):
+    """No result within the client's deadline (whether or not the supervisor said anything)."""
 
 
 class Peer:
@@ -480,10 +488,17 @@ class Client:
     def __init__(self, path: str, timeout: float | None = None) -> None:
         self.path = path
         self.timeout = timeout
+        # Of the last call: the request was sent (the supervisor may act on it), and the
+        # supervisor said something back (a deadline or a progress line: it took the request
+        # on). After either, giving up on the wait is not "no supervisor": the outcome is
+        # unknown and the operation may go on without us.
+        self.sent = False
+        self.answered = False
 
     def call(self, cmd: str, args: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
         """Send one request; yield progress messages, then the result message (last)."""
-        wait = self.timeout if self.timeout is not None else CLIENT_WAIT
+        self.sent = self.answered = False
+        wait = _clamp(self.timeout if self.timeout is not None else CLIENT_WAIT)
         deadline = time.monotonic() + wait
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(wait)
@@ -494,6 +509,7 @@ class Client:
             # answer is still there to read.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
+                self.sent = True  # (as good as: part of it may be on its way)
                 sock.sendall(json.dumps(request).encode() + b"\n")
             buf = bytearray()
             while True:
@@ -519,17 +535,20 @@ class Client:
                     raise ClientError(f"malformed reply from supervisor: {e}") from e
                 if not isinstance(msg, dict):
                     raise ClientError("malformed reply from supervisor: not a JSON object")
+                self.answered = True
                 if msg.get("type") == DEADLINE:
                     seconds = msg.get("seconds")
-                    if self.timeout is None and isinstance(seconds, int | float):
-                        wait = float(seconds) + DEADLINE_GRACE
+                    if (self.timeout is None and isinstance(seconds, int | float)
+                            and seconds == seconds):  # not NaN
+                        wait = _clamp(float(seconds) + DEADLINE_GRACE)
                         deadline = time.monotonic() + wait
                     continue
                 yield msg
                 if msg.get("type") == "result":
                     return
         except TimeoutError:
-            raise ClientError(f"no answer from supervisor within {wait:g}s") from None
+            what = "no result" if self.answered else "no answer"
+            raise ClientTimeout(f"{what} from supervisor within {wait:g}s") from None
         except ConnectionResetError:
             raise ClientError("supervisor closed the connection before answering") from None
         finally:
@@ -544,17 +563,51 @@ class Client:
                 f"no supervisor: control socket {self.path} does not exist"
             ) from None
         except ConnectionRefusedError:
+            if (why := _not_a_socket(self.path)) is not None:
+                raise ClientError(why) from None
             raise ClientError(
                 f"no supervisor listening on {self.path} (stale socket?)"
             ) from None
         except PermissionError:
             raise ClientError(f"permission denied on control socket {self.path}") from None
         except OSError as e:
+            if (why := _not_a_socket(self.path)) is not None:
+                raise ClientError(why) from None
             raise ClientError(f"cannot reach control socket {self.path}: "
                               f"{e.strerror or e}") from None
         peer = peer_of(sock)
         if not allowed(peer):
+            # The rule stays (a socket of another uid may be anyone's); the way to manage a
+            # service that runs as a user of its own is to ask as that user.
+            user = _user_name(peer.uid)
             raise ClientError(
                 f"refusing to talk to {self.path}: it is served by uid {peer.uid} (pid "
-                f"{peer.pid}), not by uid {os.geteuid()} or root; it is not our supervisor"
+                f"{peer.pid}), not by uid {os.geteuid()} or root; it is not our supervisor. "
+                f"If it is a service running as {user}, ask as that user: "
+                f"runuser -u {user} -- swapd ..."
             )
+
+
+def _clamp(seconds: float) -> float:
+    return min(max(seconds, 0.001), MAX_WAIT)
+
+
+def _not_a_socket(path: str) -> str | None:
+    """Why a connect failed, if the path is not a socket at all (None: it is, or is gone)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISSOCK(st.st_mode):
+        return None
+    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a file"
+    return f"{path} is not a socket ({kind}): not a control socket"
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

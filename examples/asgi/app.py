@@ -10,9 +10,10 @@
     curl http://127.0.0.1:8000/count                   # -> 1
 
 Nothing here depends on swapd at run time: `uvicorn app:app` serves it too (the decorators
-then only record the functions). Under `swapd serve --mode stateful`, every swap calls
-`save()` in the old worker once its requests in flight have finished, and `load()` in the
-new one before it serves; keep-alive connections move between requests.
+then only record the functions). Under `swapd run --mode stateful ... --app app:app` (as
+above), every swap calls `save()` in the old worker once its requests in flight have
+finished, and `load()` in the new one before it serves; keep-alive connections move between
+requests.
 """
 
 from __future__ import annotations

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.supervised import HELLO, supervised
+from tests.integration.supervised import (
+    HELLO,
+    MISBEHAVE,
+    SWAPD,
+    Supervised,
+    open_gate,
+    supervised,
+    write_behavior,
+)
 
 
 def raw_exchange(path: str, payload: bytes) -> list[dict[str, object]]:
@@ -127,3 +138,67 @@ def test_control_env_default(service) -> None:  # type: ignore[no-untyped-def]
     out = subprocess.run(["python3", "-m", "swapd", "status"], capture_output=True, text=True,
                          timeout=30, env=env)
     assert out.returncode == 0, out.stderr
+
+
+def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+    assert proc.stdout is not None
+    fd, data, end = proc.stdout.fileno(), b"", time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
+        assert ready, f"no line within {timeout}s (so far {data!r})"
+        chunk = os.read(fd, 1)
+        assert chunk, f"EOF after {data!r}"
+        data += chunk
+    return data
+
+
+@pytest.mark.slow
+def test_a_client_that_stops_waiting_says_the_upgrade_goes_on(tmp_path: Path) -> None:
+    """Ctrl-C, or --timeout once the supervisor took the upgrade on: one line saying it
+    continues and where to follow it, exit 130 / 4 (not 1 / 3, "no supervisor"), and the
+    upgrade does go on to commit. A stdout nobody reads does not stop the wait either."""
+    behavior, gate = tmp_path / "behavior.json", tmp_path / "gate"
+    os.mkfifo(f"{gate}-0")
+    write_behavior(behavior, version="v1")
+    s = Supervised(tmp_path, MISBEHAVE, env={"BEHAVIOR": str(behavior)}).start()
+    try:
+        write_behavior(behavior, version="v2", gate=str(gate))  # gen 2 waits at the gate
+        client = subprocess.Popen([*SWAPD, "upgrade", "--control", s.control], env=s.env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert _read_line(client, 30).startswith(b"swapd: gen=2 started 1 worker(s)")
+            client.send_signal(signal.SIGINT)
+            _, err = client.communicate(timeout=30)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait(10)
+        assert client.returncode == 130
+        assert err.decode() == ("swapd upgrade: stopped waiting (interrupted); the upgrade "
+                                "(gen=2) continues in the supervisor: see `swapd status`\n")
+        assert open_gate(f"{gate}-0", timeout=30)
+        s.wait_log(r"event=swap.commit kind=upgrade gen=2 ")
+
+        write_behavior(behavior, version="v3", gate=str(gate))
+        out = s.cli("upgrade", "--timeout", "5")
+        assert out.returncode == 4, out
+        assert out.stderr == ("swapd upgrade: no result from supervisor within 5s; stopped "
+                              "waiting; the upgrade (gen=3) continues in the supervisor: see "
+                              "`swapd status`\n")
+        assert open_gate(f"{gate}-0", timeout=30)
+        s.wait_log(r"event=swap.commit kind=upgrade gen=3 ")
+
+        write_behavior(behavior, version="v4")
+        read, write = os.pipe()
+        os.close(read)  # `swapd upgrade | true`: the reader is gone before the first line
+        try:
+            out = subprocess.run([*SWAPD, "upgrade", "--control", s.control], env=s.env,
+                                 stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+        finally:
+            os.close(write)
+        assert (out.returncode, out.stderr) == (0, "")
+        assert s.status()["active"] == 4
+    finally:
+        write_behavior(behavior, version="v1")
+        open_gate(f"{gate}-0", timeout=0)  # a worker still waiting there may go
+        s.stop()

@@ -50,6 +50,8 @@ def test_listener_shut_down_by_a_release_is_reported_and_rebound(tmp_path: Path)
         st = s.status()
         assert any("listener http" in w and "does not listen" in w for w in st["warnings"])
         assert st["listeners"][0]["listening"] is False
+        text = s.cli("status").stdout  # the listener line says it too, not only the warning
+        assert re.search(r"^  http +127\.0\.0\.1:\d+ +\(bound\)  listening: no$", text, re.M), text
         # The next release gets a new socket at the same address and serves.
         write_behavior(behavior, version="v3")
         mark = s.log_mark()

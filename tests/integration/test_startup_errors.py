@@ -44,6 +44,12 @@ def last_line(text: str) -> str:
         (["--workers", "0", "--bind", "http=127.0.0.1:0", "--", *HELLO],
          "workers must be an integer >= 1"),
         (["--bogus-flag", "--", *HELLO], "unrecognized arguments"),
+        (["--bind", "http=127.0.0.1:0", "--bind", "http=[::1]:0", "--", *HELLO],
+         "swapd: listener 'http' given twice (--bind http=127.0.0.1:0, --bind http=[::1]:0)"),
+        (["--cwd", "/nonexistent/dir", "--bind", "http=127.0.0.1:0", "--", *HELLO],
+         "swapd: cwd /nonexistent/dir: no such directory"),
+        (["--ready-timeout", "inf", "--bind", "http=127.0.0.1:0", "--", *HELLO],
+         "argument --ready-timeout: must be a positive number of seconds (at most 10000000)"),
     ],
 )
 def test_bad_arguments(tmp_path: Path, argv: list[str], message: str) -> None:
@@ -71,6 +77,8 @@ def test_port_in_use(tmp_path: Path) -> None:
         ('command = ["x"]\nmode = "magic"\n', "mode must be one of stateless, stateful"),
         ("command = [\n", "invalid TOML"),
         ('command = ["x"]\n[bind]\nadmin = "nope"\n', "bad address 'nope'"),
+        ('command = ["x"]\n[timeouts]\nready = inf\n',
+         "timeouts.ready must be a positive number of seconds (at most 10000000)"),
     ],
 )
 def test_bad_config_file(tmp_path: Path, toml: str, message: str) -> None:

@@ -48,6 +48,7 @@ def test_crash_loop_is_reported(tmp_path: Path) -> None:
         assert any("crash loop" in w for w in st["warnings"])
         text = s.cli("status").stdout
         assert "CRASH-LOOP" in text and "WARNING: worker 0 is in a crash loop" in text
+        assert text.count("crash loop") == 1, text  # each warning once
         # backoff grows: the delays logged double
         delays = [float(x) for x in __import__("re").findall(
             r"respawn_scheduled gen=1 worker=0 delay=([\d.]+)s", s.log_text())]

@@ -205,23 +205,82 @@ def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("wokers = 2\n",
-         "unknown key 'wokers' (known: app, app_args, backlog, bind, command, control, cwd, env, "
-         "fdstore, health_failures, health_interval, health_url, metrics, mode, precopy, probe, "
-         "readiness, state_dir, timeouts, watch, worker_output, workers)"),
+        ("wokers = 2\n", "unknown key 'wokers': did you mean workers?"),
+        ("frobnicate = 2\n",
+         "unknown key 'frobnicate' (known: app, app_args, backlog, bind, command, control, cwd, "
+         "env, fdstore, health_failures, health_interval, health_url, metrics, mode, precopy, "
+         "probe, readiness, state_dir, timeouts, watch, worker_output, workers)"),
         ("[timeouts]\nready = 1\nboot = 3\n",
          "unknown key 'timeouts.boot' (known: drain, idle_grace, probe, quiesce, ready, restore)"),
         ("bind = \"127.0.0.1:80\"\n", "[bind] must be a table"),
         ("timeouts = 5\n", "[timeouts] must be a table"),
         ("env = [\"A=1\"]\n", "[env] must be a table"),
     ],
-    ids=["top-level", "timeouts", "bind-not-table", "timeouts-not-table", "env-not-table"],
+    ids=["typo", "top-level", "timeouts", "bind-not-table", "timeouts-not-table",
+         "env-not-table"],
 )
 def test_file_structure_errors(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         read_file(path)
     assert str(info.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize(("text", "hint"), [
+    ("ready_timeout = 5\n", "unknown key 'ready_timeout': did you mean [timeouts] ready?"),
+    ("drain-timeout = 5\n", "unknown key 'drain-timeout': did you mean [timeouts] drain?"),
+    ("probe_timeout = 1\n", "unknown key 'probe_timeout': did you mean [timeouts] probe?"),
+    ("idle_grace = 1\n", "unknown key 'idle_grace': did you mean [timeouts] idle_grace?"),
+    ("quiesce = 1\n", "unknown key 'quiesce': did you mean [timeouts] quiesce?"),
+    ("no_fdstore = true\n", "unknown key 'no_fdstore': did you mean fdstore = false?"),
+    ("health-url = '/h'\n", "unknown key 'health-url': did you mean health_url?"),
+    ("release = 'v1'\n",
+     "unknown key 'release': release is not a file key: give --release (or $SWAPD_RELEASE)"),
+    ("log_level = 'debug'\n", "unknown key 'log_level': log_level is not a file key: give "
+                               "--log-level"),
+    ("[timeouts]\nready_timeout = 5\n",
+     "unknown key 'timeouts.ready_timeout': did you mean ready?"),
+    ("[timeouts]\nready = 5\nworkers = 2\n",
+     "unknown key 'timeouts.workers': workers is a top-level key: move it above [timeouts]"),
+])
+def test_a_flags_name_in_the_file_gets_the_key_it_meant(tmp_path: Path, text: str,
+                                                        hint: str) -> None:
+    """README said every flag is a key with `_` for `-`; for the timeouts it is not, and
+    the error only listed the known keys."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        read_file(path)
+    assert str(info.value) == f"{path}: {hint}"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('command = ["x"]\n[bind]\nhttp = "127.0.0.1:0"\nworkers = "x"\n',
+     "bind.workers: bad address 'x': expected HOST:PORT, [IPv6]:PORT or unix:PATH (workers "
+     "is a top-level key: in the file, put it above [bind])"),
+    ('command = ["x"]\n[bind]\nhttp = "127.0.0.1:0"\nworkers = 2\n',
+     "bind.workers must be a string address (workers is a top-level key: in the file, put it "
+     "above [bind])"),
+    ('[bind]\nhttp = "127.0.0.1:0"\ncommand = ["x"]\n',
+     "no worker command (give it after `--`, or `command = [...]` in the file) (command is a "
+     "top-level key: in the file, put it above [bind])"),
+    ('command = ["x"]\n[env]\nA = "1"\nworkers = 2\n',
+     "env.workers must be a string (workers is a top-level key: in the file, put it above "
+     "[env])"),
+    ('command = ["x"]\n[bind]\nadmin = "nope"\n',
+     "bind.admin: bad address 'nope': expected HOST:PORT, [IPv6]:PORT or unix:PATH"),
+])
+def test_errors_in_tables_name_the_key_and_a_misplaced_one(tmp_path: Path, text: str,
+                                                           message: str) -> None:
+    """`workers = "x"` appended after [bind] said only "bad address 'x'"."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path, {}, environ=NO_ENV)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_no_misplaced_hint_for_a_flag() -> None:
+    assert error_of(CMD, {"bind": {"workers": "x"}}) == (
+        f"{WHERE}: bind.workers: bad address 'x': expected HOST:PORT, [IPv6]:PORT or unix:PATH")
 
 
 def test_bind_and_env_tables_take_any_key(tmp_path: Path) -> None:
@@ -255,10 +314,10 @@ VALIDATION: list[tuple[str, dict[str, Any], str]] = [
     ("bind-bad-name", {**CMD, "bind": {"a b": "127.0.0.1:1"}},
      f"{WHERE}: bad listener name 'a b': use 1-64 letters, digits, '_', '-' or '.'"),
     ("bind-bad-address", {**CMD, "bind": {"http": "localhost:80"}},
-     f"{WHERE}: bad address 'localhost:80': 'localhost' is not an IP address "
+     f"{WHERE}: bind.http: bad address 'localhost:80': 'localhost' is not an IP address "
      "(names are not resolved)"),
     ("bind-bad-port", {**CMD, "bind": {"http": "127.0.0.1:70000"}},
-     f"{WHERE}: bad address '127.0.0.1:70000': port must be 0-65535"),
+     f"{WHERE}: bind.http: bad address '127.0.0.1:70000': port must be 0-65535"),
     ("workers-zero", {**CMD, "workers": 0}, f"{WHERE}: workers must be an integer >= 1"),
     ("workers-negative", {**CMD, "workers": -2}, f"{WHERE}: workers must be an integer >= 1"),
     ("workers-string", {**CMD, "workers": "2"}, f"{WHERE}: workers must be an integer >= 1"),
@@ -279,13 +338,13 @@ VALIDATION: list[tuple[str, dict[str, Any], str]] = [
     ("fdstore", {**CMD, "fdstore": 1}, f"{WHERE}: fdstore must be true or false"),
     ("timeout-unknown", {**CMD, "timeouts": {"boot": 3}}, f"{WHERE}: unknown timeout 'boot'"),
     ("timeout-zero", {**CMD, "timeouts": {"ready": 0}},
-     f"{WHERE}: timeouts.ready must be a positive number of seconds"),
+     f"{WHERE}: timeouts.ready must be a positive number of seconds (at most 10000000)"),
     ("timeout-negative", {**CMD, "timeouts": {"drain": -1.5}},
-     f"{WHERE}: timeouts.drain must be a positive number of seconds"),
+     f"{WHERE}: timeouts.drain must be a positive number of seconds (at most 10000000)"),
     ("timeout-string", {**CMD, "timeouts": {"quiesce": "10"}},
-     f"{WHERE}: timeouts.quiesce must be a positive number of seconds"),
+     f"{WHERE}: timeouts.quiesce must be a positive number of seconds (at most 10000000)"),
     ("timeout-bool", {**CMD, "timeouts": {"restore": True}},
-     f"{WHERE}: timeouts.restore must be a positive number of seconds"),
+     f"{WHERE}: timeouts.restore must be a positive number of seconds (at most 10000000)"),
     ("env-value", {**CMD, "env": {"PORT": 8000}}, f"{WHERE}: env.PORT must be a string"),
     ("env-empty-key", {**CMD, "env": {"": "x"}}, f"{WHERE}: env. must be a string"),
     ("env-key-with-equals", {**CMD, "env": {"A=B": "x"}}, f"{WHERE}: env.A=B must be a string"),
@@ -334,8 +393,30 @@ def test_command_of_the_wrong_type(command: object) -> None:
 
 def test_nan_timeout_is_refused() -> None:
     assert error_of({**CMD, "timeouts": {"ready": float("nan")}}, {}) == (
-        f"{WHERE}: timeouts.ready must be a positive number of seconds"
+        f"{WHERE}: timeouts.ready must be a positive number of seconds (at most 10000000)"
     )
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("[timeouts]\nready = inf\n", "ready"),
+    ("[timeouts]\nready = 1e12\n", "ready"),
+    ("[timeouts]\ndrain = 1e300\n", "drain"),
+    ("[timeouts]\nidle_grace = nan\n", "idle_grace"),
+    ("[timeouts]\nquiesce = 10000001\n", "quiesce"),
+])
+def test_timeouts_in_the_file_are_bounded_like_every_duration(tmp_path: Path, text: str,
+                                                               key: str) -> None:
+    """An unbounded timeout was accepted at start, then overflowed every client deadline."""
+    path = write(tmp_path, 'command = ["x"]\n' + text)
+    with pytest.raises(ConfigError) as info:
+        load(path, {}, environ=NO_ENV)
+    assert str(info.value) == (f"{path}: timeouts.{key} must be a positive number of seconds "
+                               "(at most 10000000)")
+
+
+def test_the_largest_timeout_is_accepted() -> None:
+    cfg = build({**CMD, "timeouts": {"drain": 10**7}}, {}, environ=NO_ENV)
+    assert cfg.timeouts.drain == 1e7
 
 
 @pytest.mark.parametrize(

@@ -667,7 +667,11 @@ def test_client_refused(short_dir: Path, kind: str) -> None:
         path.write_text("")
     with pytest.raises(ClientError) as info:
         list(Client(str(path)).call("status"))
-    assert str(info.value) == f"no supervisor listening on {path} (stale socket?)"
+    if kind == "stale-socket":
+        assert str(info.value) == f"no supervisor listening on {path} (stale socket?)"
+    else:  # not "no supervisor listening (stale socket?)": a file is no socket at all
+        assert str(info.value) == f"{path} is not a socket (a file): not a control socket"
+    assert info.value.__suppress_context__
 
 
 @pytest.mark.parametrize("kind", ["parent-is-a-file", "path-too-long"])
