@@ -7,6 +7,11 @@ is consumed, `receive` waits for the response to complete or the client to go
 until the first body message, so an ordinary response leaves in one write, with a
 Content-Length added when the app gave none; a streaming response (`more_body`) is chunked
 and pins the connection (a stateful swap does not wait for it).
+
+Once the request body has arrived, a helper task reads the socket while the response goes
+out, so a client that leaves is noticed even by an app that never calls `receive()` again.
+Then `send()` raises `ClientDisconnected` (an OSError, as ASGI 2.4 asks; the scope declares
+2.4): that is the only way Starlette's StreamingResponse stops an SSE generator.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from swapd.serve.h1 import (
     H1,
     MAX_PIPELINED,
     STATUS_LINES,
+    ClientDisconnected,
     Reject,
     Request,
     _status_line,
@@ -146,14 +152,22 @@ class Cycle:
         (through the Connection, which owns the socket's reader), parsing pipelined requests."""
         if self.complete or self.disconnected:
             return
-        h = self.h
-        self.waiter = fut = h.loop.create_future()
-        if self.reader is None and len(h.requests) < MAX_PIPELINED and h.broken is None:
-            self.reader = h.loop.create_task(self._read_ahead())
+        self.waiter = fut = self.h.loop.create_future()
+        if self.reader is None:
+            self._start_reading()
         try:
             await fut
         finally:
             self.waiter = None
+
+    def _start_reading(self) -> None:
+        """Read while the response goes out, once the request body has all arrived (before,
+        the bytes are the app's, through receive()): pipelined requests are parsed, and a
+        client that leaves is noticed (its FIN) even by an app that never calls receive()."""
+        h = self.h
+        if (self.req.complete and not self.complete and not self.disconnected
+                and len(h.requests) < MAX_PIPELINED and h.broken is None):
+            self.reader = h.loop.create_task(self._read_ahead())
 
     async def _read_ahead(self) -> None:
         h = self.h
@@ -177,10 +191,22 @@ class Cycle:
         if self.reader is not None and not self.reader.done():
             self.reader.cancel()
 
+    async def join_reader(self) -> None:
+        """Before the connection reads again: a cancelled reader must have left its wait on
+        the socket (two waits at once would lose a wakeup). It never loses bytes: what it
+        read is parsed in the same step."""
+        if self.reader is not None:
+            self.stop_reading()
+            await asyncio.wait([self.reader])
+
     # -- send -----------------------------------------------------------------------------
 
     async def send(self, message: Any) -> None:
         kind = message["type"]
+        if self.disconnected:
+            # ASGI 2.4 (what the scope declares): Starlette then stops a streaming response
+            # only through this exception, so an SSE generator ends at its next send.
+            raise ClientDisconnected("the client has gone")
         if not self.started:
             if kind != "http.response.start":
                 raise RuntimeError(f"expected 'http.response.start', got {kind!r}")
@@ -208,10 +234,12 @@ class Cycle:
             self.stop_reading()
             if self.waiter is not None and not self.waiter.done():
                 self.waiter.set_result(None)
-        if self.disconnected:
-            return
+        elif self.reader is None:
+            self._start_reading()  # a FIN must be seen even if the app never receive()s
         if data and not await h.write(data):
             self.disconnected = True
+            self.stop_reading()
+            raise ClientDisconnected("the client has gone")
         if self.complete and h.conn.pinned and not h.conn.quiescing:
             h.conn.pinned = False
 
@@ -292,6 +320,7 @@ async def dispatch(h: H1, req: Request) -> bool:
     try:
         return await _run(ctx, h, req, scope, cycle)
     finally:
+        await cycle.join_reader()
         if ctx.access_enabled():
             access_line(h.client, req.method, req.url, req.version,
                         cycle.status if cycle.head_sent else 500, cycle.sent, h.t_request)

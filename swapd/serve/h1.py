@@ -60,6 +60,11 @@ STATUS_LINES = {code: _status_line(code) for code in range(100, 600)}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
+class ClientDisconnected(OSError):
+    """send() on a connection whose client has gone (ASGI 2.4: "a server-specific subclass
+    of OSError"), or on a WebSocket that is closed or has moved to another worker."""
+
+
 class Reject(Exception):
     """A request refused with `status` (the connection closes after the answer)."""
 

@@ -41,7 +41,7 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from swapd.serve.context import Context
-from swapd.serve.h1 import H1, RECV_SIZE, Reject, Request, linger
+from swapd.serve.h1 import H1, RECV_SIZE, ClientDisconnected, Reject, Request, linger
 from swapd.serve.scope import ASGI_VERSION, client_and_scheme, split_target
 from swapd.worker import Connection, HandedOff
 
@@ -55,10 +55,6 @@ BARRIER_TIMEOUT = 5.0    # resumed connections wait this long for their siblings
 CONNECTING, OPEN, CLOSING, CLOSED, HANDED_OFF = range(5)
 _SCOPE_KEYS = ("type", "asgi", "http_version", "scheme", "server", "client", "root_path",
                "path", "raw_path", "query_string", "headers", "subprotocols")
-
-
-class ClientDisconnected(OSError):
-    """send() on a WebSocket that is closed (or has moved to another worker)."""
 
 
 class TooLarge(Exception):

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -92,6 +92,60 @@ async def disconnect_count(request: Request) -> Response:
     return PlainTextResponse(str(len(disconnects)))
 
 
+sse_closed: list[int] = []  # how many events each ended SSE stream had sent
+
+
+async def sse(request: Request) -> Response:
+    """An endless (bounded: 100 000 events) server-sent event stream, as users write them:
+    it relies on the server to stop it when the client goes (Starlette, ASGI 2.4: send()
+    raises OSError)."""
+    async def events() -> AsyncIterator[str]:
+        sent = 0
+        try:
+            for i in range(100_000):
+                yield f"data: {i}\n\n"
+                sent += 1
+                await asyncio.sleep(0.05)
+        finally:
+            sse_closed.append(sent)
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def sse_closed_view(request: Request) -> Response:
+    return PlainTextResponse(" ".join(map(str, sse_closed)))
+
+
+class AfterFin:
+    """Raw ASGI: stream one chunk, wait for /go, then send one more and record what send()
+    did: the client closed in between, and the app never called receive()."""
+
+    go: ClassVar[asyncio.Event | None] = None
+    results: ClassVar[list[str]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        AfterFin.go = go = asyncio.Event()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first\n", "more_body": True})
+        await go.wait()
+        try:
+            await send({"type": "http.response.body", "body": b"second\n", "more_body": True})
+        except OSError as e:
+            AfterFin.results.append(type(e).__name__)
+            raise
+        AfterFin.results.append("sent")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def after_fin_go(request: Request) -> Response:
+    if AfterFin.go is not None:
+        AfterFin.go.set()
+    return PlainTextResponse("go")
+
+
+async def after_fin_results(request: Request) -> Response:
+    return PlainTextResponse(" ".join(AfterFin.results))
+
+
 async def ws_echo(ws: WebSocket) -> None:
     await ws.accept()
     try:
@@ -110,6 +164,11 @@ starlette_app = Starlette(lifespan=lifespan, routes=[
     Route("/scope/{rest:path}", scope_view),
     Route("/wait-disconnect", WaitDisconnect()),
     Route("/disconnects", disconnect_count),
+    Route("/sse", sse),
+    Route("/sse-closed", sse_closed_view),
+    Route("/after-fin", AfterFin()),
+    Route("/after-fin/go", after_fin_go),
+    Route("/after-fin/results", after_fin_results),
     WebSocketRoute("/ws", ws_echo),
 ])
 

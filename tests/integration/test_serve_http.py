@@ -8,7 +8,7 @@ import asyncio
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -127,6 +127,48 @@ def test_app_sees_http_disconnect_when_the_client_goes(served: Served) -> None:
     deadline = time.monotonic() + 10
     while _disconnects(served) == before:  # each poll is a request: an event, not a sleep
         assert time.monotonic() < deadline, "the app never received http.disconnect"
+
+
+def _poll(served: Served, path: str, until: Callable[[str], bool], what: str) -> str:
+    """GET `path` until `until(body)`; each poll is a request (an event), not a sleep."""
+    deadline = time.monotonic() + 10
+    with httpx.Client(base_url=served.url, timeout=10) as client:
+        for _ in range(100_000):  # bounded; the deadline ends it much earlier
+            text = client.get(path).text
+            if until(text):
+                return text
+            assert time.monotonic() < deadline, what
+    raise AssertionError(what)
+
+
+def test_streaming_generator_ends_when_the_client_goes(served: Served) -> None:
+    """An endless SSE generator (Starlette StreamingResponse): the client reads one event
+    and closes; send() then raises OSError (ASGI 2.4), so the generator's `finally` runs."""
+    before = httpx.get(served.url + "/sse-closed", timeout=10).text.split()
+    raw = RawHTTP(served.address)
+    try:
+        raw.send(get("/sse"))
+        assert b"data: 0" in raw.sock.recv(4096)
+    finally:
+        raw.close()
+    text = _poll(served, "/sse-closed", lambda t: len(t.split()) > len(before),
+                 "the SSE generator still runs after its client left")
+    assert int(text.split()[-1]) < 1000, "it ended soon after, not at its natural end"
+
+
+def test_a_fin_is_seen_while_the_app_streams_without_receiving(served: Served) -> None:
+    """The client of a streaming response closes; the app, which never calls receive(),
+    sends once more: that very send raises OSError (the server read the FIN), instead of
+    succeeding into a dead socket."""
+    raw = RawHTTP(served.address)
+    try:
+        raw.send(get("/after-fin"))
+        assert b"first" in raw.sock.recv(4096)
+    finally:
+        raw.close()
+    assert httpx.get(served.url + "/after-fin/go", timeout=10).text == "go"
+    text = _poll(served, "/after-fin/results", lambda t: bool(t), "the app never sent again")
+    assert text == "ClientDisconnected"
 
 
 @pytest.mark.parametrize(("request_bytes", "status"), [
