@@ -26,12 +26,14 @@ from swapd.serve.context import Context
 from swapd.serve.h1 import (
     H1,
     MAX_PIPELINED,
+    RECV_SIZE,
     STATUS_LINES,
     ClientDisconnected,
     Reject,
     Request,
     _status_line,
     access_line,
+    log_rejected,
 )
 from swapd.serve.scope import ASGI_VERSION, client_and_scheme, split_target
 
@@ -130,20 +132,20 @@ class Cycle:
             data = await h.recv_body()
             if not data:
                 if h.timed_out:
-                    await self._abort(408, "request body timed out")
+                    await self._abort(h.body_timed_out())
                 self.disconnected = True
                 h.closed = True
                 continue
             try:
                 h.feed(data)
             except Reject as e:
-                await self._abort(e.status, e.reason)
+                await self._abort(e)
 
-    async def _abort(self, status: int, reason: str) -> None:
+    async def _abort(self, e: Reject) -> None:
         """The request cannot go on (body too large, too slow): answer if we still can."""
-        log.info("event=request.aborted status=%d reason=%r", status, reason)
+        log_rejected(e, self.h.client, "request.aborted")
         if not self.head_sent:
-            await self.h.respond_error(status, reason)
+            await self.h.respond_error(e.status, e.reason)
         self.disconnected = True
         self.h.closed = True
 
@@ -182,8 +184,11 @@ class Cycle:
             except Reject as e:
                 h.broken = e  # answered after this response
                 break
-            if len(h.requests) >= MAX_PIPELINED:
-                break  # enough queued: wait for the response only
+            if len(h.requests) >= MAX_PIPELINED or sum(
+                    len(r.body) for r in h.requests if r is not self.req) > RECV_SIZE:
+                # Enough queued (a pipelined request's body is read when it is served, not
+                # held here): wait for the response only.
+                break
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 

@@ -13,6 +13,7 @@ tuple result without Content-Length gets one, anything else is chunked (HTTP/1.1
 from __future__ import annotations
 
 import contextlib
+import http
 import logging
 import re
 import select
@@ -33,6 +34,7 @@ from swapd.serve.h1 import (
     Reject,
     Request,
     access_line,
+    log_rejected,
 )
 
 log = logging.getLogger("swapd.serve")
@@ -58,9 +60,12 @@ class Input:
         self.h = h
         self.req = req
         self.continued = False
+        self.rejected: Reject | None = None  # the body broke a bound: answered in run()
 
     def _fill(self) -> bool:
         h, req = self.h, self.req
+        if self.rejected is not None:
+            raise OSError(f"bad request body: {self.rejected.reason}")
         if req.complete or h.closed:
             return False
         sock = h.conn.sock
@@ -78,6 +83,7 @@ class Input:
                 limit = QUIESCE_STALL if h.conn.quiescing else h.ctx.timeouts.read
                 if silent >= limit:
                     h.closed = True
+                    self.rejected = h.body_timed_out()
                     raise OSError("request body timed out") from None
                 step = min(0.25, limit - silent)
                 if not _wait_fd(sock.fileno(), False, step):
@@ -92,6 +98,7 @@ class Input:
             h.feed(data)
         except Reject as e:
             h.closed = True
+            self.rejected = e
             raise OSError(f"bad request body: {e.reason}") from None
         return True
 
@@ -141,9 +148,10 @@ class Input:
             yield line
 
 
-def _send_all(h: H1, data: bytes) -> None:
-    """Blocking send from a pool thread (the socket stays non-blocking for the loop)."""
-    if h.closed:
+def _send_all(h: H1, data: bytes, *, last: bool = False) -> None:
+    """Blocking send from a pool thread (the socket stays non-blocking for the loop).
+    `last`: our final answer on a connection already marked to close."""
+    if h.closed and not last:
         raise OSError("the connection is closed")
     sock = h.conn.sock
     view = memoryview(data)
@@ -169,6 +177,7 @@ class Responder:
         self.status: str | None = None
         self.headers: list[tuple[str, str]] = []
         self.head_sent = False
+        self.wrote = False  # a byte of the response went out
         self.chunked = False
         self.remaining: int | None = None
         self.keep = False
@@ -267,6 +276,7 @@ class Responder:
             self.h.closed = True  # the client waits for bytes that will never come
         if out:
             _send_all(self.h, out)
+            self.wrote = True
 
 
 def environ(h: H1, req: Request, responder: Responder) -> dict[str, Any]:
@@ -363,15 +373,19 @@ def run(h: H1, req: Request) -> bool:
             if responder.status is None:
                 raise RuntimeError("the app returned without calling start_response()")
             responder.send(b"", 0 if not responder.head_sent else None, final=True)
-    except OSError as e:
-        log.info("event=wsgi.connection_lost error=%r", str(e))
-        h.closed = True
-        return False
-    except Exception:
-        log.exception("event=app.error method=%s target=%r", req.method,
-                      req.url.decode("latin-1"))
-        if not responder.head_sent:
-            _error(h, 500, "the application raised an exception")
+    except Exception as e:
+        rejected = responder.input.rejected if responder.input is not None else None
+        if rejected is not None:  # the request body broke a bound: say so, if we still can
+            log_rejected(rejected, h.client, "request.aborted")
+            if not responder.wrote:
+                _error(h, rejected.status, rejected.reason, last=True)
+        elif isinstance(e, OSError):
+            log.info("event=wsgi.connection_lost error=%r", str(e))
+        else:
+            log.exception("event=app.error method=%s target=%r", req.method,
+                          req.url.decode("latin-1"))
+            if not responder.head_sent:
+                _error(h, 500, "the application raised an exception")
         h.closed = True
         return False
     finally:
@@ -389,12 +403,13 @@ def run(h: H1, req: Request) -> bool:
     return responder.keep and not h.closed
 
 
-def _error(h: H1, status: int, text: str) -> None:
-    body = f"{text}\n".encode("latin-1", "replace")
+def _error(h: H1, status: int, text: str, *, last: bool = False) -> None:
+    body = f"{http.HTTPStatus(status).phrase}: {text}\n".encode("latin-1", "replace")
     with contextlib.suppress(OSError):
         _send_all(h, b"%s%scontent-type: text/plain; charset=utf-8\r\n"
                   b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                  % (STATUS_LINES[status], h.ctx.default_headers(), len(body), body))
+                  % (STATUS_LINES[status], h.ctx.default_headers(), len(body), body),
+                  last=last)
     h.closed = True
 
 

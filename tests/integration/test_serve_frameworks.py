@@ -18,7 +18,7 @@ APPS = ROOT / "tests" / "apps"
 def test_wsgi_server_side_of_pep_3333_under_the_validator(tmp_path: Path) -> None:
     """Every endpoint runs behind wsgiref.validate: a breach by the server is a 500."""
     with supervised(tmp_path, ["--root-path", "/api", "--threads", "2",
-                               "--limit-concurrency", "2"],
+                               "--limit-concurrency", "2", "--limit-request-body", "100000"],
                     args=["--app", "serve_wsgi:app", "--cwd", str(APPS)]) as s:
         opened: list[RawHTTP] = []
         try:  # --limit-concurrency 2: requests on a third open connection get 503
@@ -38,6 +38,16 @@ def test_wsgi_server_side_of_pep_3333_under_the_validator(tmp_path: Path) -> Non
                 yield b"input"
 
             assert c.post("/read", content=chunks()).content == b"chunked input"
+
+            def too_much() -> Iterator[bytes]:
+                for _ in range(3):
+                    yield b"z" * 50000
+
+            mark = s.log_mark()  # a chunked body over the bound, found while the app reads
+            big = c.post("/read", content=too_much())
+            assert (big.status_code, big.headers["connection"]) == (413, "close")
+            s.wait_log(r"event=request\.aborted status=413 reason='request body too large' "
+                       r"limit=100000 raise_with=--limit-request-body", start=mark)
             lines = c.post("/lines", content=b"one\ntwo\nthree\nfour").content
             assert lines == b"one\n|two|\n|three\n|four"
             written = c.get("/write")

@@ -171,21 +171,28 @@ def test_a_fin_is_seen_while_the_app_streams_without_receiving(served: Served) -
     assert text == "ClientDisconnected"
 
 
-@pytest.mark.parametrize(("request_bytes", "status"), [
-    (b"GARBAGE\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: nope\r\n\r\n", 400),
-    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
+@pytest.mark.parametrize(("request_bytes", "status", "option"), [
+    (b"GARBAGE\r\n\r\n", 400, None),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: nope\r\n\r\n", 400, None),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414,
+     "limit=8190 raise_with=--limit-request-line"),
     (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101))
-     + b"\r\n", 431),
-    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"v" * 70000 + b"\r\n\r\n", 431),
-    (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 200000\r\n\r\n", 413),
+     + b"\r\n", 431, "limit=100 raise_with=--limit-request-fields"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"v" * 70000 + b"\r\n\r\n", 431,
+     "limit=65536 raise_with=--limit-request-head"),
+    (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 200000\r\n\r\n", 413,
+     "limit=100000 raise_with=--limit-request-body"),
     (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-     + b"".join(b"%x\r\n%s\r\n" % (50000, b"z" * 50000) for _ in range(3)) + b"0\r\n\r\n", 413),
+     + b"".join(b"%x\r\n%s\r\n" % (50000, b"z" * 50000) for _ in range(3)) + b"0\r\n\r\n", 413,
+     "limit=100000 raise_with=--limit-request-body"),
 ], ids=["malformed", "bad-content-length", "uri-too-long", "too-many-headers", "huge-header",
         "body-too-large", "chunked-body-too-large"])
 def test_bad_input_is_answered_and_closes_only_that_connection(
-        served: Served, request_bytes: bytes, status: int) -> None:
+        served: Served, request_bytes: bytes, status: int, option: str | None) -> None:
+    """...and a refusal by one of the bounds (which uvicorn does not have) names, in its
+    log line, the option that raises it."""
     bystander = httpx.Client(base_url=served.url, timeout=10)
+    mark = served.sup.log_mark()
     try:
         assert bystander.get("/state").status_code == 200
         raw = RawHTTP(served.address)
@@ -200,6 +207,10 @@ def test_bad_input_is_answered_and_closes_only_that_connection(
         assert bystander.get("/state").status_code == 200, "another connection is untouched"
     finally:
         bystander.close()
+    line = served.sup.wait_log(rf"event=request\.(rejected|aborted) status={status} .*",
+                               start=mark).group(0)
+    if option is not None:
+        assert option in line, line
 
 
 @pytest.mark.parametrize("path", ["/boom", "/raw-boom"])
@@ -225,6 +236,7 @@ def test_app_exception_gives_500_and_its_traceback_in_the_log(served: Served,
 
 
 def test_slow_request_head_times_out_without_hurting_others(served: Served) -> None:
+    mark = served.sup.log_mark()
     slow = RawHTTP(served.address)
     try:
         slow.send(b"GET / HTTP/1.1\r\nHost: t\r\n")  # ... and never the blank line
@@ -234,6 +246,8 @@ def test_slow_request_head_times_out_without_hurting_others(served: Served) -> N
         assert slow.at_eof()
     finally:
         slow.close()
+    served.sup.wait_log(r"event=request\.rejected status=408 reason='request head timed out' "
+                        r"limit=1 raise_with=--timeout-request-head", start=mark)
 
 
 def test_slow_request_body_times_out(served: Served) -> None:
