@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import Any
 
 from swapd.serve.context import Context
 from swapd.serve.h1 import (
     H1,
+    HEADER_NAME_BAD,
+    HEADER_VALUE_BAD,
     MAX_PIPELINED,
     RECV_SIZE,
     STATUS_LINES,
@@ -39,8 +40,6 @@ from swapd.serve.scope import ASGI_VERSION, client_and_scheme, split_target
 
 log = logging.getLogger("swapd.serve")
 
-_NAME_BAD = re.compile(rb'[\x00-\x20\x7f()<>@,;:\\"/\[\]?={}]')
-_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _NO_BODY_STATUS = frozenset({204, 304})
 
 def http_scope(h: H1, req: Request) -> dict[str, Any]:
@@ -67,7 +66,7 @@ _GOOD_NAMES: dict[bytes, bytes] = {}  # response header names seen valid -> lowe
 
 
 def _check_name(name: bytes) -> bytes:
-    if not isinstance(name, bytes) or not name or _NAME_BAD.search(name):
+    if not isinstance(name, bytes) or not name or HEADER_NAME_BAD.search(name):
         raise RuntimeError(f"invalid response header name {name!r}")
     lower = name.lower()
     if len(_GOOD_NAMES) < 4096:  # bounded: names come from the app, but may vary
@@ -272,7 +271,7 @@ class Cycle:
             lower = _GOOD_NAMES.get(name)
             if lower is None:
                 lower = _check_name(name)
-            if _VALUE_BAD.search(value):
+            if HEADER_VALUE_BAD.search(value):
                 raise RuntimeError(f"invalid response header value {name!r}: {value!r}")
             if lower == b"content-length":
                 length = int(value)

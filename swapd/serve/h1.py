@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import http
 import logging
+import re
 import socket
 import time
 from collections import deque
@@ -57,6 +58,9 @@ def _status_line(code: int) -> bytes:
 
 
 STATUS_LINES = {code: _status_line(code) for code in range(100, 600)}
+# What an app may not put in a response header (RFC 9110 token / field-value).
+HEADER_NAME_BAD = re.compile(rb'[\x00-\x20\x7f()<>@,;:\\"/\[\]?={}]')
+HEADER_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 

@@ -155,6 +155,27 @@ async def ws_echo(ws: WebSocket) -> None:
         pass
 
 
+async def ws_deny(ws: WebSocket) -> None:
+    """ASGI extension websocket.http.response: an HTTP answer instead of accepting."""
+    await ws.send_denial_response(PlainTextResponse("nope", status_code=401,
+                                                    headers={"www-authenticate": "Bearer"}))
+
+
+async def ws_deny_streamed(ws: WebSocket) -> None:
+    async def parts() -> AsyncIterator[bytes]:
+        yield b"streamed "
+        yield b"denial"
+    await ws.send_denial_response(StreamingResponse(parts(), status_code=403))
+
+
+async def ws_refuse(ws: WebSocket) -> None:
+    await ws.close()  # before accept: the handshake is refused (403)
+
+
+async def ws_crash(ws: WebSocket) -> None:
+    raise ValueError("boom before accept")
+
+
 starlette_app = Starlette(lifespan=lifespan, routes=[
     Route("/", hello),
     Route("/echo", echo, methods=["POST"]),
@@ -170,6 +191,10 @@ starlette_app = Starlette(lifespan=lifespan, routes=[
     Route("/after-fin/go", after_fin_go),
     Route("/after-fin/results", after_fin_results),
     WebSocketRoute("/ws", ws_echo),
+    WebSocketRoute("/ws-deny", ws_deny),
+    WebSocketRoute("/ws-deny-streamed", ws_deny_streamed),
+    WebSocketRoute("/ws-refuse", ws_refuse),
+    WebSocketRoute("/ws-crash", ws_crash),
 ])
 
 

@@ -5,6 +5,7 @@ lifespan, drain. One supervisor for the module (tests run in file order; the las
 from __future__ import annotations
 
 import asyncio
+import http.client
 import re
 import socket
 import time
@@ -280,6 +281,48 @@ def test_websocket_frames_sent_with_the_handshake_are_not_lost(served: Served) -
         assert ws.read_frame() == (0x1, b"echo early")
     finally:
         ws.close()
+
+
+UPGRADE = ("Upgrade: websocket", "Connection: Upgrade",
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")
+
+
+@pytest.mark.parametrize(("path", "extra", "status", "reason", "body", "header"), [
+    ("/ws-deny", ("Sec-WebSocket-Version: 13",), 401, "Unauthorized", b"nope",
+     ("www-authenticate", "Bearer")),
+    ("/ws-deny-streamed", ("Sec-WebSocket-Version: 13",), 403, "Forbidden",
+     b"streamed denial", ("transfer-encoding", "chunked")),
+    ("/ws-refuse", ("Sec-WebSocket-Version: 13",), 403, "Forbidden", b"Forbidden\n", None),
+    ("/ws-crash", ("Sec-WebSocket-Version: 13",), 500, "Internal Server Error",
+     b"Internal Server Error\n", None),
+    ("/ws", ("Sec-WebSocket-Version: 8",), 426, "Upgrade Required", None,
+     ("sec-websocket-version", "13")),
+], ids=["denial", "streamed-denial", "close-before-accept", "crash-before-accept",
+        "bad-version"])
+def test_websocket_handshake_answers(served: Served, path: str, extra: tuple[str, ...],
+                                     status: int, reason: str, body: bytes | None,
+                                     header: tuple[str, str] | None) -> None:
+    """The denial response (Starlette's send_denial_response, ASGI extension
+    websocket.http.response) reaches the client as the app wrote it; every refused handshake
+    is a proper HTTP answer: reason phrase, date and server, `connection: close`."""
+    raw = RawHTTP(served.address)
+    try:
+        raw.send(get(path, *UPGRADE, *extra))
+        resp = http.client.HTTPResponse(raw)  # type: ignore[arg-type]
+        resp.begin()
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        got = resp.read()
+        assert (resp.status, resp.reason) == (status, reason)
+        assert headers["connection"] == "close" and "date" in headers
+        assert headers["server"] == "swapd"
+        if body is not None:
+            assert got == body
+        if header is not None:
+            assert headers[header[0]] == header[1]
+        assert raw.at_eof()
+    finally:
+        raw.close()
+    assert httpx.get(served.url + "/state", timeout=10).text == "42"
 
 
 @pytest.mark.parametrize(("kind", "code"), [
