@@ -7,7 +7,8 @@ hand-over to the thread and one back per request. While a thread owns the connec
 loop does not touch its socket; the request is in flight, so a stateful swap waits for it.
 
 Headers are sent with the first non-empty body chunk (or when the iterable ends); a list or
-tuple result without Content-Length gets one, anything else is chunked (HTTP/1.1).
+tuple result without Content-Length gets one, anything else is chunked (HTTP/1.1); our
+wsgi.file_wrapper around a regular file goes out with os.sendfile (filewrapper.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+import swapd
 from swapd.serve import proxy
+from swapd.serve.filewrapper import FileWrapper, regular_file, sendfile_all
 from swapd.serve.h1 import (
     H1,
     QUIESCE_STALL,
@@ -42,6 +45,7 @@ log = logging.getLogger("swapd.serve")
 _STATUS = re.compile(r"[1-5]\d\d [^\x00-\x1f\x7f]*")
 _BAD_NAME = re.compile(r'[\x00-\x20\x7f()<>@,;:\\"/\[\]?={}]')
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+SERVER_SOFTWARE = f"swapd/{swapd.__version__}"
 _HOP = frozenset({"connection", "transfer-encoding", "keep-alive", "upgrade", "te",
                   "trailer", "proxy-connection"})
 
@@ -213,13 +217,15 @@ class Responder:
             raise AssertionError("write() before start_response()")
         self.send(data, None, final=False)
 
-    def _head(self, total: int | None) -> bytes:
+    def _head(self, total: int | None, *, sized: bool = False) -> bytes:
+        """`sized`: `total` is the body's true length even for HEAD (a file's size)."""
         h, req = self.h, self.req
         assert self.status is not None
         code = int(self.status[:3])
-        parts = [b"HTTP/1.1 ", self.status.encode("latin-1"), b"\r\n", h.ctx.default_headers()]
+        parts = [b"HTTP/1.1 ", self.status.encode("latin-1"), b"\r\n", b""]
         length = None
         close = False
+        own_date = own_server = False
         for name, value in self.headers:
             lower = name.lower()
             if lower in _HOP:
@@ -227,12 +233,20 @@ class Responder:
                 continue  # framing and connection management are the server's (PEP 3333)
             if lower == "content-length":
                 length = int(value)
+            elif lower == "date":
+                own_date = True
+            elif lower == "server":
+                own_server = True
             parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+        # One Date and one Server (singletons, RFC 9110): the app's, if it sent them.
+        parts[3] = h.ctx.default_headers_without(date=own_date, server=own_server)
         no_body = req.method == "HEAD" or code in (204, 304) or code < 200
         if length is not None:
             self.remaining = length
         elif no_body:
-            pass
+            if sized and total is not None and req.method == "HEAD" and code >= 200 \
+                    and code not in (204, 304):
+                parts.append(b"content-length: %d\r\n" % total)
         elif total is not None:
             parts.append(b"content-length: %d\r\n" % total)
             self.remaining = total
@@ -278,6 +292,36 @@ class Responder:
             _send_all(self.h, out)
             self.wrote = True
 
+    def send_file(self, wrapper: FileWrapper) -> bool:
+        """The app returned our wsgi.file_wrapper around a regular file: os.sendfile the rest
+        of it (the whole response, or up to its Content-Length). False: not a file we can
+        send that way; nothing was sent, and the caller iterates it instead."""
+        found = regular_file(wrapper) if self.status is not None else None
+        if found is None:
+            return False
+        fd, offset, available = found
+        h = self.h
+        if not self.head_sent:
+            _send_all(h, self._head(available, sized=True))  # the app's Content-Length wins
+            self.head_sent = self.wrote = True
+        code = int(self.status[:3]) if self.status else 200
+        count = available
+        if self.remaining is not None:
+            count = min(count, self.remaining - self.sent)
+        if self.req.method != "HEAD" and code not in (204, 304) and code >= 200 and count > 0:
+            if self.chunked:
+                _send_all(h, b"%x\r\n" % count)
+            sent = sendfile_all(h.conn.sock, fd, offset, count, h.ctx.timeouts.read)
+            self.sent += sent
+            if sent < count and self.chunked:  # the file shrank: the chunk cannot be ended
+                self.keep = False
+                h.closed = True
+                raise OSError("the file shrank while it was sent")
+            if self.chunked:
+                _send_all(h, b"\r\n")
+        self.send(b"", None, final=True)
+        return True
+
 
 def environ(h: H1, req: Request, responder: Responder) -> dict[str, Any]:
     ctx = h.ctx
@@ -318,6 +362,9 @@ def environ(h: H1, req: Request, responder: Responder) -> dict[str, Any]:
         "wsgi.multithread": True,
         "wsgi.multiprocess": ctx.worker.workers > 1,
         "wsgi.run_once": False,
+        "wsgi.file_wrapper": FileWrapper,
+        "SERVER_SOFTWARE": SERVER_SOFTWARE,
+        "RAW_URI": url.decode("latin-1"),  # the target as sent (gunicorn's key)
     }
     for name, value in req.headers:
         if name == b"content-type":
@@ -366,6 +413,8 @@ def run(h: H1, req: Request) -> bool:
                 raise RuntimeError("the app returned without calling start_response()")
             total = sum(len(chunk) for chunk in result)
             responder.send(b"".join(result), total, final=True)
+        elif type(result) is FileWrapper and responder.send_file(result):
+            pass
         else:
             for chunk in result:
                 if chunk:
