@@ -369,7 +369,14 @@ def test_failed_lifespan_startup_fails_the_swap(served: Served) -> None:
     finally:
         served.fail.unlink()
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "startup refused: the database is unreachable" in proc.stderr
+    # The worker's last word is the one-line reason (the exception's line, not Starlette's
+    # traceback text in a field); the traceback was logged as lines of its own before it.
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].endswith("event=serve.start_failed error='lifespan startup failed: "
+                              "RuntimeError: startup refused: the database is unreachable "
+                              "(simulated)'"), proc.stderr
+    assert "RuntimeError: startup refused: the database is unreachable (simulated)" in lines
+    assert "\\n" not in proc.stderr, "a multi-line text squeezed into one log field"
     assert served.sup.active_pids() == old
     assert httpx.get(served.url + "/", timeout=10).text == f"hello {old[0]}"
 
