@@ -168,6 +168,7 @@ class Session:
         self.denial_head_sent = False
         self.denial_chunked = False
         self.failed = False  # ended without a closing handshake: linger before closing
+        self._before_export = b""  # conn.buffer before export() (unexport() puts it back)
         conn.pinned = True  # until the app opts in
 
     # -- the reader (the worker's handler task) -----------------------------------------
@@ -622,8 +623,16 @@ class Session:
         save = self.ext.get("save")
         assert save is not None
         scope = {k: self.scope[k] for k in _SCOPE_KEYS if k in self.scope}
-        self.conn.meta[META] = {"scope": scope, "state": save(), "batch": batch}
+        meta = {"scope": scope, "state": save(), "batch": batch}
+        self._before_export = bytes(self.conn.buffer)
+        self.conn.meta[META] = meta
         self.conn.buffer[:] = self.buf
+
+    def unexport(self) -> None:
+        """The snapshot failed before hand_off(): the connection is as it was, its app never
+        noticed (the partial frame is ours again, not to be read twice)."""
+        self.conn.meta.pop(META, None)
+        self.conn.buffer[:] = self._before_export
 
     def hand_off(self) -> None:
         """After the snapshot: the app's coroutine ends, told it was a handoff."""

@@ -2,6 +2,8 @@
 
 $SERVE_FAIL_STARTUP: a path; if it exists at startup, the lifespan startup fails.
 $SERVE_EVENTS: a path; lifespan events are appended to it ("startup <pid>", "shutdown <pid>").
+$SERVE_FAIL_SAVE: a path; while it exists, `@swapd.on_snapshot` raises, or returns what
+cannot be pickled if the file says "unpicklable" (stateful swaps).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -17,6 +20,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+import swapd
 
 disconnects: list[str] = []
 
@@ -176,6 +181,45 @@ async def ws_crash(ws: WebSocket) -> None:
     raise ValueError("boom before accept")
 
 
+live_events: list[str] = []  # what the /ws-live coroutines saw, in this process
+
+
+@swapd.on_snapshot
+def save() -> dict[str, Any]:
+    fail = os.environ.get("SERVE_FAIL_SAVE")
+    if fail and os.path.exists(fail):
+        with open(fail) as f:
+            if f.read() == "unpicklable":
+                return {"live_events": live_events, "lock": threading.Lock()}
+        raise RuntimeError("save refused (simulated)")
+    return {"live_events": live_events}
+
+
+@swapd.on_restore
+def load(state: dict[str, Any], from_version: int) -> None:
+    live_events[:0] = state["live_events"]
+
+
+async def ws_live(ws: WebSocket) -> None:
+    """A WebSocket that moves at a stateful swap: a counter in the coroutine, saved."""
+    live = swapd.connection(ws.scope)
+    await ws.accept()
+    count = live.state["count"] if live.resumed else 0
+    live_events.append(f"start pid={os.getpid()} resumed={live.resumed}")
+    live.save(lambda: {"count": count})
+    try:
+        while True:
+            text = await ws.receive_text()
+            count += 1
+            await ws.send_text(f"{count} {text} pid={os.getpid()} resumed={live.resumed}")
+    except WebSocketDisconnect:
+        live_events.append(f"disconnect pid={os.getpid()} handed_off={live.handed_off}")
+
+
+async def live_events_view(request: Request) -> Response:
+    return PlainTextResponse("\n".join(live_events))
+
+
 starlette_app = Starlette(lifespan=lifespan, routes=[
     Route("/", hello),
     Route("/echo", echo, methods=["POST"]),
@@ -191,6 +235,8 @@ starlette_app = Starlette(lifespan=lifespan, routes=[
     Route("/after-fin/go", after_fin_go),
     Route("/after-fin/results", after_fin_results),
     WebSocketRoute("/ws", ws_echo),
+    WebSocketRoute("/ws-live", ws_live),
+    Route("/live-events", live_events_view),
     WebSocketRoute("/ws-deny", ws_deny),
     WebSocketRoute("/ws-deny-streamed", ws_deny_streamed),
     WebSocketRoute("/ws-refuse", ws_refuse),
