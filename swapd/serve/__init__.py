@@ -10,6 +10,7 @@ drains exact (no keep-alive request lost) and lets a stateful swap hand connecti
     h1.py        HTTP/1.1: httptools parsing, bounds, timeouts, boundaries, writes
     asgi.py      the ASGI HTTP cycle (scope, receive, send)
     wsgi.py      PEP 3333 on a bounded thread pool
+    filewrapper.py  wsgi.file_wrapper, sent with os.sendfile
     ws.py        WebSockets (wsproto), and their handoff between workers
     lifespan.py  ASGI lifespan
     state.py     @swapd.on_snapshot / on_restore wired to the worker's handoff

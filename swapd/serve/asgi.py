@@ -7,32 +7,39 @@ is consumed, `receive` waits for the response to complete or the client to go
 until the first body message, so an ordinary response leaves in one write, with a
 Content-Length added when the app gave none; a streaming response (`more_body`) is chunked
 and pins the connection (a stateful swap does not wait for it).
+
+Once the request body has arrived, a helper task reads the socket while the response goes
+out, so a client that leaves is noticed even by an app that never calls `receive()` again.
+Then `send()` raises `ClientDisconnected` (an OSError, as ASGI 2.4 asks; the scope declares
+2.4): that is the only way Starlette's StreamingResponse stops an SSE generator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import Any
 
 from swapd.serve.context import Context
 from swapd.serve.h1 import (
     H1,
+    HEADER_NAME_BAD,
+    HEADER_VALUE_BAD,
     MAX_PIPELINED,
+    RECV_SIZE,
     STATUS_LINES,
+    ClientDisconnected,
     Reject,
     Request,
     _status_line,
     access_line,
+    log_rejected,
 )
 from swapd.serve.scope import ASGI_VERSION, client_and_scheme, split_target
 
 log = logging.getLogger("swapd.serve")
 
-_NAME_BAD = re.compile(rb'[\x00-\x20\x7f()<>@,;:\\"/\[\]?={}]')
-_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _NO_BODY_STATUS = frozenset({204, 304})
 
 def http_scope(h: H1, req: Request) -> dict[str, Any]:
@@ -59,7 +66,7 @@ _GOOD_NAMES: dict[bytes, bytes] = {}  # response header names seen valid -> lowe
 
 
 def _check_name(name: bytes) -> bytes:
-    if not isinstance(name, bytes) or not name or _NAME_BAD.search(name):
+    if not isinstance(name, bytes) or not name or HEADER_NAME_BAD.search(name):
         raise RuntimeError(f"invalid response header name {name!r}")
     lower = name.lower()
     if len(_GOOD_NAMES) < 4096:  # bounded: names come from the app, but may vary
@@ -124,20 +131,20 @@ class Cycle:
             data = await h.recv_body()
             if not data:
                 if h.timed_out:
-                    await self._abort(408, "request body timed out")
+                    await self._abort(h.body_timed_out())
                 self.disconnected = True
                 h.closed = True
                 continue
             try:
                 h.feed(data)
             except Reject as e:
-                await self._abort(e.status, e.reason)
+                await self._abort(e)
 
-    async def _abort(self, status: int, reason: str) -> None:
+    async def _abort(self, e: Reject) -> None:
         """The request cannot go on (body too large, too slow): answer if we still can."""
-        log.info("event=request.aborted status=%d reason=%r", status, reason)
+        log_rejected(e, self.h.client, "request.aborted")
         if not self.head_sent:
-            await self.h.respond_error(status, reason)
+            await self.h.respond_error(e.status, e.reason)
         self.disconnected = True
         self.h.closed = True
 
@@ -146,14 +153,22 @@ class Cycle:
         (through the Connection, which owns the socket's reader), parsing pipelined requests."""
         if self.complete or self.disconnected:
             return
-        h = self.h
-        self.waiter = fut = h.loop.create_future()
-        if self.reader is None and len(h.requests) < MAX_PIPELINED and h.broken is None:
-            self.reader = h.loop.create_task(self._read_ahead())
+        self.waiter = fut = self.h.loop.create_future()
+        if self.reader is None:
+            self._start_reading()
         try:
             await fut
         finally:
             self.waiter = None
+
+    def _start_reading(self) -> None:
+        """Read while the response goes out, once the request body has all arrived (before,
+        the bytes are the app's, through receive()): pipelined requests are parsed, and a
+        client that leaves is noticed (its FIN) even by an app that never calls receive()."""
+        h = self.h
+        if (self.req.complete and not self.complete and not self.disconnected
+                and len(h.requests) < MAX_PIPELINED and h.broken is None):
+            self.reader = h.loop.create_task(self._read_ahead())
 
     async def _read_ahead(self) -> None:
         h = self.h
@@ -168,8 +183,11 @@ class Cycle:
             except Reject as e:
                 h.broken = e  # answered after this response
                 break
-            if len(h.requests) >= MAX_PIPELINED:
-                break  # enough queued: wait for the response only
+            if len(h.requests) >= MAX_PIPELINED or sum(
+                    len(r.body) for r in h.requests if r is not self.req) > RECV_SIZE:
+                # Enough queued (a pipelined request's body is read when it is served, not
+                # held here): wait for the response only.
+                break
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -177,10 +195,22 @@ class Cycle:
         if self.reader is not None and not self.reader.done():
             self.reader.cancel()
 
+    async def join_reader(self) -> None:
+        """Before the connection reads again: a cancelled reader must have left its wait on
+        the socket (two waits at once would lose a wakeup). It never loses bytes: what it
+        read is parsed in the same step."""
+        if self.reader is not None:
+            self.stop_reading()
+            await asyncio.wait([self.reader])
+
     # -- send -----------------------------------------------------------------------------
 
     async def send(self, message: Any) -> None:
         kind = message["type"]
+        if self.disconnected:
+            # ASGI 2.4 (what the scope declares): Starlette then stops a streaming response
+            # only through this exception, so an SSE generator ends at its next send.
+            raise ClientDisconnected("the client has gone")
         if not self.started:
             if kind != "http.response.start":
                 raise RuntimeError(f"expected 'http.response.start', got {kind!r}")
@@ -208,10 +238,12 @@ class Cycle:
             self.stop_reading()
             if self.waiter is not None and not self.waiter.done():
                 self.waiter.set_result(None)
-        if self.disconnected:
-            return
+        elif self.reader is None:
+            self._start_reading()  # a FIN must be seen even if the app never receive()s
         if data and not await h.write(data):
             self.disconnected = True
+            self.stop_reading()
+            raise ClientDisconnected("the client has gone")
         if self.complete and h.conn.pinned and not h.conn.quiescing:
             h.conn.pinned = False
 
@@ -239,7 +271,7 @@ class Cycle:
             lower = _GOOD_NAMES.get(name)
             if lower is None:
                 lower = _check_name(name)
-            if _VALUE_BAD.search(value):
+            if HEADER_VALUE_BAD.search(value):
                 raise RuntimeError(f"invalid response header value {name!r}: {value!r}")
             if lower == b"content-length":
                 length = int(value)
@@ -292,6 +324,7 @@ async def dispatch(h: H1, req: Request) -> bool:
     try:
         return await _run(ctx, h, req, scope, cycle)
     finally:
+        await cycle.join_reader()
         if ctx.access_enabled():
             access_line(h.client, req.method, req.url, req.version,
                         cycle.status if cycle.head_sent else 500, cycle.sent, h.t_request)

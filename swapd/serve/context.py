@@ -33,6 +33,8 @@ class Session(Protocol):
 
     def export(self, batch: tuple[str, int]) -> None: ...
 
+    def unexport(self) -> None: ...
+
     def hand_off(self) -> None: ...
 
     def pin_if_stuck(self) -> None: ...
@@ -65,12 +67,14 @@ class Context:
         self.changed = asyncio.Event()  # a connection or app task ended
         self.body_readers: set[BodyReader] = set()  # waiting inside a request body now
         self.access_log = options.access_log
-        extra = [b"%s: %s\r\n" % (n, v) for n, v in options.headers]
+        self._extra = b"".join(b"%s: %s\r\n" % (n, v) for n, v in options.headers)
+        self._server_line = b""
         if options.server_header and not any(n == b"server" for n, _ in options.headers):
-            extra.insert(0, b"server: swapd\r\n")
-        self._static = b"".join(extra)
+            self._server_line = b"server: swapd\r\n"
+        self._static = self._server_line + self._extra
         self._server: dict[str, tuple[str, int | None]] = {}
         self._date_second = -1
+        self._date_line = b""
         self._headers = self._static
 
     def default_headers(self) -> bytes:
@@ -80,9 +84,18 @@ class Context:
         now = int(time.time())
         if now != self._date_second:
             self._date_second = now
-            self._headers = (b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
-                             + self._static)
+            self._date_line = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+            self._headers = self._date_line + self._static
         return self._headers
+
+    def default_headers_without(self, *, date: bool, server: bool) -> bytes:
+        """default_headers() less our `date` and/or `server` line: the app sent its own (a
+        WSGI app's Date from Werkzeug's send_file), and either is a singleton field."""
+        if not date and not server:
+            return self.default_headers()
+        self.default_headers()  # refresh the cached date line
+        return b"".join([b"" if date or not self.options.date_header else self._date_line,
+                         b"" if server else self._server_line, self._extra])
 
     def server_address(self, conn: Connection) -> tuple[str, int | None]:
         """ASGI `server` of a connection: its listener's address unless that is a wildcard

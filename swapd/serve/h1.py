@@ -19,7 +19,7 @@ the app sees it, so it is never replayed on the successor.
 
 Bounds (options.Limits/Timeouts): request target 414, header count and head bytes 431,
 body 413, head time 408 (slowloris), silence inside a body 408; malformed input 400. Each
-answer closes that connection only.
+answer closes that connection only; its log line names the option that raises the bound.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import http
 import logging
+import re
 import socket
 import time
 from collections import deque
@@ -57,16 +58,29 @@ def _status_line(code: int) -> bytes:
 
 
 STATUS_LINES = {code: _status_line(code) for code in range(100, 600)}
+# What an app may not put in a response header (RFC 9110 token / field-value).
+HEADER_NAME_BAD = re.compile(rb'[\x00-\x20\x7f()<>@,;:\\"/\[\]?={}]')
+HEADER_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
-class Reject(Exception):
-    """A request refused with `status` (the connection closes after the answer)."""
+class ClientDisconnected(OSError):
+    """send() on a connection whose client has gone (ASGI 2.4: "a server-specific subclass
+    of OSError"), or on a WebSocket that is closed or has moved to another worker."""
 
-    def __init__(self, status: int, reason: str) -> None:
+
+class Reject(Exception):
+    """A request refused with `status` (the connection closes after the answer). A refusal
+    by one of our bounds names the option that sets it (and its value): several differ from
+    uvicorn's (which has none of them), so the operator must see at once what to raise."""
+
+    def __init__(self, status: int, reason: str, option: str | None = None,
+                 limit: float | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.option = option
+        self.limit = limit
 
 
 class Request:
@@ -137,7 +151,8 @@ class H1:
         assert self._cur is not None
         self._cur.url += url
         if len(self._cur.url) > self._limits.request_line:
-            raise Reject(414, "request target too long")
+            raise Reject(414, "request target too long", "--limit-request-line",
+                         self._limits.request_line)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self._cur
@@ -146,7 +161,8 @@ class H1:
         value = value.rstrip(b" \t")  # llhttp keeps trailing whitespace (RFC 9110 5.5)
         headers = req.headers
         if len(headers) >= self._limits.request_fields:
-            raise Reject(431, "too many header fields")
+            raise Reject(431, "too many header fields", "--limit-request-fields",
+                         self._limits.request_fields)
         headers.append((name, value))
         if name[0] in b"cehux":  # the few headers the server itself looks at
             if name == b"content-length":
@@ -155,7 +171,7 @@ class H1:
                 except ValueError:
                     raise Reject(400, "bad Content-Length") from None
                 if req.content_length > self._limits.request_body:
-                    raise Reject(413, "request body too large")
+                    raise self._body_too_large()
             elif name == b"expect":
                 req.expect_continue = value.lower() == b"100-continue"
             elif name == b"host":
@@ -173,7 +189,7 @@ class H1:
         # The whole head, exactly (feed() bounds a head still arriving by the bytes fed).
         if len(req.url) + sum(len(n) + len(v) + 4 for n, v in req.headers) \
                 > self._limits.request_head:
-            raise Reject(431, "request head too large")
+            raise self._head_too_large()
         parser = self.parser
         raw = parser.get_method()
         req.method = _METHODS.get(raw) or raw.decode("ascii")
@@ -189,8 +205,23 @@ class H1:
         assert req is not None
         req.body_size += len(body)
         if req.body_size > self._limits.request_body:
-            raise Reject(413, "request body too large")
+            raise self._body_too_large()
         req.body += body
+
+    def _body_too_large(self) -> Reject:
+        return Reject(413, "request body too large", "--limit-request-body",
+                      self._limits.request_body)
+
+    def _head_too_large(self) -> Reject:
+        return Reject(431, "request head too large", "--limit-request-head",
+                      self._limits.request_head)
+
+    def body_timed_out(self) -> Reject:
+        """408 for silence inside a request body (during a swap the bound is QUIESCE_STALL,
+        which no option sets)."""
+        if self.conn.quiescing:
+            return Reject(408, "request body timed out during a swap")
+        return Reject(408, "request body timed out", "--timeout-read", self.ctx.timeouts.read)
 
     def on_message_complete(self) -> None:
         assert self._cur is not None
@@ -229,7 +260,7 @@ class H1:
             # Only a head that began with this chunk has its raw bytes known: it can move.
             self.partial = bytearray(data) if clean and len(self.requests) == 1 else None
         if cur.head_size > self._limits.request_head:
-            raise Reject(431, "request head too large")
+            raise self._head_too_large()
 
     async def recv(self, *, idle: bool, deadline: float) -> bytes:
         """One chunk; b"" at EOF, on a socket error, or once `deadline` (loop time) passed
@@ -326,7 +357,9 @@ class H1:
                 self.conn.meta.pop(PARTIAL, None)
             if not data:
                 if queued and self.timed_out:
-                    await self.respond_error(408, "request head timed out")
+                    await self.reject(Reject(408, "request head timed out",
+                                             "--timeout-request-head",
+                                             self.ctx.timeouts.request_head))
                 return False
             try:
                 self.feed(data)
@@ -392,8 +425,7 @@ class H1:
         self.closed = True
 
     async def reject(self, e: Reject) -> None:
-        log.info("event=request.rejected status=%d reason=%r client=%s", e.status, e.reason,
-                 _fmt_client(self.client))
+        log_rejected(e, self.client)
         await self.respond_error(e.status, e.reason)
 
     # -- the connection ---------------------------------------------------------------
@@ -459,6 +491,19 @@ async def linger(conn: Connection) -> None:
                 budget -= len(data)
     except (TimeoutError, OSError):
         pass
+
+
+def log_rejected(e: Reject, client: tuple[str, int] | None, event: str = "request.rejected"
+                 ) -> None:
+    """One line; a refusal by one of our bounds says which option raises it."""
+    if e.option is None:
+        log.info("event=%s status=%d reason=%r client=%s", event, e.status, e.reason,
+                 _fmt_client(client))
+        return
+    limit = e.limit
+    shown = int(limit) if limit is not None and float(limit).is_integer() else limit
+    log.info("event=%s status=%d reason=%r limit=%s raise_with=%s client=%s", event, e.status,
+             e.reason, shown, e.option, _fmt_client(client))
 
 
 def _fmt_client(client: tuple[str, int] | None) -> str:

@@ -3,6 +3,11 @@
 A startup that fails (or misses --timeout-lifespan) means the worker never reports ready:
 the swap that started it fails and the old generation keeps serving. With --lifespan auto an
 app that does not speak lifespan (it raises or returns at once: Django) runs without it.
+
+The reason of a failure is one line, the exception's (`RuntimeError: db unreachable`):
+Starlette's `lifespan.startup.failed` message is the whole formatted traceback, which is
+logged as such, once (the app re-raises: logged with the exception), never squeezed into a
+field.
 """
 
 from __future__ import annotations
@@ -14,6 +19,17 @@ from typing import Any
 from swapd.serve.scope import ASGI_VERSION
 
 log = logging.getLogger("swapd.serve")
+
+REASON_MAX = 500  # characters of a one-line failure reason
+RAISE_GRACE = 1.0  # an app that reports a failure usually raises right after: wait that long
+
+
+def summary(message: str) -> str:
+    """One line for a failure message: a traceback's last line (the exception), else the
+    message's last non-empty line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    line = lines[-1] if lines else message.strip()
+    return line if len(line) <= REASON_MAX else line[:REASON_MAX - 3] + "..."
 
 
 class LifespanError(Exception):
@@ -31,6 +47,7 @@ class Lifespan:
         self._started = asyncio.Event()
         self._stopped = asyncio.Event()
         self._error: str | None = None
+        self._detail: str | None = None  # a multi-line failure message, not yet logged
         self._task: asyncio.Task[None] | None = None
         self._phase = "startup"
 
@@ -48,6 +65,7 @@ class Lifespan:
         if not done:
             raise LifespanError(f"lifespan startup did not complete within {self.timeout:g}s")
         if self._error is not None:
+            await self._settle()
             raise LifespanError(f"lifespan startup failed: {self._error}")
         if not self._started.is_set():
             if self.mode == "on":
@@ -72,6 +90,7 @@ class Lifespan:
             log.error("event=lifespan.shutdown_timeout timeout=%gs", self.timeout)
             self._task.cancel()
         elif self._error is not None:
+            await self._settle()
             log.error("event=lifespan.shutdown_failed error=%r", self._error)
         else:
             log.info("event=lifespan.stopped")
@@ -85,10 +104,27 @@ class Lifespan:
                 log.info("event=lifespan.unsupported error=%r", f"{type(e).__name__}: {e}")
                 return
             log.exception("event=lifespan.error phase=%s", self._phase)
-            self._error = self._error or f"{type(e).__name__}: {e}"
+            self._detail = None  # the traceback just logged says it all
+            self._error = self._error or summary(f"{type(e).__name__}: {e}")
         finally:
             if self._phase == "shutdown":
                 self._stopped.set()
+
+    async def _settle(self) -> None:
+        """After a failure message: let the app raise (its traceback is then logged before
+        the one-line reason), else log a multi-line message as it is."""
+        if self._task is not None and not self._task.done():
+            await asyncio.wait([self._task], timeout=RAISE_GRACE)
+        if self._detail is not None:
+            log.error("event=lifespan.failure_message phase=%s\n%s", self._phase,
+                      self._detail.rstrip())
+            self._detail = None
+
+    def _failed(self, message: Any, default: str) -> None:
+        text = str(message or default)
+        self._error = summary(text)
+        if "\n" in text.strip():
+            self._detail = text
 
     async def _receive(self) -> dict[str, Any]:
         return await self._inbox.get()
@@ -98,12 +134,12 @@ class Lifespan:
         if kind == "lifespan.startup.complete":
             self._started.set()
         elif kind == "lifespan.startup.failed":
-            self._error = str(message.get("message") or "lifespan.startup.failed")
+            self._failed(message.get("message"), "lifespan.startup.failed")
             self._started.set()
         elif kind == "lifespan.shutdown.complete":
             self._stopped.set()
         elif kind == "lifespan.shutdown.failed":
-            self._error = str(message.get("message") or "lifespan.shutdown.failed")
+            self._failed(message.get("message"), "lifespan.shutdown.failed")
             self._stopped.set()
         else:
             raise RuntimeError(f"unexpected lifespan message {kind!r}")

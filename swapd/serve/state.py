@@ -5,16 +5,19 @@ reaches a boundary and is handed over, its handler left parked), then calls the 
 function installed here, which:
 
 1. waits until no WebSocket frame is half sent (the socket is about to change hands);
-2. asks each handed WebSocket's app for its per-connection state (`Handoff.save`) and puts
+2. calls the app's `@swapd.on_snapshot`;
+3. asks each handed WebSocket's app for its per-connection state (`Handoff.save`) and puts
    it, with the scope and any partial frame, into the connection's meta (it travels with the
    socket: the worker sends the handover after this snapshot);
-3. ends those WebSocket readers (`conn.detach()`) and apps (websocket.disconnect 1012,
-   `handed_off` true);
-4. calls the app's `@swapd.on_snapshot`.
+4. if WebSockets were handed: encodes all that once, into nothing (the worker encodes it
+   for real after this returns, too late to leave their apps alone);
+5. ends those WebSocket readers (`conn.detach()`) and apps (websocket.disconnect 1012,
+   `handed_off` true).
 
-If anything fails before step 3 the swap aborts and the sessions simply go on (their apps
-never noticed); after it, an abort resumes them here as the successor would (a fresh
-handler call finds the exported state in conn.meta).
+So a `save()` that raises or returns what cannot be encoded fails before step 5: the swap
+aborts and the sessions simply go on (their apps never noticed, their meta is as it was).
+After step 5, an abort resumes them here as the successor would (a fresh handler call finds
+the exported state in conn.meta).
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from collections.abc import Callable
 from typing import Any
 
 import swapd
+from swapd import handoff
 from swapd.serve.context import Context, Session
 from swapd.serve.h1 import QUIESCE_STALL
-from swapd.serve.ws import OPEN
+from swapd.serve.ws import META, OPEN
 from swapd.worker import Worker
 
 log = logging.getLogger("swapd.serve")
@@ -78,9 +82,24 @@ async def snapshot(ctx: Context) -> Any:
     for s in sessions:
         async with asyncio.timeout(FLUSH_TIMEOUT):
             await s.flushed()
+    state = None
+    fn = swapd._hooks.snapshot
+    if fn is not None:
+        state = fn()
+        if inspect.isawaitable(state):
+            state = await state
     batch = (os.urandom(8).hex(), len(sessions))
-    for s in sessions:
-        s.export(batch)
+    exported: list[Session] = []
+    try:
+        for s in sessions:
+            s.export(batch)
+            exported.append(s)
+        if sessions:
+            _check_encodes(ctx.worker, state, [s.conn.meta[META] for s in sessions])
+    except BaseException:
+        for s in exported:
+            s.unexport()
+        raise
     for s in sessions:
         s.hand_off()
         s.conn.detach()  # its reader ends: an abort gives it a handler that resumes it
@@ -94,13 +113,33 @@ async def snapshot(ctx: Context) -> Any:
             task.cancel()
     if sessions:
         log.info("event=ws.handed_off connections=%d", len(sessions))
-    fn = swapd._hooks.snapshot
-    if fn is None:
-        return None
-    state = fn()
-    if inspect.isawaitable(state):
-        state = await state
     return state
+
+
+class _Nowhere:
+    """An EncodeSink that keeps nothing (and dups no fd): for a trial encode."""
+
+    def write(self, data: Any, /) -> int:
+        return len(data)
+
+    def add_buffer(self, buf: memoryview, /) -> None:
+        pass
+
+    def add_fd(self, fd: int, /) -> int:
+        return 0
+
+
+def _check_encodes(w: Worker, state: Any, metas: list[Any]) -> None:
+    """The app's state and the handed WebSockets' meta encode, as the worker will encode
+    them once the snapshot returns; else the same EncodeError, now."""
+    for codec, obj in ((w.state_codec, state), (handoff.DEFAULT_CODEC, metas)):
+        try:
+            handoff.get_codec(codec).encode(obj, _Nowhere())
+        except handoff.SnapshotError:
+            raise
+        except Exception as e:
+            raise handoff.EncodeError(
+                f"{codec} cannot encode the state: {type(e).__name__}: {e}") from e
 
 
 async def restore(state: Any, from_version: int) -> None:

@@ -7,12 +7,14 @@ hand-over to the thread and one back per request. While a thread owns the connec
 loop does not touch its socket; the request is in flight, so a stateful swap waits for it.
 
 Headers are sent with the first non-empty body chunk (or when the iterable ends); a list or
-tuple result without Content-Length gets one, anything else is chunked (HTTP/1.1).
+tuple result without Content-Length gets one, anything else is chunked (HTTP/1.1); our
+wsgi.file_wrapper around a regular file goes out with os.sendfile (filewrapper.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http
 import logging
 import re
 import select
@@ -24,7 +26,9 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+import swapd
 from swapd.serve import proxy
+from swapd.serve.filewrapper import FileWrapper, regular_file, sendfile_all
 from swapd.serve.h1 import (
     H1,
     QUIESCE_STALL,
@@ -33,6 +37,7 @@ from swapd.serve.h1 import (
     Reject,
     Request,
     access_line,
+    log_rejected,
 )
 
 log = logging.getLogger("swapd.serve")
@@ -40,6 +45,7 @@ log = logging.getLogger("swapd.serve")
 _STATUS = re.compile(r"[1-5]\d\d [^\x00-\x1f\x7f]*")
 _BAD_NAME = re.compile(r'[\x00-\x20\x7f()<>@,;:\\"/\[\]?={}]')
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+SERVER_SOFTWARE = f"swapd/{swapd.__version__}"
 _HOP = frozenset({"connection", "transfer-encoding", "keep-alive", "upgrade", "te",
                   "trailer", "proxy-connection"})
 
@@ -58,9 +64,12 @@ class Input:
         self.h = h
         self.req = req
         self.continued = False
+        self.rejected: Reject | None = None  # the body broke a bound: answered in run()
 
     def _fill(self) -> bool:
         h, req = self.h, self.req
+        if self.rejected is not None:
+            raise OSError(f"bad request body: {self.rejected.reason}")
         if req.complete or h.closed:
             return False
         sock = h.conn.sock
@@ -78,6 +87,7 @@ class Input:
                 limit = QUIESCE_STALL if h.conn.quiescing else h.ctx.timeouts.read
                 if silent >= limit:
                     h.closed = True
+                    self.rejected = h.body_timed_out()
                     raise OSError("request body timed out") from None
                 step = min(0.25, limit - silent)
                 if not _wait_fd(sock.fileno(), False, step):
@@ -92,6 +102,7 @@ class Input:
             h.feed(data)
         except Reject as e:
             h.closed = True
+            self.rejected = e
             raise OSError(f"bad request body: {e.reason}") from None
         return True
 
@@ -141,9 +152,10 @@ class Input:
             yield line
 
 
-def _send_all(h: H1, data: bytes) -> None:
-    """Blocking send from a pool thread (the socket stays non-blocking for the loop)."""
-    if h.closed:
+def _send_all(h: H1, data: bytes, *, last: bool = False) -> None:
+    """Blocking send from a pool thread (the socket stays non-blocking for the loop).
+    `last`: our final answer on a connection already marked to close."""
+    if h.closed and not last:
         raise OSError("the connection is closed")
     sock = h.conn.sock
     view = memoryview(data)
@@ -169,6 +181,7 @@ class Responder:
         self.status: str | None = None
         self.headers: list[tuple[str, str]] = []
         self.head_sent = False
+        self.wrote = False  # a byte of the response went out
         self.chunked = False
         self.remaining: int | None = None
         self.keep = False
@@ -204,13 +217,15 @@ class Responder:
             raise AssertionError("write() before start_response()")
         self.send(data, None, final=False)
 
-    def _head(self, total: int | None) -> bytes:
+    def _head(self, total: int | None, *, sized: bool = False) -> bytes:
+        """`sized`: `total` is the body's true length even for HEAD (a file's size)."""
         h, req = self.h, self.req
         assert self.status is not None
         code = int(self.status[:3])
-        parts = [b"HTTP/1.1 ", self.status.encode("latin-1"), b"\r\n", h.ctx.default_headers()]
+        parts = [b"HTTP/1.1 ", self.status.encode("latin-1"), b"\r\n", b""]
         length = None
         close = False
+        own_date = own_server = False
         for name, value in self.headers:
             lower = name.lower()
             if lower in _HOP:
@@ -218,12 +233,20 @@ class Responder:
                 continue  # framing and connection management are the server's (PEP 3333)
             if lower == "content-length":
                 length = int(value)
+            elif lower == "date":
+                own_date = True
+            elif lower == "server":
+                own_server = True
             parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+        # One Date and one Server (singletons, RFC 9110): the app's, if it sent them.
+        parts[3] = h.ctx.default_headers_without(date=own_date, server=own_server)
         no_body = req.method == "HEAD" or code in (204, 304) or code < 200
         if length is not None:
             self.remaining = length
         elif no_body:
-            pass
+            if sized and total is not None and req.method == "HEAD" and code >= 200 \
+                    and code not in (204, 304):
+                parts.append(b"content-length: %d\r\n" % total)
         elif total is not None:
             parts.append(b"content-length: %d\r\n" % total)
             self.remaining = total
@@ -267,6 +290,37 @@ class Responder:
             self.h.closed = True  # the client waits for bytes that will never come
         if out:
             _send_all(self.h, out)
+            self.wrote = True
+
+    def send_file(self, wrapper: FileWrapper) -> bool:
+        """The app returned our wsgi.file_wrapper around a regular file: os.sendfile the rest
+        of it (the whole response, or up to its Content-Length). False: not a file we can
+        send that way; nothing was sent, and the caller iterates it instead."""
+        found = regular_file(wrapper) if self.status is not None else None
+        if found is None:
+            return False
+        fd, offset, available = found
+        h = self.h
+        if not self.head_sent:
+            _send_all(h, self._head(available, sized=True))  # the app's Content-Length wins
+            self.head_sent = self.wrote = True
+        code = int(self.status[:3]) if self.status else 200
+        count = available
+        if self.remaining is not None:
+            count = min(count, self.remaining - self.sent)
+        if self.req.method != "HEAD" and code not in (204, 304) and code >= 200 and count > 0:
+            if self.chunked:
+                _send_all(h, b"%x\r\n" % count)
+            sent = sendfile_all(h.conn.sock, fd, offset, count, h.ctx.timeouts.read)
+            self.sent += sent
+            if sent < count and self.chunked:  # the file shrank: the chunk cannot be ended
+                self.keep = False
+                h.closed = True
+                raise OSError("the file shrank while it was sent")
+            if self.chunked:
+                _send_all(h, b"\r\n")
+        self.send(b"", None, final=True)
+        return True
 
 
 def environ(h: H1, req: Request, responder: Responder) -> dict[str, Any]:
@@ -308,6 +362,9 @@ def environ(h: H1, req: Request, responder: Responder) -> dict[str, Any]:
         "wsgi.multithread": True,
         "wsgi.multiprocess": ctx.worker.workers > 1,
         "wsgi.run_once": False,
+        "wsgi.file_wrapper": FileWrapper,
+        "SERVER_SOFTWARE": SERVER_SOFTWARE,
+        "RAW_URI": url.decode("latin-1"),  # the target as sent (gunicorn's key)
     }
     for name, value in req.headers:
         if name == b"content-type":
@@ -356,6 +413,8 @@ def run(h: H1, req: Request) -> bool:
                 raise RuntimeError("the app returned without calling start_response()")
             total = sum(len(chunk) for chunk in result)
             responder.send(b"".join(result), total, final=True)
+        elif type(result) is FileWrapper and responder.send_file(result):
+            pass
         else:
             for chunk in result:
                 if chunk:
@@ -363,15 +422,19 @@ def run(h: H1, req: Request) -> bool:
             if responder.status is None:
                 raise RuntimeError("the app returned without calling start_response()")
             responder.send(b"", 0 if not responder.head_sent else None, final=True)
-    except OSError as e:
-        log.info("event=wsgi.connection_lost error=%r", str(e))
-        h.closed = True
-        return False
-    except Exception:
-        log.exception("event=app.error method=%s target=%r", req.method,
-                      req.url.decode("latin-1"))
-        if not responder.head_sent:
-            _error(h, 500, "the application raised an exception")
+    except Exception as e:
+        rejected = responder.input.rejected if responder.input is not None else None
+        if rejected is not None:  # the request body broke a bound: say so, if we still can
+            log_rejected(rejected, h.client, "request.aborted")
+            if not responder.wrote:
+                _error(h, rejected.status, rejected.reason, last=True)
+        elif isinstance(e, OSError):
+            log.info("event=wsgi.connection_lost error=%r", str(e))
+        else:
+            log.exception("event=app.error method=%s target=%r", req.method,
+                          req.url.decode("latin-1"))
+            if not responder.head_sent:
+                _error(h, 500, "the application raised an exception")
         h.closed = True
         return False
     finally:
@@ -389,12 +452,13 @@ def run(h: H1, req: Request) -> bool:
     return responder.keep and not h.closed
 
 
-def _error(h: H1, status: int, text: str) -> None:
-    body = f"{text}\n".encode("latin-1", "replace")
+def _error(h: H1, status: int, text: str, *, last: bool = False) -> None:
+    body = f"{http.HTTPStatus(status).phrase}: {text}\n".encode("latin-1", "replace")
     with contextlib.suppress(OSError):
         _send_all(h, b"%s%scontent-type: text/plain; charset=utf-8\r\n"
                   b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                  % (STATUS_LINES[status], h.ctx.default_headers(), len(body), body))
+                  % (STATUS_LINES[status], h.ctx.default_headers(), len(body), body),
+                  last=last)
     h.closed = True
 
 

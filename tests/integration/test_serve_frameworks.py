@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import http.client
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+import swapd
 from swapd.loadgen import BackgroundLoad, http_get
 from tests.integration.serve_client import RawHTTP, get
 from tests.integration.supervised import ROOT, supervised
@@ -18,7 +21,7 @@ APPS = ROOT / "tests" / "apps"
 def test_wsgi_server_side_of_pep_3333_under_the_validator(tmp_path: Path) -> None:
     """Every endpoint runs behind wsgiref.validate: a breach by the server is a 500."""
     with supervised(tmp_path, ["--root-path", "/api", "--threads", "2",
-                               "--limit-concurrency", "2"],
+                               "--limit-concurrency", "2", "--limit-request-body", "100000"],
                     args=["--app", "serve_wsgi:app", "--cwd", str(APPS)]) as s:
         opened: list[RawHTTP] = []
         try:  # --limit-concurrency 2: requests on a third open connection get 503
@@ -38,6 +41,16 @@ def test_wsgi_server_side_of_pep_3333_under_the_validator(tmp_path: Path) -> Non
                 yield b"input"
 
             assert c.post("/read", content=chunks()).content == b"chunked input"
+
+            def too_much() -> Iterator[bytes]:
+                for _ in range(3):
+                    yield b"z" * 50000
+
+            mark = s.log_mark()  # a chunked body over the bound, found while the app reads
+            big = c.post("/read", content=too_much())
+            assert (big.status_code, big.headers["connection"]) == (413, "close")
+            s.wait_log(r"event=request\.aborted status=413 reason='request body too large' "
+                       r"limit=100000 raise_with=--limit-request-body", start=mark)
             lines = c.post("/lines", content=b"one\ntwo\nthree\nfour").content
             assert lines == b"one\n|two|\n|three\n|four"
             written = c.get("/write")
@@ -52,13 +65,75 @@ def test_wsgi_server_side_of_pep_3333_under_the_validator(tmp_path: Path) -> Non
             assert env.splitlines() == [
                 "REQUEST_METHOD=GET", "SCRIPT_NAME=/api", "PATH_INFO=/env",
                 "QUERY_STRING=a=1&b=%20", "SERVER_NAME=127.0.0.1", f"SERVER_PORT={port}",
-                "SERVER_PROTOCOL=HTTP/1.1", "HTTP_X_TWICE=a,b", "wsgi.url_scheme=http"]
+                "SERVER_PROTOCOL=HTTP/1.1", "HTTP_X_TWICE=a,b", "wsgi.url_scheme=http",
+                "RAW_URI=/env?a=1&b=%20", f"SERVER_SOFTWARE=swapd/{swapd.__version__}"]
         raw = RawHTTP(s.address())
         try:  # pipelined, through the thread pool, answered in order
             raw.send(get("/closed") + get("/env") + get("/nope"))
             assert [raw.response()[0] for _ in range(3)] == [200, 200, 404]
         finally:
             raw.close()
+
+
+def _fields(raw: RawHTTP, path: str, method: str = "GET") -> tuple[int, list[tuple[str, str]],
+                                                                   bytes]:
+    raw.send(f"{method} {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    resp = http.client.HTTPResponse(raw, method=method)  # type: ignore[arg-type]
+    resp.begin()
+    return resp.status, [(k.lower(), v) for k, v in resp.getheaders()], resp.read()
+
+
+def _one(fields: list[tuple[str, str]], name: str) -> str:
+    values = [v for k, v in fields if k == name]
+    assert len(values) == 1, f"{name}: {values}"
+    return values[0]
+
+
+def test_wsgi_file_wrapper_sendfile_and_the_apps_own_date_and_server(tmp_path: Path) -> None:
+    """wsgi.file_wrapper: Flask's send_file uses it, and a real file goes out with
+    os.sendfile (a file that refuses read() is still sent: whole, from its position, chunked
+    after a write(), and HEAD sends no byte of it); around what is no file it is iterated
+    and closed. A response carries one Date and one Server: the app's, if it set them."""
+    data = os.urandom(3 * 2**20 + 123)
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    with supervised(tmp_path, ["--threads", "2"],
+                    args=["--app", "serve_wsgi:app", "--cwd", str(APPS)],
+                    env={"SERVE_FILE": str(path)}) as s:
+        raw = RawHTTP(s.address())
+        try:
+            status, fields, body = _fields(raw, "/flask/file")
+            assert (status, body) == (200, data)
+            assert _one(fields, "server") == "swapd"
+            _one(fields, "date")  # Werkzeug's, not a second one
+            assert _one(fields, "content-length") == str(len(data))
+            status, fields, body = _fields(raw, "/own-headers")
+            assert (status, body) == (200, b"hi")
+            assert (_one(fields, "date"), _one(fields, "server")) == (
+                "Mon, 01 Jan 2024 00:00:00 GMT", "myserver")
+            status, _, body = _fields(raw, "/sendfile")
+            assert (status, body) == (200, data), "sent by os.sendfile: read() refuses"
+            status, fields, body = _fields(raw, "/sendfile?1000")
+            assert (status, body) == (200, data[1000:]), "from the file's position"
+            assert _one(fields, "content-length") == str(len(data) - 1000)
+            status, fields, body = _fields(raw, "/sendfile-chunked")
+            assert (status, body) == (200, b"head:" + data)
+            assert _one(fields, "transfer-encoding") == "chunked"
+            status, fields, body = _fields(raw, "/sendfile", "HEAD")
+            assert (status, body) == (200, b"")
+            assert _one(fields, "content-length") == str(len(data))
+            status, _, body = _fields(raw, "/wrapped-iter")
+            assert (status, body) == (200, b"not a file, " * 1000)
+            # (still the same keep-alive connection: every response was framed right)
+        finally:
+            raw.close()
+        with httpx.Client(base_url="http://{}:{}".format(*s.address()), timeout=10) as c:
+            part = c.get("/flask/file", headers={"Range": "bytes=100-1123"})
+            assert (part.status_code, part.content) == (206, data[100:1124])
+            results = c.get("/flask-results").text
+        # Whole files came back as the server's own file wrapper (sent with os.sendfile); a
+        # range is Werkzeug's wrapper around it (iterated, after a seek).
+        assert results == "True False closed=1", results
 
 
 @pytest.mark.slow

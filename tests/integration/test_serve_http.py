@@ -5,10 +5,11 @@ lifespan, drain. One supervisor for the module (tests run in file order; the las
 from __future__ import annotations
 
 import asyncio
+import http.client
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -129,21 +130,70 @@ def test_app_sees_http_disconnect_when_the_client_goes(served: Served) -> None:
         assert time.monotonic() < deadline, "the app never received http.disconnect"
 
 
-@pytest.mark.parametrize(("request_bytes", "status"), [
-    (b"GARBAGE\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: nope\r\n\r\n", 400),
-    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
+def _poll(served: Served, path: str, until: Callable[[str], bool], what: str) -> str:
+    """GET `path` until `until(body)`; each poll is a request (an event), not a sleep."""
+    deadline = time.monotonic() + 10
+    with httpx.Client(base_url=served.url, timeout=10) as client:
+        for _ in range(100_000):  # bounded; the deadline ends it much earlier
+            text = client.get(path).text
+            if until(text):
+                return text
+            assert time.monotonic() < deadline, what
+    raise AssertionError(what)
+
+
+def test_streaming_generator_ends_when_the_client_goes(served: Served) -> None:
+    """An endless SSE generator (Starlette StreamingResponse): the client reads one event
+    and closes; send() then raises OSError (ASGI 2.4), so the generator's `finally` runs."""
+    before = httpx.get(served.url + "/sse-closed", timeout=10).text.split()
+    raw = RawHTTP(served.address)
+    try:
+        raw.send(get("/sse"))
+        assert b"data: 0" in raw.sock.recv(4096)
+    finally:
+        raw.close()
+    text = _poll(served, "/sse-closed", lambda t: len(t.split()) > len(before),
+                 "the SSE generator still runs after its client left")
+    assert int(text.split()[-1]) < 1000, "it ended soon after, not at its natural end"
+
+
+def test_a_fin_is_seen_while_the_app_streams_without_receiving(served: Served) -> None:
+    """The client of a streaming response closes; the app, which never calls receive(),
+    sends once more: that very send raises OSError (the server read the FIN), instead of
+    succeeding into a dead socket."""
+    raw = RawHTTP(served.address)
+    try:
+        raw.send(get("/after-fin"))
+        assert b"first" in raw.sock.recv(4096)
+    finally:
+        raw.close()
+    assert httpx.get(served.url + "/after-fin/go", timeout=10).text == "go"
+    text = _poll(served, "/after-fin/results", lambda t: bool(t), "the app never sent again")
+    assert text == "ClientDisconnected"
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "option"), [
+    (b"GARBAGE\r\n\r\n", 400, None),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: nope\r\n\r\n", 400, None),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414,
+     "limit=8190 raise_with=--limit-request-line"),
     (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101))
-     + b"\r\n", 431),
-    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"v" * 70000 + b"\r\n\r\n", 431),
-    (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 200000\r\n\r\n", 413),
+     + b"\r\n", 431, "limit=100 raise_with=--limit-request-fields"),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"v" * 70000 + b"\r\n\r\n", 431,
+     "limit=65536 raise_with=--limit-request-head"),
+    (b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 200000\r\n\r\n", 413,
+     "limit=100000 raise_with=--limit-request-body"),
     (b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
-     + b"".join(b"%x\r\n%s\r\n" % (50000, b"z" * 50000) for _ in range(3)) + b"0\r\n\r\n", 413),
+     + b"".join(b"%x\r\n%s\r\n" % (50000, b"z" * 50000) for _ in range(3)) + b"0\r\n\r\n", 413,
+     "limit=100000 raise_with=--limit-request-body"),
 ], ids=["malformed", "bad-content-length", "uri-too-long", "too-many-headers", "huge-header",
         "body-too-large", "chunked-body-too-large"])
 def test_bad_input_is_answered_and_closes_only_that_connection(
-        served: Served, request_bytes: bytes, status: int) -> None:
+        served: Served, request_bytes: bytes, status: int, option: str | None) -> None:
+    """...and a refusal by one of the bounds (which uvicorn does not have) names, in its
+    log line, the option that raises it."""
     bystander = httpx.Client(base_url=served.url, timeout=10)
+    mark = served.sup.log_mark()
     try:
         assert bystander.get("/state").status_code == 200
         raw = RawHTTP(served.address)
@@ -158,6 +208,10 @@ def test_bad_input_is_answered_and_closes_only_that_connection(
         assert bystander.get("/state").status_code == 200, "another connection is untouched"
     finally:
         bystander.close()
+    line = served.sup.wait_log(rf"event=request\.(rejected|aborted) status={status} .*",
+                               start=mark).group(0)
+    if option is not None:
+        assert option in line, line
 
 
 @pytest.mark.parametrize("path", ["/boom", "/raw-boom"])
@@ -183,6 +237,7 @@ def test_app_exception_gives_500_and_its_traceback_in_the_log(served: Served,
 
 
 def test_slow_request_head_times_out_without_hurting_others(served: Served) -> None:
+    mark = served.sup.log_mark()
     slow = RawHTTP(served.address)
     try:
         slow.send(b"GET / HTTP/1.1\r\nHost: t\r\n")  # ... and never the blank line
@@ -192,6 +247,8 @@ def test_slow_request_head_times_out_without_hurting_others(served: Served) -> N
         assert slow.at_eof()
     finally:
         slow.close()
+    served.sup.wait_log(r"event=request\.rejected status=408 reason='request head timed out' "
+                        r"limit=1 raise_with=--timeout-request-head", start=mark)
 
 
 def test_slow_request_body_times_out(served: Served) -> None:
@@ -224,6 +281,48 @@ def test_websocket_frames_sent_with_the_handshake_are_not_lost(served: Served) -
         assert ws.read_frame() == (0x1, b"echo early")
     finally:
         ws.close()
+
+
+UPGRADE = ("Upgrade: websocket", "Connection: Upgrade",
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")
+
+
+@pytest.mark.parametrize(("path", "extra", "status", "reason", "body", "header"), [
+    ("/ws-deny", ("Sec-WebSocket-Version: 13",), 401, "Unauthorized", b"nope",
+     ("www-authenticate", "Bearer")),
+    ("/ws-deny-streamed", ("Sec-WebSocket-Version: 13",), 403, "Forbidden",
+     b"streamed denial", ("transfer-encoding", "chunked")),
+    ("/ws-refuse", ("Sec-WebSocket-Version: 13",), 403, "Forbidden", b"Forbidden\n", None),
+    ("/ws-crash", ("Sec-WebSocket-Version: 13",), 500, "Internal Server Error",
+     b"Internal Server Error\n", None),
+    ("/ws", ("Sec-WebSocket-Version: 8",), 426, "Upgrade Required", None,
+     ("sec-websocket-version", "13")),
+], ids=["denial", "streamed-denial", "close-before-accept", "crash-before-accept",
+        "bad-version"])
+def test_websocket_handshake_answers(served: Served, path: str, extra: tuple[str, ...],
+                                     status: int, reason: str, body: bytes | None,
+                                     header: tuple[str, str] | None) -> None:
+    """The denial response (Starlette's send_denial_response, ASGI extension
+    websocket.http.response) reaches the client as the app wrote it; every refused handshake
+    is a proper HTTP answer: reason phrase, date and server, `connection: close`."""
+    raw = RawHTTP(served.address)
+    try:
+        raw.send(get(path, *UPGRADE, *extra))
+        resp = http.client.HTTPResponse(raw)  # type: ignore[arg-type]
+        resp.begin()
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        got = resp.read()
+        assert (resp.status, resp.reason) == (status, reason)
+        assert headers["connection"] == "close" and "date" in headers
+        assert headers["server"] == "swapd"
+        if body is not None:
+            assert got == body
+        if header is not None:
+            assert headers[header[0]] == header[1]
+        assert raw.at_eof()
+    finally:
+        raw.close()
+    assert httpx.get(served.url + "/state", timeout=10).text == "42"
 
 
 @pytest.mark.parametrize(("kind", "code"), [
@@ -270,7 +369,14 @@ def test_failed_lifespan_startup_fails_the_swap(served: Served) -> None:
     finally:
         served.fail.unlink()
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "startup refused: the database is unreachable" in proc.stderr
+    # The worker's last word is the one-line reason (the exception's line, not Starlette's
+    # traceback text in a field); the traceback was logged as lines of its own before it.
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].endswith("event=serve.start_failed error='lifespan startup failed: "
+                              "RuntimeError: startup refused: the database is unreachable "
+                              "(simulated)'"), proc.stderr
+    assert "RuntimeError: startup refused: the database is unreachable (simulated)" in lines
+    assert "\\n" not in proc.stderr, "a multi-line text squeezed into one log field"
     assert served.sup.active_pids() == old
     assert httpx.get(served.url + "/", timeout=10).text == f"hello {old[0]}"
 

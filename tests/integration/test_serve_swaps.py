@@ -33,6 +33,7 @@ from tests.integration.serve_client import RawHTTP, RawWebSocket
 from tests.integration.supervised import ROOT, Supervised, supervised
 
 EXAMPLES = ROOT / "examples"
+APPS = ROOT / "tests" / "apps"
 LOAD = {"clients": 8, "duration": 120.0, "max_requests": 1_000_000}
 
 
@@ -261,3 +262,53 @@ def test_websockets_stay_with_the_old_version_when_the_swap_aborts(tmp_path: Pat
         asyncio.run(scenario())
         assert s.active_pids() == old
         assert "event=ws.handed_off connections=2" in s.log_text()
+
+
+@pytest.mark.slow
+def test_a_failing_on_snapshot_leaves_websocket_apps_untouched(tmp_path: Path) -> None:
+    """The app's save() raises, or returns what cannot be encoded: the swap fails before any
+    WebSocket was handed off, so the opted-in connection's coroutine was neither ended nor
+    called again (no disconnect, no resumed=True): same process, same counter. Once save()
+    works, the next swap moves it."""
+    fail = tmp_path / "fail-save"
+    with supervised(tmp_path, [], args=["--app", "serve_app:app", "--cwd", str(APPS),
+                                        "--mode", "stateful"],
+                    env={"SERVE_FAIL_SAVE": str(fail)}) as s:
+        old = s.active_pids()
+        url = "http://{}:{}".format(*s.address())
+
+        async def scenario() -> None:
+            uri = "ws://{}:{}/ws-live".format(*s.address())
+            async with websockets.connect(uri) as ws:
+                await ws.send("a")
+                assert await ws.recv() == f"1 a pid={old[0]} resumed=False"
+                fail.write_text("x")
+                loop = asyncio.get_running_loop()
+                proc = await loop.run_in_executor(None, s.cli, "upgrade")
+                assert proc.returncode == 1, proc.stdout + proc.stderr
+                assert "RuntimeError: save refused (simulated)" in proc.stderr
+                await ws.send("b")
+                assert await ws.recv() == f"2 b pid={old[0]} resumed=False"
+                fail.write_text("unpicklable")  # found before the handoff too
+                proc = await loop.run_in_executor(None, s.cli, "upgrade")
+                assert proc.returncode == 1, proc.stdout + proc.stderr
+                assert "EncodeError: pickle5 cannot encode the state: TypeError: cannot " \
+                    "pickle '_thread.lock' object" in proc.stderr, proc.stderr
+                await ws.send("b2")
+                assert await ws.recv() == f"3 b2 pid={old[0]} resumed=False"
+                fail.unlink()
+                res = await loop.run_in_executor(None, s.result, "upgrade")
+                assert res["ok"], res
+                await ws.send("c")
+                new = s.active_pids()[0]
+                assert await ws.recv() == f"4 c pid={new} resumed=True"
+                assert ws.close_code is None
+                async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                    events = (await client.get("/live-events")).text.splitlines()
+                # (the old worker's list, as save() returned it, then the new one's entry)
+                assert events == [f"start pid={old[0]} resumed=False",
+                                  f"disconnect pid={old[0]} handed_off=True",
+                                  f"start pid={new} resumed=True"], events
+
+        asyncio.run(scenario())
+        assert s.active_pids() != old

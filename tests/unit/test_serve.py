@@ -199,6 +199,33 @@ def test_run_app_builds_the_serve_command_and_survives_a_reexec() -> None:
         build({}, {"app": "main"}, environ={"SWAPD_CONTROL": "/c"})
 
 
+# -- lifespan ----------------------------------------------------------------------------------
+
+
+def test_a_failed_lifespan_startup_gives_a_one_line_reason(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A raw app reports its failure with a whole traceback as the message and does not
+    raise: the reason is the exception's line; the message is logged as lines."""
+    from swapd.serve.lifespan import Lifespan, LifespanError
+
+    message = ('Traceback (most recent call last):\n  File "app.py", line 3, in start\n'
+               '    connect()\nRuntimeError: db unreachable\n')
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "lifespan.startup"
+        await send({"type": "lifespan.startup.failed", "message": message})
+        await receive()  # as the spec allows: waits; the server must not wait for it
+
+    async def start() -> str:
+        with pytest.raises(LifespanError) as info:
+            await Lifespan(app, "on", {}, timeout=5).startup()
+        return str(info.value)
+
+    caplog.set_level("INFO", logger="swapd.serve")
+    assert asyncio.run(start()) == "lifespan startup failed: RuntimeError: db unreachable"
+    assert any(r.getMessage().endswith(message.rstrip()) for r in caplog.records)
+
+
 # -- the worker hooks ----------------------------------------------------------------------------
 
 
