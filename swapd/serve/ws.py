@@ -4,9 +4,8 @@ Two tasks per connection: the worker's handler task reads (frames are fed to wsp
 so nothing half-parsed ever sits inside it; a partial frame waits in our buffer), and the app
 runs in its own task. Messages go to the app through a bounded inbox (the reader pauses when
 it is full); writes go out in order through one buffer, never interleaved. Before accepting,
-the app may answer the handshake with HTTP instead (ASGI extension websocket.http.response);
-every refused handshake is a complete HTTP answer with its reason phrase and
-`connection: close`.
+the app may answer the handshake with HTTP instead (ASGI extension websocket.http.response),
+or refuse it: wsanswer.py writes those answers.
 
 A connection is at a boundary when the app waits in `receive()`, nothing is queued for it,
 no message is half received or half sent, and the app opted in
@@ -30,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
 import logging
 import os
 import socket
@@ -45,18 +43,9 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from swapd.serve.context import Context
-from swapd.serve.h1 import (
-    H1,
-    HEADER_NAME_BAD,
-    HEADER_VALUE_BAD,
-    RECV_SIZE,
-    STATUS_LINES,
-    ClientDisconnected,
-    Reject,
-    Request,
-    linger,
-)
+from swapd.serve.h1 import H1, RECV_SIZE, ClientDisconnected, Reject, Request, linger
 from swapd.serve.scope import ASGI_VERSION, client_and_scheme, split_target
+from swapd.serve.wsanswer import HandshakeAnswer, bad_handshake
 from swapd.worker import Connection, HandedOff
 
 log = logging.getLogger("swapd.serve")
@@ -163,10 +152,9 @@ class Session:
         self._ping_payload: bytes | None = None
         self.close_code: int | None = None
         self.close_timeout = ctx.timeouts.ws_close  # for the peer's answer to our close
-        # The denial response (websocket.http.response.start, then its body messages).
-        self.denial: tuple[int, list[tuple[bytes, bytes]]] | None = None
-        self.denial_head_sent = False
-        self.denial_chunked = False
+        # An HTTP answer instead of accepting: only while there is a handshake to answer.
+        self.answer = (HandshakeAnswer(ctx, conn, self._answered) if handshake is not None
+                       else None)
         self.failed = False  # ended without a closing handshake: linger before closing
         self._before_export = b""  # conn.buffer before export() (unexport() puts it back)
         conn.pinned = True  # until the app opts in
@@ -343,14 +331,15 @@ class Session:
 
     async def send(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        if self.state == CONNECTING and self.denial is not None:
+        answer = self.answer
+        if self.state == CONNECTING and answer is not None and answer.denial is not None:
             if kind != "websocket.http.response.body":
                 raise RuntimeError(f"expected 'websocket.http.response.body', got {kind!r}")
-            await self._deny_body(message)
+            await answer.deny_body(message)
             return
         if self.state == CONNECTING:
-            if kind == "websocket.http.response.start" and self.handshake is not None:
-                self._deny_start(message)
+            if kind == "websocket.http.response.start" and answer is not None:
+                answer.deny_start(message)
             elif kind == "websocket.accept":
                 await self._accept(message)
             elif kind == "websocket.close":
@@ -397,75 +386,27 @@ class Session:
         _wake(self._reader_waiter)
 
     async def _reject(self, code: int, reason: str) -> None:
-        if self.handshake is None:  # resumed: the app refuses to go on
+        if self.answer is None:  # resumed: the app refuses to go on
             self.state = OPEN
             self._close(code, reason)
             _wake(self._reader_waiter)
         else:
-            await self._refuse(403)
-
-    async def _refuse(self, status: int) -> None:
-        """The handshake refused (close before accept: 403; the app failed: 500), with a
-        plain answer as uvicorn gives."""
-        body = f"{http.HTTPStatus(status).phrase}\n".encode()
-        await self._answer(http_head(self.ctx, status, _PLAIN, len(body)) + body, final=True)
+            await self.answer.refuse(403)
 
     async def _end_unanswered(self, status: int) -> None:
-        """The app is gone before its handshake answer was complete: answer `status` if
-        nothing went out yet, else end the connection (the answer is cut short)."""
-        if self.handshake is not None and not self.denial_head_sent:
-            with contextlib.suppress(OSError):
-                await self._refuse(status)
-        self.state = CLOSED
-        self.failed = True
-        _wake(self._reader_waiter)
-
-    # -- the denial response (ASGI extension websocket.http.response) ----------------------
-
-    def _deny_start(self, message: dict[str, Any]) -> None:
-        status = message.get("status")
-        if type(status) is not int or not 100 <= status <= 599:
-            raise RuntimeError(f"invalid HTTP status {status!r} in websocket.http.response.start")
-        headers = [(bytes(n), bytes(v)) for n, v in message.get("headers") or ()]
-        for name, value in headers:
-            if not name or HEADER_NAME_BAD.search(name) or HEADER_VALUE_BAD.search(value):
-                raise RuntimeError(f"invalid response header {name!r}: {value!r}")
-        self.denial = (status, headers)
-
-    async def _deny_body(self, message: dict[str, Any]) -> None:
-        assert self.denial is not None
-        body = bytes(message.get("body") or b"")
-        more = bool(message.get("more_body", False))
-        data = b""
-        if not self.denial_head_sent:
-            status, headers = self.denial
-            given = any(n.lower() == b"content-length" for n, _ in headers)
-            self.denial_chunked = more and not given
-            data = http_head(self.ctx, status, headers, None if more or given else len(body),
-                             chunked=self.denial_chunked)
-            self.denial_head_sent = True
-        if self.denial_chunked:
-            data += b"%x\r\n%s\r\n" % (len(body), body) if body else b""
-            if not more:
-                data += b"0\r\n\r\n"
+        """The app is gone before it accepted or completed its answer."""
+        if self.answer is not None:
+            await self.answer.end_unanswered(status)
         else:
-            data += body
-        await self._answer(data, final=not more)
+            self._answered(True)
 
-    async def _answer(self, data: bytes, *, final: bool) -> None:
-        """Write (part of) an HTTP answer to the upgrade request, awaiting the socket as an
-        HTTP response does; the final part ends the connection."""
-        sock = self.conn.sock
-        try:
-            await self.loop.sock_sendall(sock, data)
-        except OSError:
-            self.state = CLOSED
-            _wake(self._reader_waiter)
-            raise ClientDisconnected("the client has gone") from None
-        if final:
-            self.state = CLOSED
-            self.failed = True  # linger: early bytes from the client must not reset our answer
-            _wake(self._reader_waiter)
+    def _answered(self, linger: bool) -> None:
+        """The HTTP answer to the upgrade request ended the connection (`linger`: it went
+        out whole, or the app ended without completing it)."""
+        self.state = CLOSED
+        if linger:
+            self.failed = True
+        _wake(self._reader_waiter)
 
     async def _run_app(self) -> None:
         try:
@@ -479,7 +420,8 @@ class Session:
             elif self.state == OPEN:
                 self._close(1011, "internal error")
         else:
-            if self.state == CONNECTING and self.denial is not None:
+            answer = self.answer
+            if self.state == CONNECTING and answer is not None and answer.denial is not None:
                 log.error("event=app.error websocket=%r error='returned before the end of its "
                           "denial response'", self.scope.get("path"))
                 await self._end_unanswered(500)
@@ -651,27 +593,6 @@ def _wake(fut: asyncio.Future[None] | None) -> None:
         fut.set_result(None)
 
 
-_PLAIN = [(b"content-type", b"text/plain; charset=utf-8")]
-
-
-def http_head(ctx: Context, status: int, headers: list[tuple[bytes, bytes]],
-              length: int | None, *, chunked: bool = False) -> bytes:
-    """The head of an HTTP answer to an upgrade request (a denial response, or a refused
-    handshake): the status line with its reason phrase, the server's headers, the app's
-    (framing and connection are ours), `connection: close` (the connection ends with it)."""
-    parts = [STATUS_LINES[status], ctx.default_headers()]
-    for name, value in headers:
-        if name.lower() in (b"connection", b"transfer-encoding"):
-            continue
-        parts += (name, b": ", value, b"\r\n")
-    if length is not None:
-        parts.append(b"content-length: %d\r\n" % length)
-    elif chunked:
-        parts.append(b"transfer-encoding: chunked\r\n")
-    parts.append(b"connection: close\r\n\r\n")
-    return b"".join(parts)
-
-
 def ws_scope(h: H1, req: Request, subprotocols: list[str]) -> dict[str, Any]:
     ctx = h.ctx
     path, raw, query = split_target(req, ctx.options.root_path)
@@ -697,14 +618,7 @@ async def upgrade(h: H1, req: Request) -> None:
         handshake.initiate_upgrade_connection(req.headers, req.url)
         request = next(e for e in handshake.events() if isinstance(e, ev.Request))
     except (RemoteProtocolError, LocalProtocolError, StopIteration) as e:
-        hint = getattr(e, "event_hint", None)
-        status = hint.status_code if isinstance(hint, ev.RejectConnection) else 400
-        extra = list(hint.headers) if isinstance(hint, ev.RejectConnection) else []
-        log.info("event=ws.bad_handshake status=%d error=%r", status, str(e))
-        body = f"{http.HTTPStatus(status).phrase}: {e or 'bad WebSocket handshake'}\n".encode(
-            "latin-1", "replace")
-        await h.write(http_head(h.ctx, status, [*extra, *_PLAIN], len(body)) + body)
-        h.closed = True
+        await bad_handshake(h, e)
         return
     try:
         scope = ws_scope(h, req, list(request.subprotocols))
