@@ -442,7 +442,7 @@ class WorkerProcess:
         # the worker started may still hold the pipe's write end open. And stop after what
         # the pipe can hold: one that keeps writing (`setsid yes &`) would never let EAGAIN
         # come, and its output is not the worker's. Closing the pipe then ends its writes.
-        budget = self._pipe_size()
+        budget = self._pipe_size() if self._output_fd >= 0 else 0  # EOF came first: closed
         while self._output_fd >= 0 and budget > 0 and (read := self._on_output()):
             budget -= read
         self._flush_partial()

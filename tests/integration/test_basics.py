@@ -39,3 +39,6 @@ def test_start_status_upgrade_stop(tmp_path: Path) -> None:
         assert s.wait_exit(30) == 0
         assert not os.path.exists(s.control)
         assert before > 0
+        # Every exit was processed: an exception in a callback (a worker whose output
+        # closed before its pidfd fired) leaves its exit unseen until the drain deadline.
+        assert "Traceback" not in s.log_text(), s.log_text()
