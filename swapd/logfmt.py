@@ -141,6 +141,8 @@ class JsonFormatter(logging.Formatter):
             obj["msg"] = text
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # made into text already, before it crossed the log queue
+            obj["exc"] = record.exc_text
         return json.dumps(obj, ensure_ascii=False, default=str)
 
 

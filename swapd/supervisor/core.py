@@ -33,7 +33,7 @@ import socket
 import time
 from typing import Any
 
-from swapd import __version__, control
+from swapd import __version__, control, logsink
 from swapd.commands import (
     COMMANDS,
     Args,
@@ -161,6 +161,7 @@ class Supervisor:
         self.ops.attach(loop, lambda: self.deploys.snapshot(self.swap is not None))
         self._stop_requested = loop.create_future()
         self._stopped = loop.create_future()
+        logsink.start_queue()  # from here on, a slow log sink must not stall the loop
         assert self._control_sock is not None
         self._control = ControlServer(self._control_sock, self._handle, COMMANDS)
         await self._control.start()
@@ -204,6 +205,7 @@ class Supervisor:
             self._close_listeners()
             self.ops.close()
             log.info("event=supervisor.exit code=%d", code)
+            logsink.stop_queue()  # every line out before we return (and print, or exit)
         return code
 
     async def _first_unless_stopped(self) -> Generation | None:

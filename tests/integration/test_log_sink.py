@@ -1,0 +1,117 @@
+"""The supervisor's own log never stalls its event loop, and loses nothing in normal
+operation (hostile review #7; swapd/logsink.py)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import select
+import signal
+import struct
+import termios
+import time
+from pathlib import Path
+
+from swapd.logsink import QUEUE_SIZE
+from tests.integration.supervised import PY, Supervised
+
+# 200-byte lines, one a millisecond, bounded in count (about 200 s of them at most).
+CHATTY = """\
+import sys, time
+pad = "x" * 180
+for i in range(200_000):
+    print(f"chatty {i:06d} {pad}", flush=True)
+    if i == FLOODED:  # more than the supervisor's log queue holds: say so
+        with open(sys.argv[1], "w") as fifo:
+            fifo.write("flooded\\n")
+    time.sleep(0.001)
+time.sleep(3600)
+""".replace("FLOODED", str(2 * QUEUE_SIZE))
+
+# On SIGTERM: 2,000 numbered lines as fast as it can, then exit 0.
+LAST_WORDS = """\
+import signal, sys, time
+def bye(*_):
+    for i in range(2000):
+        sys.stdout.write(f"bye {i:04d}\\n")
+    sys.stdout.flush()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("up", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def _unread(fd: int) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+
+
+def _read_fifo(path: Path, timeout: float) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"nothing on {path} within {timeout}s"
+        return os.read(fd, 100).decode()
+    finally:
+        os.close(fd)
+
+
+def test_a_log_sink_nobody_reads_does_not_stall_the_supervisor(tmp_path: Path) -> None:
+    app = tmp_path / "chatty.py"
+    app.write_text(CHATTY)
+    fifo = tmp_path / "flooded"
+    os.mkfifo(fifo)
+    s = Supervised(tmp_path, [PY, str(app), str(fifo)], args=["--readiness", "exec"])
+    try:
+        s.launch(read_log=False)
+        s.notify.wait_for("READY", "1", 30)
+        assert s.proc is not None and s.proc.stderr is not None
+        fd = s.proc.stderr.fileno()
+        capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        # The supervisor's stderr fills up: from then on every write to it would block.
+        deadline = time.monotonic() + 60
+        while _unread(fd) < capacity - 4096:
+            assert time.monotonic() < deadline, f"stderr holds only {_unread(fd)} bytes"
+            time.sleep(0.05)
+        status = s.cli("status", "--json", timeout=60)
+        assert status.returncode == 0, status.stderr
+        # The worker talks on, more than the log queue holds: the supervisor answers still.
+        assert _read_fifo(fifo, 120) == "flooded\n"
+        status = s.cli("status", "--json", timeout=60)
+        assert status.returncode == 0, status.stderr
+        # Once the sink reads again, what could not be written is said, in its place.
+        s.read_log()
+        os.kill(s.pid, signal.SIGTERM)
+        assert s.wait_exit(60) == 0
+        lines = s.log_lines[:s.wait_log("<EOF>") and -1]
+        dropped = [int(m.group(1)) for line in lines
+                   if (m := re.search(r"event=log.dropped lines=(\d+)", line))]
+        assert dropped and all(n > 0 for n in dropped), dropped
+        numbers = [int(m.group(1)) for line in lines if (m := re.search(r"\| chatty (\d+) ", line))]
+        assert numbers == sorted(set(numbers))  # in order, none twice
+        # every line is written or counted (the count also holds other lines)
+        assert len(numbers) + sum(dropped) >= numbers[-1] + 1
+        assert "event=supervisor.exit code=0" in lines[-1], lines[-3:]
+    finally:
+        s.stop()
+
+
+def test_lines_logged_right_before_a_stop_all_reach_stderr(tmp_path: Path) -> None:
+    app = tmp_path / "last_words.py"
+    app.write_text(LAST_WORDS)
+    s = Supervised(tmp_path, [PY, str(app)], args=["--readiness", "exec"])
+    try:
+        s.start()
+        s.wait_log(r"\| up$")
+        assert s.result("stop")["ok"]
+        assert s.wait_exit(60) == 0
+        s.wait_log("<EOF>")
+        lines = s.log_lines[:-1]
+        said = [line.rsplit("| ", 1)[1] for line in lines if "| bye " in line]
+        assert said == [f"bye {i:04d}" for i in range(2000)]
+        assert "event=supervisor.exit code=0" in lines[-1], lines[-3:]
+        assert not any("event=log.dropped" in line for line in lines)
+    finally:
+        s.stop()
