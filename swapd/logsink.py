@@ -33,7 +33,7 @@ import time
 from queue import Full, Queue
 from typing import Any
 
-from swapd.logfmt import JsonFormatter
+from swapd.logfmt import JsonFormatter, LogfmtFormatter
 
 QUEUE_SIZE = 4096  # records; a line is at most ~4 KiB (worker output is cut there)
 DRAIN_TIMEOUT = 5.0  # seconds to write what is queued at exit or before an exec
@@ -91,9 +91,9 @@ def setup(level: str, style: str = "text", fd: int = 2) -> FdHandler:
     if style == "json":
         formatter: logging.Formatter = JsonFormatter()
     elif os.environ.get("JOURNAL_STREAM"):  # under systemd the journal adds time and pid
-        formatter = logging.Formatter("%(levelname)s %(message)s")
+        formatter = LogfmtFormatter("%(levelname)s %(message)s")
     else:
-        formatter = logging.Formatter("%(asctime)s swapd[%(process)d] %(levelname)s %(message)s")
+        formatter = LogfmtFormatter("%(asctime)s swapd[%(process)d] %(levelname)s %(message)s")
     handler = FdHandler(fd)
     handler.setFormatter(formatter)
     root = logging.getLogger()

@@ -309,7 +309,7 @@ class Supervisor:
                 self.ops.refused(kind, opts.who, str(e))
                 raise
         if job is not None:
-            log.info("event=swap.join kind=%s origin=%s gen=%s", kind, origin, job.gen)
+            log.info("event=swap.join kind=%s %s gen=%s", kind, _origin(origin, opts.who), job.gen)
             if emit is not None:
                 job.subscribers.append(emit)
                 emit(control.DEADLINE, "", {"seconds": job.remaining()})
@@ -331,7 +331,7 @@ class Supervisor:
         return f"gen {gen.id} active, {len(gen.live())} worker(s)"
 
     async def _run_swap(self, job: SwapJob, opts: SwapOptions) -> None:
-        log.info("event=swap.start kind=%s origin=%s", job.kind, job.origin)
+        log.info("event=swap.start kind=%s %s", job.kind, _origin(job.origin, job.who))
         before = self.fleet.active
         journal = list(self.journal.records)  # the held generation's, should it come back
         self.manager.reloading(f"{job.kind} in progress; {self._status_line()}",
@@ -405,7 +405,7 @@ class Supervisor:
     # -- control ------------------------------------------------------------------
 
     async def _handle(self, cmd: str, args: Args, emit: Emit, peer: Peer) -> dict[str, Any]:
-        log.info("event=control.request cmd=%s peer=%s", cmd, peer)
+        log.info("event=control.request cmd=%s peer_pid=%d peer_uid=%d", cmd, peer.pid, peer.uid)
         if isinstance(args, StatusArgs):
             return self.status()
         if isinstance(args, UpgradeArgs) and args.self_:
@@ -490,6 +490,14 @@ class Supervisor:
                 os.unlink(self.config.control)
             self._control_sock.close()
             self._control_sock = None
+
+
+def _origin(origin: str, who: Who) -> str:
+    """Who asked, as log fields: a control client is `origin=control client_pid=N
+    client_uid=N` (`pid` in a log line is a worker's)."""
+    if who.get("via") == "control":
+        return f"origin=control client_pid={who.get('pid')} client_uid={who.get('uid')}"
+    return f"origin={origin}"
 
 
 def _a(kind: str) -> str:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from swapd.logsink import QUEUE_SIZE
-from tests.integration.supervised import PY, Supervised
+from tests.integration.supervised import MISBEHAVE, PY, Supervised, write_behavior
 
 # 200-byte lines, one a millisecond, bounded in count (about 200 s of them at most).
 CHATTY = """\
@@ -115,3 +115,46 @@ def test_lines_logged_right_before_a_stop_all_reach_stderr(tmp_path: Path) -> No
         assert not any("event=log.dropped" in line for line in lines)
     finally:
         s.stop()
+
+
+# One supervisor log line, past the time, pid and level (text mode): logfmt fields only.
+_PREFIX = re.compile(r"\S+ \S+ swapd\[\d+\] [A-Z]+ (.*)")
+_LOGFMT = re.compile(r'(?:[A-Za-z_][\w.]*=(?:[^\s"=]+|"(?:[^"\\]|\\.)*")(?: |$))+')
+
+
+def test_log_lines_are_logfmt(tmp_path: Path) -> None:
+    """Operator review L7: who asked as peer_pid/client_pid fields, timings and reasons
+    quoted logfmt-style, a failed worker's output one line per line."""
+    behavior = tmp_path / "b.json"
+    write_behavior(behavior, version="v1")
+    s = Supervised(tmp_path, MISBEHAVE, env={"BEHAVIOR": str(behavior)})
+    try:
+        s.start()
+        assert s.cli("upgrade").returncode == 0
+        write_behavior(behavior, import_error=True)
+        failed = s.cli("upgrade")
+        assert failed.returncode == 1
+        s.wait_log(r"event=swap.failed.output .*RuntimeError: simulated import failure")
+        assert s.result("stop")["ok"]
+        assert s.wait_exit(60) == 0
+        lines = s.log_lines[:s.wait_log("<EOF>") and -1]
+    finally:
+        s.stop()
+    messages = []
+    for line in lines:
+        m = _PREFIX.fullmatch(line)
+        assert m, line  # one line per record: no continuation lines
+        if not re.match(r"gen=\d+ worker=\d+ pid=\d+\| ", m.group(1)):  # not worker output
+            messages.append(m.group(1))
+    for message in messages:
+        assert _LOGFMT.fullmatch(message), message
+    text = "\n".join(messages)
+    pid = r"\d+"
+    assert re.search(rf"event=control.request cmd=upgrade peer_pid={pid} peer_uid={pid}$",
+                     text, re.M)
+    assert re.search(rf"event=swap.start kind=upgrade origin=control client_pid={pid} "
+                     rf"client_uid={pid}$", text, re.M)
+    assert re.search(r'event=swap.commit kind=upgrade gen=2 timings_ms="spawned=[\d.]+ '
+                     r'ready=[\d.]+ committed=[\d.]+"$', text, re.M)
+    tail = re.findall(r"^event=swap.failed.output gen=3 worker=0 pid=\d+ text=(.*)$", text, re.M)
+    assert len(tail) > 1 and tail[0] == '"Traceback (most recent call last):"', tail

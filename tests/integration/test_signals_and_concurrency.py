@@ -121,7 +121,7 @@ def test_second_upgrade_joins_and_reload_is_refused(gated) -> None:  # type: ign
     # once for systemd >= 253, whose READY=1 comes at the end of that reload).
     mark = s.log_mark()
     os.kill(s.pid, signal.SIGHUP)
-    s.wait_log(r"event=signal.deferred name=SIGHUP until='the upgrade in flight \(gen=2\)'",
+    s.wait_log(r'event=signal.deferred name=SIGHUP until="the upgrade in flight \(gen=2\)"',
                start=mark)
     assert "SIGHUP reload refused" not in s.notify.wait_for("RELOADING", "1")["STATUS"]
     _open_gate(gate, 2)
@@ -149,7 +149,7 @@ def test_sighup_burst_during_a_reload_makes_exactly_one_more(gated) -> None:  # 
     for _ in range(1000):
         os.kill(s.pid, signal.SIGHUP)
     s.status()  # every signal sent before this has been handled
-    s.wait_log(r"event=signal.deferred name=SIGHUP until='the reload in flight \(gen=2\)'",
+    s.wait_log(r'event=signal.deferred name=SIGHUP until="the reload in flight \(gen=2\)"',
                start=mark)
     _open_gate(gate, 2)  # gen 2
     s.wait_log(r"event=swap.commit kind=reload gen=2", start=mark)  # its gates are closed
