@@ -340,7 +340,9 @@ class Supervisor:
         try:
             config = self.config
             if job.kind == "reload":
-                config = reread_config(config, self.overrides)
+                config, ignored = reread_config(config, self.overrides)
+                for warning in ignored:
+                    job.warn(warning)
                 job.extend(swap_bound(config) + KILL_WAIT)  # its timeouts may be longer
                 job.emit("config", f"configuration re-read ({config.config_file or 'flags only'})")
             job.watch = opts.watch if opts.watch is not None else config.watch

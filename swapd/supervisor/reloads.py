@@ -2,7 +2,8 @@
 
 A reload (`swapd reload`, or a SIGHUP) is a swap with the configuration file read again
 first; what is bound or opened once at start (the control socket, the metrics endpoint,
-the state directory) keeps its value, with a warning.
+the state directory, the fd store) keeps its value, and the reload says so: a warning in
+its result, which `swapd reload` prints and `swapd status` keeps in its last swap.
 
 A SIGHUP asks for one reload (re-read the configuration, then swap). While a swap or a
 patch is in flight, any number of SIGHUPs make exactly one reload after it: operators and
@@ -29,21 +30,35 @@ from swapd.supervisor.swapjob import SwapFailed
 log = logging.getLogger("swapd")
 
 
-def reread_config(current: Config, overrides: dict[str, Any]) -> Config:
+RESTART_KEYS = ("control", "metrics", "state_dir", "fdstore")  # bound or opened at start
+
+
+def reread_config(current: Config, overrides: dict[str, Any]) -> tuple[Config, list[str]]:
     """The configuration for a reload: the file read again, the same flags on top; what
-    needs a restart keeps its `current` value. SwapFailed if the file is bad."""
+    needs a restart keeps its `current` value, and is said in the warnings returned.
+    SwapFailed if the file is bad."""
     try:
         new = load(current.config_file, overrides)
     except ConfigError as e:
         raise SwapFailed(f"configuration not reloaded: {e}") from e
-    if new.control != current.control:
-        log.warning("event=reload.ignored key=control reason='needs a restart'")
-        new = replace(new, control=current.control)
-    for key in ("metrics", "state_dir"):  # bound or opened once, at start
-        if getattr(new, key) != getattr(current, key):
-            log.warning("event=reload.ignored key=%s reason='needs a restart'", key)
-            new = replace(new, **{key: getattr(current, key)})
-    return new
+    warnings = []
+    for key in RESTART_KEYS:
+        wanted, kept = getattr(new, key), getattr(current, key)
+        if wanted != kept:
+            log.warning("event=reload.ignored key=%s wanted=%r kept=%r reason=%r", key,
+                        str(wanted), str(kept), "needs a restart")
+            warnings.append(f"{key} changed in the configuration ({_show(wanted)}): not "
+                            f"applied, it needs a restart; still {_show(kept)}")
+            new = replace(new, **{key: kept})
+    if new.backlog != current.backlog:  # listen() is called when a listener is bound
+        warnings.append(f"backlog changed in the configuration ({new.backlog}): only "
+                        "listeners bound from now on get it; the others keep theirs "
+                        f"({current.backlog}) until a restart")
+    return new, warnings
+
+
+def _show(value: object) -> str:
+    return "none" if value is None else str(value)
 
 
 class Announcer(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -160,3 +161,31 @@ def test_sighup_burst_during_a_reload_makes_exactly_one_more(gated) -> None:  # 
     assert st["swaps"] == {"ok": 2, "failed": 0}
     assert s.log_text().count("event=swap.start") == 2
     assert s.log_text().count("event=signal.deferred") == 1
+
+
+def test_a_reload_says_what_it_could_not_apply(tmp_path: Path) -> None:
+    """Operator review L4: keys that need a restart are warnings of the reload's result,
+    printed by `swapd reload`, kept in status' last swap; the swap itself goes on."""
+    cfg = tmp_path / "swapd.toml"
+    command = f"command = {list(HELLO)!r}\n".replace("'", '"')
+    cfg.write_text(command)
+    with supervised(tmp_path, [], args=["--config", str(cfg)]) as s:
+        history = s.status()["history"]
+        cfg.write_text(command + f'state_dir = "{tmp_path / "elsewhere"}"\n'
+                       'metrics = "127.0.0.1:0"\nfdstore = false\n')
+        proc = s.cli("reload")
+        assert proc.returncode == 0, proc.stderr
+        out = proc.stdout
+        for key in ("state_dir", "metrics", "fdstore"):
+            assert re.search(rf"^swapd: WARNING: {key} changed in the configuration .*: not "
+                             r"applied, it needs a restart; still ", out, re.M), out
+        assert "still none" in out  # metrics: none was bound at start
+        st = s.status()
+        assert st["active"] == 2 and st["history"] == history and st["metrics"] is None
+        warnings = st["last_swap"]["warnings"]
+        assert [w.split(" ", 1)[0] for w in warnings] == ["metrics", "state_dir", "fdstore"]
+        # a reload that changes nothing of the kind says nothing of the kind
+        cfg.write_text(command)
+        proc = s.cli("reload")
+        assert proc.returncode == 0 and "WARNING" not in proc.stdout, proc.stdout
+        assert s.status()["last_swap"]["warnings"] == []
