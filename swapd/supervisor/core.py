@@ -299,15 +299,18 @@ class Supervisor:
 
     async def request_swap(self, kind: str, origin: str, emit: Emit | None,
                            opts: SwapOptions | None = None) -> dict[str, Any]:
-        """Start a swap, or join the one in flight if it is the same kind."""
+        """Start a swap, or join the one in flight if it is the same kind and what this
+        request asks (release, watch window) is what the one in flight will give."""
         opts = opts or SwapOptions()
         job = self.swap
-        if job is None or job.kind != kind or self._stopping():
-            try:
+        try:
+            if job is None or job.kind != kind or self._stopping():
                 self._refuse_if_busy("swap started")
-            except ControlError as e:
-                self.ops.refused(kind, opts.who, str(e))
-                raise
+            else:
+                self._refuse_if_other_options(job, opts)
+        except ControlError as e:
+            self.ops.refused(kind, opts.who, str(e))
+            raise
         if job is not None:
             log.info("event=swap.join kind=%s %s gen=%s", kind, _origin(origin, opts.who), job.gen)
             if emit is not None:
@@ -316,13 +319,34 @@ class Supervisor:
                 emit("joined", f"joined the {kind} in flight (gen={job.gen})", None)
         else:
             job = SwapJob(kind, origin, release=opts.release, who=opts.who,
-                          bound=swap_bound(self.config) + KILL_WAIT)
+                          bound=swap_bound(self.config) + KILL_WAIT,
+                          watch=opts.watch if opts.watch is not None else self.config.watch)
             if emit is not None:
                 job.subscribers.append(emit)
                 emit(control.DEADLINE, "", {"seconds": job.remaining()})
             self.swap = job
             job.task = asyncio.ensure_future(self._run_swap(job, opts))
         return await asyncio.shield(job.done)
+
+    def _refuse_if_other_options(self, job: SwapJob, opts: SwapOptions) -> None:
+        """A request joins only a swap that gives it what it asks: one that asked for
+        another release label or watch window is refused, not told "ok" for a release it
+        did not get or a safety net that does not exist. (`--wait-watch` only changes how
+        the caller waits: it may differ.)"""
+        gen = self.fleet.generations.get(job.gen) if job.gen is not None else None
+        release = job.release or (gen.release if gen is not None else None)
+        asked = []
+        if opts.release is not None and opts.release != release:
+            asked.append(f"release {opts.release}")
+        if opts.watch is not None and opts.watch != job.watch:
+            asked.append(f"watch {opts.watch:g}s")
+        if not asked:
+            return
+        what = (f"release {release}" if release else "a release label still to be derived"
+                ) + f", watch {job.watch:g}s"
+        raise ControlError(f"{_a(job.kind)} with {what} is in flight (gen={job.gen}); not "
+                           f"joined: this request asks for {', '.join(asked)}; retry when it "
+                           "finishes")
 
     def _status_line(self) -> str:
         gen = self.fleet.active

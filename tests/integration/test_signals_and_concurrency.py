@@ -189,3 +189,33 @@ def test_a_reload_says_what_it_could_not_apply(tmp_path: Path) -> None:
         proc = s.cli("reload")
         assert proc.returncode == 0 and "WARNING" not in proc.stdout, proc.stdout
         assert s.status()["last_swap"]["warnings"] == []
+
+
+def test_an_upgrade_joins_only_the_swap_that_gives_it_what_it_asks(gated) -> None:  # type: ignore[no-untyped-def]
+    """Operator review M2: a second upgrade asking another release or watch window is
+    refused (exit 1, one line naming what is in flight); with none, or the same, it joins."""
+    s, gate = gated
+    first = _start_cli(s, "upgrade", "--release", "v2")
+    assert first.stdout is not None
+    assert "started 2 worker(s)" in first.stdout.readline()  # the swap is in flight
+    other = s.cli("upgrade", "--release", "v3", "--watch", "60")
+    assert other.returncode == 1, other
+    assert other.stderr.strip().splitlines() == [
+        "swapd upgrade: FAILED: an upgrade with release v2, watch 0s is in flight (gen=2); "
+        "not joined: this request asks for release v3, watch 60s; retry when it finishes"]
+    assert s.cli("upgrade", "--watch", "30").returncode == 1
+    joiners = [_start_cli(s, "upgrade"), _start_cli(s, "upgrade", "--release", "v2",
+                                                    "--watch", "0")]
+    for joiner in joiners:
+        assert joiner.stdout is not None
+        assert "joined the upgrade in flight (gen=2)" in joiner.stdout.readline()
+    _open_gate(gate, 2)
+    for proc in (first, *joiners):
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "gen=2 active" in out, out + err
+    st = s.status()
+    gen2 = next(g for g in st["generations"] if g["id"] == 2)
+    assert st["active"] == 2 and gen2["release"] == "v2" and st["watch"] is None
+    refused = [e for e in s.result("history", n=10)["data"]["entries"]
+               if e["outcome"] == "refused"]
+    assert len(refused) == 2 and "not joined" in refused[0]["reason"]
