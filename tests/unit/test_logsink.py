@@ -3,7 +3,6 @@ sink never blocks the caller, the queue drained on stop."""
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -18,13 +17,23 @@ from swapd.logfmt import JsonFormatter
 from swapd.logsink import FdHandler, Queued
 
 
-@pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
-    r, w = os.pipe()
-    yield r, w
-    for fd in (r, w):
-        with contextlib.suppress(OSError):  # a test may have closed it (EOF for a reader)
+class Pipe:
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        self.open = {self.r, self.w}
+
+    def close(self, fd: int) -> None:
+        if fd in self.open:
+            self.open.discard(fd)
             os.close(fd)
+
+
+@pytest.fixture
+def pipe() -> Iterator[Pipe]:
+    p = Pipe()
+    yield p
+    for fd in list(p.open):
+        p.close(fd)
 
 
 def _logger(name: str, handler: logging.Handler) -> logging.Logger:
@@ -68,8 +77,8 @@ def _in_thread(fn: object, timeout: float = 30) -> None:
 
 
 def test_a_stuck_sink_costs_lines_never_the_caller_and_every_line_is_accounted_for(
-        pipe: tuple[int, int]) -> None:
-    r, w = pipe
+        pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
     handler = FdHandler(w)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = _logger("stuck", handler)
@@ -86,7 +95,7 @@ def test_a_stuck_sink_costs_lines_never_the_caller_and_every_line_is_accounted_f
         assert queued.stop(10)
     finally:
         queued.stop(10)
-    os.close(os.dup2(os.open(os.devnull, os.O_WRONLY), w))  # EOF for the reader
+    pipe.close(w)  # EOF for the reader
     reader.join(10)
     text = b"".join(out)[filler:].decode()
     written: list[int] = []
@@ -112,8 +121,8 @@ def test_a_stuck_sink_costs_lines_never_the_caller_and_every_line_is_accounted_f
 
 
 def test_stop_is_bounded_on_a_stuck_sink_and_logging_stays_non_blocking(
-        pipe: tuple[int, int]) -> None:
-    r, w = pipe
+        pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
     handler = FdHandler(w)
     logger = _logger("bounded", handler)
     queued = Queued(logger, size=8)
@@ -130,13 +139,13 @@ def test_stop_is_bounded_on_a_stuck_sink_and_logging_stays_non_blocking(
     # Once the sink reads again the writer finishes; a stop then succeeds.
     assert queued.stop(10) and not queued.active
     logger.info("direct again")
-    os.close(os.dup2(os.open(os.devnull, os.O_WRONLY), w))
+    pipe.close(w)
     reader.join(10)
     assert b"stuck 0\n" in b"".join(out) and b"direct again\n" in b"".join(out)
 
 
-def test_a_traceback_crosses_the_queue_as_text(pipe: tuple[int, int]) -> None:
-    r, w = pipe
+def test_a_traceback_crosses_the_queue_as_text(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
     handler = FdHandler(w)
     handler.setFormatter(JsonFormatter())
     logger = _logger("json", handler)
