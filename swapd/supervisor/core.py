@@ -13,7 +13,9 @@ nothing polls.
 
 Signals only record an intent that the loop acts on (asyncio's signal handlers
 already run inside the loop): HUP = reload, TERM/INT = graceful stop (drain, exit
-0), QUIT = fast stop (workers killed), CHLD = look for strays to reap.
+0), QUIT = fast stop (workers killed), CHLD = look for strays to reap. A graceful stop
+in progress is escalated to a fast one by `stop --fast`, QUIT, or another TERM/INT (as
+gunicorn's second INT); another graceful `stop` is told it is in progress and waits.
 
 SIGHUPs coalesce: with no change in flight the first starts a reload; those that
 arrive while a swap or a patch is in flight (however many) make exactly one more
@@ -59,8 +61,7 @@ from swapd.supervisor.ops import Operations, Who, who_control, who_signal
 from swapd.supervisor.process import OsProcesses
 from swapd.supervisor.reloads import ReloadSignals, reread_config
 from swapd.supervisor.selfexec import SelfExec
-from swapd.supervisor.shutdown import bound as stop_bound
-from swapd.supervisor.shutdown import shutdown
+from swapd.supervisor.shutdown import StopRequest, shutdown
 from swapd.supervisor.startup import FirstStart, StartupError, prepare_ops
 from swapd.supervisor.status import report as status_report
 from swapd.supervisor.swap import run_swap, swap_bound
@@ -91,6 +92,7 @@ class Supervisor:
         self._control_sock: socket.socket | None = None
         self._control: ControlServer | None = None
         self._stop_requested: asyncio.Future[bool] | None = None
+        self.stop_request = StopRequest()  # who asked, when, fast or escalated since
         self._stopped: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resumed: reexec.State | None = None  # when we are the new image of a re-exec
@@ -113,7 +115,6 @@ class Supervisor:
         self.selfexec = SelfExec(self.fleet, self.listeners, self.journal, self.manager,
                                  self.ops, self.deploys, self._owned, self._stopping,
                                  self._status_line)
-        self._stop_who: Who = {"via": "control"}
         # LISTEN_FDS may carry, besides listeners, snapshots a previous supervisor stored.
         self.first_start = FirstStart(self.fleet, self.listeners, self.manager,
                                       inherited or [], release)
@@ -186,8 +187,8 @@ class Supervisor:
                              len(first.workers), first.release)
                     self.ops.started(first, round((time.monotonic() - self.started) * 1000, 1))
                     self.manager.ready(self._status_line())
-            fast = await self._stop_requested
-            await self._shutdown(fast)
+            await self._stop_requested
+            await self._shutdown()
         except StartupError as e:
             code = e.code
             raise
@@ -250,13 +251,17 @@ class Supervisor:
         return None
 
     def _on_stop_signal(self, name: str, fast: bool) -> None:
-        self._stop_who = who_signal(name)
-        self.request_stop(fast)
+        # A second TERM/INT during a graceful stop means "now" (gunicorn, systemd users).
+        self.request_stop(fast or self._stopping(), who_signal(name))
 
-    def request_stop(self, fast: bool = False) -> None:
-        if self._stop_requested is not None and not self._stop_requested.done():
-            log.info("event=stop.requested fast=%s", fast)
+    def request_stop(self, fast: bool = False, who: Who | None = None) -> str:
+        """Ask for a stop: "started", "escalated" or "in progress" (shutdown.StopRequest)."""
+        who = who or {"via": "control"}
+        what = self.stop_request.ask(fast, who, _origin(str(who.get("signal", "control")), who),
+                                     self.fleet, self.manager)
+        if what == "started" and self._stop_requested is not None:
             self._stop_requested.set_result(fast)
+        return what
 
     # -- re-exec (upgrade --self) ----------------------------------------------------
 
@@ -454,10 +459,11 @@ class Supervisor:
             emit(control.DEADLINE, "", {"seconds": patching.bound(len(args.parts or ()) or 1)})
             return await self._patch(args, emit, peer)
         if isinstance(args, StopArgs):
-            emit(control.DEADLINE, "", {"seconds": stop_bound(self.config) + 2 * KILL_WAIT})
-            if not self._stopping():
-                self._stop_who = who_control(peer)
-            self.request_stop(args.fast)
+            what = self.request_stop(args.fast, who_control(peer))
+            emit(control.DEADLINE, "",
+                 {"seconds": self.stop_request.left(self.config) + 2 * KILL_WAIT})
+            if what != "started":
+                emit(what.replace(" ", "_"), self.stop_request.say(what, self.config), None)
             assert self._stopped is not None
             await asyncio.shield(self._stopped)
             return {"stopped": True}
@@ -498,11 +504,11 @@ class Supervisor:
     def _stopping(self) -> bool:
         return self._stop_requested is not None and self._stop_requested.done()
 
-    async def _shutdown(self, fast: bool) -> None:
+    async def _shutdown(self) -> None:
         stopped_gen = self.fleet.active
         began = time.monotonic()
-        await shutdown(self, fast)
-        self.ops.stopped(self._stop_who, fast, stopped_gen,
+        await shutdown(self, self.stop_request)
+        self.ops.stopped(self.stop_request.who, self.stop_request.fast, stopped_gen,
                          round((time.monotonic() - began) * 1000, 1))
 
     def _close_listeners(self) -> None:

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -219,3 +220,71 @@ def test_an_upgrade_joins_only_the_swap_that_gives_it_what_it_asks(gated) -> Non
     refused = [e for e in s.result("history", n=10)["data"]["entries"]
                if e["outcome"] == "refused"]
     assert len(refused) == 2 and "not joined" in refused[0]["reason"]
+
+
+DEAF = """\
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("deaf to SIGTERM", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def _first_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    import select
+
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no output within {timeout}s"
+    return proc.stdout.readline()
+
+
+@pytest.mark.parametrize("how", ["stop --fast", "SIGQUIT", "SIGTERM"])
+def test_a_graceful_stop_can_be_escalated(tmp_path: Path, how: str) -> None:
+    """Operator review M1: while a graceful stop waits for a worker deaf to SIGTERM (drain
+    deadline 300 s), `stop --fast`, SIGQUIT or a second SIGTERM kill it and end the stop
+    now; another graceful `stop` is told a stop is in progress and waits for it."""
+    app = tmp_path / "deaf.py"
+    app.write_text(DEAF)
+    s = Supervised(tmp_path, [sys.executable, str(app)],
+                   args=["--readiness", "exec", "--drain-timeout", "300"])
+    waiting: list[subprocess.Popen[str]] = []
+    try:
+        s.start()
+        (worker,) = s.active_pids()
+        s.wait_log(r"\| deaf to SIGTERM")
+        if how == "stop --fast":
+            waiting.append(_start_cli(s, "stop"))
+        else:
+            os.kill(s.pid, signal.SIGTERM)
+        s.wait_log(r"event=supervisor.stopping fast=False")
+        s.notify.wait_for("STOPPING", "1")
+        again = _start_cli(s, "stop")
+        waiting.append(again)
+        assert re.fullmatch(r"swapd: a graceful stop is already in progress \(asked \d+s ago, "
+                            r"over within \d+s at most\): waiting for it; `swapd stop --fast` "
+                            r"kills the draining workers now\n", _first_line(again, 30))
+        os.kill(worker, 0)  # still there: draining, deaf
+        if how == "stop --fast":
+            fast = s.cli("stop", "--fast", timeout=60)
+            assert fast.returncode == 0, fast.stderr
+            assert fast.stdout.splitlines() == [
+                "swapd: the graceful stop in progress is now a fast one: the draining "
+                "workers are killed", "swapd stop: stopped"]
+        else:
+            os.kill(s.pid, getattr(signal, how))
+        assert s.wait_exit(60) == 0
+        assert wait_pid_gone(worker, 10)
+        origin = "origin=control client_pid=\\d+ client_uid=\\d+" if how == "stop --fast" \
+            else f"origin={how}"
+        s.wait_log(rf"event=stop.escalated {origin} killed=1 after=[\d.]+s")
+        for proc in waiting:  # everyone who asked for the stop hears it ended
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0 and out.endswith("swapd stop: stopped\n"), out + err
+    finally:
+        for proc in waiting:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        s.stop()
