@@ -18,10 +18,10 @@ in progress is escalated to a fast one by `stop --fast`, QUIT, or another TERM/I
 gunicorn's second INT); another graceful `stop` is told it is in progress and waits.
 
 SIGHUPs coalesce: with no change in flight the first starts a reload; those that
-arrive while a swap or a patch is in flight (however many) make exactly one more
-reload once it is over. That reload re-reads the configuration, so an edit written
-during the change in flight is never missed, and a burst never makes more than one
-generation per swap it overlaps.
+arrive while the first generation starts, or a swap or a patch is in flight (however
+many) make exactly one more reload once it is over. That reload re-reads the
+configuration, so an edit written during the change in flight is never missed, and a
+burst never makes more than one generation per swap it overlaps.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ class Supervisor:
         self._stopped: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resumed: reexec.State | None = None  # when we are the new image of a re-exec
+        self._ready = False  # READY=1 said: the first generation serves (or we re-exec'd)
         self.manager = ServiceManager(fdstore=config.fdstore)
         self.listeners = Listeners(self.manager)
         self.fleet = Fleet(processes or OsProcesses(), self.listeners, self.journal,
@@ -110,7 +111,7 @@ class Supervisor:
             lambda: self.request_swap("reload", "SIGHUP", None,
                                       SwapOptions(who=who_signal("SIGHUP"))),
             ControlError, self._stopping,
-            lambda: self.fleet.active is not None and not self._stopping(),
+            lambda: self._ready and not self._stopping(),
             self.manager, self._status_line, lambda: swap_bound(self.config), self.fleet.tasks)
         self.selfexec = SelfExec(self.fleet, self.listeners, self.journal, self.manager,
                                  self.ops, self.deploys, self._owned, self._stopping,
@@ -178,6 +179,7 @@ class Supervisor:
         try:
             if self._resumed is not None:
                 self.selfexec.resume(self._resumed)
+                self._ready = True
                 self.fleet.strays.scan()  # workers adopted: reap what exited during the exec
             else:
                 first = await self._first_unless_stopped()
@@ -187,6 +189,8 @@ class Supervisor:
                              len(first.workers), first.release)
                     self.ops.started(first, round((time.monotonic() - self.started) * 1000, 1))
                     self.manager.ready(self._status_line())
+                    self._ready = True
+                self.reloads.change_over()  # a SIGHUP during the start: its reload now
             await self._stop_requested
             await self._shutdown()
         except StartupError as e:
@@ -240,10 +244,12 @@ class Supervisor:
             self._loop.remove_signal_handler(sig)
 
     def _change_in_flight(self) -> str | None:
-        """The swap or patch in flight that a SIGHUP waits for (None: none, or nothing a
-        reload could follow: still starting, a re-exec; the reload is then refused)."""
-        if self.fleet.active is None or self._stopping():
+        """The start, swap or patch in flight that a SIGHUP waits for (None: none, or
+        nothing a reload could follow: a re-exec, a watch window; it is then refused)."""
+        if self._stopping():
             return None
+        if not self._ready:
+            return "the first start"
         if self.swap is not None:
             return f"the {self.swap.kind} in flight (gen={self.swap.gen})"
         if self.patch_in_flight is not None:

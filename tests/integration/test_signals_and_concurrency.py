@@ -18,6 +18,7 @@ from tests.integration.supervised import (
     SWAPD,
     Supervised,
     http_get,
+    open_gate,
     supervised,
     wait_pid_gone,
     write_behavior,
@@ -287,4 +288,35 @@ def test_a_graceful_stop_can_be_escalated(tmp_path: Path, how: str) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+        s.stop()
+
+
+def test_a_sighup_during_the_first_start_reloads_once_it_is_ready(tmp_path: Path) -> None:
+    """Operator review L8: not refused (the edit written meanwhile would be missed) but
+    deferred: one reload once the first generation is ready, announced after READY=1."""
+    behavior = tmp_path / "b.json"
+    gate = tmp_path / "gate"
+    os.mkfifo(f"{gate}-0")
+    write_behavior(behavior, version="v1", gate=str(gate), say="gen 1 read its behaviour")
+    s = Supervised(tmp_path, MISBEHAVE, env={"BEHAVIOR": str(behavior)})
+    try:
+        s.launch()
+        s.wait_log(r"event=supervisor.start ")  # its signal handlers are in place
+        mark = s.log_mark()
+        for _ in range(3):
+            os.kill(s.pid, signal.SIGHUP)
+        s.wait_log(r'event=signal.deferred name=SIGHUP until="the first start"', start=mark)
+        s.wait_log(r"\| gen 1 read its behaviour")
+        write_behavior(behavior, version="v2")  # the edit the reload must not miss
+        assert open_gate(f"{gate}-0", 30)
+        first = s.notify.wait_for("READY", "1")
+        assert "gen 1 active" in first["STATUS"]
+        s.wait_log(r"event=swap.commit kind=reload gen=2", start=mark)
+        assert s.notify.wait_for("RELOADING", "1")
+        assert "gen 2 active" in s.notify.wait_for("READY", "1")["STATUS"]
+        s.status()
+        assert http_get(s.address())[1].startswith("v2 ")
+        log = "\n".join(s.log_lines[mark:])
+        assert log.count("event=swap.start") == 1 and "signal.refused" not in log
+    finally:
         s.stop()
