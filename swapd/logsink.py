@@ -2,12 +2,12 @@
 
 `setup()` (`swapd run`, before anything is logged) sends every record to stderr as one
 write(2) of one line, text or JSON (logfmt.py). While the supervisor's event loop runs,
-`start_queue()` puts a bounded queue in between (the stdlib's QueueHandler and
-QueueListener): the loop only makes the message and enqueues it, a writer thread formats
-and writes. A sink that does not keep up (a pipe nobody reads, a slow journald, a
-terminal on a stopped ssh session) then costs lines, never the loop: with the queue full
-a record is dropped and counted, and once there is room again one
-`event=log.dropped lines=N` line stands in the stream where those lines were, so the
+`start_queue()` puts a bounded queue in between (the stdlib's QueueHandler, and a writer
+thread that takes what is queued a batch at a time): the loop only makes the message and
+enqueues it, the writer formats and writes. A sink that does not keep up (a pipe nobody
+reads, a slow journald, a terminal on a stopped ssh session) then costs lines, never the
+loop: with the queue full a record is dropped and counted, and once there is room again
+one `event=log.dropped lines=N` line stands in the stream where those lines were, so the
 order of what is written is the order of what was logged.
 
 `stop_queue()` drains it, within a bound: when the loop ends (every exit path of the
@@ -30,13 +30,15 @@ import os
 import select
 import threading
 import time
-from queue import Full, Queue
+from queue import Empty, Full, Queue
 from typing import Any
 
 from swapd.logfmt import JsonFormatter, LogfmtFormatter
 
 QUEUE_SIZE = 4096  # records; a line is at most ~4 KiB (worker output is cut there)
 DRAIN_TIMEOUT = 5.0  # seconds to write what is queued at exit or before an exec
+_BATCH = 256  # records the writer takes from the queue at once
+_PIPE_BUF = 4096  # bytes a write(2) to a pipe keeps in one piece
 
 
 class _NoLock:
@@ -56,10 +58,13 @@ class _NoLock:
 
 
 class FdHandler(logging.Handler):
-    """One write(2) per record, straight to a descriptor.
+    """Lines written straight to a descriptor, whole lines per write(2).
 
-    A line of up to PIPE_BUF (4 KiB) goes to a pipe in one piece, between whole lines
-    of the workers that share it (`--worker-output passthrough`)."""
+    A write of up to PIPE_BUF (4 KiB) goes to a pipe in one piece, between whole lines
+    of the workers that share it (`--worker-output passthrough`): the writer thread
+    writes what it has queued in writes of whole lines up to that size (one system call,
+    and one GIL hand-over, per batch rather than per line: a writer that gave the GIL
+    back after every line would be starved by a busy event loop)."""
 
     def __init__(self, fd: int = 2) -> None:
         super().__init__()
@@ -69,11 +74,28 @@ class FdHandler(logging.Handler):
         self.lock = _NoLock()  # type: ignore[assignment]
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
-        except Exception:
-            self.handleError(record)
-            return
+        self.emit_many([record])
+
+    def emit_many(self, records: list[logging.LogRecord]) -> None:
+        batch: list[bytes] = []
+        size = 0
+        for record in records:
+            if record.levelno < self.level:
+                continue
+            try:
+                line = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            except Exception:
+                self.handleError(record)
+                continue
+            if batch and size + len(line) > _PIPE_BUF:
+                self._write(b"".join(batch))
+                batch, size = [], 0
+            batch.append(line)
+            size += len(line)
+        if batch:
+            self._write(b"".join(batch))
+
+    def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             try:
@@ -156,21 +178,57 @@ class _Enqueue(logging.handlers.QueueHandler):
                 self.dropped += 1
 
 
-class _Writer(logging.handlers.QueueListener):
-    """The writer thread (a daemon: one stuck on a dead sink must not keep us alive)."""
+class _Writer:
+    """The writer thread: takes what is queued, a batch at a time, and writes it (a
+    daemon: one stuck on a dead sink must not keep the process alive)."""
 
-    queue: Queue[logging.LogRecord | None]
-
-    def __init__(self, enqueue: _Enqueue, *handlers: logging.Handler) -> None:
-        super().__init__(enqueue.queue, *handlers, respect_handler_level=True)
+    def __init__(self, enqueue: _Enqueue, handlers: list[logging.Handler]) -> None:
+        self.queue = enqueue.queue
         self._enqueue = enqueue
+        self._handlers = handlers
+        self._thread: threading.Thread | None = None
 
-    def handle(self, record: logging.LogRecord) -> None:
-        super().handle(record)
-        if self.queue.empty():  # drained: a gap is said now, not at the next line
-            gap = self._enqueue.take_dropped()
-            if gap is not None:
-                super().handle(gap)
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="swapd-log", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < _BATCH and batch[-1] is not None:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except Empty:
+                    break
+            records = [r for r in batch if r is not None]
+            if self.queue.empty():  # drained: a gap is said now, not at the next line
+                gap = self._enqueue.take_dropped()
+                if gap is not None:
+                    records.append(gap)
+            self._write(records)
+            if batch[-1] is None:  # the sentinel: stop
+                return
+
+    def _write(self, records: list[logging.LogRecord]) -> None:
+        for handler in self._handlers:
+            if isinstance(handler, FdHandler):
+                handler.emit_many(records)
+                continue
+            for record in records:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+
+    def write_left(self) -> None:
+        """The thread has ended: write what is still queued, here."""
+        left: list[logging.LogRecord] = []
+        while True:
+            try:
+                record = self.queue.get_nowait()
+            except Empty:
+                break
+            if record is not None:
+                left.append(record)
+        self._write(left)
 
     def stop_within(self, timeout: float) -> bool:
         """Everything queued written, the thread ended; False if not within `timeout`."""
@@ -179,7 +237,7 @@ class _Writer(logging.handlers.QueueListener):
         if thread is None:
             return True
         try:
-            self.queue.put(None, timeout=timeout)  # QueueListener's sentinel
+            self.queue.put(None, timeout=timeout)  # the sentinel
         except Full:
             return False
         thread.join(max(0.0, deadline - time.monotonic()))
@@ -214,7 +272,7 @@ class Queued:
             return
         q: Queue[logging.LogRecord | None] = Queue(self.size)
         self._enqueue = _Enqueue(q)
-        self._writer = _Writer(self._enqueue, *self.handlers)
+        self._writer = _Writer(self._enqueue, self.handlers)
         for handler in self.handlers:
             self.logger.removeHandler(handler)
         self.logger.addHandler(self._enqueue)
@@ -234,6 +292,7 @@ class Queued:
         for handler in self.handlers:
             self.logger.addHandler(handler)
         self._writer = self._enqueue = None
+        writer.write_left()  # what another thread queued after the sentinel
         if enqueue.dropped:  # dropped after the last line that made it: said last
             self.logger.handle(_dropped(enqueue.dropped))
         return True

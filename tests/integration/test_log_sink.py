@@ -9,12 +9,13 @@ import re
 import select
 import signal
 import struct
+import subprocess
 import termios
 import time
 from pathlib import Path
 
 from swapd.logsink import QUEUE_SIZE
-from tests.integration.supervised import MISBEHAVE, PY, Supervised, write_behavior
+from tests.integration.supervised import MISBEHAVE, PY, ROOT, Supervised, write_behavior
 
 # 200-byte lines, one a millisecond, bounded in count (about 200 s of them at most).
 CHATTY = """\
@@ -158,3 +159,44 @@ def test_log_lines_are_logfmt(tmp_path: Path) -> None:
                      r'ready=[\d.]+ committed=[\d.]+"$', text, re.M)
     tail = re.findall(r"^event=swap.failed.output gen=3 worker=0 pid=\d+ text=(.*)$", text, re.M)
     assert len(tail) > 1 and tail[0] == '"Traceback (most recent call last):"', tail
+
+
+BURST = """\
+import sys, time
+for i in range(30_000):
+    sys.stdout.write(f"burst {i:05d} {'y' * 150}\\n")
+    sys.stdout.flush()
+with open(sys.argv[1], "w") as fifo:
+    fifo.write("written\\n")
+time.sleep(3600)
+"""
+
+
+def test_a_burst_to_a_fast_sink_loses_no_line(tmp_path: Path) -> None:
+    """The log queue drops only for a sink that does not keep up: a file always does, and
+    the writer thread must not be starved by a busy event loop (it writes in batches)."""
+    app = tmp_path / "burst.py"
+    app.write_text(BURST)
+    fifo = tmp_path / "written"
+    os.mkfifo(fifo)
+    log = tmp_path / "swapd.log"
+    s = Supervised(tmp_path, [PY, str(app), str(fifo)], args=["--readiness", "exec"])
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(s.argv, env=s.env, stdin=subprocess.DEVNULL, stdout=sink,
+                                stderr=sink, cwd=str(ROOT))
+    try:
+        s.notify.wait_for("READY", "1", 30)
+        # All written: what the supervisor has not read yet is in the pipe, read at stop.
+        assert _read_fifo(fifo, 120) == "written\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        s.notify.close()
+    lines = log.read_text().splitlines()
+    assert not [line for line in lines if "event=log.dropped" in line]
+    numbers = [int(m.group(1)) for line in lines if (m := re.search(r"\| burst (\d+) ", line))]
+    assert numbers == list(range(30_000))
+    assert "event=supervisor.exit code=0" in lines[-1]
