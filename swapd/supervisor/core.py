@@ -355,7 +355,8 @@ class Supervisor:
             return
         what = (f"release {release}" if release else "a release label still to be derived"
                 ) + f", watch {job.watch:g}s"
-        raise ControlError(f"{_a(job.kind)} with {what} is in flight (gen={job.gen}); not "
+        raise ControlError(f"{_a(job.kind)} with {what} is in flight (gen="
+                           f"{job.gen if job.gen is not None else 'starting'}); not "
                            f"joined: this request asks for {', '.join(asked)}; retry when it "
                            "finishes")
 
@@ -376,10 +377,10 @@ class Supervisor:
             config = self.config
             if job.kind == "reload":
                 config, ignored = reread_config(config, self.overrides)
-                for warning in ignored:
-                    job.warn(warning)
                 job.extend(swap_bound(config) + KILL_WAIT)  # its timeouts may be longer
                 job.emit("config", f"configuration re-read ({config.config_file or 'flags only'})")
+                for warning in ignored:
+                    job.warn(warning)
             job.watch = opts.watch if opts.watch is not None else config.watch
             why = self.deploys.why_not(before, job.watch)
             if why is not None:

@@ -131,8 +131,8 @@ async def shutdown(sup: Stopping, stop: StopRequest) -> None:
     fleet.cancel_timers()
     job = sup.swap
     if job is not None and job.task is not None:
-        job.task.cancel()
-        await _until(stop, [job.done], KILL_WAIT * 2)
+        job.task.cancel()  # it ends soon, sooner escalated (its workers killed): waited for
+        await asyncio.wait([job.done], timeout=KILL_WAIT * 2)
     active = fleet.active
     if (not stop.fast and sup.manager.fdstore and active is not None
             and active.state == GenState.ACTIVE and active.config.mode == "stateful"):
