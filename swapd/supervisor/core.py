@@ -200,17 +200,19 @@ class Supervisor:
             code = 1
             raise
         finally:
-            self._remove_signals()
-            self.fleet.strays.close()
-            self.manager.stop_watchdog()
-            if not self._stopped.done():
-                self._stopped.set_result(None)  # lets a waiting `swapd stop` get its answer
-            await self._control.close()
-            self._close_control()
-            self._close_listeners()
-            self.ops.close()
-            log.info("event=supervisor.exit code=%d", code)
-            logsink.stop_queue()  # every line out before we return (and print, or exit)
+            try:
+                self._remove_signals()
+                self.fleet.strays.close()
+                self.manager.stop_watchdog()
+                if not self._stopped.done():
+                    self._stopped.set_result(None)  # a waiting `swapd stop` gets its answer
+                await self._control.close()
+                self._close_control()
+                self._close_listeners()
+                self.ops.close()
+                log.info("event=supervisor.exit code=%d", code)
+            finally:
+                logsink.stop_queue()  # every line out before we return (and print, or exit)
         return code
 
     async def _first_unless_stopped(self) -> Generation | None:
