@@ -329,17 +329,9 @@ def _inherited_listeners() -> list[tuple[str, int]]:
 
 
 def setup_logging(level: str, style: str = "text") -> None:
-    # Under systemd the journal adds time and pid itself.
-    if os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(levelname)s %(message)s"
-    else:
-        fmt = "%(asctime)s swapd[%(process)d] %(levelname)s %(message)s"
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
-    if style == "json":
-        from swapd.logfmt import JsonFormatter
+    from swapd import logsink  # one write per line to stderr; queued while the loop runs
 
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(JsonFormatter())
+    logsink.setup(level, style)
 
 
 # -- client commands --------------------------------------------------------------------

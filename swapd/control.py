@@ -270,8 +270,9 @@ class ControlServer:
             return
         if len(self._tasks) >= self._max_clients:
             if self._throttles["busy"].allow():
-                log.warning("event=control.busy clients=%d limit=%d peer=%s suppressed=%d",
-                            len(self._tasks), self._max_clients, peer,
+                log.warning("event=control.busy clients=%d limit=%d peer_pid=%d peer_uid=%d "
+                            "suppressed=%d", len(self._tasks), self._max_clients, peer.pid,
+                            peer.uid,
                             self._throttles["busy"].take_suppressed())
             _answer_and_close(conn, f"too many control connections ({len(self._tasks)} open, "
                                     f"limit {self._max_clients}); retry later")

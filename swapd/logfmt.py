@@ -1,19 +1,24 @@
-"""`--log-format json`: the supervisor's log lines as JSON objects, one per line.
+"""The supervisor's log lines: logfmt in text, JSON objects with `--log-format json`.
 
-swapd logs one line per event as `key=value` fields (values of %r are Python string
-literals, timings are dict literals). The JSON formatter keeps exactly those fields and
-adds the time, level, logger and the supervisor's pid (`swapd_pid`):
+swapd logs one line per event as `key=value` fields. In the code a value may be written
+as a Python literal (`reason=%r` of a string, a dict of timings); the text formatter
+(`LogfmtFormatter`) writes every value as logfmt: bare when it holds no space, quote,
+`=` or control character, else double-quoted with backslash escapes; a dict becomes
+`"k=v k=v"`, a list `a,b`. A message is one line: a newline in free text is written
+`\\n`. The JSON formatter keeps the same fields with their types and adds the time,
+level, logger and the supervisor's pid (`swapd_pid`):
 
-    event=swap.commit kind=upgrade gen=4 timings_ms={'spawned': 1.2, 'ready': 640.3}
+    event=swap.commit kind=upgrade gen=4 timings_ms="spawned=1.2 ready=640.3"
     {"time": "2024-05-29T12:00:00.123Z", "level": "info", "logger": "swapd", "swapd_pid": 81,
      "event": "swap.commit", "kind": "upgrade", "gen": 4,
      "timings_ms": {"spawned": 1.2, "ready": 640.3}}
 
 Values that read as integers, numbers, booleans, string literals, or dict/list literals
 become those JSON types; anything else stays a string. Text that is not `key=value`
-(a multi-line output tail, a traceback) goes to "msg" / "exc". A worker's output line in
-`prefixed` mode (`gen=4 worker=0 pid=812| text`) becomes {"gen": 4, "worker": 0,
-"pid": 812, "line": "text"}: the app's own text, JSON or not, in one string field.
+(a traceback) goes to "msg" / "exc". A worker's output line in `prefixed` mode
+(`gen=4 worker=0 pid=812| text`) is the app's text, untouched in text mode, and in JSON
+{"gen": 4, "worker": 0, "pid": 812, "line": "text"}: the app's own text, JSON or not, in
+one string field.
 """
 
 from __future__ import annotations
@@ -31,10 +36,9 @@ _CLOSE = {"{": "}", "[": "]", "(": ")"}
 _RESERVED = ("time", "level", "logger", "swapd_pid", "msg", "exc", "line")
 
 
-def parse_fields(text: str) -> tuple[dict[str, Any], str]:
-    """`key=value` fields of a message, and whatever text was not a field."""
-    fields: dict[str, Any] = {}
-    rest: list[str] = []
+def tokens(text: str) -> list[tuple[str | None, str]]:
+    """The message in order: (key, raw value) for each field, (None, text) for free text."""
+    out: list[tuple[str | None, str]] = []
     i, n = 0, len(text)
     while i < n:
         if text[i] == " ":
@@ -44,15 +48,72 @@ def parse_fields(text: str) -> tuple[dict[str, Any], str]:
         if found is None:  # free text: up to the next " key=" or the end
             nxt = re.search(r" [A-Za-z_][A-Za-z0-9_.]*=", text[i:])
             end = n if nxt is None else i + nxt.start()
-            rest.append(text[i:end])
+            out.append((None, text[i:end]))
             i = end
             continue
-        key = found.group(1)
         i = found.end()
         end = _value_end(text, i)
-        fields[key] = _value(text[i:end])
+        out.append((found.group(1), text[i:end]))
         i = end
+    return out
+
+
+def parse_fields(text: str) -> tuple[dict[str, Any], str]:
+    """`key=value` fields of a message, and whatever text was not a field."""
+    fields: dict[str, Any] = {}
+    rest: list[str] = []
+    for key, raw in tokens(text):
+        if key is None:
+            rest.append(raw)
+        else:
+            fields[key] = _value(raw)
     return fields, " ".join(rest)
+
+
+_BARE = re.compile(r'[^\s"=\\\x00-\x1f\x7f]+')
+
+
+def quote(value: str) -> str:
+    """A logfmt value: bare if it can be, else double-quoted with JSON's escapes (which
+    are Python's too: the JSON formatter reads it back)."""
+    return value if _BARE.fullmatch(value) else json.dumps(value, ensure_ascii=False)
+
+
+def _plain(value: Any) -> str:
+    """A parsed value as logfmt text, before quoting."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={quote(_plain(v))}" for k, v in value.items())
+    if isinstance(value, list):
+        return ",".join(quote(_plain(v)) for v in value)
+    return str(value)
+
+
+def to_logfmt(message: str) -> str:
+    """A message with every value in logfmt (see the module docstring), on one line."""
+    parts: list[str] = []
+    for key, raw in tokens(message):
+        if key is None:
+            parts.append(raw.replace("\n", "\\n").replace("\r", "\\r"))
+        elif raw[:1] in ("'", '"', "{", "[", "("):
+            value = _value(raw)
+            parts.append(f"{key}={quote(raw if value is raw else _plain(value))}")
+        else:
+            parts.append(f"{key}={quote(raw)}")
+    return " ".join(parts)
+
+
+class LogfmtFormatter(logging.Formatter):
+    """Text lines, every swapd field in logfmt (a worker's output line as it came)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if not record.name.startswith("swapd") or record.name == "swapd.output":
+            return super().formatMessage(record)
+        message = record.message
+        record.message = to_logfmt(message)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
 
 
 def _value_end(text: str, i: int) -> int:
@@ -141,6 +202,8 @@ class JsonFormatter(logging.Formatter):
             obj["msg"] = text
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # made into text already, before it crossed the log queue
+            obj["exc"] = record.exc_text
         return json.dumps(obj, ensure_ascii=False, default=str)
 
 

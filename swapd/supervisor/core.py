@@ -13,13 +13,15 @@ nothing polls.
 
 Signals only record an intent that the loop acts on (asyncio's signal handlers
 already run inside the loop): HUP = reload, TERM/INT = graceful stop (drain, exit
-0), QUIT = fast stop (workers killed), CHLD = look for strays to reap.
+0), QUIT = fast stop (workers killed), CHLD = look for strays to reap. A graceful stop
+in progress is escalated to a fast one by `stop --fast`, QUIT, or another TERM/INT (as
+gunicorn's second INT); another graceful `stop` is told it is in progress and waits.
 
 SIGHUPs coalesce: with no change in flight the first starts a reload; those that
-arrive while a swap or a patch is in flight (however many) make exactly one more
-reload once it is over. That reload re-reads the configuration, so an edit written
-during the change in flight is never missed, and a burst never makes more than one
-generation per swap it overlaps.
+arrive while the first generation starts, or a swap or a patch is in flight (however
+many) make exactly one more reload once it is over. That reload re-reads the
+configuration, so an edit written during the change in flight is never missed, and a
+burst never makes more than one generation per swap it overlaps.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import socket
 import time
 from typing import Any
 
-from swapd import __version__, control
+from swapd import __version__, control, logsink
 from swapd.commands import (
     COMMANDS,
     Args,
@@ -59,8 +61,7 @@ from swapd.supervisor.ops import Operations, Who, who_control, who_signal
 from swapd.supervisor.process import OsProcesses
 from swapd.supervisor.reloads import ReloadSignals, reread_config
 from swapd.supervisor.selfexec import SelfExec
-from swapd.supervisor.shutdown import bound as stop_bound
-from swapd.supervisor.shutdown import shutdown
+from swapd.supervisor.shutdown import StopRequest, shutdown
 from swapd.supervisor.startup import FirstStart, StartupError, prepare_ops
 from swapd.supervisor.status import report as status_report
 from swapd.supervisor.swap import run_swap, swap_bound
@@ -91,9 +92,11 @@ class Supervisor:
         self._control_sock: socket.socket | None = None
         self._control: ControlServer | None = None
         self._stop_requested: asyncio.Future[bool] | None = None
+        self.stop_request = StopRequest()  # who asked, when, fast or escalated since
         self._stopped: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._resumed: reexec.State | None = None  # when we are the new image of a re-exec
+        self._ready = False  # READY=1 said: the first generation serves (or we re-exec'd)
         self.manager = ServiceManager(fdstore=config.fdstore)
         self.listeners = Listeners(self.manager)
         self.fleet = Fleet(processes or OsProcesses(), self.listeners, self.journal,
@@ -108,12 +111,11 @@ class Supervisor:
             lambda: self.request_swap("reload", "SIGHUP", None,
                                       SwapOptions(who=who_signal("SIGHUP"))),
             ControlError, self._stopping,
-            lambda: self.fleet.active is not None and not self._stopping(),
+            lambda: self._ready and not self._stopping(),
             self.manager, self._status_line, lambda: swap_bound(self.config), self.fleet.tasks)
         self.selfexec = SelfExec(self.fleet, self.listeners, self.journal, self.manager,
                                  self.ops, self.deploys, self._owned, self._stopping,
                                  self._status_line)
-        self._stop_who: Who = {"via": "control"}
         # LISTEN_FDS may carry, besides listeners, snapshots a previous supervisor stored.
         self.first_start = FirstStart(self.fleet, self.listeners, self.manager,
                                       inherited or [], release)
@@ -161,6 +163,7 @@ class Supervisor:
         self.ops.attach(loop, lambda: self.deploys.snapshot(self.swap is not None))
         self._stop_requested = loop.create_future()
         self._stopped = loop.create_future()
+        logsink.start_queue()  # from here on, a slow log sink must not stall the loop
         assert self._control_sock is not None
         self._control = ControlServer(self._control_sock, self._handle, COMMANDS)
         await self._control.start()
@@ -176,6 +179,7 @@ class Supervisor:
         try:
             if self._resumed is not None:
                 self.selfexec.resume(self._resumed)
+                self._ready = True
                 self.fleet.strays.scan()  # workers adopted: reap what exited during the exec
             else:
                 first = await self._first_unless_stopped()
@@ -185,8 +189,10 @@ class Supervisor:
                              len(first.workers), first.release)
                     self.ops.started(first, round((time.monotonic() - self.started) * 1000, 1))
                     self.manager.ready(self._status_line())
-            fast = await self._stop_requested
-            await self._shutdown(fast)
+                    self._ready = True
+                self.reloads.change_over()  # a SIGHUP during the start: its reload now
+            await self._stop_requested
+            await self._shutdown()
         except StartupError as e:
             code = e.code
             raise
@@ -194,16 +200,19 @@ class Supervisor:
             code = 1
             raise
         finally:
-            self._remove_signals()
-            self.fleet.strays.close()
-            self.manager.stop_watchdog()
-            if not self._stopped.done():
-                self._stopped.set_result(None)  # lets a waiting `swapd stop` get its answer
-            await self._control.close()
-            self._close_control()
-            self._close_listeners()
-            self.ops.close()
-            log.info("event=supervisor.exit code=%d", code)
+            try:
+                self._remove_signals()
+                self.fleet.strays.close()
+                self.manager.stop_watchdog()
+                if not self._stopped.done():
+                    self._stopped.set_result(None)  # a waiting `swapd stop` gets its answer
+                await self._control.close()
+                self._close_control()
+                self._close_listeners()
+                self.ops.close()
+                log.info("event=supervisor.exit code=%d", code)
+            finally:
+                logsink.stop_queue()  # every line out before we return (and print, or exit)
         return code
 
     async def _first_unless_stopped(self) -> Generation | None:
@@ -237,10 +246,12 @@ class Supervisor:
             self._loop.remove_signal_handler(sig)
 
     def _change_in_flight(self) -> str | None:
-        """The swap or patch in flight that a SIGHUP waits for (None: none, or nothing a
-        reload could follow: still starting, a re-exec; the reload is then refused)."""
-        if self.fleet.active is None or self._stopping():
+        """The start, swap or patch in flight that a SIGHUP waits for (None: none, or
+        nothing a reload could follow: a re-exec, a watch window; it is then refused)."""
+        if self._stopping():
             return None
+        if not self._ready:
+            return "the first start"
         if self.swap is not None:
             return f"the {self.swap.kind} in flight (gen={self.swap.gen})"
         if self.patch_in_flight is not None:
@@ -248,13 +259,17 @@ class Supervisor:
         return None
 
     def _on_stop_signal(self, name: str, fast: bool) -> None:
-        self._stop_who = who_signal(name)
-        self.request_stop(fast)
+        # A second TERM/INT during a graceful stop means "now" (gunicorn, systemd users).
+        self.request_stop(fast or self._stopping(), who_signal(name))
 
-    def request_stop(self, fast: bool = False) -> None:
-        if self._stop_requested is not None and not self._stop_requested.done():
-            log.info("event=stop.requested fast=%s", fast)
+    def request_stop(self, fast: bool = False, who: Who | None = None) -> str:
+        """Ask for a stop: "started", "escalated" or "in progress" (shutdown.StopRequest)."""
+        who = who or {"via": "control"}
+        what = self.stop_request.ask(fast, who, _origin(str(who.get("signal", "control")), who),
+                                     self.fleet, self.manager)
+        if what == "started" and self._stop_requested is not None:
             self._stop_requested.set_result(fast)
+        return what
 
     # -- re-exec (upgrade --self) ----------------------------------------------------
 
@@ -297,30 +312,55 @@ class Supervisor:
 
     async def request_swap(self, kind: str, origin: str, emit: Emit | None,
                            opts: SwapOptions | None = None) -> dict[str, Any]:
-        """Start a swap, or join the one in flight if it is the same kind."""
+        """Start a swap, or join the one in flight if it is the same kind and what this
+        request asks (release, watch window) is what the one in flight will give."""
         opts = opts or SwapOptions()
         job = self.swap
-        if job is None or job.kind != kind or self._stopping():
-            try:
+        try:
+            if job is None or job.kind != kind or self._stopping():
                 self._refuse_if_busy("swap started")
-            except ControlError as e:
-                self.ops.refused(kind, opts.who, str(e))
-                raise
+            else:
+                self._refuse_if_other_options(job, opts)
+        except ControlError as e:
+            self.ops.refused(kind, opts.who, str(e))
+            raise
         if job is not None:
-            log.info("event=swap.join kind=%s origin=%s gen=%s", kind, origin, job.gen)
+            log.info("event=swap.join kind=%s %s gen=%s", kind, _origin(origin, opts.who), job.gen)
             if emit is not None:
                 job.subscribers.append(emit)
                 emit(control.DEADLINE, "", {"seconds": job.remaining()})
                 emit("joined", f"joined the {kind} in flight (gen={job.gen})", None)
         else:
             job = SwapJob(kind, origin, release=opts.release, who=opts.who,
-                          bound=swap_bound(self.config) + KILL_WAIT)
+                          bound=swap_bound(self.config) + KILL_WAIT,
+                          watch=opts.watch if opts.watch is not None else self.config.watch)
             if emit is not None:
                 job.subscribers.append(emit)
                 emit(control.DEADLINE, "", {"seconds": job.remaining()})
             self.swap = job
             job.task = asyncio.ensure_future(self._run_swap(job, opts))
         return await asyncio.shield(job.done)
+
+    def _refuse_if_other_options(self, job: SwapJob, opts: SwapOptions) -> None:
+        """A request joins only a swap that gives it what it asks: one that asked for
+        another release label or watch window is refused, not told "ok" for a release it
+        did not get or a safety net that does not exist. (`--wait-watch` only changes how
+        the caller waits: it may differ.)"""
+        gen = self.fleet.generations.get(job.gen) if job.gen is not None else None
+        release = job.release or (gen.release if gen is not None else None)
+        asked = []
+        if opts.release is not None and opts.release != release:
+            asked.append(f"release {opts.release}")
+        if opts.watch is not None and opts.watch != job.watch:
+            asked.append(f"watch {opts.watch:g}s")
+        if not asked:
+            return
+        what = (f"release {release}" if release else "a release label still to be derived"
+                ) + f", watch {job.watch:g}s"
+        raise ControlError(f"{_a(job.kind)} with {what} is in flight (gen="
+                           f"{job.gen if job.gen is not None else 'starting'}); not "
+                           f"joined: this request asks for {', '.join(asked)}; retry when it "
+                           "finishes")
 
     def _status_line(self) -> str:
         gen = self.fleet.active
@@ -329,7 +369,7 @@ class Supervisor:
         return f"gen {gen.id} active, {len(gen.live())} worker(s)"
 
     async def _run_swap(self, job: SwapJob, opts: SwapOptions) -> None:
-        log.info("event=swap.start kind=%s origin=%s", job.kind, job.origin)
+        log.info("event=swap.start kind=%s %s", job.kind, _origin(job.origin, job.who))
         before = self.fleet.active
         journal = list(self.journal.records)  # the held generation's, should it come back
         self.manager.reloading(f"{job.kind} in progress; {self._status_line()}",
@@ -338,9 +378,11 @@ class Supervisor:
         try:
             config = self.config
             if job.kind == "reload":
-                config = reread_config(config, self.overrides)
+                config, ignored = reread_config(config, self.overrides)
                 job.extend(swap_bound(config) + KILL_WAIT)  # its timeouts may be longer
                 job.emit("config", f"configuration re-read ({config.config_file or 'flags only'})")
+                for warning in ignored:
+                    job.warn(warning)
             job.watch = opts.watch if opts.watch is not None else config.watch
             why = self.deploys.why_not(before, job.watch)
             if why is not None:
@@ -403,7 +445,7 @@ class Supervisor:
     # -- control ------------------------------------------------------------------
 
     async def _handle(self, cmd: str, args: Args, emit: Emit, peer: Peer) -> dict[str, Any]:
-        log.info("event=control.request cmd=%s peer=%s", cmd, peer)
+        log.info("event=control.request cmd=%s peer_pid=%d peer_uid=%d", cmd, peer.pid, peer.uid)
         if isinstance(args, StatusArgs):
             return self.status()
         if isinstance(args, UpgradeArgs) and args.self_:
@@ -426,10 +468,11 @@ class Supervisor:
             emit(control.DEADLINE, "", {"seconds": patching.bound(len(args.parts or ()) or 1)})
             return await self._patch(args, emit, peer)
         if isinstance(args, StopArgs):
-            emit(control.DEADLINE, "", {"seconds": stop_bound(self.config) + 2 * KILL_WAIT})
-            if not self._stopping():
-                self._stop_who = who_control(peer)
-            self.request_stop(args.fast)
+            what = self.request_stop(args.fast, who_control(peer))
+            emit(control.DEADLINE, "",
+                 {"seconds": self.stop_request.left(self.config) + 2 * KILL_WAIT})
+            if what != "started":
+                emit(what.replace(" ", "_"), self.stop_request.say(what, self.config), None)
             assert self._stopped is not None
             await asyncio.shield(self._stopped)
             return {"stopped": True}
@@ -470,11 +513,11 @@ class Supervisor:
     def _stopping(self) -> bool:
         return self._stop_requested is not None and self._stop_requested.done()
 
-    async def _shutdown(self, fast: bool) -> None:
+    async def _shutdown(self) -> None:
         stopped_gen = self.fleet.active
         began = time.monotonic()
-        await shutdown(self, fast)
-        self.ops.stopped(self._stop_who, fast, stopped_gen,
+        await shutdown(self, self.stop_request)
+        self.ops.stopped(self.stop_request.who, self.stop_request.fast, stopped_gen,
                          round((time.monotonic() - began) * 1000, 1))
 
     def _close_listeners(self) -> None:
@@ -488,6 +531,14 @@ class Supervisor:
                 os.unlink(self.config.control)
             self._control_sock.close()
             self._control_sock = None
+
+
+def _origin(origin: str, who: Who) -> str:
+    """Who asked, as log fields: a control client is `origin=control client_pid=N
+    client_uid=N` (`pid` in a log line is a worker's)."""
+    if who.get("via") == "control":
+        return f"origin=control client_pid={who.get('pid')} client_uid={who.get('uid')}"
+    return f"origin={origin}"
 
 
 def _a(kind: str) -> str:

@@ -235,10 +235,35 @@ def waiting_for(worker: WorkerProcess, config: Config) -> str:
     return f"waiting for {what}; {seen}"
 
 
+LAST_WORDS_MAX = 200  # characters of a worker's last output line in a failure reason
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # colours and cursor moves (CSI)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def last_words(worker: WorkerProcess) -> str | None:
+    """The last non-blank line `worker` printed, as one bounded line of plain text (None:
+    it printed nothing, or its output is not captured): what a one-line failure reason
+    needs to say why (`RuntimeError: db url missing`)."""
+    for line in reversed(worker.tail):
+        text = " ".join(_CONTROL.sub(" ", _ESCAPES.sub("", line)).split())
+        if text:
+            if len(text) > LAST_WORDS_MAX:
+                text = text[:LAST_WORDS_MAX - 1] + "…"
+            return text
+    return None
+
+
+def exited_reason(worker: WorkerProcess, when: str) -> str:
+    """`gen=2 worker=0 pid=81 exited with status 1 before it was ready: <its last words>`."""
+    reason = f"{worker.tag} {worker.exited.result()} {when}"
+    last = last_words(worker)
+    return f"{reason}: {last}" if last is not None else reason
+
+
 def not_ready_reason(worker: WorkerProcess, config: Config, timeout: float) -> str:
     """The failure reason when `ready_timeout` passes: what was awaited, what was printed."""
-    last = next((line for line in reversed(worker.tail) if line.strip()), None)
-    printed = f"last output: {last[:200]!r}" if last is not None else "it printed nothing"
+    last = last_words(worker)
+    printed = f"last output: {last!r}" if last is not None else "it printed nothing"
     return (f"{worker.tag} not ready within {timeout:g}s (ready_timeout): "
             f"{waiting_for(worker, config)}; {printed}")
 

@@ -2,13 +2,16 @@
 
 A reload (`swapd reload`, or a SIGHUP) is a swap with the configuration file read again
 first; what is bound or opened once at start (the control socket, the metrics endpoint,
-the state directory) keeps its value, with a warning.
+the state directory, the fd store) keeps its value, and the reload says so: a warning in
+its result, which `swapd reload` prints and `swapd status` keeps in its last swap.
 
-A SIGHUP asks for one reload (re-read the configuration, then swap). While a swap or a
-patch is in flight, any number of SIGHUPs make exactly one reload after it: operators and
-`systemctl reload` send the signal again when nothing seems to happen, and each must not
-become a swap of its own. A signal has nobody to answer, so a reload that is refused (a
-re-exec in flight) says so in the log and to the service manager.
+A SIGHUP asks for one reload (re-read the configuration, then swap). While the first
+generation starts, or a swap or a patch is in flight, any number of SIGHUPs make exactly
+one reload after it: operators and `systemctl reload` send the signal again when nothing
+seems to happen, and each must not become a swap of its own; an edit written meanwhile is
+never missed. A signal has nobody to answer, so a reload that is refused (a re-exec in
+flight, a watch window open: it may end in a rollback, and a reload after it would swap
+away from what the window judged) says so in the log and to the service manager.
 
 Under systemd >= 253 (Type=notify-reload) the SIGHUP comes from systemd, which then waits
 for a RELOADING=1 newer than its signal, and READY=1: a deferred reload announces
@@ -29,21 +32,35 @@ from swapd.supervisor.swapjob import SwapFailed
 log = logging.getLogger("swapd")
 
 
-def reread_config(current: Config, overrides: dict[str, Any]) -> Config:
+RESTART_KEYS = ("control", "metrics", "state_dir", "fdstore")  # bound or opened at start
+
+
+def reread_config(current: Config, overrides: dict[str, Any]) -> tuple[Config, list[str]]:
     """The configuration for a reload: the file read again, the same flags on top; what
-    needs a restart keeps its `current` value. SwapFailed if the file is bad."""
+    needs a restart keeps its `current` value, and is said in the warnings returned.
+    SwapFailed if the file is bad."""
     try:
         new = load(current.config_file, overrides)
     except ConfigError as e:
         raise SwapFailed(f"configuration not reloaded: {e}") from e
-    if new.control != current.control:
-        log.warning("event=reload.ignored key=control reason='needs a restart'")
-        new = replace(new, control=current.control)
-    for key in ("metrics", "state_dir"):  # bound or opened once, at start
-        if getattr(new, key) != getattr(current, key):
-            log.warning("event=reload.ignored key=%s reason='needs a restart'", key)
-            new = replace(new, **{key: getattr(current, key)})
-    return new
+    warnings = []
+    for key in RESTART_KEYS:
+        wanted, kept = getattr(new, key), getattr(current, key)
+        if wanted != kept:
+            log.warning("event=reload.ignored key=%s wanted=%r kept=%r reason=%r", key,
+                        str(wanted), str(kept), "needs a restart")
+            warnings.append(f"{key} changed in the configuration ({_show(wanted)}): not "
+                            f"applied, it needs a restart; still {_show(kept)}")
+            new = replace(new, **{key: kept})
+    if new.backlog != current.backlog:  # listen() is called when a listener is bound
+        warnings.append(f"backlog changed in the configuration ({new.backlog}): only "
+                        "listeners bound from now on get it; the others keep theirs "
+                        f"({current.backlog}) until a restart")
+    return new, warnings
+
+
+def _show(value: object) -> str:
+    return "none" if value is None else str(value)
 
 
 class Announcer(Protocol):
@@ -80,7 +97,8 @@ class ReloadSignals:
         self._bound = bound
         self._tasks = tasks  # the fleet's: cancelled and awaited at stop
         self.pending = False  # a SIGHUP asked for a reload not started yet
-        self._deferred = False  # ... and it waits for a change in flight (announced)
+        self._deferred = False  # ... and it waits for a change in flight
+        self._announced = False  # ... and systemd was told RELOADING=1 for it
         self._task: asyncio.Task[None] | None = None
         self._change_ended = asyncio.Event()  # set each time a swap or patch ends
 
@@ -91,8 +109,10 @@ class ReloadSignals:
         if what is not None and not self._deferred:
             self._deferred = True
             log.info("event=signal.deferred name=SIGHUP until=%r", what)
-            self._manager.reloading(f"reload requested after {what}; {self._status_line()}",
-                                    self._bound())
+            if self._serving():  # not before READY=1: still starting, the reload comes after
+                self._announced = True
+                self._manager.reloading(f"reload requested after {what}; "
+                                        f"{self._status_line()}", self._bound())
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
             self._tasks.add(self._task)
@@ -110,13 +130,13 @@ class ReloadSignals:
                 await self._change_ended.wait()
                 continue
             self.pending = False
-            deferred, self._deferred = self._deferred, False
+            announced, self._deferred, self._announced = self._announced, False, False
             try:
                 await self._reload()
             except self._refused as e:  # a signal has nobody to answer: the log must say it
                 log.warning("event=signal.refused name=SIGHUP reason=%r", str(e))
                 if self._serving():
-                    if not deferred:  # systemd >= 253 waits for both (a re-exec in flight)
+                    if not announced:  # systemd >= 253 waits for both (a re-exec in flight)
                         self._manager.reloading(f"reload requested; {self._status_line()}",
                                                 self._bound())
                     self._manager.ready(f"{self._status_line()}; SIGHUP reload refused: {e}")

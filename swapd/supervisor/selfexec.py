@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from swapd import __version__, control
+from swapd import __version__, control, logsink
 from swapd.control import ControlError, Emit, Peer
 from swapd.supervisor import reexec
 from swapd.supervisor.deploys import Deploys
@@ -82,7 +82,12 @@ class SelfExec:
                     # No await from here to the exec: the capture is what we own at the exec.
                     captured = self.capture(reply_fd)
                     self._manager.ping_watchdog()  # the new image's start-up is a long gap
-                    reexec.execute(captured)
+                    log.info("event=reexec.exec pid=%d", os.getpid())
+                    logsink.stop_queue()  # the exec ends the writer thread: drain it first
+                    try:
+                        reexec.execute(captured)
+                    finally:  # execve failed: back to the queue
+                        logsink.start_queue()
                 finally:
                     os.close(reply_fd)
             except (reexec.ReexecError, OSError) as e:

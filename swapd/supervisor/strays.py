@@ -133,6 +133,13 @@ class Strays:
         self.processes.send_signal(child, signal.SIGCONT)
         stray.timer = self._loop.call_later(grace, self._kill, stray)
 
+    def hurry(self) -> None:
+        """SIGKILL now what is being ended with a grace (a stop escalated to a fast one)."""
+        for stray in list(self.ending.values()):
+            if stray.timer is not None:
+                stray.timer.cancel()
+                self._kill(stray)
+
     def _kill(self, stray: Stray) -> None:
         stray.timer = None
         if self.processes.send_signal(stray.child, signal.SIGKILL):

@@ -161,8 +161,9 @@ async def _check_alive(fleet: Fleet, new: Generation) -> None:
     for w in new.workers:
         if w is not None and (w.exited.done() or fleet.processes.has_exited(w.child)):
             await asyncio.wait([w.exited], timeout=KILL_WAIT)  # for the reason: its status
-            status = w.exited.result() if w.exited.done() else "exited"
-            raise SwapFailed(f"{w.tag} {status} before commit", worker=w)
+            if w.exited.done():
+                raise SwapFailed(readiness.exited_reason(w, "before commit"), worker=w)
+            raise SwapFailed(f"{w.tag} exited before commit", worker=w)
 
 
 def _say_what_became(old: Generation, serving: list[WorkerProcess],
@@ -213,9 +214,9 @@ async def wait_ready(gen: Generation, timeout: float) -> None:
         )
         for w in workers:
             if w.exited.done() and not w.ready.done():
-                raise SwapFailed(f"{w.tag} {w.exited.result()} before it was ready", worker=w)
+                raise SwapFailed(readiness.exited_reason(w, "before it was ready"), worker=w)
             if w.exited.done():
-                raise SwapFailed(f"{w.tag} {w.exited.result()} right after it was ready",
+                raise SwapFailed(readiness.exited_reason(w, "right after it was ready"),
                                  worker=w)
     for w in workers:
         w.transition_ready()

@@ -36,10 +36,12 @@ class SwapFailed(Exception):
         return failed
 
     def report(self, event: str) -> None:
-        """Log it: the reason, then the output tail of the worker that failed, if any."""
+        """Log it: the reason, then the output tail of the worker that failed, if any, one
+        line each (`<event>.output <worker> text=...`: a log line is one line)."""
         log.error("%s reason=%r", event, self.reason)
         if self.tail:
-            log.error("%s output tail of %s:\n%s", event, self.worker, self.tail)
+            for line in self.tail.splitlines():
+                log.error("%s.output %s text=%r", event, self.worker, line)
 
 
 @dataclass

@@ -101,14 +101,20 @@ class Supervised:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def launch(self) -> Supervised:
-        """Start the process; `start` also waits until it is ready."""
+    def launch(self, read_log: bool = True) -> Supervised:
+        """Start the process; `start` also waits until it is ready. `read_log=False`: its
+        stderr is a pipe nobody reads until `read_log()` (a stalled log sink)."""
         self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, cwd=str(ROOT))
+        self._log_thread: threading.Thread | None = None
+        if read_log:
+            self.read_log()
+        return self
+
+    def read_log(self) -> None:
         self._log_thread = threading.Thread(target=self._read_log, daemon=True)
         self._log_thread.start()
-        return self
 
     def start(self, timeout: float = 30.0) -> Supervised:
         if self.proc is None:
@@ -172,7 +178,8 @@ class Supervised:
                 os.kill(pid, signal.SIGKILL)
         self.notify.close()
         if self.proc is not None and self.proc.stderr is not None:
-            self._log_thread.join(10)
+            if self._log_thread is not None:
+                self._log_thread.join(10)
             self.proc.stderr.close()
 
     # -- control ---------------------------------------------------------------------

@@ -39,12 +39,13 @@ def _assert_untouched(s: Supervised, old_pids: list[int]) -> None:
 @pytest.mark.parametrize(
     ("behave", "reason", "tail"),
     [
-        ({"import_error": True}, r"exited with status 1 before it was ready",
-         "simulated import failure in the new code"),
-        ({"exit_before_ready": 3}, r"exited with status 3 before it was ready",
-         "exiting before ready, as told"),
-        ({"never_ready": True}, r"not ready within 3s \(ready_timeout\)",
-         "never getting ready, as told"),
+        # the one-line reason ends with what the worker said last (operator review L5)
+        ({"import_error": True}, r"exited with status 1 before it was ready: RuntimeError: "
+         r"simulated import failure in the new code$", "simulated import failure in the new code"),
+        ({"exit_before_ready": 3}, r"exited with status 3 before it was ready: exiting before "
+         r"ready, as told$", "exiting before ready, as told"),
+        ({"never_ready": True}, r"not ready within 3s \(ready_timeout\): .*; last output: "
+         r"'never getting ready, as told'$", "never getting ready, as told"),
     ],
     ids=["crash-on-import", "exit-before-ready", "never-ready"],
 )
@@ -63,7 +64,7 @@ def test_failed_upgrade_keeps_old_generation(
         assert "FAILED" in proc.stderr
         import re
 
-        assert re.search(reason, proc.stderr), proc.stderr
+        assert re.search(reason, proc.stderr, re.M), proc.stderr
         assert tail in proc.stderr, "the failed worker's output tail is shown"
         _assert_untouched(s, old)
         last = s.status()["last_swap"]

@@ -238,7 +238,7 @@ def _drain_killed(rig: Rig, ids: dict[str, int], mark: int) -> None:
 def _exit_not_crash(rig: Rig, ids: dict[str, int], mark: int) -> None:
     """A superseded worker killed: its generation ends, and it is never restarted."""
     rig.s.wait_log(rf"event=worker.(exit|died) gen={ids['old']} worker=0 pid={ids['pid']} "
-                   r"status='killed by SIGKILL'", start=mark)
+                   r'status="killed by SIGKILL"', start=mark)
     rig.s.wait_log(rf"event=gen.exited gen={ids['old']}", start=mark)
     since = "\n".join(rig.s.log_lines[mark:])
     assert f"worker.respawn_scheduled gen={ids['old']} " not in since

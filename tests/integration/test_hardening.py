@@ -99,7 +99,7 @@ def test_stop_during_start_does_not_wait_for_readiness(tmp_path: Path) -> None:
         stop = s.cli("stop", timeout=60)
         assert stop.returncode == 0, stop.stderr
         assert s.wait_exit(30) == 0
-        s.wait_log(r"event=start.cancelled reason='stop requested'")
+        s.wait_log(r'event=start.cancelled reason="stop requested"')
         assert wait_pid_gone(worker, 10)
         assert s.notify.seen == [] or all("READY" not in m for m in s.notify.seen)
     finally:
@@ -127,7 +127,7 @@ def test_restart_after_a_supervisor_crash_waits_for_the_orphans(tmp_path: Path) 
             restarted = Supervised(tmp_path / "two", MISBEHAVE, binds=(f"http={host}:{port}",))
             restarted.launch()
             restarted.wait_log(rf"event=listener.busy address={host}:{port} holders={orphan} "
-                               r"reason='workers of an earlier swapd")
+                               r'reason="workers of an earlier swapd')
         # The connection closed: the orphan's drain ends, and it exits.
         assert wait_pid_gone(orphan, 30)
         restarted.start()

@@ -113,7 +113,7 @@ def test_forged_readiness_is_refused(tmp_path: Path) -> None:
         for i in (0, 1):
             uid = NOBODY if i == 0 else 0
             s.wait_log(rf"event=notify.refused gen=2 worker={i} pid={pids[i]} sender_pid=\d+ "
-                       rf"sender_uid={uid} reason='sender is not the worker", start=mark)
+                       rf'sender_uid={uid} reason="sender is not the worker', start=mark)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 1, out + err
         assert "not ready within 3s (ready_timeout)" in err

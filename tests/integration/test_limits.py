@@ -58,8 +58,8 @@ def test_supervisor_at_its_fd_limit(tmp_path: Path) -> None:
         mark = s.log_mark()
         with _limited(s.pid, 0):
             os.kill(old[0], signal.SIGKILL)
-            s.wait_log(r"event=worker.respawn_failed gen=1 worker=0 error='Too many open "
-                       r"files'", start=mark)
+            s.wait_log(r'event=worker.respawn_failed gen=1 worker=0 error="Too many open '
+                       r'files"', start=mark)
             s.wait_log(r"event=worker.respawn_scheduled gen=1 worker=0 delay=0.2s", start=mark)
         s.wait_log(r"event=worker.ready gen=1 worker=0 pid=\d+ restarts=1", start=mark)
         assert s.status()["open_fds"] == baseline  # nothing leaked on the failed paths

@@ -82,6 +82,12 @@ def test_workers_survive_reexec_unchanged(tmp_path: Path, code: Path) -> None:
         pids = s.active_pids()
         assert s.cli("upgrade", "--self").returncode == 0
         assert s.active_pids() == pids
+        # The old image's log queue was written out before its execve: its last line is
+        # there, before the new image's first.
+        exec_line = s.wait_log(r"event=reexec.exec pid=(\d+)")
+        assert int(exec_line.group(1)) == s.pid
+        text = s.log_text()
+        assert text.index("event=reexec.exec") < text.index("event=reexec.done")
         # and they are still our children: a killed one is noticed (pidfd) and restarted
         import os
         import signal

@@ -103,8 +103,8 @@ def test_first_generation_crashing_on_import(tmp_path: Path) -> None:
     proc = run_swapd(tmp_path, "--bind", "http=127.0.0.1:0", "--", *MISBEHAVE,
                      env={"BEHAVIOR": str(behavior)})
     assert proc.returncode == 1
-    assert "before it was ready" in proc.stderr
-    assert "simulated import failure in the new code" in proc.stderr
+    assert ("before it was ready: RuntimeError: simulated import failure in the new code"
+            in proc.stderr)
 
 
 def test_unknown_subcommand() -> None:

@@ -66,10 +66,10 @@ def test_helpers_of_workers_are_ended_and_the_port_is_free_again(tmp_path: Path)
             s.wait_log(rf"event=stray.exit pid={pid} ")
             assert wait_pid_gone(pid, 10)
         log = s.log_text()
-        assert re.search(rf"event=stray.kill pid={helpers[0]} origin='left in the process group "
-                         rf"of gen=1 worker=0 pid=\d+'", log)
-        assert re.search(rf"event=stray.term pid={helpers[1]} origin='inherited from a worker "
-                         r"\(generation 1 is over\)'", log)
+        assert re.search(rf'event=stray.kill pid={helpers[0]} origin="left in the process group '
+                         rf'of gen=1 worker=0 pid=\d+"', log)
+        assert re.search(rf'event=stray.term pid={helpers[1]} origin="inherited from a worker '
+                         r'\(generation 1 is over\)"', log)
         # At stop, those of the last generation go too, before swapd exits.
         assert s.cli("stop").returncode == 0
         assert s.wait_exit(60) == 0
@@ -130,7 +130,7 @@ def test_orphaned_grandchildren_are_reaped(tmp_path: Path, as_pid1: bool) -> Non
             (supervisor,) = [c.pid for c in __import__("psutil").Process(s.pid).children()]
         for slot in (0, 1):
             m = s.wait_log(rf"gen=1 worker={slot} pid=\d+\| orphan pid=(\d+) exiting")
-            s.wait_log(rf"event=orphan.reaped pid={m.group(1)} status='exited with status 0'")
+            s.wait_log(rf'event=orphan.reaped pid={m.group(1)} status="exited with status 0"')
         assert s.status()["orphans_reaped"] == 2
         assert zombies_of(supervisor) == []
         # A worker's own exit goes through its pidfd, with its real status.
@@ -140,7 +140,7 @@ def test_orphaned_grandchildren_are_reaped(tmp_path: Path, as_pid1: bool) -> Non
         if as_pid1:
             victim = _host_pid(supervisor, 0)
         os.kill(victim, signal.SIGKILL)
-        s.wait_log(rf"event=worker.died gen=1 worker=0 pid={victim_ns} status='killed by SIGKILL'",
+        s.wait_log(rf'event=worker.died gen=1 worker=0 pid={victim_ns} status="killed by SIGKILL"',
                    start=mark)
         m = s.wait_log(r"gen=1 worker=0 pid=\d+\| orphan pid=(\d+) exiting", start=mark)
         s.wait_log(rf"event=orphan.reaped pid={m.group(1)} ", start=mark)

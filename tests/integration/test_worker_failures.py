@@ -25,7 +25,7 @@ def test_killed_worker_is_restarted_in_its_slot(tmp_path: Path) -> None:
         victim, survivor = s.active_pids()
         mark = s.log_mark()
         os.kill(victim, signal.SIGKILL)
-        s.wait_log(rf"event=worker.died gen=1 worker=0 pid={victim} status='killed by SIGKILL'",
+        s.wait_log(rf'event=worker.died gen=1 worker=0 pid={victim} status="killed by SIGKILL"',
                    start=mark)
         m = s.wait_log(r"event=worker.ready gen=1 worker=0 pid=(\d+) restarts=1", start=mark)
         replacement = int(m.group(1))

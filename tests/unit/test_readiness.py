@@ -211,3 +211,25 @@ def test_notify_timeout_message(channel: bool, status: str, tail: list[str],
     assert reason == ("gen=2 worker=0 pid=4242 not ready within 2s (ready_timeout): waiting for "
                       "READY=1 on its NOTIFY_SOCKET or `ready` on the swapd channel "
                       "(readiness=notify); " + expected)
+
+
+def test_an_exit_before_ready_says_the_last_thing_the_worker_printed() -> None:
+    """Operator review L5: the one-line reason carries the error, not only the status."""
+    loop = asyncio.new_event_loop()
+    try:
+        w = FakeWorker(loop)
+        w.exited.set_result("exited with status 1")
+        w.tail.extend(["Traceback (most recent call last):", '  File "app.py", line 3',
+                       "\x1b[31mRuntimeError: db url\tmissing\x1b[0m\r", "   ", ""])
+        assert readiness.exited_reason(w, "before it was ready") == (  # type: ignore[arg-type]
+            "gen=2 worker=0 pid=4242 exited with status 1 before it was ready: "
+            "RuntimeError: db url missing")
+        w.tail.append("E" * 5000)  # bounded, one line
+        last = readiness.last_words(w)  # type: ignore[arg-type]
+        assert last is not None and len(last) == readiness.LAST_WORDS_MAX
+        assert last.endswith("…") and "\n" not in last
+        w.tail.clear()  # nothing printed (or --worker-output passthrough): the status alone
+        assert readiness.exited_reason(w, "before it was ready") == (  # type: ignore[arg-type]
+            "gen=2 worker=0 pid=4242 exited with status 1 before it was ready")
+    finally:
+        loop.close()
