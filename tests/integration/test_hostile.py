@@ -481,6 +481,6 @@ def test_idle_metrics_connections_cannot_exhaust_the_supervisor(tmp_path: Path) 
             assert "swapd_workers{" in text, "gauges too: the supervisor's loop answered"
             out = s.cli("status", "--timeout", "10")
             assert out.returncode == 0, out.stderr
-        s.wait_log(r"event=metrics.busy connections=16 limit=16 action='closed the oldest "
-                   r"idle one'")
+        s.wait_log(r'event=metrics.busy connections=16 limit=16 action="closed the oldest '
+                   r'idle one"')
         assert s.status()["open_fds"] <= fds + MAX_CONNECTIONS

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.systemd.harness import CHECKOUT, INNER_ENV, BootedSystemd, HarnessError
+from tests.systemd.harness import CHECKOUT, INNER_ENV, BootedSystemd, HarnessError, WaitTimeout
 
 SHIPPED_DIR = CHECKOUT / "systemd"
 SHIPPED_UNITS = ("swapd@.service", "swapd@.socket")
@@ -157,8 +157,12 @@ class Swapd:
             text = self.journal()
             return text if all(t in text for t in texts) else None
 
-        return self.sd.wait_for(shows, timeout, f"{self.unit}'s journal to show {texts!r}",
-                                interval=0.1)  # fmt: skip
+        try:
+            return self.sd.wait_for(shows, timeout, f"{self.unit}'s journal to show {texts!r}",
+                                    interval=0.1)  # fmt: skip
+        except WaitTimeout as e:
+            tail = "\n".join(self.journal().splitlines()[-80:])
+            raise AssertionError(f"{e}; the journal's tail:\n{tail}") from None
 
     def stop(self) -> None:
         """Stop the service (and its socket unit), forget a failed state; for teardown."""

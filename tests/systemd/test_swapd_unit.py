@@ -509,7 +509,7 @@ def test_stateful_restart_keeps_the_state_once(swapd: Callable[[str], Swapd]) ->
     assert second_pid != first_pid
     assert s.http(port, "GET", "/count") == [(200, str(count))]
     s.journal_shows(f"swapd[{first_pid}]: INFO event=fdstore.state slot=0",
-                    f"swapd[{second_pid}]: INFO event=state.restored source=fdstore slots=[0]")
+                    f"swapd[{second_pid}]: INFO event=state.restored source=fdstore slots=0")
     # Used once, then removed: only the listener is left in the store.
     assert s.show("NFileDescriptorStore")["NFileDescriptorStore"] == "1"
 
