@@ -169,12 +169,16 @@ def _check_directory(directory: str) -> None:
                       "give the real directory")
     if not stat.S_ISDIR(st.st_mode):
         raise OSError(errno.ENOTDIR, f"control socket directory {directory} is not a directory")
+    check_owned(st, f"control socket directory {directory}")
+
+
+def check_owned(st: os.stat_result, what: str) -> None:
+    """Ours or root's, and writable by nobody else unless sticky: the rule for a directory
+    (or file) swapd trusts what it finds in. OSError names `what` and says why."""
     if st.st_uid not in (os.geteuid(), 0):
-        raise OSError(errno.EPERM, f"control socket directory {directory} belongs to uid "
-                      f"{st.st_uid}, not to us")
+        raise OSError(errno.EPERM, f"{what} belongs to uid {st.st_uid}, not to us")
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise OSError(errno.EPERM, f"control socket directory {directory} is writable by "
-                      "others and not sticky")
+        raise OSError(errno.EPERM, f"{what} is writable by others and not sticky")
 
 
 # -- the server -------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from swapd.control import check_owned
+
 log = logging.getLogger("swapd")
 
 FORMAT = 1
@@ -119,12 +121,7 @@ def check_directory(directory: str, st: os.stat_result) -> None:
     if stat.S_ISLNK(link.st_mode) and link.st_uid not in (os.geteuid(), 0):
         raise OSError(errno.EPERM, f"history directory {directory} is a symlink of uid "
                       f"{link.st_uid}")
-    if st.st_uid not in (os.geteuid(), 0):
-        raise OSError(errno.EPERM, f"history directory {directory} belongs to uid "
-                      f"{st.st_uid}, not to us")
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise OSError(errno.EPERM, f"history directory {directory} is writable by others "
-                      "and not sticky")
+    check_owned(st, f"history directory {directory}")
 
 
 def untrusted(path: str) -> str | None:
