@@ -4,8 +4,10 @@
 write(2) of one line, text or JSON (logfmt.py). While the supervisor's event loop runs,
 `start_queue()` puts a bounded queue in between (the stdlib's QueueHandler, and a writer
 thread that takes what is queued a batch at a time): the loop only makes the message and
-enqueues it, the writer formats and writes. A sink that does not keep up (a pipe nobody
-reads, a slow journald, a terminal on a stopped ssh session) then costs lines, never the
+enqueues it, the writer formats and writes. A burst that fills the queue while the
+writer's writes go through (a file, a reading journald) waits for room: the loop then
+goes at the sink's pace and nothing is lost. A sink that does not take a write for
+0.2 s (a pipe nobody reads, a terminal on a stopped ssh session) costs lines, never the
 loop: with the queue full a record is dropped and counted, and once there is room again
 one `event=log.dropped lines=N` line stands in the stream where those lines were, so the
 order of what is written is the order of what was logged.
@@ -39,6 +41,7 @@ QUEUE_SIZE = 4096  # records; a line is at most ~4 KiB (worker output is cut the
 DRAIN_TIMEOUT = 5.0  # seconds to write what is queued at exit or before an exec
 _BATCH = 256  # records the writer takes from the queue at once
 _PIPE_BUF = 4096  # bytes a write(2) to a pipe keeps in one piece
+_STUCK = 0.2  # seconds in one write(2) after which the sink counts as not keeping up
 
 
 class _NoLock:
@@ -142,6 +145,10 @@ class _Enqueue(logging.handlers.QueueHandler):
         super().__init__(q)
         self.dropped = 0
         self._gate = threading.Lock()  # other threads log too (metrics, executors)
+        # When the writer's current write(2) began (None: not writing). A full queue with
+        # a writer that is not stuck in a write is a burst, not a dead sink: wait for room
+        # (the loop then goes at the sink's pace) rather than drop.
+        self.writing_since: float | None = None
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         # The arguments may change once we return: the message is made now. The rest of
@@ -175,7 +182,17 @@ class _Enqueue(logging.handlers.QueueHandler):
             try:
                 self.queue.put_nowait(record)
             except Full:
-                self.dropped += 1
+                if self._sink_stuck():
+                    self.dropped += 1
+                    return
+                try:
+                    self.queue.put(record, timeout=_STUCK)
+                except Full:
+                    self.dropped += 1
+
+    def _sink_stuck(self) -> bool:
+        since = self.writing_since
+        return since is not None and time.monotonic() - since > _STUCK
 
 
 class _Writer:
@@ -205,7 +222,9 @@ class _Writer:
                 gap = self._enqueue.take_dropped()
                 if gap is not None:
                     records.append(gap)
+            self._enqueue.writing_since = time.monotonic()
             self._write(records)
+            self._enqueue.writing_since = None
             if batch[-1] is None:  # the sentinel: stop
                 return
 
